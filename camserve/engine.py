@@ -1,0 +1,233 @@
+"""CamEngine: one forward, gradients to the target layer only, batched targets.
+
+How it works, in one call:
+
+1. a forward hook on the target layer detaches its output, ``a = out.detach().requires_grad_()``,
+   and hands a clone of ``a`` to the rest of the network (later in-place ops cannot change ``a``);
+2. the network prefix runs with autograd off, the suffix with it on (the hook switches it), so no
+   graph is recorded before the target layer and nothing is ever computed for parameters;
+3. ``torch.autograd.grad(scores, a)`` gives every row its own gradient in one backward pass (rows of
+   a batch are independent in eval mode); K targets per row use ``is_grads_batched=True``;
+4. a pure method ``f(A, G)`` from :mod:`camserve.methods` turns them into a CAM.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> from camserve import CamEngine
+    >>> model = torchvision.models.resnet18(num_classes=10).eval()
+    >>> engine = CamEngine(model, target_layer="layer4")
+    >>> res = engine(torch.rand(2, 3, 64, 64), targets=[3, 7], method="gradcam")
+    >>> res.cams.shape, res.heatmaps((64, 64)).shape
+    (torch.Size([2, 2, 2]), torch.Size([2, 64, 64]))
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import LAYOUTS, Layout, LayerSpec, Reshape, detect_layout, locate_layer, resolve_layer, to_nchw
+from .methods import get_method
+
+log = logging.getLogger(__name__)
+
+Targets = Union[None, int, Sequence[int], torch.Tensor]
+
+
+def normalize_maps(maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Bilinear upsample (align_corners=False) to ``size`` then min-max normalise each map to [0, 1].
+
+    ``maps``: (..., h, w). The order (resize first, normalise at the output size) is the one
+    pytorch-grad-cam uses; the epsilon 1e-7 in the denominator matches it too.
+    """
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:])
+    if size is not None and tuple(size) != tuple(flat.shape[-2:]):
+        flat = F.interpolate(flat, size=tuple(int(s) for s in size), mode="bilinear",
+                             align_corners=False)
+    lo = flat.amin(dim=(-2, -1), keepdim=True)
+    flat = flat - lo
+    hi = flat.amax(dim=(-2, -1), keepdim=True)
+    flat = flat / (hi + 1e-7)
+    return flat.reshape(*lead, *flat.shape[-2:])
+
+
+def to_uint8(maps: torch.Tensor) -> torch.Tensor:
+    """[0, 1] maps to uint8 0..255 (rounded), on the maps' device."""
+    return (maps.clamp(0, 1) * 255.0).round_().to(torch.uint8)
+
+
+@dataclass
+class CamResult:
+    """What one engine call returns.
+
+    ``logits`` (B, classes); ``targets`` (B,) or (B, K) long; ``cams`` (B, h, w) or (B, K, h, w),
+    raw (post-ReLU, not normalised); ``activations`` (B, C, h, w) and ``gradients`` (like ``cams``
+    with a channel dimension) in NCHW; ``layer`` the target layer's dotted name; ``method``.
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    cams: torch.Tensor
+    activations: torch.Tensor
+    gradients: torch.Tensor
+    layer: str
+    method: str
+
+    def heatmaps(self, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """CAMs upsampled to ``size`` (H, W) and min-max normalised per map to [0, 1]."""
+        return normalize_maps(self.cams, size)
+
+    def heatmaps_uint8(self, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Like :meth:`heatmaps`, as uint8 0..255 on the same device (copy to host once)."""
+        return to_uint8(self.heatmaps(size))
+
+
+class CamEngine:
+    """Grad-CAM family engine over a classifier ``model`` (B, 3, H, W) -> (B, classes).
+
+    Args:
+        model: the classifier; the engine never changes it (mode, requires_grad, hooks, .grad).
+        target_layer: dotted module name, a submodule, or None to auto-locate on the first call.
+        layout: force the layer output layout (``"nchw"``, ``"nhwc"``, ``"tokens"``); default: detect.
+        reshape: a callable mapping the layer output to (B, C, h, w); overrides ``layout``.
+    """
+
+    def __init__(self, model: nn.Module, target_layer: LayerSpec = None, *,
+                 layout: Optional[Layout] = None, reshape: Optional[Reshape] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"invalid value for model: expected an nn.Module, got {type(model).__name__}")
+        if layout is not None and layout not in LAYOUTS:
+            raise ValueError(f"invalid value for layout: {layout!r} (known: {', '.join(LAYOUTS)})")
+        self.model = model
+        self.layout = layout
+        self.reshape = reshape
+        self._layer_name: Optional[str] = None
+        self._layer: Optional[nn.Module] = None
+        if target_layer is not None:
+            self._layer_name, self._layer = resolve_layer(model, target_layer)
+
+    @property
+    def layer_name(self) -> Optional[str]:
+        """Dotted name of the target layer (None until auto-located)."""
+        return self._layer_name
+
+    # -- public API ---------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, targets: Targets = None, method: str = "gradcam") -> CamResult:
+        """Explain a batch ``x`` (B, 3, H, W). See the module docstring."""
+        fn = get_method(method)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "CamEngine needs autograd and cannot run under torch.inference_mode(); call it "
+                "outside that context (use predict() for predictions only)"
+            )
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"invalid value for x: expected a (B, C, H, W) tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.is_inference():
+            x = x.clone()
+        if self._layer is None:
+            self._layer_name, self._layer = resolve_layer(self.model, locate_layer(self.model, x))
+
+        acts, logits = self._forward_with_hook(x)
+        tgt = self._parse_targets(targets, logits)
+        A_raw = acts[0]
+        if tgt.dim() == 1:
+            score = logits.gather(1, tgt[:, None]).sum()
+            (g_raw,) = torch.autograd.grad(score, A_raw)
+            A = self._to_nchw(A_raw.detach())
+            G = self._to_nchw(g_raw)
+            cams = fn(A, G)
+        else:
+            k = tgt.shape[1]
+            scores = logits.gather(1, tgt)  # (B, K)
+            eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
+            grad_out = eye[:, None, :].expand(k, scores.shape[0], k)  # one target per batched grad
+            (g_raw,) = torch.autograd.grad(scores, A_raw, grad_outputs=grad_out, is_grads_batched=True)
+            A = self._to_nchw(A_raw.detach())
+            G = torch.stack([self._to_nchw(g) for g in g_raw.unbind(0)], dim=1)  # (B, K, C, h, w)
+            cams = fn(A[:, None], G)
+        return CamResult(logits=logits.detach(), targets=tgt, cams=cams.detach(), activations=A,
+                         gradients=G.detach(), layer=self._layer_name or "", method=method.lower())
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits only, under ``torch.inference_mode()`` (no hook, no graph)."""
+        with torch.inference_mode():
+            return self.model(x)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _to_nchw(self, t: torch.Tensor) -> torch.Tensor:
+        if self.reshape is not None:
+            return self.reshape(t)
+        layout = self.layout or detect_layout(t.shape)
+        if layout is None:
+            raise ValueError(
+                f"target layer {self._layer_name!r} gives output of shape {tuple(t.shape)}, which is "
+                f"not a spatial map; choose an earlier layer, or pass layout= / reshape="
+            )
+        return to_nchw(t, layout)
+
+    def _forward_with_hook(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        captured: list[torch.Tensor] = []
+
+        def hook(_mod: nn.Module, _inp, out):
+            if not isinstance(out, torch.Tensor):
+                raise ValueError(f"target layer {self._layer_name!r} returns {type(out).__name__}, "
+                                 f"not a tensor; choose another layer")
+            if captured:
+                raise ValueError(f"target layer {self._layer_name!r} runs more than once per "
+                                 f"forward (a shared module); choose a module that runs once")
+            a = out.detach().requires_grad_(True)
+            captured.append(a)
+            torch.set_grad_enabled(True)  # the suffix records a graph; the prefix did not
+            return a.clone()
+
+        assert self._layer is not None
+        prev = torch.is_grad_enabled()
+        handle = self._layer.register_forward_hook(hook)
+        try:
+            torch.set_grad_enabled(False)
+            logits = self.model(x)
+        finally:
+            handle.remove()
+            torch.set_grad_enabled(prev)
+        if not captured:
+            raise ValueError(f"target layer {self._layer_name!r} did not run in the forward pass")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise ValueError("the model must return logits of shape (B, classes)")
+        if not logits.requires_grad:
+            raise ValueError(f"the output does not depend on target layer {self._layer_name!r}")
+        return captured, logits
+
+    @staticmethod
+    def _parse_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor:
+        b, n_cls = logits.shape
+        dev = logits.device
+        if targets is None:
+            t = logits.detach().argmax(dim=1)
+        elif isinstance(targets, bool):
+            raise ValueError(f"invalid value for targets: {targets!r}")
+        elif isinstance(targets, int):
+            t = torch.full((b,), targets, dtype=torch.long, device=dev)
+        elif isinstance(targets, torch.Tensor):
+            if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+                raise ValueError(f"invalid value for targets: integer tensor expected, got {targets.dtype}")
+            t = targets.to(device=dev, dtype=torch.long)
+            if t.dim() == 0:
+                t = t.expand(b)
+        else:
+            try:
+                t = torch.tensor([int(v) for v in targets], dtype=torch.long, device=dev)
+            except (TypeError, ValueError):
+                raise ValueError(f"invalid value for targets: {targets!r} (None, an int, a sequence "
+                                 f"of B ints, or a LongTensor (B,) or (B, K))") from None
+        if t.dim() not in (1, 2) or t.shape[0] != b:
+            raise ValueError(f"invalid value for targets: shape {tuple(t.shape)} does not fit a batch "
+                             f"of {b} (expected (B,) or (B, K))")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_cls):
+            raise ValueError(f"invalid value for targets: class index out of range 0..{n_cls - 1}")
+        return t
