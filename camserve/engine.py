@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,13 +37,17 @@ from .methods import get_method
 log = logging.getLogger(__name__)
 
 Targets = Union[None, int, Sequence[int], torch.Tensor]
+TargetsArg = Union[Targets, Callable[[torch.Tensor], Targets]]
 
 
 def normalize_maps(maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Bilinear upsample (align_corners=False) to ``size`` then min-max normalise each map to [0, 1].
 
     ``maps``: (..., h, w). The order (resize first, normalise at the output size) is the one
-    pytorch-grad-cam uses; the epsilon 1e-7 in the denominator matches it too.
+    pytorch-grad-cam uses. The normalisation is scale-free, ``(m - min) / (max - min)``, so a map
+    whose values are all tiny still spans [0, 1]; a constant map becomes all zeros. (pytorch-grad-cam
+    normalises twice with an epsilon of 1e-7 each time, which amounts to the same up to a relative
+    1e-7.)
     """
     lead = maps.shape[:-2]
     flat = maps.reshape(-1, 1, *maps.shape[-2:])
@@ -51,14 +56,36 @@ def normalize_maps(maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -
                              align_corners=False)
     lo = flat.amin(dim=(-2, -1), keepdim=True)
     flat = flat - lo
-    hi = flat.amax(dim=(-2, -1), keepdim=True)
-    flat = flat / (hi + 1e-7)
+    span = flat.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
+    flat = flat / span
     return flat.reshape(*lead, *flat.shape[-2:])
 
 
 def to_uint8(maps: torch.Tensor) -> torch.Tensor:
     """[0, 1] maps to uint8 0..255 (rounded), on the maps' device."""
     return (maps.clamp(0, 1) * 255.0).round_().to(torch.uint8)
+
+
+def heatmaps_at_sizes(cams: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list["np.ndarray"]:
+    """Per-map heatmaps at per-map sizes, as uint8 numpy arrays, with one device-to-host copy.
+
+    ``cams``: (N, h, w) raw maps on any device; ``sizes``: N pairs (H, W), e.g. each original
+    image's size. Upsampling, normalisation and the uint8 conversion run on the maps' device; the
+    results are concatenated and copied to the host once, then split.
+    """
+    if cams.dim() != 3 or cams.shape[0] != len(sizes):
+        raise ValueError(f"invalid value for sizes: {len(sizes)} sizes for maps of shape {tuple(cams.shape)}")
+    if len(sizes) == 0:
+        return []
+    flat = torch.cat([to_uint8(normalize_maps(c, (int(h), int(w)))).reshape(-1)
+                      for c, (h, w) in zip(cams, sizes)])
+    host = flat.cpu().numpy()
+    out, start = [], 0
+    for h, w in sizes:
+        n = int(h) * int(w)
+        out.append(host[start:start + n].reshape(int(h), int(w)))
+        start += n
+    return out
 
 
 @dataclass
@@ -117,8 +144,17 @@ class CamEngine:
         return self._layer_name
 
     # -- public API ---------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, targets: Targets = None, method: str = "gradcam") -> CamResult:
-        """Explain a batch ``x`` (B, 3, H, W). See the module docstring."""
+    def __call__(self, x: torch.Tensor, targets: TargetsArg = None, method: str = "gradcam",
+                 rows: Optional[Sequence[int]] = None) -> CamResult:
+        """Explain a batch ``x`` (B, 3, H, W). See the module docstring.
+
+        ``rows``: indices of the rows to explain (default: all). The forward pass covers the whole
+        batch, but only these rows' scores are differentiated; ``targets`` then refers to these
+        rows, and ``targets``, ``cams``, ``activations`` and ``gradients`` of the result have
+        ``len(rows)`` rows while ``logits`` covers the whole batch (one forward for a batch that
+        mixes rows to explain with rows to predict). ``targets`` may also be a callable that maps
+        the (selected rows') detached logits to targets, for targets that depend on the prediction.
+        """
         fn = get_method(method)
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -133,23 +169,32 @@ class CamEngine:
         if self._layer is None:
             self._layer_name, self._layer = resolve_layer(self.model, locate_layer(self.model, x))
 
+        idx = self._parse_rows(rows, x.shape[0], x.device)
         acts, logits = self._forward_with_hook(x)
-        tgt = self._parse_targets(targets, logits)
+        sel = logits if idx is None else logits.index_select(0, idx.to(logits.device))
+        if callable(targets) and not isinstance(targets, torch.Tensor):
+            targets = targets(sel.detach())
+        tgt = self._parse_targets(targets, sel)
         A_raw = acts[0]
+        A_sel = A_raw.detach() if idx is None else A_raw.detach().index_select(0, idx.to(A_raw.device))
         if tgt.dim() == 1:
-            score = logits.gather(1, tgt[:, None]).sum()
+            score = sel.gather(1, tgt[:, None]).sum()
             (g_raw,) = torch.autograd.grad(score, A_raw)
-            A = self._to_nchw(A_raw.detach())
+            if idx is not None:
+                g_raw = g_raw.index_select(0, idx.to(g_raw.device))
+            A = self._to_nchw(A_sel)
             G = self._to_nchw(g_raw)
             cams = fn(A, G)
         else:
             k = tgt.shape[1]
-            scores = logits.gather(1, tgt)  # (B, K)
+            scores = sel.gather(1, tgt)  # (R, K)
             eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
             grad_out = eye[:, None, :].expand(k, scores.shape[0], k)  # one target per batched grad
             (g_raw,) = torch.autograd.grad(scores, A_raw, grad_outputs=grad_out, is_grads_batched=True)
-            A = self._to_nchw(A_raw.detach())
-            G = torch.stack([self._to_nchw(g) for g in g_raw.unbind(0)], dim=1)  # (B, K, C, h, w)
+            if idx is not None:
+                g_raw = g_raw.index_select(1, idx.to(g_raw.device))
+            A = self._to_nchw(A_sel)
+            G = torch.stack([self._to_nchw(g) for g in g_raw.unbind(0)], dim=1)  # (R, K, C, h, w)
             cams = fn(A[:, None], G)
         return CamResult(logits=logits.detach(), targets=tgt, cams=cams.detach(), activations=A,
                          gradients=G.detach(), layer=self._layer_name or "", method=method.lower())
@@ -202,6 +247,20 @@ class CamEngine:
         if not logits.requires_grad:
             raise ValueError(f"the output does not depend on target layer {self._layer_name!r}")
         return captured, logits
+
+    @staticmethod
+    def _parse_rows(rows: Optional[Sequence[int]], b: int, device: torch.device) -> Optional[torch.Tensor]:
+        if rows is None:
+            return None
+        try:
+            idx = torch.as_tensor([int(r) for r in rows], dtype=torch.long)
+        except (TypeError, ValueError):
+            raise ValueError(f"invalid value for rows: {rows!r} (a sequence of row indices)") from None
+        if idx.numel() == 0:
+            raise ValueError("invalid value for rows: empty (explain at least one row, or use predict())")
+        if int(idx.min()) < 0 or int(idx.max()) >= b:
+            raise ValueError(f"invalid value for rows: index out of range 0..{b - 1}")
+        return idx.to(device)
 
     @staticmethod
     def _parse_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor:
