@@ -1,0 +1,88 @@
+"""camserve.models: config validation names the key; arch forms; weights_only loading."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from camserve.models import ConfigError, ModelSpec, build_model, load_labels, parse_outputs
+
+
+@pytest.mark.parametrize("cfg,key", [
+    (None, "handler block"),
+    ({}, "handler.arch"),
+    ({"arch": "x:Y", "num_classes": 0}, "handler.num_classes"),
+    ({"arch": "x:Y", "input_size": [3]}, "handler.input_size"),
+    ({"arch": "x:Y", "mean": [0.5, 0.5]}, "handler.mean"),
+    ({"arch": "x:Y", "std": [1, 0, 1]}, "handler.std"),
+    ({"arch": "x:Y", "method": "gradcam3"}, "handler.method"),
+    ({"arch": "x:Y", "topk": -1}, "handler.topk"),
+    ({"arch": "x:Y", "outputs": "heatmap,svg"}, "handler.outputs"),
+    ({"arch": "x:Y", "layout": "chw"}, "handler.layout"),
+])
+def test_config_errors_name_the_key(cfg, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        ModelSpec.from_config(cfg)
+
+
+def test_spec_defaults_and_values():
+    spec = ModelSpec.from_config({"arch": "torchvision.models.resnet18", "input_size": 64,
+                                  "outputs": ["overlay", "bbox", "overlay"], "method": "LayerCAM"})
+    assert spec.input_size == (64, 64) and spec.outputs == ("overlay", "bbox")
+    assert spec.method == "layercam" and spec.topk == 5
+
+
+def test_torchvision_arch_with_state_dict(tmp_path):
+    ref = torchvision.models.resnet18(num_classes=3)
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    spec = ModelSpec.from_config({"arch": "torchvision.models.resnet18", "num_classes": 3,
+                                  "weights": "w.pt"})
+    model = build_model(spec, tmp_path)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(model.fc.weight, ref.fc.weight)
+
+
+def test_file_class_arch_and_labels(tmp_path):
+    (tmp_path / "net.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self, num_classes=2):\n"
+        "        super().__init__(); self.conv = torch.nn.Conv2d(3, num_classes, 3)\n"
+        "    def forward(self, x): return self.conv(x).mean((2, 3))\n")
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "cat", "1": ["n01", "dog"]}))
+    spec = ModelSpec.from_config({"arch": "net:Net", "num_classes": 2, "labels": "labels.json"})
+    model = build_model(spec, tmp_path)
+    assert model(torch.rand(1, 3, 8, 8)).shape == (1, 2)
+    assert load_labels(spec, tmp_path, 2) == ["cat", "dog"]
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "w.pt")
+    spec = ModelSpec.from_config({"arch": "torchvision.models.resnet18", "num_classes": 3,
+                                  "weights": "w.pt"})
+    with pytest.raises(ConfigError, match="handler.weights: w.pt does not fit"):
+        build_model(spec, tmp_path)
+
+
+def test_weights_only_refuses_pickled_code(tmp_path):
+    torch.save({"fc.weight": torch.zeros(1), "obj": ConfigError("x")}, tmp_path / "w.pt")
+    spec = ModelSpec.from_config({"arch": "torchvision.models.resnet18", "weights": "w.pt"})
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+        build_model(spec, tmp_path)
+
+
+@pytest.mark.parametrize("arch,match", [
+    ("torchvision.models.resnet999", "unknown torchvision model"),
+    ("nofile:Net", "no file nofile.py"),
+])
+def test_bad_arch(tmp_path, arch, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(ModelSpec.from_config({"arch": arch}), tmp_path)
+
+
+def test_parse_outputs():
+    assert parse_outputs("heatmap, raw") == ("heatmap", "raw")
+    with pytest.raises(ValueError, match="allowed: heatmap, overlay, raw, bbox"):
+        parse_outputs("png")
