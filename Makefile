@@ -34,5 +34,32 @@ samples: install
 bench-engine: install
 	$(BIN)/python bench/engine.py
 
+# -- TorchServe: archive, serve, stop, demo, serving benchmark ---------------------------------------
+MAR := model_store/shapes.mar
+
+archive: install $(MAR)
+
+$(MAR): handler/gradcam_handler.py $(MODEL)/model.py $(MODEL)/model-config.yaml $(MODEL)/index_to_name.json $(MODEL)/weights.pt
+	@mkdir -p model_store
+	$(BIN)/torch-model-archiver --model-name shapes --version 1.0 \
+		--handler handler/gradcam_handler.py --model-file $(MODEL)/model.py \
+		--serialized-file $(MODEL)/weights.pt --extra-files $(MODEL)/index_to_name.json \
+		--config-file $(MODEL)/model-config.yaml --export-path model_store --force
+
+$(MODEL)/weights.pt $(MODEL)/index_to_name.json:
+	@echo "error: $@ is missing: train the default model first (make train)"; exit 1
+
+serve: archive
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/serve.py start
+
+stop: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/serve.py stop
+
+demo: archive
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/serve.py demo
+
+bench-serve: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/serve.py
+
 clean:
 	rm -rf model_store/*.mar demo/ .pytest_cache

@@ -24,6 +24,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _saved_for_backward_mb(fn: Callable[[], None], params: set[int]) -> float:
+    """MB of activation tensors autograd keeps for the backward pass during one call of ``fn``
+    (parameters, which are stored anyway, are not counted)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -55,7 +71,7 @@ def main() -> None:
     gc = GradCAM(model=model, target_layers=[layer])
 
     def pgc() -> None:
-        gc(input_tensor=x)
+        gc(input_tensor=x, targets=None)
 
     from captum.attr import LayerAttribution, LayerGradCam
 
@@ -68,6 +84,7 @@ def main() -> None:
         attr = lgc.attribute(x, target=targets, relu_attributions=True)
         LayerAttribution.interpolate(attr, (args.size, args.size), "bilinear").cpu()
 
+    params = {p.data_ptr() for p in model.parameters()}
     contenders: dict[str, Callable[[], None]] = {
         "plain inference (inference_mode)": plain,
         "camserve CamEngine Grad-CAM": ours,
@@ -87,16 +104,17 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     gc.activations_and_grads.release()
 
+    saved = {k: _saved_for_backward_mb(fn, params) for k, fn in contenders.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med[names[0]]
     ours_t = med[names[1]]
     print(f"ResNet-50, batch {args.batch}, {args.size}x{args.size}, device {dev}, "
           f"threads {torch.get_num_threads()}, median of {args.rounds} rounds")
-    print(f"| {'contender':34} | ms/image | x plain | x camserve |")
-    print(f"|{'-' * 36}|----------|---------|------------|")
+    print(f"| {'contender':34} | ms/image | x plain | x camserve | saved for backward |")
+    print(f"|{'-' * 36}|----------|---------|------------|--------------------|")
     for k in names:
         print(f"| {k:34} | {1000 * med[k] / args.batch:8.2f} | {med[k] / base:7.2f} | "
-              f"{med[k] / ours_t:10.2f} |")
+              f"{med[k] / ours_t:10.2f} | {saved[k]:15.1f} MB |")
     print(f"engine / plain = {ours_t / base:.3f} (goal <= 1.10); "
           f"pytorch-grad-cam / engine = {med[names[2]] / ours_t:.2f} (goal >= 2.5); "
           f"Captum / engine = {med[names[3]] / ours_t:.2f} (goal >= 1.3)")

@@ -77,15 +77,24 @@ def heatmaps_at_sizes(cams: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> l
         raise ValueError(f"invalid value for sizes: {len(sizes)} sizes for maps of shape {tuple(cams.shape)}")
     if len(sizes) == 0:
         return []
-    flat = torch.cat([to_uint8(normalize_maps(c, (int(h), int(w)))).reshape(-1)
-                      for c, (h, w) in zip(cams, sizes)])
-    host = flat.cpu().numpy()
-    out, start = [], 0
-    for h, w in sizes:
-        n = int(h) * int(w)
-        out.append(host[start:start + n].reshape(int(h), int(w)))
-        start += n
-    return out
+    # maps that share an output size are resized and normalised together (one op per size, not
+    # per map: a batch of same-size images costs a handful of kernels)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (h, w) in enumerate(sizes):
+        groups.setdefault((int(h), int(w)), []).append(i)
+    parts, order = [], []
+    for size, idx in groups.items():
+        sel = cams if len(idx) == len(sizes) else cams[torch.as_tensor(idx, device=cams.device)]
+        parts.append(to_uint8(normalize_maps(sel, size)).reshape(-1))
+        order.extend(idx)
+    host = torch.cat(parts).cpu().numpy()
+    out: list[Optional[np.ndarray]] = [None] * len(sizes)
+    start = 0
+    for i in order:
+        h, w = (int(v) for v in sizes[i])
+        out[i] = host[start:start + h * w].reshape(h, w)
+        start += h * w
+    return out  # type: ignore[return-value]
 
 
 @dataclass

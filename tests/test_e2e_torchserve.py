@@ -1,0 +1,445 @@
+"""End to end: a real ``torchserve --start`` serving models/shapes through the camserve handler.
+
+One server for the module, on free loopback ports, with token authorization on, started from a
+temporary directory (its key_file.json, logs, pid file and worker sockets stay there: TMPDIR, TEMP,
+LOG_LOCATION and METRICS_LOCATION point into it), and stopped at the end (``torchserve --stop``,
+then a kill of its process group if it is still alive). Skipped only when Java is missing.
+"""
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from camserve.client import ClientError, read_token, wait_until_ready
+from camserve.serving import CamService
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = Path(os.environ.get("CAMSERVE_E2E_MODEL_DIR", ROOT / "models" / "shapes"))
+SAMPLES = MODEL_DIR / "samples"
+BIN = Path(sys.executable).parent
+BATCH_LOG = "camserve: batch of"
+TOLERANCE = 3  # px around a ground-truth box that still counts as inside (camserve.shapes)
+
+pytestmark = pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("JAVA_HOME"),
+                                reason="Java is not installed: TorchServe's frontend needs Java 17+")
+
+
+@dataclass
+class Server:
+    url: str
+    management: str
+    metrics: str
+    token: str
+    management_token: str
+    home: Path
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def post(self, route: str, **kw: Any) -> requests.Response:
+        headers = {**self.headers(), **kw.pop("headers", {})}
+        return requests.post(f"{self.url}/{route}", headers=headers, timeout=120, **kw)
+
+    def log_lines(self, needle: str) -> list[str]:
+        """Lines of the worker log (model_log.log) that contain ``needle``."""
+        text = (self.home / "logs" / "model_log.log").read_text(errors="replace")
+        return [ln for ln in text.splitlines() if needle in ln]
+
+    def batch_sizes(self, start: int, rows: int, timeout: float = 20.0) -> list[int]:
+        """Sizes of the batches logged after the first ``start`` ones, polled until they cover
+        ``rows`` rows (the worker logs each batch before answering; the log file may lag)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sizes = [int(m.group(1)) for ln in self.log_lines(BATCH_LOG)[start:]
+                     if (m := re.search(r"batch of (\d+) rows", ln))]
+            if sum(sizes) >= rows or time.monotonic() > deadline:
+                return sizes
+            time.sleep(0.05)
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"({path} missing)"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    missing = [str(MODEL_DIR / f) for f in ("weights.pt", "index_to_name.json", "model.py",
+                                            "model-config.yaml", "samples/boxes.json")
+               if not (MODEL_DIR / f).is_file()]
+    if missing:
+        pytest.fail(f"the default model is incomplete: missing {', '.join(missing)} (make train, "
+                    f"make samples)")
+    home = tmp_path_factory.mktemp("torchserve")
+    for d in ("store", "tmp", "logs", "model"):
+        (home / d).mkdir()
+    config = yaml.safe_load((MODEL_DIR / "model-config.yaml").read_text())
+    config.update(batchSize=8, maxBatchDelay=100)  # let 16 concurrent requests form batches
+    (home / "model" / "model-config.yaml").write_text(yaml.safe_dump(config))
+    subprocess.run(
+        [str(BIN / "torch-model-archiver"), "--model-name", "shapes", "--version", "1.0",
+         "--handler", str(ROOT / "handler" / "gradcam_handler.py"),
+         "--model-file", str(MODEL_DIR / "model.py"),
+         "--serialized-file", str(MODEL_DIR / "weights.pt"),
+         "--extra-files", str(MODEL_DIR / "index_to_name.json"),
+         "--config-file", str(home / "model" / "model-config.yaml"),
+         "--export-path", str(home / "store"), "--force"], check=True, timeout=300)
+    inf, mgmt, met, g1, g2 = free_ports(5)
+    (home / "config.properties").write_text(f"""\
+inference_address=http://127.0.0.1:{inf}
+management_address=http://127.0.0.1:{mgmt}
+metrics_address=http://127.0.0.1:{met}
+grpc_inference_address=127.0.0.1
+grpc_inference_port={g1}
+grpc_management_address=127.0.0.1
+grpc_management_port={g2}
+enable_model_api=false
+allowed_urls=^file://.*
+model_store={home / 'store'}
+load_models=shapes.mar
+default_workers_per_model=1
+max_request_size=20971520
+max_response_size=52428800
+metrics_mode=prometheus
+model_metrics_auto_detect=true
+""")
+    env = {**os.environ, "TMPDIR": str(home / "tmp"), "TEMP": str(home / "tmp"),
+           "LOG_LOCATION": str(home / "logs"), "METRICS_LOCATION": str(home / "logs"),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = open(home / "torchserve.out", "wb")
+    proc = subprocess.Popen([str(BIN / "torchserve"), "--start", "--ncs", "--foreground",
+                             "--ts-config", str(home / "config.properties")],
+                            cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    key_file = home / "key_file.json"
+
+    def mgmt_token() -> str | None:
+        try:
+            return read_token(key_file, "management")
+        except ClientError:  # the key file appears while the server starts
+            return None
+
+    try:
+        try:
+            wait_until_ready(f"http://127.0.0.1:{mgmt}", "shapes", mgmt_token, timeout=240,
+                             alive=lambda: proc.poll() is None, interval=0.25)
+        except ClientError as exc:
+            pytest.fail(f"TorchServe did not get ready: {exc}\n--- torchserve.out ---\n"
+                        f"{_tail(home / 'torchserve.out')}\n--- model_log ---\n"
+                        f"{_tail(home / 'logs' / 'model_log.log')}")
+        yield Server(url=f"http://127.0.0.1:{inf}", management=f"http://127.0.0.1:{mgmt}",
+                     metrics=f"http://127.0.0.1:{met}", token=read_token(key_file, "inference"),
+                     management_token=read_token(key_file, "management"), home=home)
+    finally:
+        subprocess.run([str(BIN / "torchserve"), "--stop", "--foreground"], cwd=home, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=90)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # the frontend and its workers share the session started above
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        out.close()
+
+
+@pytest.fixture(scope="module")
+def boxes() -> dict[str, dict]:
+    return json.loads((SAMPLES / "boxes.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def local() -> CamService:
+    """The same model, in this process: the reference the server's answers must match."""
+    config = yaml.safe_load((MODEL_DIR / "model-config.yaml").read_text())
+    return CamService.from_model_dir(MODEL_DIR, config["handler"])
+
+
+def sample_bytes(name: str) -> bytes:
+    return (SAMPLES / name).read_bytes()
+
+
+def decode_png(text: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+def local_answer(local: CamService, data: bytes, explain: bool = True, **opts: Any) -> dict:
+    [res] = local.handle_batch([{"data": data, **opts}], ["True" if explain else "False"])
+    return res.body
+
+
+def assert_same_predictions(a: dict, b: dict) -> None:
+    assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+    assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+    assert [p["score"] for p in a["predictions"]] == pytest.approx(
+        [p["score"] for p in b["predictions"]], abs=1e-4)
+
+
+def test_predictions_match_the_engine(server, boxes, local):
+    for name in sorted(boxes):
+        data = sample_bytes(name)
+        r = server.post("predictions/shapes", data=data)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        body = r.json()
+        assert "explanations" not in body
+        assert_same_predictions(body, local_answer(local, data, explain=False))
+
+
+def test_explanations_point_into_the_true_boxes(server, boxes, local):
+    inside = 0
+    for name, info in sorted(boxes.items()):
+        data = sample_bytes(name)
+        r = server.post("explanations/shapes", data=data)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        [e] = body["explanations"]
+        ref = local_answer(local, data)
+        assert_same_predictions(body, ref)
+        assert e["target"] == body["predictions"][0]["index"]
+        assert set(e) == {"target", "label", "score", "method", "layer", "width", "height",
+                          "heatmap", "bbox"}  # the config's default outputs: heatmap, bbox
+        hm = decode_png(e["heatmap"])
+        img = Image.open(io.BytesIO(data))
+        assert hm.shape == (img.height, img.width) == (e["height"], e["width"])
+        assert np.abs(hm.astype(int) - decode_png(ref["explanations"][0]["heatmap"]).astype(int)).max() <= 1
+        y, x = np.unravel_index(int(hm.argmax()), hm.shape)
+        x0, y0, x1, y1 = info["box"]
+        if body["predictions"][0]["label"] == info["label"]:
+            inside += (x0 - TOLERANCE <= x < x1 + TOLERANCE) and (y0 - TOLERANCE <= y < y1 + TOLERANCE)
+        else:
+            pytest.fail(f"{name}: predicted {body['predictions'][0]['label']}, true {info['label']}")
+    assert inside == len(boxes), f"heatmap peak inside the true box for {inside}/{len(boxes)} samples"
+
+
+def test_json_and_multipart_explain_on_predictions(server, boxes, local):
+    name, info = sorted(boxes.items())[0]
+    data = sample_bytes(name)
+    doc = {"data": base64.b64encode(data).decode(), "explain": True, "target": info["label"],
+           "method": "gradcam++", "outputs": ["overlay", "bbox", "raw"], "topk": 2}
+    r = server.post("predictions/shapes", json=doc)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    [e] = body["explanations"]
+    assert len(body["predictions"]) == 2
+    assert (e["label"], e["method"]) == (info["label"], "gradcam++")
+    assert "heatmap" not in e and len(e["bbox"]) == 4 and e["raw"]["shape"] == [12, 12]
+    overlay = Image.open(io.BytesIO(base64.b64decode(e["overlay"])))
+    assert overlay.mode == "RGB" and overlay.size == (e["width"], e["height"])
+
+    targets = "0,square"
+    r = server.post("predictions/shapes", files={"data": (name, data, "image/png"),
+                                                "explain": (None, "yes"),
+                                                "target": (None, targets),
+                                                "method": (None, "layercam")})
+    assert r.status_code == 200, r.text
+    ex = r.json()["explanations"]
+    assert [(x["target"], x["label"], x["method"]) for x in ex] == [
+        (0, local.labels[0], "layercam"), (local.labels.index("square"), "square", "layercam")]
+    ref = local_answer(local, data, target=targets, method="layercam")
+    for got, want in zip(ex, ref["explanations"]):
+        assert np.abs(decode_png(got["heatmap"]).astype(int)
+                      - decode_png(want["heatmap"]).astype(int)).max() <= 1
+
+
+def test_query_string_is_dropped_on_predictions(server, boxes):
+    """TorchServe's frontend drops the query string of /predictions: use /explanations instead."""
+    r = server.post("predictions/shapes?explain=true", data=sample_bytes(sorted(boxes)[0]))
+    assert r.status_code == 200 and "explanations" not in r.json()
+
+
+def test_kserve_explain_routes(server, boxes):
+    b64 = base64.b64encode(sample_bytes(sorted(boxes)[0])).decode()
+    r = server.post("v1/models/shapes:explain", json={"instances": [{"data": b64}]})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["explanations"]) == 1
+    r = server.post("v2/models/shapes/explain",
+                    json={"inputs": [{"name": "data", "datatype": "BYTES", "shape": [1],
+                                      "data": [b64]}]})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["explanations"]) == 1
+
+
+def _concurrently(server: Server, jobs: list[tuple[str, dict]]) -> list[requests.Response]:
+    barrier = threading.Barrier(len(jobs))
+
+    def go(job: tuple[str, dict]) -> requests.Response:
+        route, kw = job
+        barrier.wait(timeout=30)
+        return server.post(route, **kw)
+
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        return list(ex.map(go, jobs))
+
+
+def test_16_concurrent_requests_are_batched_and_answered_in_order(server, boxes, local):
+    names = sorted(boxes)
+    order = sorted(range(len(names)), key=lambda i: (boxes[names[i]]["label"], i))
+    picked = [names[i] for i in order]
+    picked = (picked * (16 // len(picked) + 1))[:16]
+    jobs = []
+    for i, name in enumerate(picked):
+        route = "explanations/shapes" if i % 2 else "predictions/shapes"
+        jobs.append((route, {"data": sample_bytes(name)}))
+    before = len(server.log_lines(BATCH_LOG))
+    answers = _concurrently(server, jobs)
+    assert [r.status_code for r in answers] == [200] * 16
+    for i, (name, r) in enumerate(zip(picked, answers)):
+        body = r.json()
+        assert body["predictions"][0]["label"] == boxes[name]["label"], name
+        ref = local_answer(local, sample_bytes(name), explain=bool(i % 2))
+        assert_same_predictions(body, ref)
+        assert ("explanations" in body) == bool(i % 2)
+        if i % 2:
+            got = decode_png(body["explanations"][0]["heatmap"]).astype(int)
+            want = decode_png(ref["explanations"][0]["heatmap"]).astype(int)
+            assert np.abs(got - want).max() <= 1, name
+    sizes = server.batch_sizes(before, 16)
+    assert sum(sizes) == 16 and max(sizes) <= 8, sizes
+    assert len(sizes) < 16, f"16 concurrent requests ran one by one: batches {sizes}"
+
+
+def test_a_corrupt_image_fails_alone_and_the_server_lives_on(server, boxes):
+    names = sorted(boxes)[:7]
+    good = [("explanations/shapes", {"data": sample_bytes(n)}) for n in names]
+    corrupt = sample_bytes(names[0])[:150]  # a truncated PNG
+    jobs = good[:3] + [("explanations/shapes", {"data": corrupt})] + good[3:]
+    before = len(server.log_lines(BATCH_LOG))
+    answers = _concurrently(server, jobs)
+    codes = [r.status_code for r in answers]
+    assert codes == [200, 200, 200, 400, 200, 200, 200, 200], codes
+    # the corrupt image shared its batch with good ones
+    server.batch_sizes(before, len(jobs))  # waits until the log covers the 8 requests
+    batches = server.log_lines(BATCH_LOG)[before:]
+    assert any("1 rejected" in ln and "batch of 1 rows" not in ln for ln in batches), batches
+    err = answers[3].json()
+    assert err["code"] == 400 and err["type"] == "InvalidImage" and err["message"]
+    assert answers[3].headers["content-type"].startswith("application/json")
+    for name, r in zip(names, answers[:3] + answers[4:]):
+        assert r.json()["predictions"][0]["label"] == boxes[name]["label"]
+    # still serving
+    r = server.post("predictions/shapes", data=b"\x00" * 64)
+    assert r.status_code == 400 and r.json()["type"] == "InvalidImage"
+    r = server.post("predictions/shapes", data=b"")
+    assert r.status_code == 400
+    r = server.post("predictions/shapes", data=sample_bytes(names[1]))
+    assert r.status_code == 200 and r.json()["predictions"][0]["label"] == boxes[names[1]]["label"]
+
+
+def test_token_is_required(server, boxes):
+    data = sample_bytes(sorted(boxes)[0])
+    for headers in ({}, {"Authorization": "Bearer not-the-key"},
+                    {"Authorization": f"Bearer {server.management_token}"}):
+        r = requests.post(f"{server.url}/predictions/shapes", data=data, headers=headers, timeout=30)
+        # TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException
+        assert r.status_code in (400, 401), r.status_code
+        assert "Token Authorization failed" in r.json()["message"]
+    r = requests.get(f"{server.management}/models/shapes", timeout=30)
+    assert r.status_code in (400, 401)
+
+
+def test_oversize_image_is_413(server):
+    img = Image.new("1", (7000, 6000))  # 42 MP > the 40 MP limit; a few KB as PNG
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    r = server.post("explanations/shapes", data=buf.getvalue())
+    assert r.status_code == 413, r.text
+    body = r.json()
+    assert body["code"] == 413 and body["type"] == "ImageTooLarge" and "42000000" in body["message"]
+
+
+@pytest.mark.parametrize("opts, needle", [
+    ({"method": "nope"}, "invalid value for method"),
+    ({"target": "dodecahedron"}, "unknown label"),
+    ({"target": "99"}, "out of range"),
+    ({"topk": "0"}, "invalid value for topk"),
+    ({"outputs": "heatmap,svg"}, "invalid value for outputs"),
+])
+def test_bad_options_are_422(server, boxes, opts, needle):
+    data = sample_bytes(sorted(boxes)[0])
+    files = {"data": ("x.png", data, "image/png"), **{k: (None, v) for k, v in opts.items()}}
+    r = server.post("explanations/shapes", files=files)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["code"] == 422 and body["type"] == "InvalidOption" and needle in body["message"]
+
+
+def test_custom_metrics_reach_prometheus(server, boxes):
+    server.post("explanations/shapes", data=sample_bytes(sorted(boxes)[0]))
+    text = requests.get(f"{server.metrics}/metrics", timeout=30).text
+    for name in ("CamTime", "CamExplainedRows", "CamRequestErrors", "HandlerTime"):
+        assert f"\n{name}{{" in text, f"{name} not on /metrics"
+
+
+def test_customized_describe_on_the_management_api(server, local):
+    r = requests.get(f"{server.management}/models/shapes?customized=true", timeout=60,
+                     headers={"Authorization": f"Bearer {server.management_token}"})
+    assert r.status_code == 200, r.text
+    meta = r.json()[0]["customizedMetadata"]
+    desc = json.loads(meta) if isinstance(meta, str) else meta
+    assert desc["labels"] == local.labels and desc["target_layer"] == local.engine.layer_name
+
+
+def test_body_over_max_request_size_is_refused_by_the_frontend(server):
+    body = b"\0" * (20 * 1024 * 1024 + 1)  # the test server's max_request_size is 20 MiB
+    try:
+        r = server.post("predictions/shapes", data=body,
+                        headers={"Content-Type": "application/octet-stream"})
+    except requests.ConnectionError:
+        return  # the frontend may close the connection before the body is sent
+    assert r.status_code == 413
+
+
+def test_client_cli_writes_the_overlay(server, boxes, tmp_path, capsys):
+    from camserve.client import main as client_main
+
+    name, info = sorted(boxes.items())[0]
+    out = tmp_path / "overlay.png"
+    rc = client_main([str(SAMPLES / name), "--explain", "--target", info["label"], "--out", str(out),
+                      "--url", server.url, "--key-file", str(server.home / "key_file.json")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"({info['label']}," in printed and "wrote" in printed
+    img = Image.open(out)
+    assert img.mode == "RGB" and img.size == Image.open(SAMPLES / name).size
+    rc = client_main([str(SAMPLES / name), "--method", "bogus", "--url", server.url,
+                      "--key-file", str(server.home / "key_file.json")])
+    assert rc == 1 and "HTTP 422" in capsys.readouterr().err
