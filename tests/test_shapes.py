@@ -1,0 +1,239 @@
+"""Tests of camserve.shapes (generator, samples, the committed default model, evaluation) and of the
+model folder models/shapes."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from camserve import shapes
+from camserve.shapes import CLASSES, IMAGE_SIZE, make_dataset, render_sample, rng_for
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes"
+THRESHOLDS = {"accuracy": 0.98, "pointing_game": 0.97, "pointing_game_two_objects": 0.95}
+
+
+# -- generator ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_objects", [1, 2])
+def test_same_seed_same_images_other_seed_other_images(n_objects: int) -> None:
+    a = make_dataset(seed=11, n=6, n_objects=n_objects)
+    b = make_dataset(seed=11, n=6, n_objects=n_objects)
+    c = make_dataset(seed=12, n=6, n_objects=n_objects)
+    assert a.images.shape == (6, IMAGE_SIZE, IMAGE_SIZE, 3) and a.images.dtype == np.uint8
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    assert (a.images != c.images).mean() > 0.5
+
+
+def test_streams_are_independent() -> None:
+    train = make_dataset(seed=3, n=4, stream="train")
+    held_out = make_dataset(seed=3, n=4, stream="evaluate")
+    assert (train.images != held_out.images).mean() > 0.5
+
+
+def test_single_object_classes_are_balanced() -> None:
+    data = make_dataset(seed=5, n=24)
+    assert np.bincount(data.labels[:, 0], minlength=len(CLASSES)).tolist() == [3] * len(CLASSES)
+
+
+def _drawn_box(image: np.ndarray, region: tuple[int, int, int, int], bg: np.ndarray,
+               fg: np.ndarray) -> tuple[int, int, int, int]:
+    """Box of the pixels in ``region`` closer to the shape colour than to the background."""
+    x0, y0, x1, y1 = region
+    crop = image[y0:y1, x0:x1].astype(float)
+    closer = np.linalg.norm(crop - fg, axis=-1) < np.linalg.norm(crop - bg, axis=-1)
+    ys, xs = np.nonzero(closer)
+    return int(xs.min()) + x0, int(ys.min()) + y0, int(xs.max()) + 1 + x0, int(ys.max()) + 1 + y0
+
+
+@pytest.mark.parametrize("n_objects", [1, 2])
+def test_boxes_are_tight_around_the_drawn_pixels(n_objects: int) -> None:
+    rng = rng_for(21)
+    for i in range(40):
+        labels = [i % 8] if n_objects == 1 else [i % 8, (i + 1 + i // 8) % 8]
+        s = render_sample(rng, labels, clutter=False)  # flat background, no noise
+        bg = s.image[0, 0].astype(float)
+        assert len(s.boxes) == n_objects
+        for k, box in enumerate(s.boxes):
+            x0, y0, x1, y1 = box
+            assert 0 <= x0 < x1 <= IMAGE_SIZE and 0 <= y0 < y1 <= IMAGE_SIZE, box
+            assert x1 - x0 >= 12 and y1 - y0 >= 12, (CLASSES[labels[k]], box)
+            inner = np.argwhere(s.masks[k] == 255)
+            fg = s.image[inner[0][0], inner[0][1]].astype(float)
+            region = (max(x0 - 2, 0), max(y0 - 2, 0), min(x1 + 2, IMAGE_SIZE), min(y1 + 2, IMAGE_SIZE))
+            drawn = _drawn_box(s.image, region, bg, fg)
+            assert np.abs(np.subtract(drawn, box)).max() <= 1, (CLASSES[labels[k]], box, drawn)
+
+
+def test_cluttered_boxes_lie_inside_the_image_and_fit_the_masks() -> None:
+    rng = rng_for(8)
+    for i in range(30):
+        s = render_sample(rng, [i % 8])
+        x0, y0, x1, y1 = s.box
+        assert 0 <= x0 < x1 <= IMAGE_SIZE and 0 <= y0 < y1 <= IMAGE_SIZE
+        assert s.box == shapes.mask_box(s.masks[0])
+        # the shape stands out: its colour differs from the background just around its box
+        inside = s.image[s.masks[0] == 255].astype(float).mean(axis=0)
+        around = np.zeros(s.image.shape[:2], dtype=bool)
+        around[max(y0 - 3, 0):y1 + 3, max(x0 - 3, 0):x1 + 3] = True
+        around[y0:y1, x0:x1] = False
+        outside = s.image[around].astype(float).mean(axis=0)
+        assert np.linalg.norm(inside - outside) > 30, (CLASSES[i % 8], inside, outside)
+
+
+def test_two_object_images_have_two_classes_and_disjoint_boxes() -> None:
+    data = make_dataset(seed=9, n=60, n_objects=2)
+    assert data.labels.shape == (60, 2) and data.boxes.shape == (60, 2, 4)
+    assert (data.labels[:, 0] != data.labels[:, 1]).all()
+    assert len(np.unique(data.labels)) == len(CLASSES)
+    a, b = data.boxes[:, 0], data.boxes[:, 1]
+    apart = (a[:, 2] <= b[:, 0]) | (b[:, 2] <= a[:, 0]) | (a[:, 3] <= b[:, 1]) | (b[:, 3] <= a[:, 1])
+    assert apart.all()
+
+
+def test_render_sample_rejects_bad_labels() -> None:
+    rng = rng_for(0)
+    with pytest.raises(ValueError, match="labels"):
+        render_sample(rng, [1, 1])
+    with pytest.raises(ValueError, match="labels"):
+        render_sample(rng, [len(CLASSES)])
+    with pytest.raises(ValueError, match="stream"):
+        rng_for(0, "test")
+
+
+# -- samples command ------------------------------------------------------------------------------
+
+def test_samples_command_writes_pngs_and_boxes_json(tmp_path: Path, capsys) -> None:
+    assert shapes.main(["samples", "--seed", "5", "--n", "9", "--out", str(tmp_path)]) == 0
+    index = json.loads((tmp_path / "boxes.json").read_text())
+    assert len(index) == 9
+    assert {v["label"] for v in index.values()} == set(CLASSES)
+    for name, entry in index.items():
+        assert set(entry) == {"label", "box"}
+        assert name.startswith(entry["label"] + "_") and name.endswith(".png")
+        with Image.open(tmp_path / name) as img:
+            assert img.mode == "RGB" and img.size == (IMAGE_SIZE, IMAGE_SIZE)
+        x0, y0, x1, y1 = entry["box"]
+        assert all(isinstance(v, int) for v in entry["box"])
+        assert 0 <= x0 < x1 <= IMAGE_SIZE and 0 <= y0 < y1 <= IMAGE_SIZE
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(index)
+    again = tmp_path / "again"
+    shapes.write_samples(again, seed=5, n=9)
+    assert (again / "boxes.json").read_text() == (tmp_path / "boxes.json").read_text()
+    first = sorted(index)[0]
+    assert (again / first).read_bytes() == (tmp_path / first).read_bytes()
+
+
+# -- the committed model folder -------------------------------------------------------------------
+
+def test_model_file_is_standalone_and_has_the_target_layer() -> None:
+    tree = ast.parse((MODEL_DIR / "model.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"torch", "__future__"}, imported
+    spec = importlib.util.spec_from_file_location("standalone_shapes_model", MODEL_DIR / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = module.ShapesNet(num_classes=8).eval()
+    with torch.no_grad():
+        feats = net.features(torch.zeros(1, 3, 96, 96))
+        assert net(torch.zeros(2, 3, 96, 96)).shape == (2, 8)
+    assert feats.shape[-2:] == (12, 12)
+
+
+def test_model_config_and_labels() -> None:
+    import yaml
+
+    cfg = yaml.safe_load((MODEL_DIR / "model-config.yaml").read_text())
+    assert cfg["minWorkers"] == 1 and cfg["maxWorkers"] == 1 and cfg["batchSize"] == 8
+    assert cfg["maxBatchDelay"] == 50 and cfg["responseTimeout"] == 120
+    h = cfg["handler"]
+    assert h["arch"] == "model:ShapesNet" and h["num_classes"] == 8 and h["method"] == "gradcam"
+    assert h["input_size"] == [96, 96] and h["outputs"] == ["heatmap", "bbox"] and h["topk"] == 3
+    labels = json.loads((MODEL_DIR / "index_to_name.json").read_text())
+    assert labels == {str(i): c for i, c in enumerate(CLASSES)}
+    assert (MODEL_DIR / "weights.pt").stat().st_size < 2_000_000
+
+
+def test_committed_weights_load_with_weights_only() -> None:
+    state = torch.load(MODEL_DIR / "weights.pt", map_location="cpu", weights_only=True)
+    model, spec, names = shapes.load_model(MODEL_DIR)
+    assert set(state) == set(model.state_dict())
+    assert names == list(CLASSES)
+    assert spec.target_layer == "features"
+
+
+def test_fast_preprocessing_matches_the_server_path() -> None:
+    spec = shapes.read_spec(MODEL_DIR)
+    images = make_dataset(seed=2, n=3).images
+    torch.testing.assert_close(shapes.to_batch(images, spec), shapes.preprocess_images(images, spec),
+                               rtol=0, atol=1e-6)
+
+
+def test_committed_samples_are_classified_and_located() -> None:
+    from camserve import CamEngine
+    from camserve.images import load_image_file, preprocess
+
+    index = json.loads((MODEL_DIR / "samples" / "boxes.json").read_text())
+    assert sorted(v["label"] for v in index.values()) == sorted(CLASSES)
+    model, spec, names = shapes.load_model(MODEL_DIR)
+    files = sorted(index)
+    x = torch.stack([preprocess(load_image_file(MODEL_DIR / "samples" / f), spec.input_size,
+                                spec.mean, spec.std) for f in files])
+    truth = torch.tensor([names.index(index[f]["label"]) for f in files])
+    res = CamEngine(model, spec.target_layer)(x, targets=truth)
+    assert [names[i] for i in res.logits.argmax(1).tolist()] == [index[f]["label"] for f in files]
+    boxes = np.array([index[f]["box"] for f in files])
+    assert shapes.pointing_hits(res.heatmaps((96, 96)), boxes, shapes.POINTING_TOLERANCE).all()
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+def test_pointing_hits_counts_the_peak_with_tolerance() -> None:
+    maps = torch.zeros(3, 96, 96)
+    maps[0, 50, 40] = 1.0  # inside
+    maps[1, 50, 62] = 1.0  # 3 px right of the box: inside with tolerance 3
+    maps[2, 50, 63] = 1.0  # 4 px right: outside
+    boxes = np.array([[30, 30, 60, 60]] * 3)
+    assert shapes.pointing_hits(maps, boxes, 3).tolist() == [True, True, False]
+    assert shapes.pointing_hits(maps, boxes, 0).tolist() == [True, False, False]
+
+
+def test_evaluate_cli_meets_the_thresholds(capsys) -> None:
+    assert shapes.main(["evaluate", "--model", str(MODEL_DIR), "--seed", "2026", "--n", "128"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    metrics = json.loads(last)
+    assert set(metrics) == set(THRESHOLDS)
+    for key, low in THRESHOLDS.items():
+        assert metrics[key] >= low, (key, metrics)
+
+
+def test_evaluate_fails_for_an_untrained_model(tmp_path: Path) -> None:
+    for name in ("model.py", "model-config.yaml", "index_to_name.json"):
+        (tmp_path / name).write_bytes((MODEL_DIR / name).read_bytes())
+    spec = importlib.util.spec_from_file_location("untrained_shapes_model", MODEL_DIR / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    torch.save(module.ShapesNet(num_classes=8).state_dict(), tmp_path / "weights.pt")
+    rep = shapes.evaluate(tmp_path, seed=1, n=48, n_pairs=24)
+    assert rep.accuracy < 0.5 and rep.pointing_game_two_objects < 0.95
+
+
+def test_train_writes_a_loadable_model_folder(tmp_path: Path) -> None:
+    rep = shapes.train(tmp_path / "m", seed=1, epochs=1, n=24, batch_size=16)
+    assert rep.steps >= 1
+    assert {p.name for p in (tmp_path / "m").iterdir()} >= {
+        "weights.pt", "index_to_name.json", "model.py", "model-config.yaml"}
+    model, _spec, names = shapes.load_model(tmp_path / "m")
+    assert names == list(CLASSES)
+    assert not model.training
