@@ -102,9 +102,9 @@ def main() -> None:
             _sync(dev)
             if r >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
+    saved = {k: _saved_for_backward_mb(fn, params) for k, fn in contenders.items()}
     gc.activations_and_grads.release()
 
-    saved = {k: _saved_for_backward_mb(fn, params) for k, fn in contenders.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med[names[0]]
     ours_t = med[names[1]]
