@@ -61,5 +61,27 @@ demo: archive
 bench-serve: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/serve.py
 
+# -- ONNX companion: export a CAM graph, explain folders offline, benchmark ------------------------
+# make export [MODEL=models/shapes] [METHODS=gradcam,gradcam++] -> model_store/shapes.cam.onnx
+# make batch [INPUT=folder-or-list] [BATCH_OUT=batch_out] [BATCH_ARGS="--save heatmap,overlay"]
+CAM_ONNX  ?= model_store/$(notdir $(MODEL)).cam.onnx
+METHODS   ?=
+INPUT     ?= $(MODEL)/samples
+BATCH_OUT ?= batch_out
+BATCH_ARGS ?=
+EXPORT_CMD = $(BIN)/python -m export.onnx_export $(MODEL) --out $(CAM_ONNX) $(if $(METHODS),--methods $(METHODS))
+
+export: install
+	$(EXPORT_CMD)
+
+$(CAM_ONNX): $(wildcard $(MODEL)/*.py $(MODEL)/*.yaml $(MODEL)/*.pt $(MODEL)/*.json) | $(STAMP)
+	$(EXPORT_CMD)
+
+batch: install $(CAM_ONNX)
+	$(BIN)/python -m export.batch_cam --model $(CAM_ONNX) $(INPUT) --out $(BATCH_OUT) $(BATCH_ARGS)
+
+bench-offline: install
+	$(BIN)/python bench/offline.py
+
 clean:
 	rm -rf model_store/*.mar demo/ .pytest_cache

@@ -1,0 +1,167 @@
+"""Offline benchmark: the ONNX CAM graph against the plain ONNX graph, the PyTorch engine and
+pytorch-grad-cam; then the batch job end to end against the bare session.
+
+ResNet-50 (random weights), batch 16, 224x224, CPU. Part 1 measures side by side in one run: each
+round times every contender once in a rotating order, and the table reports medians over the rounds
+after warm-up, as images/s and ratios:
+
+* ORT plain graph      — the exported logits-only graph (same trace and translation);
+* ORT CAM graph        — the exported CAM graph (layer4, Grad-CAM), fetching logits and cam;
+* ORT CAM graph + maps — the same plus camserve.heatmaps_at_sizes to 224x224 uint8 maps;
+* camserve engine      — CamEngine in PyTorch, heatmaps at 224x224;
+* pytorch-grad-cam     — GradCAM(model, [layer4]) on the top-1 class (maps at 224x224).
+
+Part 2 writes ~300 JPEGs (photo sizes, 400-640 px) and runs ``export.batch_cam`` over them (heatmap
+PNGs, results.jsonl), and compares its images/s with the bare CAM-graph session rate on already
+preprocessed tensors. Usage::
+
+    python bench/offline.py [--batch 16] [--size 224] [--rounds 7] [--images 300] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, ImageDraw, ImageFilter
+
+from camserve import CamEngine, heatmaps_at_sizes
+from export.batch_cam import JobConfig, default_threads, run_job
+from export.onnx_export import CamSource, export_cam_onnx, export_plain_onnx, ort_session
+
+
+def _photos(folder: Path, n: int, seed: int = 0) -> None:
+    """``n`` photo-like JPEGs: smooth colour gradients, a few shapes, sensor noise, blur."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = int(rng.integers(400, 641)), int(rng.integers(300, 481))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([(xx / w) * rng.uniform(60, 200), (yy / h) * rng.uniform(60, 200),
+                         np.full_like(xx, rng.uniform(30, 220))], axis=-1)
+        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(2, 6))):
+            x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
+            box = [x0, y0, x0 + int(rng.integers(40, w // 2)), y0 + int(rng.integers(40, h // 2))]
+            fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        arr = np.asarray(img.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.int16)
+        arr = np.clip(arr + rng.integers(-12, 13, arr.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"img_{i:04d}.jpg", quality=90)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="onnxruntime and torch intra-op threads (0: all CPUs)")
+    args = ap.parse_args()
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval()
+    size = (args.size, args.size)
+    work = Path(tempfile.mkdtemp(prefix="camserve-bench-"))
+
+    t0 = time.perf_counter()
+    plain_path = export_plain_onnx(model, work / "plain.onnx", size)
+    src = CamSource(model=model, arch="torchvision.models.resnet50", input_size=size, layer="layer4",
+                    labels=[str(i) for i in range(1000)])
+    cam_path = export_cam_onnx(src, work / "cam.onnx", verify=False).path
+    print(f"exported plain and CAM graphs in {time.perf_counter() - t0:.1f}s ({work})")
+
+    plain_sess = ort_session(plain_path, threads=threads)
+    cam_sess = ort_session(cam_path, threads=threads)
+    x = torch.rand(args.batch, 3, *size)
+    xn = x.numpy()
+    sizes = [size] * args.batch
+    engine = CamEngine(model, "layer4")
+
+    def ort_plain() -> None:
+        plain_sess.run(["logits"], {"input": xn})
+
+    def ort_cam() -> None:
+        cam_sess.run(["logits", "cam"], {"input": xn})
+
+    def ort_cam_maps() -> None:
+        _, cam = cam_sess.run(["logits", "cam"], {"input": xn})
+        heatmaps_at_sizes(torch.from_numpy(cam), sizes)
+
+    def torch_engine() -> None:
+        engine(x, method="gradcam").heatmaps_uint8(size).cpu()
+
+    from pytorch_grad_cam import GradCAM
+
+    gc = GradCAM(model=model, target_layers=[model.layer4])
+
+    def pgc() -> None:
+        gc(input_tensor=x, targets=None)
+
+    contenders: dict[str, Callable[[], None]] = {
+        "ORT plain graph (logits)": ort_plain,
+        "ORT CAM graph (logits + cam)": ort_cam,
+        "ORT CAM graph + 224x224 maps": ort_cam_maps,
+        "camserve engine, PyTorch": torch_engine,
+        "pytorch-grad-cam GradCAM": pgc,
+    }
+    names = list(contenders)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(args.warmup + args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t = time.perf_counter()
+            contenders[name]()
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+    gc.activations_and_grads.release()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ips = {k: args.batch / v for k, v in med.items()}
+    base = med[names[0]]
+    print(f"\nResNet-50, batch {args.batch}, {args.size}x{args.size}, CPU, {threads} threads, "
+          f"median of {args.rounds} rounds after {args.warmup} warm-up")
+    print(f"| {'contender':30} | images/s | time x ORT plain | speed x pytorch-grad-cam |")
+    print(f"|{'-' * 32}|----------|------------------|--------------------------|")
+    for k in names:
+        print(f"| {k:30} | {ips[k]:8.1f} | {med[k] / base:16.3f} | "
+              f"{ips[k] / ips[names[4]]:24.2f} |")
+    print(f"CAM graph / plain graph time = {med[names[1]] / base:.3f} (goal <= 1.05); "
+          f"CAM graph + maps vs pytorch-grad-cam = {ips[names[2]] / ips[names[4]]:.2f}x images/s "
+          f"(goal >= 5)")
+
+    # -- part 2: the batch job end to end ------------------------------------------------------
+    photos = work / "photos"
+    _photos(photos, args.images)
+    bare: list[float] = []
+    for r in range(args.warmup + args.rounds):
+        t = time.perf_counter()
+        cam_sess.run(["logits", "cam"], {"input": xn})
+        if r >= args.warmup:
+            bare.append(time.perf_counter() - t)
+    bare_ips = args.batch / statistics.median(bare)
+    del plain_sess, cam_sess, gc
+    stats = run_job(JobConfig(model=cam_path, inputs=[str(photos)], out=work / "out",
+                              batch_size=args.batch, threads=threads, progress=False))
+    job_ips = stats.ok / stats.seconds
+    print(f"\nbatch job over {stats.ok} JPEGs (400-640 px, heatmap PNG + results.jsonl), batch "
+          f"{args.batch}, {threads} ORT threads: {job_ips:.1f} images/s "
+          f"({stats.session_seconds:.1f}s of {stats.seconds:.1f}s in the session)")
+    print(f"bare session on preprocessed tensors: {bare_ips:.1f} images/s; "
+          f"job / bare = {job_ips / bare_ips:.2f} (goal >= 0.8)")
+    print(f"(files in {work}; remove when done)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(default_threads()))
+    main()

@@ -1,0 +1,263 @@
+"""The offline batch job: real onnxruntime sessions on a small exported CAM graph, real files."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from camserve import CamEngine, heatmaps_at_sizes
+from camserve.images import load_image_file, preprocess
+from export import batch_cam
+from export.batch_cam import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, JobConfig, main, run_job
+from export.onnx_export import CamSource, export_cam_onnx, export_plain_onnx, read_cam_metadata
+
+LABELS = ["ant", "bee", "cat", "dog", "eel"]
+SIZE = (64, 64)
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.3, 0.2)
+LAYER = "layer3"
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=len(LABELS)).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def graph(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = CamSource(model=model, arch="torchvision.models.resnet18", input_size=SIZE, mean=MEAN,
+                    std=STD, layer=LAYER, labels=list(LABELS), topk=3)
+    out = tmp_path_factory.mktemp("graph") / "r18.cam.onnx"
+    export_cam_onnx(src, out, methods=("gradcam", "layercam"))
+    return out
+
+
+def _img(path: Path, size: tuple[int, int], seed: int, mode: str = "RGB", fmt: str | None = None) -> Path:
+    rng = np.random.default_rng(seed)
+    h, w = size
+    base = np.zeros((h, w, 3), np.uint8)
+    y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    base[y0:y0 + h // 3, x0:x0 + w // 3] = rng.integers(100, 255, 3)  # a bright block
+    base += rng.integers(0, 40, base.shape, dtype=np.uint8)
+    img = Image.fromarray(base)
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> dict[str, Path]:
+    root = tmp_path / "photos"
+    good = {
+        "a": _img(root / "a.jpg", (48, 80), 1),
+        "b": _img(root / "b.png", (90, 60), 2),
+        "c": _img(root / "sub" / "c.png", (33, 47), 3, mode="RGBA"),
+        "d": _img(root / "sub" / "deeper" / "d.jpeg", (70, 70), 4, mode="L"),
+        "e": _img(root / "e.bmp", (20, 100), 5),
+    }
+    jpeg = io.BytesIO()
+    Image.open(good["a"]).save(jpeg, "JPEG")
+    bad = {
+        "truncated": root / "bad" / "truncated.jpg",
+        "empty": root / "bad" / "empty.jpg",
+        "text": root / "bad" / "notes.png",
+    }
+    bad["truncated"].parent.mkdir(parents=True)
+    bad["truncated"].write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    bad["empty"].write_bytes(b"")
+    bad["text"].write_text("this is not an image\n")
+    (root / "README.txt").write_text("not listed: folders only pick image suffixes\n")
+    return {"root": root, **good, **{f"bad_{k}": v for k, v in bad.items()}}
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _engine_heatmap(model: torch.nn.Module, path: Path, method: str = "gradcam") -> np.ndarray:
+    img = load_image_file(path)
+    x = preprocess(img, SIZE, MEAN, STD)[None]
+    res = CamEngine(model, LAYER)(x, method=method)
+    return heatmaps_at_sizes(res.cams, [(img.height, img.width)])[0]
+
+
+def test_folder_with_broken_files(graph: Path, images: dict[str, Path], model: torch.nn.Module,
+                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code = main(["--model", str(graph), str(images["root"]), "--out", str(out), "--batch-size", "2",
+                 "--save", "heatmap,overlay,npy"])
+    assert code == EXIT_PARTIAL == 3
+    captured = capsys.readouterr()
+    assert "5 images explained, 3 failed" in captured.out
+    assert "img/s]" not in captured.err  # no progress bar when stderr is not a terminal
+
+    errors = {Path(e["path"]).name: e for e in _lines(out / "errors.jsonl")}
+    assert set(errors) == {"truncated.jpg", "empty.jpg", "notes.png"}
+    assert "truncated" in errors["truncated.jpg"]["reason"]
+    assert "empty" in errors["empty.jpg"]["reason"]
+    assert errors["notes.png"]["type"] == "InvalidImage"
+
+    results = {Path(r["path"]).stem: r for r in _lines(out / "results.jsonl")}
+    assert set(results) == {"a", "b", "c", "d", "e"}
+    for key, r in results.items():
+        img = Image.open(images[key])
+        assert (r["width"], r["height"]) == img.size
+        assert [t["label"] for t in r["topk"]] == [LABELS[t["index"]] for t in r["topk"]]
+        assert len(r["topk"]) == 3  # the graph's topk metadata
+        scores = [t["score"] for t in r["topk"]]
+        assert scores == sorted(scores, reverse=True)
+        assert r["target"] == r["topk"][0]["index"] and r["label"] == LABELS[r["target"]]
+        assert r["method"] == "gradcam" and r["layer"] == LAYER
+        x0, y0, x1, y1 = r["bbox"]
+        assert 0 <= x0 < x1 <= img.width and 0 <= y0 < y1 <= img.height
+        # output names mirror the input tree under DIR
+        rel = Path(r["name"])
+        assert rel.parts[0] == "photos" and rel.name == images[key].name
+        assert r["files"] == {"heatmap": f"{r['name']}.heatmap.png",
+                              "overlay": f"{r['name']}.overlay.png", "npy": f"{r['name']}.cam.npy"}
+    assert (out / "photos" / "sub" / "deeper" / "d.jpeg.heatmap.png").is_file()
+
+    # heatmaps at the original size, equal to the engine's (the handler's path) within 1 level
+    for key in ("a", "c", "d"):
+        r = results[key]
+        hm = np.asarray(Image.open(out / r["files"]["heatmap"]))
+        assert hm.shape == (r["height"], r["width"]) and hm.dtype == np.uint8
+        ref = _engine_heatmap(model, images[key])
+        assert int(np.abs(hm.astype(int) - ref.astype(int)).max()) <= 1
+        overlay = Image.open(out / r["files"]["overlay"])
+        assert overlay.size == (r["width"], r["height"]) and overlay.mode == "RGB"
+        raw = np.load(out / r["files"]["npy"])
+        assert raw.dtype == np.float32 and raw.shape == (4, 4)
+
+
+def test_all_good_exits_0_and_method_choice(graph: Path, images: dict[str, Path],
+                                            model: torch.nn.Module, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = main(["--model", str(graph), str(images["a"]), str(images["b"]), "--out", str(out),
+                 "--method", "layercam", "--threads", "1", "--workers", "2"])
+    assert code == EXIT_OK
+    results = _lines(out / "results.jsonl")
+    assert [Path(r["path"]).name for r in results] == ["a.jpg", "b.png"]
+    assert all(r["method"] == "layercam" for r in results)
+    assert (out / "errors.jsonl").read_text() == ""
+    hm = np.asarray(Image.open(out / "a.jpg.heatmap.png"))  # a file given directly: its name
+    ref = _engine_heatmap(model, images["a"], method="layercam")
+    assert int(np.abs(hm.astype(int) - ref.astype(int)).max()) <= 1
+
+
+def test_explicit_target(graph: Path, images: dict[str, Path], model: torch.nn.Module,
+                         tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["--model", str(graph), str(images["b"]), "--out", str(out), "--target", "eel",
+                 "--save", "npy"]) == EXIT_OK
+    [r] = _lines(out / "results.jsonl")
+    assert r["target"] == 4 and r["label"] == "eel"
+    img = load_image_file(images["b"])
+    x = preprocess(img, SIZE, MEAN, STD)[None]
+    ref = CamEngine(model, LAYER)(x, targets=[4]).cams[0].numpy()
+    raw = np.load(out / r["files"]["npy"])
+    assert np.abs(raw - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1e-12)
+
+
+def test_list_file_input(graph: Path, images: dict[str, Path], tmp_path: Path) -> None:
+    root = images["root"]
+    listing = root / "todo.txt"
+    listing.write_text("# images to explain\nb.png\n\nsub/c.png\nmissing.jpg\n"
+                       f"{images['e']}\n")
+    out = tmp_path / "out"
+    assert main(["--model", str(graph), str(listing), "--out", str(out)]) == EXIT_PARTIAL
+    names = [r["name"] for r in _lines(out / "results.jsonl")]
+    assert names[:2] == ["b.png", "sub/c.png"]  # relative to the list's folder
+    assert names[2].endswith("photos/e.bmp")  # an absolute entry keeps its path under DIR
+    assert (out / "sub" / "c.png.heatmap.png").is_file()
+    [err] = _lines(out / "errors.jsonl")
+    assert err["path"].endswith("missing.jpg") and err["type"] == "UnreadableFile"
+
+
+def test_resume_skips_done_images(graph: Path, images: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = JobConfig(model=graph, inputs=[str(images["root"])], out=out, batch_size=2)
+    first = run_job(cfg)
+    assert (first.ok, first.failed, first.exit_status) == (5, 3, 3)
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    # an interrupted run: two complete lines and a torn third one
+    (out / "results.jsonl").write_text("".join(lines[:2]) + lines[2][:25])
+    done = [json.loads(line)["path"] for line in lines[:2]]
+    stamp = {p: (out / json.loads(line)["files"]["heatmap"]).stat().st_mtime_ns
+             for p, line in zip(done, lines[:2])}
+
+    second = run_job(JobConfig(model=graph, inputs=[str(images["root"])], out=out, batch_size=2,
+                               resume=True))
+    assert (second.ok, second.failed, second.skipped) == (3, 3, 2)
+    results = _lines(out / "results.jsonl")
+    assert sorted(r["path"] for r in results) == sorted(json.loads(line)["path"] for line in lines)
+    assert len(_lines(out / "errors.jsonl")) == 3  # failures are retried, not duplicated
+    for r in results:
+        if r["path"] in stamp:  # not rewritten
+            assert (out / r["files"]["heatmap"]).stat().st_mtime_ns == stamp[r["path"]]
+
+    third = run_job(JobConfig(model=graph, inputs=[str(images["root"])], out=out, resume=True))
+    assert (third.ok, third.skipped) == (0, 5)
+
+
+def test_usage_errors(graph: Path, images: dict[str, Path], tmp_path: Path, model: torch.nn.Module,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "out")
+    assert main(["--model", str(graph), str(tmp_path / "nope"), "--out", out]) == EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--model", str(graph), str(images["a"]), "--out", out, "--save", "gif"]) == EXIT_USAGE
+    assert "allowed: heatmap, overlay, npy" in capsys.readouterr().err
+    assert main(["--model", str(graph), str(images["a"]), "--out", out,
+                 "--method", "hirescam"]) == EXIT_USAGE
+    assert "available: gradcam, layercam" in capsys.readouterr().err
+    assert main(["--model", str(graph), str(images["a"]), "--out", out, "--target", "yak"]) == EXIT_USAGE
+    assert main(["--model", str(graph), str(images["a"]), "--out", out, "--batch-size", "0"]) == EXIT_USAGE
+    plain = export_plain_onnx(model, tmp_path / "plain.onnx", SIZE)
+    assert main(["--model", str(plain), str(images["a"]), "--out", out]) == EXIT_USAGE
+    assert "not a camserve CAM graph" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(graph), "--out", out])  # no INPUT: argparse
+    assert exc.value.code == 2
+
+
+def test_decoding_window_is_bounded(graph: Path, tmp_path: Path) -> None:
+    meta = read_cam_metadata(graph)
+    for i in range(40):
+        _img(tmp_path / "many" / f"{i:03d}.png", (16, 16), i)
+    items = batch_cam.iter_inputs([str(tmp_path / "many")])
+    pulled = 0
+
+    def counting():
+        nonlocal pulled
+        for it in items:
+            pulled += 1
+            yield it
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        seen = 0
+        for outcome in batch_cam._decoded_stream(counting(), pool, 6, meta, False, 10**6):
+            seen += 1
+            assert pulled - seen <= 6  # never more than the window ahead of the consumer
+            assert outcome.image is None  # images are dropped unless overlays are asked for
+    assert seen == 40
+
+
+def test_metadata_is_enough(graph: Path) -> None:
+    meta = read_cam_metadata(graph)
+    assert meta.labels == LABELS and meta.layer == LAYER
+    assert meta.input_size == SIZE and meta.mean == MEAN and meta.std == STD
+    assert meta.methods == ["gradcam", "layercam"]
+    assert meta.output_for("layercam") == "cam_layercam" and meta.output_for("GradCAM") == "cam"
