@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -57,15 +56,13 @@ IMAGE_SIZE = 96
 SUPERSAMPLE = 4
 STREAMS: tuple[str, ...] = ("train", "evaluate", "samples")
 POINTING_TOLERANCE = 3  # px: a heatmap peak this close to a box still counts as inside
-DEFAULT_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-DEFAULT_STD: tuple[float, float, float] = (0.29, 0.29, 0.29)
 
 Box = tuple[int, int, int, int]
 
 # radius ranges (px, circumscribed circle) for one object alone and for two objects together
-_RADIUS_SINGLE = (11.0, 24.0)
-_RADIUS_PAIR = (10.0, 18.0)
-_MIN_CONTRAST = 90.0  # minimum RGB distance between a shape and the background under it
+_RADIUS_SINGLE = (12.0, 24.0)
+_RADIUS_PAIR = (11.0, 18.0)
+_MIN_CONTRAST = 110.0  # minimum RGB distance between a shape and the background under it
 _PAIR_GAP = 2  # px between the boxes of the two objects
 
 
@@ -350,7 +347,8 @@ def write_samples(out: Path | str, seed: int, n: int) -> dict[str, dict[str, Any
         name = f"{CLASSES[label]}_{i:03d}.png"
         Image.fromarray(s.image, "RGB").save(out / name)
         index[name] = {"label": CLASSES[label], "box": list(s.box)}
-    (out / "boxes.json").write_text(json.dumps(index, indent=2) + "\n")
+    lines = [f"  {json.dumps(name)}: {json.dumps(entry)}" for name, entry in index.items()]
+    (out / "boxes.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
     log.info("wrote %d samples and boxes.json to %s", n, out)
     return index
 
@@ -462,8 +460,8 @@ def _accuracy(model: "nn.Module", data: ShapesData, spec: "ModelSpec",
     return hits / max(len(data), 1)
 
 
-def train(out: Path | str, *, seed: int = 0, epochs: int = 6, n: int = 9600,
-          pair_fraction: float = 0.25, batch_size: int = 32, lr: float = 1.5e-3,
+def train(out: Path | str, *, seed: int = 0, epochs: int = 8, n: int = 9600,
+          pair_fraction: float = 0.25, batch_size: int = 64, lr: float = 2e-3,
           max_seconds: Optional[float] = None) -> TrainReport:
     """Train the model of folder ``out`` on freshly generated shapes; write ``weights.pt`` and
     ``index_to_name.json`` there.
@@ -684,10 +682,10 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the model of a folder, write weights.pt + labels")
     t.add_argument("--out", type=Path, required=True, help="model folder (e.g. models/shapes)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--epochs", type=int, default=6)
+    t.add_argument("--epochs", type=int, default=8)
     t.add_argument("--n", type=int, default=9600, help="single-object training images")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (AdamW)")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     t.add_argument("--max-seconds", type=float, default=None,
                    help="stop early (with a warning) after this many seconds")
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -720,11 +718,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"invalid value for --threads: {args.threads} (>= 1)")
         torch.set_num_threads(args.threads)
         if args.command == "train":
-            rep = train(args.out, seed=args.seed, epochs=args.epochs, n=args.n,
-                        batch_size=args.batch_size, lr=args.lr, max_seconds=args.max_seconds)
-            print(f"trained {rep.epochs} epochs ({rep.steps} steps) in {rep.seconds:.1f} s "
-                  f"({rep.cpu_seconds:.1f} CPU s), held-out accuracy {rep.val_accuracy:.4f}")
-            for f in rep.files:
+            done = train(args.out, seed=args.seed, epochs=args.epochs, n=args.n,
+                         batch_size=args.batch_size, lr=args.lr, max_seconds=args.max_seconds)
+            print(f"trained {done.epochs} epochs ({done.steps} steps) in {done.seconds:.1f} s "
+                  f"({done.cpu_seconds:.1f} CPU s), held-out accuracy {done.val_accuracy:.4f}")
+            for f in done.files:
                 print(f"wrote {f}")
             return 0
         rep = evaluate(args.model, args.seed, n=args.n, tolerance=args.tolerance)
@@ -737,7 +735,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{rep.seconds:.1f} s")
         print(json.dumps(rep.metrics()))
         return 0
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

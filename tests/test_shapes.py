@@ -209,7 +209,7 @@ def test_pointing_hits_counts_the_peak_with_tolerance() -> None:
 
 
 def test_evaluate_cli_meets_the_thresholds(capsys) -> None:
-    assert shapes.main(["evaluate", "--model", str(MODEL_DIR), "--seed", "2026", "--n", "128"]) == 0
+    assert shapes.main(["evaluate", "--model", str(MODEL_DIR), "--seed", "2026", "--n", "200"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     metrics = json.loads(last)
     assert set(metrics) == set(THRESHOLDS)
