@@ -11,11 +11,14 @@ starting with # are skipped; relative paths are relative to the text file's fold
 How it runs: image files are read, decoded and preprocessed in a thread pool with
 :func:`camserve.images.load_image_file` and :func:`camserve.images.preprocess` (the handler's
 code, with the mean/std/input size stored in the graph's metadata), at most a few batches ahead of
-the session, so memory stays bounded however many images there are. onnxruntime runs one batch
-while the pool decodes the next ones and writes the previous one's files. Raw maps from the graph
-go through :func:`camserve.heatmaps_at_sizes` (upsampling to each original size and min-max
-normalisation, as the handler does) and :mod:`camserve.render` (PNG, overlay, bounding box), so a
-heatmap here equals the handler's for the same image.
+the session, so memory stays bounded however many images there are. Raw maps from the graph go
+through :func:`camserve.heatmaps_at_sizes` (upsampling to each original size and min-max
+normalisation, as the handler does) and :mod:`camserve.render` (PNG, overlay, bounding box) in the
+same pool, so a heatmap here equals the handler's for the same image. When the session leaves CPUs
+free (``--device cuda``, or ``--threads`` below the CPU count) the pool decodes the next batches
+and writes the previous one while onnxruntime runs; when the session uses every CPU, the pool's
+work runs between session runs instead, on every CPU — running it alongside would only make
+onnxruntime's threads wait for the preempted ones (``--overlap``/``--no-overlap`` overrides).
 
 Output layout, for an input ``photos/cats/a.jpg`` given as the folder ``photos``::
 
@@ -45,6 +48,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
@@ -188,9 +192,11 @@ def _load(item: Item, meta: CamMetadata, keep_image: bool, max_pixels: int) -> O
 
 
 def _decoded_stream(items: Iterable[Item], pool: ThreadPoolExecutor, window: int, meta: CamMetadata,
-                    keep_image: bool, max_pixels: int) -> Iterator[Outcome]:
-    """Decode in ``pool`` with at most ``window`` images in flight; yield outcomes in input order."""
-    pending: deque[Future[Outcome]] = deque()
+                    keep_image: bool, max_pixels: int,
+                    pending: Optional[deque[Future[Outcome]]] = None) -> Iterator[Outcome]:
+    """Decode in ``pool`` with at most ``window`` images in flight; yield outcomes in input order.
+    ``pending`` (if given) is the deque of in-flight decodes, for the caller to wait on."""
+    pending = deque() if pending is None else pending
     for it in items:
         pending.append(pool.submit(_load, it, meta, keep_image, max_pixels))
         if len(pending) >= window:
@@ -203,20 +209,22 @@ def _decoded_stream(items: Iterable[Item], pool: ThreadPoolExecutor, window: int
 
 @dataclass
 class BatchResult:
-    """One image's outcome, waiting for its files to be written."""
+    """One image's results line, waiting for its heatmap, bbox and files."""
 
     line: dict[str, Any]
-    files: Future[dict[str, str]]
+    files: Future[tuple[dict[str, str], Optional[list[int]]]]
 
 
-def _write_files(out_dir: Path, d: Decoded, heatmap: np.ndarray, cam: np.ndarray,
-                 save: Sequence[str]) -> dict[str, str]:
-    """Write the chosen artefacts of one image; return {kind: path relative to out_dir}."""
+def _finish_image(out_dir: Path, d: Decoded, cam: np.ndarray,
+                  save: Sequence[str]) -> tuple[dict[str, str], Optional[list[int]]]:
+    """Heatmap at the original size (:func:`camserve.heatmaps_at_sizes`, as the handler), its
+    bounding box, and the chosen files of one image; returns ({kind: path under out_dir}, bbox).
+    Runs in the pool, overlapped with the next session run."""
+    heatmap = heatmaps_at_sizes(torch.from_numpy(cam[None]), [d.size])[0]
+    bbox = bbox_from_heatmap(heatmap)
     written: dict[str, str] = {}
-    if not save:
-        return written
-    target = out_dir / d.item.name
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if save:
+        (out_dir / d.item.name).parent.mkdir(parents=True, exist_ok=True)
     for kind in save:
         if kind == "heatmap":
             rel = d.item.name + ".heatmap.png"
@@ -230,7 +238,7 @@ def _write_files(out_dir: Path, d: Decoded, heatmap: np.ndarray, cam: np.ndarray
             rel = d.item.name + ".cam.npy"
             np.save(out_dir / rel, cam.astype(np.float32, copy=False))
         written[kind] = rel
-    return written
+    return written, bbox
 
 
 class Outputs:
@@ -310,6 +318,7 @@ class JobConfig:
     topk: Optional[int] = None
     progress: Optional[bool] = None
     max_pixels: Optional[int] = None
+    overlap: Optional[bool] = None
 
 
 @dataclass
@@ -378,6 +387,12 @@ def run_job(cfg: JobConfig) -> JobStats:
     max_pixels = cfg.max_pixels or meta.max_pixels or DEFAULT_MAX_PIXELS
     threads = cfg.threads or default_threads()
     workers = cfg.workers or min(8, max(2, default_threads()))
+    # Overlap decoding with the session when the session leaves CPUs free (a GPU, or fewer
+    # threads than CPUs). When it uses every CPU, decoding alongside it only makes its threads
+    # wait for preempted ones: decode, heatmaps and files then run between session runs, on
+    # every CPU, and the session runs alone.
+    overlap = cfg.overlap if cfg.overlap is not None else (
+        cfg.device == "cuda" or threads < default_threads())
     method = (cfg.method or meta.methods[0]).lower()
 
     missing = [a for a in cfg.inputs if not Path(a).exists()]
@@ -386,10 +401,11 @@ def run_job(cfg: JobConfig) -> JobStats:
                          f"file, a folder or a .txt list of paths)")
     if not cfg.inputs:
         raise UsageError("no INPUT given (image files, folders or .txt lists of paths)")
-    outputs = Outputs(cfg.out, cfg.resume)
     stats = JobStats()
-    sess = ort_session(cfg.model, device=cfg.device, threads=threads)
+    # no spinning: idle onnxruntime threads would take the CPU the decode threads need
+    sess = ort_session(cfg.model, device=cfg.device, threads=threads, spinning=False)
     stats.providers = list(sess.get_providers())
+    outputs = Outputs(cfg.out, cfg.resume)  # after everything that can fail on bad options
     in_name = sess.get_inputs()[0].name
     fetch = ["logits", cam_output]
     keep_image = "overlay" in cfg.save
@@ -402,18 +418,22 @@ def run_job(cfg: JobConfig) -> JobStats:
     def drain(keep: int) -> None:
         while len(pending) > keep:
             for r in pending.popleft():
-                r.line["files"] = r.files.result()
+                r.line["files"], r.line["bbox"] = r.files.result()
                 outputs.result(r.line)
             outputs.flush()
 
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch_cam") as pool:
+            inflight: deque[Future[Outcome]] = deque()
             stream = _decoded_stream(_unique(iter_inputs(cfg.inputs), outputs.done, counts), pool,
                                      window=2 * cfg.batch_size + workers, meta=meta,
-                                     keep_image=keep_image, max_pixels=max_pixels)
+                                     keep_image=keep_image, max_pixels=max_pixels, pending=inflight)
             batch: list[Decoded] = []
 
             def run_batch() -> None:
+                if not overlap:  # the CPU phase ends before the session takes every core
+                    futures_wait(list(inflight))
+                    drain(keep=0)
                 x = np.stack([d.tensor.numpy() for d in batch])
                 feed: dict[str, np.ndarray] = {in_name: x}
                 if target >= 0:
@@ -424,7 +444,6 @@ def run_job(cfg: JobConfig) -> JobStats:
                 probs = torch.softmax(torch.from_numpy(logits).float(), dim=1)
                 top_s, top_i = torch.topk(probs, topk, dim=1)
                 tgt = probs.argmax(dim=1) if target < 0 else torch.full((len(batch),), target)
-                maps = heatmaps_at_sizes(torch.from_numpy(cams), [d.size for d in batch])
                 results: list[BatchResult] = []
                 for j, d in enumerate(batch):
                     t = int(tgt[j])
@@ -434,14 +453,15 @@ def run_job(cfg: JobConfig) -> JobStats:
                         "topk": [{"index": int(i), "label": meta.labels[int(i)],
                                   "score": round(float(s), 6)} for s, i in zip(top_s[j], top_i[j])],
                         "target": t, "label": meta.labels[t], "score": round(float(probs[j, t]), 6),
-                        "bbox": bbox_from_heatmap(maps[j]), "method": method, "layer": meta.layer,
+                        "bbox": None, "method": method, "layer": meta.layer,
                     }
-                    fut = pool.submit(_write_files, cfg.out, d, maps[j], cams[j], cfg.save)
+                    fut = pool.submit(_finish_image, cfg.out, d, cams[j], cfg.save)
                     results.append(BatchResult(line, fut))
                 pending.append(results)
                 bar.update(len(batch))
                 batch.clear()
-                drain(keep=1)  # write the previous batch's lines while this one's files are written
+                if overlap:
+                    drain(keep=1)  # the previous batch's lines, while this one's files are written
 
             for outcome in stream:
                 if isinstance(outcome, Failed):
@@ -492,6 +512,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="cuda uses CUDAExecutionProvider when onnxruntime has it, else CPU")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode while the session runs (default: when the session leaves CPUs "
+                        "free, i.e. --device cuda or --threads below the CPU count)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -524,7 +547,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         batch_size=args.batch_size, threads=args.threads, workers=args.workers,
                         method=args.method, save=_parse_save(args.save), resume=args.resume,
                         device=args.device, target=args.target, topk=args.topk,
-                        progress=args.progress)
+                        progress=args.progress, overlap=args.overlap)
         stats = run_job(cfg)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

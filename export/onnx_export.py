@@ -599,14 +599,19 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-30))
 
 
-def ort_session(path: str | Path, device: str = "cpu", threads: Optional[int] = None) -> Any:
-    """An onnxruntime session on ``device`` (``cuda`` when its provider is available, else CPU)."""
+def ort_session(path: str | Path, device: str = "cpu", threads: Optional[int] = None,
+                spinning: bool = True) -> Any:
+    """An onnxruntime session on ``device`` (``cuda`` when its provider is available, else CPU)
+    with ``threads`` intra-op threads; ``spinning=False`` lets idle pool threads sleep at once
+    (better when other threads of the process need the CPU between runs)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 3  # errors only: the optional "target" input is an initializer
     if threads:
         opts.intra_op_num_threads = int(threads)
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
