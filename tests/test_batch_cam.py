@@ -211,6 +211,21 @@ def test_resume_skips_done_images(graph: Path, images: dict[str, Path], tmp_path
     assert (third.ok, third.skipped) == (0, 5)
 
 
+def test_overlapped_and_phased_runs_agree(graph: Path, images: dict[str, Path],
+                                          tmp_path: Path) -> None:
+    """Decoding alongside the session or between its runs changes timing, not results."""
+    lines = {}
+    for overlap in (True, False):
+        out = tmp_path / f"out-{overlap}"
+        stats = run_job(JobConfig(model=graph, inputs=[str(images["root"])], out=out, batch_size=3,
+                                  overlap=overlap, save=("npy",)))
+        assert (stats.ok, stats.failed) == (5, 3)
+        lines[overlap] = (out / "results.jsonl").read_text()
+        for r in _lines(out / "results.jsonl"):
+            assert np.load(out / r["files"]["npy"]).shape == (4, 4)
+    assert lines[True].replace("out-True", "") == lines[False].replace("out-False", "")
+
+
 def test_usage_errors(graph: Path, images: dict[str, Path], tmp_path: Path, model: torch.nn.Module,
                       capsys: pytest.CaptureFixture[str]) -> None:
     out = str(tmp_path / "out")
@@ -261,3 +276,43 @@ def test_metadata_is_enough(graph: Path) -> None:
     assert meta.input_size == SIZE and meta.mean == MEAN and meta.std == STD
     assert meta.methods == ["gradcam", "layercam"]
     assert meta.output_for("layercam") == "cam_layercam" and meta.output_for("GradCAM") == "cam"
+
+
+def test_export_then_job_on_committed_samples_matches_the_handler(tmp_path: Path) -> None:
+    """The issue's acceptance path on the committed default model: the export CLI, then the batch
+    CLI over models/shapes/samples; results and heatmap PNGs equal what the TorchServe handler
+    answers for the same files (same decoding, preprocessing and map code)."""
+    pytest.importorskip("ts", reason="TorchServe (the ts package) is not installed")
+    import base64
+
+    from export import onnx_export
+    from tests.test_handler import load_handler_module, make_context, set_requests
+
+    root = Path(__file__).resolve().parents[1]
+    model_dir, samples = root / "models" / "shapes", root / "models" / "shapes" / "samples"
+    onnx_path, out = tmp_path / "shapes.cam.onnx", tmp_path / "job"
+    assert onnx_export.main([str(model_dir), "--out", str(onnx_path)]) == 0
+    assert main(["--model", str(onnx_path), str(samples), "--out", str(out), "--batch-size", "3",
+                 "--save", "heatmap,npy"]) == EXIT_OK
+    rows = {Path(r["path"]).name: r for r in _lines(out / "results.jsonl")}
+    boxes = json.loads((samples / "boxes.json").read_text())
+    assert set(rows) == set(boxes) and not (out / "errors.jsonl").read_text().strip()
+
+    handler = load_handler_module().GradCamHandler()
+    ctx = make_context(model_dir)
+    handler.initialize(ctx)
+    names = sorted(boxes)
+    set_requests(ctx, [{"explain": "True"}] * len(names))
+    answers = [json.loads(a) for a in handler.handle(
+        [{"body": (samples / n).read_bytes()} for n in names], ctx)]
+    for name, ans in zip(names, answers):
+        r, e = rows[name], ans["explanations"][0]
+        assert r["label"] == e["label"] == boxes[name]["label"], name
+        assert [t["index"] for t in r["topk"]] == [p["index"] for p in ans["predictions"]]
+        for t, p in zip(r["topk"], ans["predictions"]):
+            assert abs(t["score"] - p["score"]) < 1e-4
+        job_map = np.asarray(Image.open(out / r["files"]["heatmap"]))
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(e["heatmap"]))))
+        assert job_map.shape == served.shape == (r["height"], r["width"])
+        assert int(np.abs(job_map.astype(int) - served.astype(int)).max()) <= 1, name
+        assert np.abs(np.array(r["bbox"]) - np.array(e["bbox"])).max() <= 1, name
