@@ -23,9 +23,6 @@ import io
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,9 +40,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from camserve.client import read_token, wait_until_ready  # noqa: E402
+from camserve.localserver import LocalTorchServe, archive  # noqa: E402
 
-BIN = Path(sys.executable).parent
 SHAPES = ROOT / "models" / "shapes"
 RESNET_FILE = '''"""ResNet-50 for the stock TorchServe handler (one nn.Module class per model file)."""
 from torchvision.models.resnet import Bottleneck, ResNet
@@ -76,41 +72,14 @@ class Result:
         return float(np.percentile(self.latencies, q)) * 1000.0
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def archive(home: Path, name: str, handler: str, serialized: Path, config: dict,
-            model_file: Optional[Path] = None, extra: Optional[list[Path]] = None) -> None:
-    cfg_path = home / f"{name}-config.yaml"
-    cfg_path.write_text(yaml.safe_dump(config))
-    cmd = [str(BIN / "torch-model-archiver"), "--model-name", name, "--version", "1.0",
-           "--handler", handler, "--serialized-file", str(serialized), "--config-file", str(cfg_path),
-           "--export-path", str(home / "store"), "--force"]
-    if model_file is not None:
-        cmd += ["--model-file", str(model_file)]
-    if extra:
-        cmd += ["--extra-files", ",".join(str(p) for p in extra)]
-    subprocess.run(cmd, check=True)
-
-
 def build_store(home: Path, batch: int, delay: int, shapes: Path = SHAPES) -> None:
     import torchvision
 
-    (home / "store").mkdir()
     shapes_cfg = yaml.safe_load((shapes / "model-config.yaml").read_text())
     shapes_cfg.update(batchSize=batch, maxBatchDelay=delay, minWorkers=1, maxWorkers=1)
-    archive(home, "shapes", str(ROOT / "handler" / "gradcam_handler.py"), shapes / "weights.pt",
-            shapes_cfg, shapes / "model.py", [shapes / "index_to_name.json"])
+    handler = str(ROOT / "handler" / "gradcam_handler.py")
+    archive(home / "store", "shapes", handler, shapes / "weights.pt", shapes_cfg, shapes / "model.py",
+            [shapes / "index_to_name.json"])
     torch.manual_seed(0)
     weights = home / "resnet50.pt"
     torch.save(torchvision.models.resnet50().state_dict(), weights)
@@ -119,81 +88,11 @@ def build_store(home: Path, batch: int, delay: int, shapes: Path = SHAPES) -> No
                            "weights": "resnet50.pt", "target_layer": "layer4", "input_size": 224,
                            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                            "topk": 5, "outputs": ["heatmap", "bbox"]}}
-    archive(home, "resnet50", str(ROOT / "handler" / "gradcam_handler.py"), weights, r50_cfg)
+    archive(home / "store", "resnet50", handler, weights, r50_cfg)
     (home / "resnet50_model.py").write_text(RESNET_FILE)
-    archive(home, "resnet50_stock", "image_classifier", weights,
+    archive(home / "store", "resnet50_stock", "image_classifier", weights,
             {"batchSize": 1, "maxBatchDelay": delay, "minWorkers": 1, "maxWorkers": 1},
             home / "resnet50_model.py")
-
-
-class TorchServe:
-    """A TorchServe started from ``home`` (its pid file, sockets, logs and key file stay there)."""
-
-    def __init__(self, home: Path, models: list[str]) -> None:
-        self.home = home
-        inf, mgmt, met, g1, g2 = free_ports(5)
-        self.url = f"http://127.0.0.1:{inf}"
-        self.management = f"http://127.0.0.1:{mgmt}"
-        (home / "tmp").mkdir(exist_ok=True)
-        (home / "config.properties").write_text(f"""\
-inference_address={self.url}
-management_address={self.management}
-metrics_address=http://127.0.0.1:{met}
-grpc_inference_address=127.0.0.1
-grpc_inference_port={g1}
-grpc_management_address=127.0.0.1
-grpc_management_port={g2}
-enable_model_api=false
-allowed_urls=^file://.*
-model_store={home / 'store'}
-load_models={','.join(m + '.mar' for m in models)}
-default_workers_per_model=1
-max_request_size=52428800
-max_response_size=104857600
-metrics_mode=prometheus
-""")
-        self.env = {**os.environ, "TMPDIR": str(home / "tmp"), "TEMP": str(home / "tmp"),
-                    "LOG_LOCATION": str(home / "logs"), "METRICS_LOCATION": str(home / "logs"),
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        self.models = models
-        self.proc: Optional[subprocess.Popen] = None
-        self.token = ""
-
-    def __enter__(self) -> "TorchServe":
-        out = open(self.home / "torchserve.out", "wb")
-        self.proc = subprocess.Popen([str(BIN / "torchserve"), "--start", "--ncs", "--foreground",
-                                      "--ts-config", str(self.home / "config.properties")],
-                                     cwd=self.home, env=self.env, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        out.close()
-        key_file = self.home / "key_file.json"
-
-        def token() -> Optional[str]:
-            return read_token(key_file, "management") if key_file.is_file() else None
-
-        try:
-            for m in self.models:
-                wait_until_ready(self.management, m, token, timeout=300,
-                                 alive=lambda: self.proc is not None and self.proc.poll() is None)
-        except BaseException:
-            self.__exit__()
-            raise
-        self.token = read_token(key_file, "inference")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        subprocess.run([str(BIN / "torchserve"), "--stop", "--foreground"], cwd=self.home,
-                       env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=90)
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=30)
 
 
 def synthetic_jpegs(n: int, size: tuple[int, int]) -> list[bytes]:
@@ -212,7 +111,7 @@ def synthetic_jpegs(n: int, size: tuple[int, int]) -> list[bytes]:
     return out
 
 
-def run_load(ts: TorchServe, model: str, route: str, images: list[bytes], total: int,
+def run_load(ts: LocalTorchServe, model: str, route: str, images: list[bytes], total: int,
              clients: int) -> Result:
     """``clients`` threads send ``total`` requests in all (bounded), each waiting for its answer."""
     counter = iter(range(total))
@@ -269,7 +168,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not shapes_imgs:
             shapes_imgs = synthetic_jpegs(8, (96, 96))
         photo_imgs = synthetic_jpegs(16, (640, 480))
-        with TorchServe(home, ["shapes", "resnet50", "resnet50_stock"]) as ts:
+        with LocalTorchServe(home, ["shapes", "resnet50", "resnet50_stock"],
+                             properties={"max_request_size": 52428800,
+                                         "max_response_size": 104857600}) as ts:
             plan = [("shapes", "predictions", shapes_imgs, args.requests),
                     ("shapes", "explanations", shapes_imgs, args.requests),
                     ("resnet50", "predictions", photo_imgs, args.r50_requests),

@@ -14,10 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -30,13 +26,13 @@ import requests
 import yaml
 from PIL import Image
 
-from camserve.client import ClientError, read_token, wait_until_ready
+from camserve.client import ClientError
+from camserve.localserver import LocalTorchServe, archive
 from camserve.serving import CamService
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("CAMSERVE_E2E_MODEL_DIR", ROOT / "models" / "shapes"))
 SAMPLES = MODEL_DIR / "samples"
-BIN = Path(sys.executable).parent
 BATCH_LOG = "camserve: batch of"
 TOLERANCE = 3  # px around a ground-truth box that still counts as inside (camserve.shapes)
 
@@ -77,27 +73,6 @@ class Server:
             time.sleep(0.05)
 
 
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return f"({path} missing)"
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
     missing = [str(MODEL_DIR / f) for f in ("weights.pt", "index_to_name.json", "model.py",
@@ -107,78 +82,23 @@ def server(tmp_path_factory) -> Iterator[Server]:
         pytest.fail(f"the default model is incomplete: missing {', '.join(missing)} (make train, "
                     f"make samples)")
     home = tmp_path_factory.mktemp("torchserve")
-    for d in ("store", "tmp", "logs", "model"):
-        (home / d).mkdir()
     config = yaml.safe_load((MODEL_DIR / "model-config.yaml").read_text())
     config.update(batchSize=8, maxBatchDelay=100)  # let 16 concurrent requests form batches
-    (home / "model" / "model-config.yaml").write_text(yaml.safe_dump(config))
-    subprocess.run(
-        [str(BIN / "torch-model-archiver"), "--model-name", "shapes", "--version", "1.0",
-         "--handler", str(ROOT / "handler" / "gradcam_handler.py"),
-         "--model-file", str(MODEL_DIR / "model.py"),
-         "--serialized-file", str(MODEL_DIR / "weights.pt"),
-         "--extra-files", str(MODEL_DIR / "index_to_name.json"),
-         "--config-file", str(home / "model" / "model-config.yaml"),
-         "--export-path", str(home / "store"), "--force"], check=True, timeout=300)
-    inf, mgmt, met, g1, g2 = free_ports(5)
-    (home / "config.properties").write_text(f"""\
-inference_address=http://127.0.0.1:{inf}
-management_address=http://127.0.0.1:{mgmt}
-metrics_address=http://127.0.0.1:{met}
-grpc_inference_address=127.0.0.1
-grpc_inference_port={g1}
-grpc_management_address=127.0.0.1
-grpc_management_port={g2}
-enable_model_api=false
-allowed_urls=^file://.*
-model_store={home / 'store'}
-load_models=shapes.mar
-default_workers_per_model=1
-max_request_size=20971520
-max_response_size=52428800
-metrics_mode=prometheus
-model_metrics_auto_detect=true
-""")
-    env = {**os.environ, "TMPDIR": str(home / "tmp"), "TEMP": str(home / "tmp"),
-           "LOG_LOCATION": str(home / "logs"), "METRICS_LOCATION": str(home / "logs"),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    out = open(home / "torchserve.out", "wb")
-    proc = subprocess.Popen([str(BIN / "torchserve"), "--start", "--ncs", "--foreground",
-                             "--ts-config", str(home / "config.properties")],
-                            cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    key_file = home / "key_file.json"
-
-    def mgmt_token() -> str | None:
-        try:
-            return read_token(key_file, "management")
-        except ClientError:  # the key file appears while the server starts
-            return None
-
+    archive(home / "store", "shapes", str(ROOT / "handler" / "gradcam_handler.py"),
+            MODEL_DIR / "weights.pt", config, MODEL_DIR / "model.py",
+            [MODEL_DIR / "index_to_name.json"])
+    ts = LocalTorchServe(home, ["shapes"], ready_timeout=240,
+                         properties={"max_request_size": 20971520, "max_response_size": 52428800,
+                                     "model_metrics_auto_detect": "true"})
     try:
-        try:
-            wait_until_ready(f"http://127.0.0.1:{mgmt}", "shapes", mgmt_token, timeout=240,
-                             alive=lambda: proc.poll() is None, interval=0.25)
-        except ClientError as exc:
-            pytest.fail(f"TorchServe did not get ready: {exc}\n--- torchserve.out ---\n"
-                        f"{_tail(home / 'torchserve.out')}\n--- model_log ---\n"
-                        f"{_tail(home / 'logs' / 'model_log.log')}")
-        yield Server(url=f"http://127.0.0.1:{inf}", management=f"http://127.0.0.1:{mgmt}",
-                     metrics=f"http://127.0.0.1:{met}", token=read_token(key_file, "inference"),
-                     management_token=read_token(key_file, "management"), home=home)
+        ts.__enter__()
+    except ClientError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield Server(url=ts.url, management=ts.management, metrics=ts.metrics, token=ts.token,
+                     management_token=ts.management_token, home=home)
     finally:
-        subprocess.run([str(BIN / "torchserve"), "--stop", "--foreground"], cwd=home, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=90)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # the frontend and its workers share the session started above
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-        out.close()
+        ts.stop()
 
 
 @pytest.fixture(scope="module")
