@@ -26,7 +26,7 @@ Example::
     >>> decode_image(buf.getvalue())
     Traceback (most recent call last):
     ...
-    camserve.images.ImageError: unsupported image format PCX (176 bytes); allowed formats: JPEG, PNG, WEBP, BMP, GIF, TIFF
+    camserve.images.ImageError: unsupported image format PCX (152 bytes); allowed formats: JPEG, PNG, WEBP, BMP, GIF, TIFF
 """
 from __future__ import annotations
 

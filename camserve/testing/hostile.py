@@ -318,7 +318,7 @@ def _entries() -> list[HostileImage]:
     ztxt = _png_chunk(b"zTXt", b"k\0\0" + zlib.compress(bytes(8 << 20), 9))
     add(E("png_ztxt_bomb", _png(4, 4, 8, 0, (b"\0" + bytes(4)) * 4, extra=ztxt), "PNG", None,
           False, "PNG with a zTXt chunk inflating to 8 MB: Pillow refuses text over its limit"))
-    add(E("gif_truncated", _save(_gradient(32, 32), "GIF")[:40], "GIF", 1024, False,
+    add(E("gif_truncated", _save(_gradient(32, 32), "GIF")[:40], "GIF", None, False,
           "GIF cut after its colour table"))
     add(E("webp_truncated", _save(_gradient(32, 32), "WEBP")[:30], "WEBP", None, False,
           "WebP cut after its first chunk header"))
@@ -337,7 +337,7 @@ def _entries() -> list[HostileImage]:
     add(E("tiff_bits_per_sample_3", _tiff(8, 8, g8, _grey_tiff_tags(bits=3)), "TIFF", None, False,
           "3 bits per sample (no such Pillow mode)"))
     add(E("tiff_unknown_compression", _tiff(8, 8, g8, {**_grey_tiff_tags(), 259: (3, 54321)}),
-          "TIFF", 64, False, "compression scheme 54321"))
+          "TIFF", None, False, "compression scheme 54321"))
     add(E("tiff_jpeg_compressed_garbage", _tiff(8, 8, g8, {**_grey_tiff_tags(), 259: (3, 7)}),
           "TIFF", 64, False, "JPEG-in-TIFF compression over bytes that are not JPEG"))
     add(E("tiff_zero_width", _tiff(0, 8, g8, _grey_tiff_tags()), "TIFF", None, False,
@@ -347,6 +347,8 @@ def _entries() -> list[HostileImage]:
           (8, 8), (36, 36, 36)))
     add(E("tiff_rows_per_strip_zero", _tiff(8, 8, g8, {**_grey_tiff_tags(), 278: (4, 0)}),
           "TIFF", 64, False, "RowsPerStrip 0"))
+    add(E("tiff_xmp_wrong_type", _tiff(8, 8, g8, {**_grey_tiff_tags(), 700: (3, 7), 274: (3, 6)}),
+          "TIFF", 64, False, "XMP tag stored as a number (Pillow raises TypeError while loading)"))
     add(E("tiff_photometric_bogus", _tiff(8, 8, g8, {**_grey_tiff_tags(), 262: (3, 99)}),
           "TIFF", None, False, "PhotometricInterpretation 99"))
 
@@ -362,7 +364,8 @@ def _entries() -> list[HostileImage]:
     add(E("exif_orientation_ascii", orient(2, 4, b"six\0"), "JPEG", 800, True,
           "orientation stored as ASCII: ignored", (40, 20), None))
     add(E("exif_orientation_pair", orient(3, 2, struct.pack("<HH", 6, 6)), "JPEG", 800, True,
-          "orientation with two values: ignored", (40, 20), None))
+          "orientation with two values (6, 6): Pillow reads the first, rotated to 20x40",
+          (20, 40), None))
     add(E("exif_orientation_offset_past_end", orient(3, 40, struct.pack("<I", 10**6)), "JPEG", 800,
           True, "orientation values at an offset past the EXIF block: ignored", (40, 20), None))
     bad_ifd = b"Exif\x00\x00II*\x00" + struct.pack("<I", 10**6)
@@ -389,6 +392,11 @@ def _entries() -> list[HostileImage]:
           "EPS: never allowed (its decoder runs Ghostscript); no parser ever sees it"))
     add(E("dds_header_only", _save(small, "DDS")[:128], "DDS", None, False,
           "DDS header without data"))
+    dds = _save(small, "DDS")
+    add(E("dds_unknown_pixel_flags", _patch(dds, 80, struct.pack("<I", 0)), "DDS", None, False,
+          "DDS pixel-format flags 0: Pillow raises NotImplementedError while opening"))
+    add(E("dds_unknown_fourcc", _patch(dds, 80, struct.pack("<II", 4, 0x39545844)), "DDS", None,
+          False, "DDS FourCC 'DXT9': Pillow raises NotImplementedError while opening"))
 
     # -- modes: 16-bit, float, palette, alpha, CMYK, YCbCr, 1-bit
     mid16 = np.full((6, 6), 32768, np.uint16)
