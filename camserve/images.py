@@ -23,10 +23,12 @@ Example::
     >>> preprocess(img, (96, 96), (0.5,) * 3, (0.25,) * 3).shape
     torch.Size([3, 96, 96])
     >>> buf = io.BytesIO(); Image.new("RGB", (4, 4)).save(buf, "PCX")
-    >>> decode_image(buf.getvalue())
+    >>> decode_image(buf.getvalue(), formats=["JPEG", "PNG"])
     Traceback (most recent call last):
     ...
-    camserve.images.ImageError: unsupported image format PCX (152 bytes); allowed formats: JPEG, PNG, WEBP, BMP, GIF, TIFF
+    camserve.images.ImageError: unsupported image format PCX (152 bytes); allowed formats: JPEG, PNG
+    >>> decode_image(buf.getvalue(), formats="jpeg, pcx").size
+    (4, 4)
 """
 from __future__ import annotations
 
@@ -108,22 +110,23 @@ def check_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
         ValueError: unknown image format 'EPS' in formats; allowed: AVIF, BLP, BMP, ...
     """
     if isinstance(formats, str):
-        items: list[object] = [part for part in formats.split(",")]
+        items: list[object] = list(formats.split(","))
     else:
         try:
             items = list(formats)
         except TypeError:
             raise ValueError(f"formats must be a list of format names or a comma-separated string, "
                              f"got {type(formats).__name__}") from None
-    return _check_formats(tuple(items))
-
-
-@functools.lru_cache(maxsize=64)
-def _check_formats(items: tuple[object, ...]) -> tuple[str, ...]:
-    out: list[str] = []
     for item in items:
         if not isinstance(item, str):
             raise ValueError(f"image format names must be strings, got {_cut(item)}")
+    return _check_formats(tuple(items))  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=64)
+def _check_formats(items: tuple[str, ...]) -> tuple[str, ...]:
+    out: list[str] = []
+    for item in items:
         name = item.strip().upper()
         if not name:
             continue

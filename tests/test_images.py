@@ -122,6 +122,7 @@ def test_allow_list_is_configurable():
     ([], r"formats is empty; name at least one of: JPEG, PNG"),
     (" , ", r"formats is empty"),
     ([b"PNG"], r"image format names must be strings, got b'PNG'"),
+    ([["PNG"]], r"image format names must be strings, got \['PNG'\]"),
     (["X" * 500], r"unknown image format 'XXXX"),
     (42, r"formats must be a list of format names or a comma-separated string, got int"),
 ])
