@@ -229,7 +229,7 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT
     with warnings.catch_warnings():
         # Pillow warns about big or odd files; every decision here is explicit instead.
         warnings.simplefilter("ignore")
-        img = _open(data, allowed, allowed_text)
+        img = _open(data, allowed, allowed_text, max_pixels)
         fmt = img.format or "image"
         try:
             w, h = img.size
@@ -271,7 +271,7 @@ def _close(img: Image.Image) -> None:
         log.debug("ignoring an error while closing an image", exc_info=True)
 
 
-def _open(data: bytes, allowed: tuple[str, ...], allowed_text: str):
+def _open(data: bytes, allowed: tuple[str, ...], allowed_text: str, max_pixels: int):
     """``Image.open`` restricted to ``allowed``; every failure is an :class:`ImageError`."""
     n = len(data)
     try:
@@ -285,10 +285,11 @@ def _open(data: bytes, allowed: tuple[str, ...], allowed_text: str):
             raise ImageError(f"not a valid {found} image: cannot read the header ({n} bytes)") from None
         raise ImageError(f"unsupported image format {found} ({n} bytes); allowed formats: "
                          f"{allowed_text}") from None
-    except Image.DecompressionBombError:
-        raise ImageError(f"image too large: the header declares more than "
-                         f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels ({n} bytes)", 413,
-                         "ImageTooLarge") from None
+    except Image.DecompressionBombError:  # beyond Pillow's own hard limit, whatever ours is
+        found = detect_format(data) or "image"
+        raise ImageError(f"image too large: the {found} header declares more than "
+                         f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels; the limit is {max_pixels} "
+                         f"pixels ({n} bytes)", 413, "ImageTooLarge") from None
     except Exception as exc:
         found = detect_format(data)
         log.debug("open failed for %s data (%d bytes)", found, n, exc_info=True)
