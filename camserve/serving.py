@@ -47,8 +47,10 @@ from .errors import InternalError, InvalidImage, RequestError, ResponseTooLarge,
 from .explain import BatchCams, batch_cams, batch_heatmaps, render_row, target_table
 from .images import ImageError, decode_image, preprocess
 from .methods import available_methods
-from .models import ConfigError, LoadedModel, load_model_config, load_model_dir
-from .options import MAX_TARGETS, OPTION_KEYS, RequestOptions, ServingLimits, parse_options
+from .models import (ConfigError, LoadedModel, ModelSpec, load_model, load_model_config,
+                     load_model_dir)
+from .options import (LIMIT_KEYS, MAX_TARGETS, OPTION_KEYS, RequestOptions, ServingLimits,
+                      parse_options)
 from .records import top_predictions
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,24 @@ class CamService:
         loaded = load_model_dir(model_dir, weights=weights, overrides=overrides, device=device)
         cfg = dict(load_model_config(model_dir).get("handler") or {})
         cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        svc = cls(loaded, ServingLimits.from_config(cfg))
+        log.info("camserve: serving %s (%d classes, layer %r, input %s) on %s", svc.spec.arch,
+                 svc.num_classes, svc.engine.layer_name, svc.spec.input_size, svc.device)
+        return svc
+
+    @classmethod
+    def from_handler_config(cls, handler: Optional[Mapping[str, Any]], model_dir: str | Path, *,
+                            weights: Optional[str | Path] = None,
+                            device: torch.device | str = "cpu") -> "CamService":
+        """Build the service from an already parsed ``handler:`` block (TorchServe hands the
+        handler the archive's config, whatever its file name) and the folder holding the model
+        file, weights and labels. The serving limits (:data:`camserve.options.LIMIT_KEYS`) are
+        read here and the rest goes to :class:`ModelSpec`."""
+        cfg = dict(handler) if isinstance(handler, Mapping) else handler
+        spec_cfg = cfg
+        if isinstance(cfg, dict):
+            spec_cfg = {k: v for k, v in cfg.items() if k not in LIMIT_KEYS or k in ModelSpec.KEYS}
+        loaded = load_model(ModelSpec.from_config(spec_cfg), model_dir, weights=weights, device=device)
         svc = cls(loaded, ServingLimits.from_config(cfg))
         log.info("camserve: serving %s (%d classes, layer %r, input %s) on %s", svc.spec.arch,
                  svc.num_classes, svc.engine.layer_name, svc.spec.input_size, svc.device)

@@ -80,8 +80,8 @@ class GradCamHandler:
         self.initialized = False
 
     def initialize(self, context: Any) -> None:
-        """Pick the device, load the model folder (the archive's serialized file as its weights),
-        warm up."""
+        """Pick the device, build the model from the archive's ``handler:`` block (the archive's
+        serialized file as its weights), load labels, warm up."""
         props = context.system_properties
         gpu_id = props.get("gpu_id")
         if gpu_id is not None and torch.cuda.is_available():
@@ -92,7 +92,9 @@ class GradCamHandler:
         model_dir = props.get("model_dir")
         serialized = ((context.manifest or {}).get("model") or {}).get("serializedFile")
         weights = os.path.join(model_dir, serialized) if serialized else None
-        self.service = CamService.from_model_dir(model_dir, weights=weights, device=self.device)
+        handler_block = (getattr(context, "model_yaml_config", None) or {}).get("handler")
+        self.service = CamService.from_handler_config(handler_block, model_dir, weights=weights,
+                                                      device=self.device)
         self.initialized = True
         logger.info("GradCamHandler ready on %s (layer %r, %d classes, batch size %s)",
                     self.device, self.service.engine.layer_name, self.service.num_classes,
