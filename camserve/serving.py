@@ -114,6 +114,17 @@ class _Row:
     options: RequestOptions
 
 
+class _CamView:
+    """One explain row's slice of a batch's CAMs: its ``count`` targets, maps and layer."""
+
+    def __init__(self, cams: BatchCams, slot: int, count: int,
+                 maps: Mapping[tuple[int, int], Any]) -> None:
+        self.cams = cams.cams[slot, :count]
+        self.targets = cams.targets[slot, :count].tolist()
+        self.maps = [maps.get((slot, q)) for q in range(count)]
+        self.layer = cams.layer
+
+
 _Forward = tuple[torch.Tensor, Optional[BatchCams], list[int]]
 
 
@@ -147,8 +158,11 @@ class CamService:
         self.num_classes = loaded.num_classes
         self.device = torch.device(loaded.device)
         self.limits = limits or ServingLimits()
-        self.engine = CamEngine(self.model, loaded.layer, layout=self.spec.layout)  # type: ignore[arg-type]
+        self.engine = CamEngine(self.model, loaded.layer,
+                                layout=self.spec.layout)  # type: ignore[arg-type]
         self.warm_up()
+        log.info("camserve: serving %s (%d classes, layer %r, input %s) on %s", self.spec.arch,
+                 self.num_classes, self.engine.layer_name, self.spec.input_size, self.device)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, *, weights: Optional[str | Path] = None,
@@ -160,10 +174,7 @@ class CamService:
         loaded = load_model_dir(model_dir, weights=weights, overrides=overrides, device=device)
         cfg = dict(load_model_config(model_dir).get("handler") or {})
         cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        svc = cls(loaded, ServingLimits.from_config(cfg))
-        log.info("camserve: serving %s (%d classes, layer %r, input %s) on %s", svc.spec.arch,
-                 svc.num_classes, svc.engine.layer_name, svc.spec.input_size, svc.device)
-        return svc
+        return cls(loaded, ServingLimits.from_config(cfg))
 
     @classmethod
     def from_handler_config(cls, handler: Optional[Mapping[str, Any]], model_dir: str | Path, *,
@@ -173,15 +184,13 @@ class CamService:
         handler the archive's config, whatever its file name) and the folder holding the model
         file, weights and labels. The serving limits (:data:`camserve.options.LIMIT_KEYS`) are
         read here and the rest goes to :class:`ModelSpec`."""
-        cfg = dict(handler) if isinstance(handler, Mapping) else handler
-        spec_cfg = cfg
-        if isinstance(cfg, dict):
-            spec_cfg = {k: v for k, v in cfg.items() if k not in LIMIT_KEYS or k in ModelSpec.KEYS}
-        loaded = load_model(ModelSpec.from_config(spec_cfg), model_dir, weights=weights, device=device)
-        svc = cls(loaded, ServingLimits.from_config(cfg))
-        log.info("camserve: serving %s (%d classes, layer %r, input %s) on %s", svc.spec.arch,
-                 svc.num_classes, svc.engine.layer_name, svc.spec.input_size, svc.device)
-        return svc
+        spec_cfg = handler
+        if isinstance(handler, Mapping):
+            spec_cfg = {k: v for k, v in handler.items()
+                        if k not in LIMIT_KEYS or k in ModelSpec.KEYS}
+        spec = ModelSpec.from_config(spec_cfg)
+        loaded = load_model(spec, model_dir, weights=weights, device=device)
+        return cls(loaded, ServingLimits.from_config(handler))
 
     def warm_up(self) -> None:
         """One explain pass and one predict pass on a blank input; a target layer that cannot
@@ -200,7 +209,8 @@ class CamService:
         return {"arch": self.spec.arch, "num_classes": self.num_classes, "labels": self.labels,
                 "target_layer": self.engine.layer_name, "input_size": list(self.spec.input_size),
                 "methods": available_methods(), "options": list(OPTION_KEYS),
-                "defaults": {"method": self.spec.method, "topk": min(self.spec.topk, self.num_classes),
+                "defaults": {"method": self.spec.method,
+                             "topk": min(self.spec.topk, self.num_classes),
                              "outputs": list(self.spec.outputs)},
                 "max_pixels": self.spec.max_pixels, "max_targets": MAX_TARGETS,
                 "max_response_size": self.limits.max_response_size,
@@ -215,7 +225,7 @@ class CamService:
         A bad row gets its own 4xx/413/500 result; the other rows are answered as usual.
         """
         t0 = time.perf_counter()
-        forced = [bool(f) for f in force_explain] if force_explain is not None else [False] * len(rows)
+        forced = [False] * len(rows) if force_explain is None else [bool(f) for f in force_explain]
         if len(forced) != len(rows):
             raise ValueError(f"invalid value for force_explain: {len(forced)} flags for "
                              f"{len(rows)} rows")
@@ -302,36 +312,36 @@ class CamService:
         return cams.logits, cams, explain
 
     def _run(self, rows: list[_Row], stats: BatchStats) -> list[RowResult]:
+        """One batched pass over decoded ``rows``; rendering failures stay with their row."""
         logits, cams, explain = self._forward(rows, stats)
         probs = torch.softmax(logits.detach().float(), dim=1).cpu()
-        slot = {j: p for p, j in enumerate(explain)}
-        maps: dict[tuple[int, int], Any] = {}
-        counts: list[int] = []
+        views: dict[int, _CamView] = {}
         if cams is not None:
             opts = [rows[j].options for j in explain]
-            counts = list(target_table(opts).counts)
+            counts = target_table(opts).counts
             maps = batch_heatmaps(cams, counts, opts, [rows[j].image for j in explain])
+            views = {j: _CamView(cams, p, counts[p], maps) for p, j in enumerate(explain)}
             stats.explained_rows += len(explain)
             stats.maps += sum(counts)
         out = []
         for j, row in enumerate(rows):
             try:
-                body: dict[str, Any] = {"predictions": [
-                    p.to_json() for p in top_predictions(probs[j].tolist(), self.labels,
-                                                         row.options.topk)]}
-                if cams is not None and j in slot:
-                    p = slot[j]
-                    records = render_row(row.image, row.options, cams.cams[p, :counts[p]],
-                                         cams.targets[p, :counts[p]].tolist(),
-                                         [maps.get((p, q)) for q in range(counts[p])],
-                                         probs[j], self.labels, cams.layer)
-                    body["explanations"] = [e.to_json() for e in records]
-                out.append(self._sized(RowResult(200, body), row.options))
+                out.append(self._answer(row, probs[j], views.get(j)))
             except RequestError as exc:
                 out.append(RowResult.error(exc))
             except Exception:
                 out.append(internal_error(f"rendering request {row.index}"))
         return out
+
+    def _answer(self, row: _Row, probs: torch.Tensor, view: Optional["_CamView"]) -> RowResult:
+        """One row's 200 answer (predictions, and explanations when it explains), size-checked."""
+        preds = top_predictions(probs.tolist(), self.labels, row.options.topk)
+        body: dict[str, Any] = {"predictions": [p.to_json() for p in preds]}
+        if view is not None:
+            records = render_row(row.image, row.options, view.cams, view.targets, view.maps,
+                                 probs, self.labels, view.layer)
+            body["explanations"] = [e.to_json() for e in records]
+        return self._sized(RowResult(200, body), row.options)
 
     def _sized(self, result: RowResult, options: RequestOptions) -> RowResult:
         """``result``, or 413 ``ResponseTooLarge`` when its JSON exceeds the response limit."""
