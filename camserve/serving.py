@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -51,7 +53,7 @@ from .models import (ConfigError, LoadedModel, ModelSpec, load_model, load_model
                      load_model_dir)
 from .options import (LIMIT_KEYS, MAX_TARGETS, OPTION_KEYS, RequestOptions, ServingLimits,
                       parse_options)
-from .records import top_predictions
+from .records import short_repr, top_predictions
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +130,21 @@ class _CamView:
 _Forward = tuple[torch.Tensor, Optional[BatchCams], list[int]]
 
 
+def safe_traceback() -> str:
+    """The current exception's frames and its type, with its message escaped and cut (an
+    exception message may carry request data; it must not forge log lines)."""
+    _, exc, tb = sys.exc_info()
+    if exc is None:
+        return "no exception"
+    frames = "".join(traceback.format_tb(tb))
+    return f"Traceback (most recent call last):\n{frames}{type(exc).__name__}: " \
+           f"{short_repr(str(exc), 300)}"
+
+
 def internal_error(what: str) -> RowResult:
     """A 500 answer with a fresh error id; logs the current exception's traceback with it."""
     err = InternalError.new()
-    log.error("camserve: internal error %s while %s", err.error_id, what, exc_info=True)
+    log.error("camserve: internal error %s while %s\n%s", err.error_id, what, safe_traceback())
     return RowResult.error(err)
 
 
@@ -287,8 +300,8 @@ class CamService:
             stats.failed_batches += 1
             if len(rows) == 1:
                 return [internal_error("running a batch of 1 row")]
-            log.warning("camserve: batched pass over %d rows failed; retrying row by row",
-                        len(rows), exc_info=True)
+            log.warning("camserve: batched pass over %d rows failed; retrying row by row\n%s",
+                        len(rows), safe_traceback())
         out = []
         for row in rows:
             try:

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from camserve.errors import InternalError
-from camserve.serving import BatchStats, CamService, RowResult
+from camserve.serving import BatchStats, CamService, RowResult, safe_traceback
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def is_management_describe(rows: list[Any], context: Any) -> bool:
 
 def explain_flags(context: Any, n: int) -> list[bool]:
     """TorchServe's ``explain`` request header of each row as a boolean."""
-    return [str(_headers(context, i).get("explain", "")).strip().lower() == "true" for i in range(n)]
+    return [str(_headers(context, i).get("explain", "")).strip().lower() == "true"
+            for i in range(n)]
 
 
 class GradCamHandler:
@@ -111,8 +112,8 @@ class GradCamHandler:
             results, stats = outcome.results, outcome.stats
         except Exception:  # a bug outside the per-row guards: still one answer per row
             err = InternalError.new()
-            logger.error("camserve: internal error %s while handling a batch of %d rows",
-                         err.error_id, len(data), exc_info=True)
+            logger.error("camserve: internal error %s while handling a batch of %d rows\n%s",
+                         err.error_id, len(data), safe_traceback())
             results = [RowResult.error(err) for _ in data]
             stats = BatchStats(rows=len(data), error_rows=len(data), internal_errors=len(data),
                                failed_batches=1)

@@ -319,6 +319,8 @@ def test_a_bug_while_rendering_one_row_is_its_500(service, monkeypatch, caplog):
     def render(image, options, *a, **kw):
         if options.method == "hirescam":
             raise ZeroDivisionError("a bug")
+        if options.method == "layercam":  # request data in an exception message
+            raise KeyError("forged\n2026-11-28 INFO camserve: all good" + "x" * 5000)
         return real(image, options, *a, **kw)
 
     monkeypatch.setattr(serving, "render_row", render)
@@ -331,9 +333,15 @@ def test_a_bug_while_rendering_one_row_is_its_500(service, monkeypatch, caplog):
     assert err["type"] == "InternalError" and out.results[1].phrase == "Internal Server Error"
     error_id = err["message"].split("(id ")[1].split(")")[0]
     assert len(error_id) == 8
-    logged = [r for r in caplog.records if error_id in r.getMessage()]
-    assert logged and logged[0].exc_info and logged[0].exc_info[0] is ZeroDivisionError
+    logged = [r.getMessage() for r in caplog.records if error_id in r.getMessage()]
+    assert logged and "ZeroDivisionError: 'a bug'" in logged[0] and "render" in logged[0]
     assert out.stats.internal_errors == 1 and out.stats.error_rows == 1
+    with caplog.at_level("ERROR", logger="camserve.serving"):
+        caplog.clear()
+        out = service.handle_batch([{"data": png(seed=1), "explain": "1", "method": "layercam"}])
+    assert out.results[0].status == 500
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "forged" in text and "\n2026-11-28 INFO" not in text and len(text) < 5000
 
 
 class PoisonNet(TinyNet):
