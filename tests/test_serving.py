@@ -13,6 +13,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
@@ -403,3 +405,33 @@ def test_from_model_dir_reads_the_serving_limits(tmp_path, monkeypatch):
         d, overrides={k: v for k, v in (overrides or {}).items() if k != "max_response_size"}, **kw))
     svc = CamService.from_model_dir(tmp_path, overrides={"max_response_size": 1234})
     assert svc.limits.max_response_size == 1234
+
+
+poison_rows = st.one_of(
+    st.binary(max_size=64).map(lambda b: {"body": b}),
+    st.text(max_size=64).map(lambda t: {"body": t}),
+    st.dictionaries(st.text(max_size=12), st.one_of(st.text(max_size=30), st.binary(max_size=30),
+                                                   st.integers()), max_size=4),
+    st.sampled_from([{"body": b'{"data": ' + b"[" * 30_000 + b"}"}, {"data": b"\x89PNG\r\n\x1a\n"},
+                     {"body": {"instances": "x"}}, {"body": {"inputs": [{"data": [1, 2]}]}}]),
+    st.fixed_dictionaries({"data": st.just(b"GOOD"), "target": st.text(max_size=20),
+                           "topk": st.text(max_size=8), "method": st.text(max_size=8)}),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.just(None), poison_rows), min_size=1, max_size=6),
+       st.lists(st.booleans(), min_size=6, max_size=6))
+def test_property_good_rows_stay_200_beside_any_poison(service, layout, forced):
+    good = png(seed=40)
+    rows = [{"body": good} if r is None else
+            ({**r, "data": good} if r.get("data") == b"GOOD" else r) for r in layout]
+    out = service.handle_batch(rows, forced[:len(rows)])
+    assert len(out.results) == len(rows)
+    for r, res in zip(layout, out.results):
+        if r is None:
+            assert res.status == 200 and "predictions" in body_of(res)
+        elif res.status != 200:
+            assert 400 <= res.status < 500, res.to_json()[:300]
+            error_body(res)
