@@ -7,7 +7,8 @@ A request row is what TorchServe hands a handler for one request:
 * JSON (``Content-Type: application/json``): ``{"body": {"data": "<base64>", "explain": true}}``
   (or the JSON text itself, when TorchServe did not parse it);
 * KServe v1 ``{"instances": [{"data": "<base64>", ...}]}`` (one instance) and v2
-  ``{"inputs": [{"name": "data", "datatype": "BYTES", "data": ["<base64>"]}], "parameters": {...}}``.
+  ``{"inputs": [{"name": "data", "datatype": "BYTES", "data": ["<base64>"]}],
+  "parameters": {...}}``.
 
 Nothing here validates options (see :mod:`camserve.options`) or decodes pixels. Any input gives
 a :class:`RawRequest` or a :class:`camserve.errors.RequestError` (400), never another exception;
@@ -103,7 +104,8 @@ def _from_ours(doc: Mapping[str, Any]) -> RawRequest:
     if "data" not in doc:
         raise RequestError(f"missing field 'data' (a base64-encoded image) in the JSON object; "
                            f"keys sent: {_names(doc)}", 400, "InvalidRequest")
-    return RawRequest(_image_from(doc["data"], "data"), {k: v for k, v in doc.items() if k != "data"})
+    options = {k: v for k, v in doc.items() if k != "data"}
+    return RawRequest(_image_from(doc["data"], "data"), options)
 
 
 def _from_v1(doc: Mapping[str, Any]) -> RawRequest:

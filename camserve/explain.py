@@ -14,7 +14,8 @@ Example::
 
     >>> import torch
     >>> from camserve.options import RequestOptions
-    >>> o = RequestOptions(explain=True, targets=(2, 0), topk=1, method="gradcam", outputs=("bbox",))
+    >>> o = RequestOptions(explain=True, targets=(2, 0), topk=1, method="gradcam",
+    ...                    outputs=("bbox",))
     >>> t = target_table([o, RequestOptions(True, None, 1, "gradcam", ("bbox",))])
     >>> t.table.tolist(), t.counts
     ([[2, 0], [-1, -1]], (2, 1))

@@ -177,4 +177,5 @@ def parse_options(options: Mapping[Any, Any], spec: ModelSpec, labels: Sequence[
     topk = _parse_topk(opts["topk"], n) if "topk" in opts else min(spec.topk, n)
     method = _parse_method(opts["method"]) if "method" in opts else spec.method
     outputs = _parse_outputs(opts["outputs"]) if "outputs" in opts else spec.outputs
-    return RequestOptions(explain=explain, targets=targets, topk=topk, method=method, outputs=outputs)
+    return RequestOptions(explain=explain, targets=targets, topk=topk, method=method,
+                          outputs=outputs)
