@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .errors import OptionError
 from .methods import available_methods
-from .models import ConfigError, ModelSpec, parse_outputs
+from .models import ModelSpec, parse_outputs
 from .records import TargetError, log_name, parse_int, resolve_targets, short_repr
 
 OPTION_KEYS: tuple[str, ...] = ("explain", "target", "topk", "method", "outputs")
@@ -35,8 +35,6 @@ FALSE_WORDS = frozenset({"false", "0", "no", "off", ""})
 #: TorchServe's default ``max_response_size`` (config.properties), in bytes
 TS_DEFAULT_MAX_RESPONSE_SIZE = 6_553_500
 DEFAULT_MAX_OPTION_LENGTH = 4096
-#: ``handler:`` keys read by :meth:`ServingLimits.from_config`
-LIMIT_KEYS: tuple[str, ...] = ("max_response_size", "max_option_length")
 
 
 @dataclass(frozen=True)
@@ -52,30 +50,21 @@ class ServingLimits:
     max_option_length: int = DEFAULT_MAX_OPTION_LENGTH
 
     @classmethod
-    def from_config(cls, cfg: Optional[Mapping[str, Any]],
-                    env: Optional[Mapping[str, str]] = None) -> "ServingLimits":
-        """The limits from a ``handler:`` block (other keys are ignored here).
+    def from_spec(cls, spec: Any, env: Optional[Mapping[str, str]] = None) -> "ServingLimits":
+        """The limits of a :class:`camserve.models.ModelSpec` (``handler.max_response_size``,
+        ``handler.max_option_length``).
 
         ``max_response_size`` defaults to ``TS_MAX_RESPONSE_SIZE`` from ``env`` when set (the
         frontend's environment, which its workers inherit), else TorchServe's default 6553500.
-        :class:`ConfigError` names a bad key.
         """
-        cfg = cfg if isinstance(cfg, Mapping) else {}
         env = os.environ if env is None else env
         size = TS_DEFAULT_MAX_RESPONSE_SIZE
         env_size = parse_int(str(env.get("TS_MAX_RESPONSE_SIZE", "")))
         if env_size is not None and env_size > 0:
             size = env_size
-        values = {"max_response_size": size, "max_option_length": DEFAULT_MAX_OPTION_LENGTH}
-        for key in LIMIT_KEYS:
-            v = cfg.get(key)
-            if v is None:
-                continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"invalid value for handler.{key}: {short_repr(v)} "
-                                  f"(a positive int)")
-            values[key] = v
-        return cls(**values)
+        return cls(max_response_size=getattr(spec, "max_response_size", None) or size,
+                   max_option_length=getattr(spec, "max_option_length", None)
+                   or DEFAULT_MAX_OPTION_LENGTH)
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,9 @@ from .errors import InternalError, InvalidImage, RequestError, ResponseTooLarge,
 from .explain import BatchCams, batch_cams, batch_heatmaps, render_row, target_table
 from .images import ImageError, decode_image, preprocess
 from .methods import available_methods
-from .models import (ConfigError, LoadedModel, ModelSpec, load_model, load_model_config,
+from .models import (ConfigError, LoadedModel, ModelSpec, load_model,
                      load_model_dir)
-from .options import (LIMIT_KEYS, MAX_TARGETS, OPTION_KEYS, RequestOptions, ServingLimits,
+from .options import (MAX_TARGETS, OPTION_KEYS, RequestOptions, ServingLimits,
                       parse_options)
 from .records import short_repr, top_predictions
 
@@ -170,7 +170,7 @@ class CamService:
         self.labels: list[str] = list(loaded.labels)
         self.num_classes = loaded.num_classes
         self.device = torch.device(loaded.device)
-        self.limits = limits or ServingLimits()
+        self.limits = limits or ServingLimits.from_spec(self.spec)
         self.engine = CamEngine(self.model, loaded.layer,
                                 layout=self.spec.layout)  # type: ignore[arg-type]
         self.warm_up()
@@ -183,11 +183,8 @@ class CamService:
                        device: torch.device | str = "cpu") -> "CamService":
         """Build the service from a model folder (or an extracted archive): see
         :func:`camserve.models.load_model_dir`; the serving limits come from the same
-        ``handler:`` block (:meth:`ServingLimits.from_config`)."""
-        loaded = load_model_dir(model_dir, weights=weights, overrides=overrides, device=device)
-        cfg = dict(load_model_config(model_dir).get("handler") or {})
-        cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls(loaded, ServingLimits.from_config(cfg))
+        ``handler:`` block (:meth:`ServingLimits.from_spec`)."""
+        return cls(load_model_dir(model_dir, weights=weights, overrides=overrides, device=device))
 
     @classmethod
     def from_handler_config(cls, handler: Optional[Mapping[str, Any]], model_dir: str | Path, *,
@@ -195,15 +192,9 @@ class CamService:
                             device: torch.device | str = "cpu") -> "CamService":
         """Build the service from an already parsed ``handler:`` block (TorchServe hands the
         handler the archive's config, whatever its file name) and the folder holding the model
-        file, weights and labels. The serving limits (:data:`camserve.options.LIMIT_KEYS`) are
-        read here and the rest goes to :class:`ModelSpec`."""
-        spec_cfg = handler
-        if isinstance(handler, Mapping):
-            spec_cfg = {k: v for k, v in handler.items()
-                        if k not in LIMIT_KEYS or k in ModelSpec.KEYS}
-        spec = ModelSpec.from_config(spec_cfg)
-        loaded = load_model(spec, model_dir, weights=weights, device=device)
-        return cls(loaded, ServingLimits.from_config(handler))
+        file, weights and labels."""
+        spec = ModelSpec.from_config(handler)
+        return cls(load_model(spec, model_dir, weights=weights, device=device))
 
     def warm_up(self) -> None:
         """One explain pass and one predict pass on a blank input; a target layer that cannot
@@ -285,7 +276,7 @@ class CamService:
     def _decode(self, data: bytes) -> Image.Image:
         """Image bytes -> RGB image; any decoder failure is this row's 400 (or 413)."""
         try:
-            return decode_image(data, max_pixels=self.spec.max_pixels)
+            return decode_image(data, max_pixels=self.spec.max_pixels, formats=self.spec.formats)
         except ImageError as exc:
             raise from_image_error(exc) from None
         except Exception as exc:  # a decoder bug on crafted data (MemoryError included)

@@ -115,17 +115,18 @@ def test_method_and_outputs_are_normalised():
     assert parse_options({"outputs": '["overlay"]'}, spec_of(), LABELS).outputs == ("overlay",)
 
 
-def test_serving_limits_from_config_and_env():
-    assert ServingLimits.from_config(None, env={}) == ServingLimits()
+def test_serving_limits_from_spec_and_env():
+    spec = spec_of()
+    assert ServingLimits.from_spec(spec, env={}) == ServingLimits()
     assert ServingLimits().max_response_size == TS_DEFAULT_MAX_RESPONSE_SIZE == 6553500
-    assert ServingLimits.from_config({}, env={"TS_MAX_RESPONSE_SIZE": "1000"}).max_response_size == 1000
-    lim = ServingLimits.from_config({"max_response_size": 99, "max_option_length": 7,
-                                     "arch": "ignored"}, env={"TS_MAX_RESPONSE_SIZE": "1000"})
+    assert ServingLimits.from_spec(spec, env={"TS_MAX_RESPONSE_SIZE": "1000"}).max_response_size == 1000
+    lim = ServingLimits.from_spec(spec_of(max_response_size=99, max_option_length=7),
+                                  env={"TS_MAX_RESPONSE_SIZE": "1000"})
     assert (lim.max_response_size, lim.max_option_length) == (99, 7)
-    assert ServingLimits.from_config({}, env={"TS_MAX_RESPONSE_SIZE": "²"}) == ServingLimits()
+    assert ServingLimits.from_spec(spec, env={"TS_MAX_RESPONSE_SIZE": "²"}) == ServingLimits()
     for bad in (0, -1, "10", True, 1.5):
         with pytest.raises(ConfigError, match="handler.max_response_size"):
-            ServingLimits.from_config({"max_response_size": bad}, env={})
+            spec_of(max_response_size=bad)
 
 
 # -- properties ---------------------------------------------------------------------------------
