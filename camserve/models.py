@@ -101,10 +101,13 @@ class ModelSpec:
     formats: tuple[str, ...] = DEFAULT_FORMATS
     max_response_size: Optional[int] = None
     max_option_length: Optional[int] = None
+    max_map_side: Optional[int] = None
+    max_row_work: Optional[int] = None
+    max_batch_work: Optional[int] = None
 
     KEYS = ("arch", "num_classes", "weights", "labels", "target_layer", "input_size", "mean", "std",
             "method", "topk", "max_pixels", "outputs", "layout", "formats", "max_response_size",
-            "max_option_length")
+            "max_option_length", "max_map_side", "max_row_work", "max_batch_work")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "ModelSpec":
@@ -116,7 +119,7 @@ class ModelSpec:
             >>> ModelSpec.from_config({"arch": "x:Y", "taget_layer": "layer4"})
             Traceback (most recent call last):
             ...
-            camserve.models.ConfigError: unknown key handler.taget_layer (did you mean 'target_layer'? known: arch, num_classes, weights, labels, target_layer, input_size, mean, std, method, topk, max_pixels, outputs, layout, formats, max_response_size, max_option_length)
+            camserve.models.ConfigError: unknown key handler.taget_layer (did you mean 'target_layer'? known: arch, num_classes, weights, labels, target_layer, input_size, mean, std, method, topk, max_pixels, outputs, layout, formats, max_response_size, max_option_length, max_map_side, max_row_work, max_batch_work)
         """
         if not isinstance(cfg, Mapping):
             raise ConfigError("missing handler block in model-config.yaml (expected a mapping "
@@ -160,7 +163,8 @@ class ModelSpec:
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise ConfigError(f"invalid value for handler.topk: {k!r} (a positive int)")
             spec.topk = k
-        for key in ("max_pixels", "max_response_size", "max_option_length"):
+        for key in ("max_pixels", "max_response_size", "max_option_length", "max_map_side",
+                    "max_row_work", "max_batch_work"):
             if cfg.get(key) is not None:
                 p = cfg[key]
                 if not isinstance(p, int) or isinstance(p, bool) or p < 1:
