@@ -85,3 +85,9 @@ bench-offline: install
 
 clean:
 	rm -rf model_store/*.mar demo/ .pytest_cache
+
+# Soak and worker-kill benchmark against a private TorchServe (SOAK_ARGS: -n, -c, --kill-requests,
+# --json); then the worst requests the default work budget allows, each in a fresh process
+soak: install
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+	$(BIN)/python -m bench.worst_request
