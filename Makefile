@@ -88,6 +88,7 @@ clean:
 
 # Soak and worker-kill benchmark against a private TorchServe (SOAK_ARGS: -n, -c, --kill-requests,
 # --json); then the worst requests the default work budget allows, each in a fresh process
+.PHONY: soak
 soak: install
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 	$(BIN)/python -m bench.worst_request
