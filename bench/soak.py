@@ -7,7 +7,9 @@
    (``predictions``, ``explanations`` with the asked labels, or an error body
    ``{"code", "type", "message"}`` with the expected type). The worker's RSS (psutil, on the PID
    from the management API's ``GET /models/NAME``) is read before and after.
-2. **Fault**: a stream of predict requests at C clients; when a quarter of it is answered the
+2. **Worst request**: the worst request the default work budget allows (36 MP x 8 targets x all
+   four outputs), alone: status, seconds, the worker's peak RSS above idle (``VmHWM``).
+3. **Fault**: a stream of predict requests at C clients; when a quarter of it is answered the
    worker is killed (SIGKILL to its PID). Counted: failed answers, and the time from the kill
    until the first 200 to a request sent after it.
 
@@ -98,11 +100,16 @@ class SoakReport:
     worker_pid_before: int = 0
     worker_pid_after: int = 0
     load_average: float = 0.0
+    worst_status: int = 0
+    worst_seconds: float = 0.0
+    worst_peak_above_idle_mb: Optional[float] = None
 
     def lines(self) -> list[str]:
         rec = "never" if self.recovery_s is None else f"{self.recovery_s:.2f} s"
+        kinds = ", ".join(f"{k} {v}" for k, v in self.by_kind.items())
+        peak = self.worst_peak_above_idle_mb
         return [
-            f"requests            {self.requests} ({', '.join(f'{k} {v}' for k, v in self.by_kind.items())})",
+            f"requests            {self.requests} ({kinds})",
             f"clients             {self.clients}",
             f"lost                {self.lost}",
             f"req/s               {self.req_per_s:.1f}",
@@ -111,6 +118,9 @@ class SoakReport:
             f"kill stream         {self.kill_requests} requests, {self.failed_during_kill} failed "
             f"({self.lost_during_kill} without an answer), recovery {rec}",
             f"worker pid          {self.worker_pid_before} -> {self.worker_pid_after}",
+            f"worst request       36 MP x 8 targets x 4 outputs: {self.worst_status} in "
+            f"{self.worst_seconds:.1f} s, worker peak +"
+            f"{'?' if peak is None else f'{peak:.0f}'} MB",
             f"load average        {self.load_average:.1f} on {os.cpu_count()} cores",
         ]
 
@@ -262,7 +272,8 @@ def start_server(home: Path, batch_size: int = 8, max_batch_delay: int = 20) -> 
     return ts.__enter__()
 
 
-def soak(ts: LocalTorchServe, n: int, clients: int, seed: int = 0) -> tuple[SoakReport, list[Answer]]:
+def soak(ts: LocalTorchServe, n: int, clients: int,
+         seed: int = 0) -> tuple[SoakReport, list[Answer]]:
     """Phase 1 on a running server."""
     rep = SoakReport(requests=n, clients=clients)
     pid = worker_pid(ts)
@@ -322,6 +333,62 @@ def kill_stream(ts: LocalTorchServe, rep: SoakReport, n: int, clients: int,
     return answers
 
 
+def _hwm_reset(pid: int) -> bool:
+    """Reset the kernel's peak-RSS mark of ``pid`` to its current RSS (Linux >= 4.0)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm(pid: int) -> Optional[int]:
+    """``VmHWM`` of ``pid`` in bytes (peak RSS since the last reset), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def worst_body() -> dict:
+    """The worst request the default budget allows: a GIF of a few kB declaring 6000x6000
+    (36 MP), 8 targets, all four outputs, as a JSON request."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("P", (6000, 6000), 2).save(buf, "GIF")
+    return {"data": base64.b64encode(buf.getvalue()).decode(), "explain": True,
+            "target": list(range(8)), "outputs": ["heatmap", "overlay", "raw", "bbox"]}
+
+
+def worst_request(ts: LocalTorchServe) -> dict[str, Any]:
+    """Send :func:`worst_body` alone to the warmed-up worker: its status, body, seconds, and the
+    worker's peak RSS above idle (from its high-water mark, None where it cannot be reset)."""
+    pid = worker_pid(ts)
+    headers = {"Authorization": f"Bearer {ts.token}"}
+    sample = next((MODEL_DIR / "samples").glob("*.png")).read_bytes()
+    requests.post(f"{ts.url}/explanations/{MODEL}", headers=headers, data=sample, timeout=120)
+    body = worst_body()
+    idle = psutil.Process(pid).memory_info().rss
+    exact = _hwm_reset(pid)
+    t0 = time.monotonic()
+    r = requests.post(f"{ts.url}/predictions/{MODEL}", headers=headers, json=body, timeout=120)
+    seconds = time.monotonic() - t0
+    peak = _hwm(pid) if exact else None
+    try:
+        answer = r.json()
+    except ValueError:
+        answer = {"text": r.text[:300]}
+    return {"status": r.status_code, "body": answer, "seconds": seconds, "pid": pid,
+            "pid_after": worker_pid(ts),
+            "peak_above_idle_mb": None if peak is None else (peak - idle) / 2 ** 20}
+
+
 def run(n: int = 1000, clients: int = 16, kill_requests: int = 400, seed: int = 0,
         home: Optional[Path] = None) -> SoakReport:
     """Start a private TorchServe, run both phases, stop it; the report."""
@@ -329,6 +396,9 @@ def run(n: int = 1000, clients: int = 16, kill_requests: int = 400, seed: int = 
         ts = start_server(Path(home or tmp))
         try:
             rep, _ = soak(ts, n, clients, seed)
+            w = worst_request(ts)
+            rep.worst_status, rep.worst_seconds = w["status"], w["seconds"]
+            rep.worst_peak_above_idle_mb = w["peak_above_idle_mb"]
             if kill_requests:
                 kill_stream(ts, rep, kill_requests, clients, seed)
             rep.load_average = os.getloadavg()[0]

@@ -36,7 +36,8 @@ Example::
     ((2048, 2048), (2048, 2048), True, 37.7)
     >>> plan_maps(o, (640, 480), lim).scaled
     False
-    >>> plan_maps(RequestOptions(True, tuple(range(12)), 1, "gradcam", o.outputs), (6000, 6000), lim)
+    >>> many = RequestOptions(True, tuple(range(12)), 1, "gradcam", o.outputs)
+    >>> plan_maps(many, (6000, 6000), lim)
     Traceback (most recent call last):
     ...
     camserve.errors.RequestError: work too large: 12 targets x 3 map outputs (heatmap, overlay, bbox) x 2048x2048 maps = 151.0 megapixel-maps exceeds the limit of 128 per request (handler.max_row_work); ask for fewer targets (option 'target') or fewer outputs (option 'outputs': drop overlay or heatmap or bbox)

@@ -52,8 +52,8 @@ class ServingLimits:
     ``max_option_length``: characters (or bytes) of one option value as sent;
     ``max_map_side``: the long side of the maps an explanation is made from (pixels);
     ``max_row_work`` / ``max_batch_work``: the work one request / one batch may ask for, in
-    megapixel-maps (one megapixel of one map output — heatmap, overlay, bbox — of one target; see
-    :func:`camserve.explain.plan_maps`).
+    megapixel-maps (one megapixel of one map output — heatmap, overlay, bbox — of one target;
+    see :func:`camserve.explain.plan_maps`).
 
     Example::
 
