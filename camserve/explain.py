@@ -14,7 +14,8 @@ The work budget, before any of it: :func:`plan_maps` turns a request's options a
 into a :class:`MapPlan` — maps at a capped size (long side at most ``max_map_side``), PNGs at the
 original size when the work fits the budget, else at the capped size (``scaled``) — or refuses
 it with 413 ``WorkTooLarge`` saying what to reduce. Work is counted in megapixel-maps: for each
-target, the pixels of each map output (heatmap, overlay, bbox) at the size it is made at. The raw
+target, the pixels of each map output (heatmap, overlay, bbox) at the size it is made at, the
+overlay three times (it is RGB). The raw
 CAM is at the target layer's resolution and costs nothing here (the response size bounds it).
 
 Example::
@@ -29,18 +30,18 @@ Example::
     >>> t.resolve(torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])).tolist()
     [[2, 0], [0, 0]]
     >>> from camserve.options import ServingLimits
-    >>> lim = ServingLimits(max_map_side=2048, max_row_work=128, max_batch_work=512)
+    >>> lim = ServingLimits(max_map_side=2048, max_row_work=192, max_batch_work=512)
     >>> o = RequestOptions(True, (1, 2, 3), 1, "gradcam", ("heatmap", "overlay", "bbox"))
     >>> p = plan_maps(o, (6000, 6000), lim)
     >>> p.map_size, p.render_size, p.scaled, round(p.work / 1e6, 1)
-    ((2048, 2048), (2048, 2048), True, 37.7)
+    ((2048, 2048), (2048, 2048), True, 62.9)
     >>> plan_maps(o, (640, 480), lim).scaled
     False
     >>> many = RequestOptions(True, tuple(range(12)), 1, "gradcam", o.outputs)
     >>> plan_maps(many, (6000, 6000), lim)
     Traceback (most recent call last):
     ...
-    camserve.errors.RequestError: work too large: 12 targets x 3 map outputs (heatmap, overlay, bbox) x 2048x2048 maps = 151.0 megapixel-maps exceeds the limit of 128 per request (handler.max_row_work); ask for fewer targets (option 'target') or fewer outputs (option 'outputs': drop overlay or heatmap or bbox)
+    camserve.errors.RequestError: work too large: 12 targets x (heatmap + 3 x overlay + bbox) x 2048x2048 maps = 251.7 megapixel-maps exceeds the limit of 192 per request (handler.max_row_work); ask for fewer targets (option 'target') or fewer outputs (option 'outputs': drop overlay or heatmap or bbox)
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ from .render import (OutputTooLarge, b64, bbox_from_heatmap, capped_size, heatma
 
 MAP_OUTPUTS = frozenset({"heatmap", "overlay", "bbox"})
 PNG_OUTPUTS = ("heatmap", "overlay")
+#: Work per map pixel of each output: the overlay is RGB (three bytes a pixel, and the image it is
+#: drawn on is kept until it is drawn), the heatmap and the bbox's map one byte.
+OUTPUT_WEIGHTS = {"heatmap": 1, "overlay": 3, "bbox": 1}
 #: Map pixels made in one call of :func:`camserve.engine.heatmaps_at_sizes` (small maps are
 #: made a few at a time, a map larger than this alone).
 CHUNK_PIXELS = 1 << 22
@@ -107,18 +111,19 @@ def plan_maps(options: RequestOptions, size: tuple[int, int], limits: ServingLim
     """The :class:`MapPlan` of a request of image ``size`` (W, H) under ``limits``, or 413
     ``WorkTooLarge``; ``available``: pixels of work left in the batch (default: no batch limit).
 
-    With T targets, P of the PNG outputs (heatmap, overlay) and B = 1 when a bbox is asked for, maps
-    of ``m`` pixels (the size capped to ``max_map_side``) and an image of ``n`` pixels: at the
-    original size the work is ``T x (P x n + B x m)``, at the capped size ``T x (P + B) x m``. The
-    first that fits ``max_row_work`` (and what is left of ``max_batch_work``) is chosen.
+    With T targets, P the weights of the PNG outputs asked for (heatmap 1, overlay 3: see
+    :data:`OUTPUT_WEIGHTS`), B = 1 when a bbox is asked for, maps of ``m`` pixels (the size capped
+    to ``max_map_side``) and an image of ``n`` pixels: at the original size the work is
+    ``T x (P x n + B x m)``, at the capped size ``T x (P + B) x m``. The first that fits
+    ``max_row_work`` (and what is left of ``max_batch_work``) is chosen.
     """
     w, h = int(size[0]), int(size[1])
     cap = capped_size((w, h), limits.max_map_side)
-    outs = [o for o in options.outputs if o in MAP_OUTPUTS]
+    outs = [o for o in ("heatmap", "overlay", "bbox") if o in options.outputs]
     if not options.explain or not outs:
         return MapPlan((w, h), cap, (w, h), 0)
     t = len(options.targets) if options.targets else 1
-    n_png = sum(o in PNG_OUTPUTS for o in outs)
+    n_png = sum(OUTPUT_WEIGHTS[o] for o in outs if o in PNG_OUTPUTS)
     n_box = int("bbox" in outs)
     m = cap[0] * cap[1]
     full = t * (n_png * w * h + n_box * m)
@@ -129,8 +134,9 @@ def plan_maps(options: RequestOptions, size: tuple[int, int], limits: ServingLim
         return MapPlan((w, h), cap, (w, h), full)
     if capped <= avail:
         return MapPlan((w, h), cap, cap, capped)
-    what = (f"{t} target{'s' if t > 1 else ''} x {len(outs)} map output"
-            f"{'s' if len(outs) > 1 else ''} ({', '.join(outs)}) x {cap[0]}x{cap[1]} maps = "
+    weighted = " + ".join(o if OUTPUT_WEIGHTS[o] == 1 else f"{OUTPUT_WEIGHTS[o]} x {o}"
+                          for o in outs)
+    what = (f"{t} target{'s' if t > 1 else ''} x ({weighted}) x {cap[0]}x{cap[1]} maps = "
             f"{_mp(capped)} megapixel-maps")
     reduce = ("ask for fewer targets (option 'target') or fewer outputs (option 'outputs': drop "
               f"{' or '.join([o for o in ('overlay', 'heatmap', 'bbox') if o in outs])})")

@@ -39,7 +39,7 @@ DEFAULT_MAX_OPTION_LENGTH = 4096
 DEFAULT_MAX_MAP_SIDE = 2048
 #: Work budgets in megapixel-maps (one megapixel of one output of one target): see
 #: :func:`camserve.explain.plan_maps`.
-DEFAULT_MAX_ROW_WORK = 128
+DEFAULT_MAX_ROW_WORK = 192
 DEFAULT_MAX_BATCH_WORK = 512
 
 
@@ -52,16 +52,16 @@ class ServingLimits:
     ``max_option_length``: characters (or bytes) of one option value as sent;
     ``max_map_side``: the long side of the maps an explanation is made from (pixels);
     ``max_row_work`` / ``max_batch_work``: the work one request / one batch may ask for, in
-    megapixel-maps (one megapixel of one map output — heatmap, overlay, bbox — of one target;
-    see :func:`camserve.explain.plan_maps`).
+    megapixel-maps (one megapixel of one map output — heatmap, bbox, overlay (counted 3 times: it
+    is RGB) — of one target; see :func:`camserve.explain.plan_maps`).
 
     Example::
 
         >>> from camserve.models import ModelSpec
-        >>> spec = ModelSpec.from_config({"arch": "x:Y", "max_row_work": 300})
+        >>> spec = ModelSpec.from_config({"arch": "x:Y", "max_row_work": 600})
         >>> lim = ServingLimits.from_spec(spec, env={})
         >>> lim.max_map_side, lim.max_row_work, lim.max_batch_work
-        (2048, 300, 512)
+        (2048, 600, 600)
     """
 
     max_response_size: int = TS_DEFAULT_MAX_RESPONSE_SIZE

@@ -123,7 +123,7 @@ LIMITS = ServingLimits(max_map_side=100, max_row_work=1, max_batch_work=2)
 
 def test_plan_small_image_is_exact_and_counts_targets_times_outputs():
     p = plan_maps(opts((1, 2), outputs=("heatmap", "overlay", "bbox", "raw")), (80, 60), LIMITS)
-    assert p == MapPlan((80, 60), (80, 60), (80, 60), 2 * 3 * 80 * 60) and not p.scaled
+    assert p == MapPlan((80, 60), (80, 60), (80, 60), 2 * 5 * 80 * 60) and not p.scaled
     assert plan_maps(opts(outputs=("raw",)), (5000, 5000), LIMITS).work == 0
     predict = RequestOptions(False, None, 1, "gradcam", ("heatmap",))
     assert plan_maps(predict, (5000, 5000), LIMITS).work == 0
@@ -134,7 +134,7 @@ def test_plan_large_image_full_size_within_budget_else_scaled_else_413():
     p = plan_maps(one, (400, 200), LIMITS)  # 80,000 + 5,000 pixels: full size
     assert p.map_size == (100, 50) and p.render_size == (400, 200) and p.work == 85_000
     p = plan_maps(opts((1, 2, 3), outputs=("heatmap", "overlay", "bbox")), (2000, 1000), LIMITS)
-    assert p.scaled and p.render_size == p.map_size == (100, 50) and p.work == 3 * 3 * 5000
+    assert p.scaled and p.render_size == p.map_size == (100, 50) and p.work == 3 * 5 * 5000
     with pytest.raises(RequestError) as e:
         plan_maps(opts(tuple(range(6)) * 12, outputs=("heatmap", "overlay", "bbox")),
                   (100, 100), LIMITS)

@@ -428,7 +428,7 @@ def test_work_over_the_row_budget_is_413_before_decoding(service, monkeypatch):
     assert [r.status for r in out.results] == [413, 200]
     err = error_body(out.results[0])
     assert err["type"] == "WorkTooLarge" and "handler.max_row_work" in err["message"]
-    assert "fewer targets" in err["message"] and "12 targets x 3 map outputs" in err["message"]
+    assert "fewer targets" in err["message"] and "12 targets x (heatmap + 3 x overlay + bbox)" in err["message"]
     assert decoded == [len(png())]  # the 36 MP GIF was never decoded
 
 
