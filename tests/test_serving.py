@@ -521,3 +521,23 @@ def test_property_good_rows_stay_200_beside_any_poison(service, layout, forced):
         elif res.status != 200:
             assert 400 <= res.status < 500, res.to_json()[:300]
             error_body(res)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [0, 2])
+def test_worst_allowed_requests_in_a_fresh_process_within_memory_and_time(case):
+    """bench/worst_request.py's cases (36 MP x 8 targets x all outputs, scaled; 40 MP x 1 target x
+    all outputs, full size) in a fresh process on models/shapes: under 1.5 GB above idle, 30 s."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench import worst_request
+
+    name, size, kind, targets, outputs, rows = worst_request.CASES[case][:6]
+    r = worst_request.run_case(size, kind, targets, outputs, rows)
+    assert r["statuses"] == [200], r
+    assert r["peak_above_idle_mb"] < 1536 and r["wall_s"] < 30, r
+    assert r["scaled"] == (case == 0), r
