@@ -53,12 +53,13 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
-import torch
 import yaml
 
-from .serving import BatchStats, CamService, RequestError, RowResult
+if TYPE_CHECKING:  # torch and the core load when the model does (see CamModel.__setstate__)
+    from .serving import BatchStats, CamService, RowResult
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ RESULT_OUTPUT = "result"
 # -- the one door into the core ---------------------------------------------------------------------
 def _build_service(model_dir: Path, device: str) -> CamService:
     """The serving core for a model folder (its ``model-config.yaml`` ``handler:`` block)."""
+    from .serving import CamService
+
     cfg_path = model_dir / "model-config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     handler = (cfg or {}).get("handler")
@@ -95,6 +98,8 @@ class AnswerError(Exception):
 
 
 def _request_error(message: str, code: int = 400, type: str = "InvalidRequest") -> AnswerError:
+    from .serving import RequestError
+
     return AnswerError(code, RequestError(message, code, type).to_body())
 
 
@@ -140,9 +145,9 @@ def _v2_parameters(params: Any) -> dict[str, Any]:
     if params is None:
         return {}
     if isinstance(params, Mapping):
-        return {str(k): (_grpc_value(v)) for k, v in params.items()}
-    raise AnswerError(422, RequestError(f"invalid value for parameters: expected an object, got "
-                                        f"{type(params).__name__}", 422, "InvalidOption").to_body())
+        return {str(k): _grpc_value(v) for k, v in params.items()}
+    raise _request_error(f"invalid value for parameters: expected an object, got "
+                         f"{type(params).__name__}", 422, "InvalidOption")
 
 
 def _grpc_value(value: Any) -> Any:
@@ -273,6 +278,8 @@ class MicroBatcher:
 # -- the KServe model ----------------------------------------------------------------------------------
 def default_device() -> str:
     """``CAMSERVE_DEVICE`` when set, else ``cuda`` when CUDA is present, else ``cpu``."""
+    import torch
+
     return os.environ.get("CAMSERVE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -302,6 +309,8 @@ def _import_kserve() -> None:
 
 
 def _make_model_class() -> type:
+    if "CamModel" in globals():
+        return globals()["CamModel"]
     _import_kserve()
     from kserve import Model
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
@@ -317,18 +326,60 @@ def _make_model_class() -> type:
             self.model_dir = Path(model_dir)
             self.device = device or default_device()
             self.max_instances = max_instances
+            self.max_batch_size = max_batch_size
+            self.max_batch_delay_ms = max_batch_delay_ms
             self.service: Optional[CamService] = None
+            self._start_local()
+
+        def _start_local(self) -> None:
             self._rows_metric, self._batch_metric = _metrics()
-            self.batcher = MicroBatcher(self._run, max_batch_size, max_batch_delay_ms / 1000.0)
+            self.batcher = MicroBatcher(self._run, self.max_batch_size,
+                                        self.max_batch_delay_ms / 1000.0)
+            self._load_lock = threading.Lock()
+            self._load_error: Optional[BaseException] = None
 
         def load(self) -> bool:
-            self.service = _build_service(self.model_dir, self.device)
+            _register_answer_handler()
+            with self._load_lock:
+                if self.service is None:
+                    self.service = _build_service(self.model_dir, self.device)
             self.ready = True
             return self.ready
 
+        def _load_in_background(self) -> None:
+            try:
+                self.load()
+            except BaseException as exc:  # reported by the first request, and logged here
+                self._load_error = exc
+                log.exception("camserve: loading %s failed", self.model_dir)
+
+        # KServe's multi-process REST server (--workers > 1) spawns processes and pickles the
+        # registered models: each process loads its own copy of the model.
+        def __getstate__(self) -> dict[str, Any]:
+            state = self.__dict__.copy()
+            for key in ("service", "batcher", "_rows_metric", "_batch_metric", "_load_lock",
+                        "_load_error"):
+                state.pop(key, None)
+            return state
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            # Unpickling must be quick: KServe kills a process that does not answer its 5 s
+            # liveness ping, and the ping thread starts only after unpickling. The model loads
+            # on a thread; a request that comes first waits for it.
+            self.__dict__.update(state)
+            self.service = None
+            self._start_local()
+            _register_answer_handler()
+            threading.Thread(target=self._load_in_background, name="camserve-load",
+                             daemon=True).start()
+
         def _run(self, rows: list[Any], flags: list[bool]) -> list[RowResult]:
             if self.service is None:
-                raise RuntimeError("CamModel used before load()")
+                if self._load_error is not None:
+                    raise RuntimeError(f"model {self.name!r} failed to load: "
+                                       f"{self._load_error}") from None
+                self.load()  # waits for a load under way
+            assert self.service is not None
             results, stats = _run_rows(self.service, rows, flags)
             self._batch_metric.labels(model_name=self.name).observe(stats.rows)
             ok = sum(1 for r in results if r.status == 200)
@@ -367,14 +418,15 @@ def _make_model_class() -> type:
         async def explain(self, payload: Any, headers: Optional[dict[str, str]] = None) -> Any:
             return await self._answer(payload, explain=True)
 
+    CamModel.__module__ = __name__
+    CamModel.__qualname__ = "CamModel"  # picklable by reference as camserve.kserve.CamModel
+    globals()["CamModel"] = CamModel
     return CamModel
 
 
 def __getattr__(name: str) -> Any:
     if name == "CamModel":  # built on first use: importing camserve.kserve needs no kserve
-        cls = _make_model_class()
-        globals()["CamModel"] = cls
-        return cls
+        return _make_model_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -383,6 +435,16 @@ async def _answer_error_handler(_request: Any, exc: AnswerError) -> Any:
     from fastapi.responses import JSONResponse
 
     return JSONResponse(status_code=exc.status, content=exc.body)
+
+
+def _register_answer_handler() -> None:
+    """Let KServe's FastAPI app send :class:`AnswerError` answers with their own status (in every
+    server process: the app is per process)."""
+    _import_kserve()
+    from kserve import model_server as ms
+
+    if AnswerError not in ms.app.exception_handlers:
+        ms.app.add_exception_handler(AnswerError, _answer_error_handler)
 
 
 def _loopback_grpc_server_class() -> type:
@@ -546,14 +608,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not 0 <= value <= 65535 or (flag == "http_port" and value == 0):
             print(f"error: invalid value for --{flag.replace('_', '-')}: {value}", file=sys.stderr)
             return 2
-    _import_kserve()
-    from kserve import model_server as ms
     name = args.model_name or args.model_dir.resolve().name
     model = _make_model_class()(name, args.model_dir, max_batch_size=args.max_batch_size,
                                 max_batch_delay_ms=args.max_batch_delay,
                                 max_instances=args.max_instances)
     model.load()
-    ms.app.add_exception_handler(AnswerError, _answer_error_handler)
     server = _server_class()(args.host, args.grpc_port, http_port=args.http_port,
                              workers=args.workers)
     server.start([model])

@@ -283,3 +283,18 @@ def test_concurrent_requests_share_batches_and_metrics(server: ks.LocalPredictor
     assert _metric(after, "camserve_kserve_batch_rows_sum") - rows_before == 8
     assert 1 <= batches < 8  # requests arriving within --max-batch-delay share a model call
     assert "request_explain_seconds" in after  # KServe's own latency histograms
+
+
+def test_model_survives_pickling_for_multiprocess_workers(service: Any) -> None:
+    """KServe's --workers > 1 server pickles the registered model into spawned processes: the
+    copy loads its own model (on a thread) and answers like the original."""
+    import pickle
+
+    model = ks.CamModel(NAME, MODEL_DIR, device="cpu")
+    model.load()
+    clone = pickle.loads(pickle.dumps(model))
+    assert type(clone) is ks.CamModel and clone.ready and clone.name == NAME
+    rows = [{"body": p.read_bytes()} for p in SAMPLES[:2]]
+    got = [r.body for r in clone._run(rows, [True, False])]
+    want = [r.body for r in model._run(rows, [True, False])]
+    assert got == want and clone.service is not model.service
