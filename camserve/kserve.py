@@ -15,7 +15,9 @@ folder with KServe's ``ModelServer`` (``pip install 'camserve[kserve]'``, KServe
   (or its error body).
 * Status: 200 when at least one instance succeeded, else the first failed instance's code (the
   body keeps its shape). A request that has no instances to answer at all (no ``instances`` list,
-  no ``data`` input) gets the error body alone with its code.
+  no ``data`` input) gets the error body alone with its code. gRPC has no per-call HTTP status:
+  a v2 call over gRPC succeeds with every element's answer or error body, and a request with
+  nothing to answer fails with INVALID_ARGUMENT (the error body as details).
 * Readiness and liveness are KServe's (``GET /v1/models/NAME``, ``/v2/health/ready``,
   ``/v2/health/live``, ``/v2/models/NAME/ready``); Prometheus metrics on ``GET /metrics``:
   KServe's per-stage latency histograms plus ``camserve_kserve_rows_total`` (by outcome) and
@@ -313,6 +315,7 @@ def _make_model_class() -> type:
         return globals()["CamModel"]
     _import_kserve()
     from kserve import Model
+    from kserve.errors import InvalidInput
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
     from kserve.protocol.rest.v2_datamodels import InferenceResponse as InferenceResponse_
 
@@ -389,8 +392,14 @@ def _make_model_class() -> type:
             return results
 
         async def _answer(self, payload: Any, explain: bool) -> Any:
+            grpc = isinstance(payload, InferRequest) and bool(payload.from_grpc)
             if isinstance(payload, InferRequest):  # v2, REST or gRPC
-                rows = rows_from_v2(payload, self.max_instances)
+                try:
+                    rows = rows_from_v2(payload, self.max_instances)
+                except AnswerError as exc:
+                    if grpc:  # gRPC status INVALID_ARGUMENT with the error body as details
+                        raise InvalidInput(json.dumps(exc.body)) from None
+                    raise
             else:
                 rows = rows_from_v1(payload, self.max_instances)
             results = await self.batcher.submit(rows, [explain] * len(rows))
@@ -401,7 +410,9 @@ def _make_model_class() -> type:
                 response = InferResponse(response_id=payload.id or str(uuid.uuid4()),
                                          model_name=self.name, infer_outputs=[out],
                                          from_grpc=payload.from_grpc)
-                if status != 200:  # the same JSON as KServe's own v2 answer, with our status
+                if status != 200 and not grpc:  # KServe's own v2 JSON, with our status
+                    # (gRPC has no per-call HTTP status: the call succeeds and every element
+                    # carries its answer or error body)
                     body, _ = response.to_rest()
                     raise AnswerError(status, InferenceResponse_.model_validate(body).model_dump(
                         mode="json"))

@@ -298,3 +298,35 @@ def test_model_survives_pickling_for_multiprocess_workers(service: Any) -> None:
     got = [r.body for r in clone._run(rows, [True, False])]
     want = [r.body for r in model._run(rows, [True, False])]
     assert got == want and clone.service is not model.service
+
+
+def test_v2_over_grpc_answers_every_element(server: ks.LocalPredictor, service: Any) -> None:
+    import grpc
+
+    ks._import_kserve()
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pbg
+
+    png = SAMPLES[0].read_bytes()
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+
+        def infer(images: list[bytes], **params: Any) -> Any:
+            p = {k: (pb.InferParameter(bool_param=v) if isinstance(v, bool)
+                     else pb.InferParameter(string_param=v)) for k, v in params.items()}
+            tensor = pb.ModelInferRequest.InferInputTensor(
+                name="data", datatype="BYTES", shape=[len(images)],
+                contents=pb.InferTensorContents(bytes_contents=images))
+            return stub.ModelInfer(pb.ModelInferRequest(model_name=NAME, inputs=[tensor],
+                                                        parameters=p), timeout=60)
+
+        res = infer([png, b"junk"], explain=True, outputs="bbox")
+        [out] = res.outputs
+        assert out.name == "result" and out.datatype == "BYTES" and list(out.shape) == [2]
+        got = [json.loads(b) for b in (out.contents.bytes_contents or res.raw_output_contents)]
+        want = handler_answers(service, [{"data": png, "explain": "true", "outputs": "bbox"},
+                                         {"data": b"junk"}])
+        assert got == [w.body for w in want] and got[1]["type"] == "InvalidImage"
+        with pytest.raises(grpc.RpcError) as info:  # nothing to answer: INVALID_ARGUMENT
+            stub.ModelInfer(pb.ModelInferRequest(model_name=NAME, inputs=[]), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
