@@ -12,7 +12,6 @@ import base64
 import concurrent.futures as cf
 import json
 import re
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -153,15 +152,31 @@ def test_readiness_and_liveness(server: ks.LocalPredictor) -> None:
     assert requests.get(f"{server.url}/v1/models/nope", timeout=10).status_code == 404
 
 
-def test_listens_on_loopback_only(server: ks.LocalPredictor) -> None:
-    with socket.create_connection(("127.0.0.1", server.grpc_port), timeout=5):
-        pass  # gRPC is up on loopback
-    addrs = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
-    for addr in addrs - {"127.0.0.1"}:
-        if addr.startswith("127."):
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} write them) listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
             continue
-        with pytest.raises(OSError):
-            socket.create_connection((addr, server.http_port), timeout=2).close()
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, hexport = local.partition(":")
+            if state == "0A" and int(hexport, 16) == port:
+                found.append(addr)
+    return found
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def test_listens_on_loopback_only(server: ks.LocalPredictor) -> None:
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("needs Linux /proc/net/tcp")
+    for port in (server.http_port, server.grpc_port):
+        addrs = _listening(port)
+        assert addrs and set(addrs) <= LOOPBACK, (port, addrs)
 
 
 def test_v1_predict_equals_the_handler_on_every_sample(server: ks.LocalPredictor,
