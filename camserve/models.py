@@ -28,21 +28,26 @@ Example::
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import json
+import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .images import DEFAULT_MAX_PIXELS
+from .images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, check_formats
 from .methods import available_methods
 
+log = logging.getLogger(__name__)
+
 OUTPUT_KINDS: tuple[str, ...] = ("heatmap", "overlay", "raw", "bbox")
+LABELS_FILE = "index_to_name.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -93,17 +98,32 @@ class ModelSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     outputs: tuple[str, ...] = ("heatmap", "bbox")
     layout: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    max_response_size: Optional[int] = None
+    max_option_length: Optional[int] = None
 
     KEYS = ("arch", "num_classes", "weights", "labels", "target_layer", "input_size", "mean", "std",
-            "method", "topk", "max_pixels", "outputs", "layout")
+            "method", "topk", "max_pixels", "outputs", "layout", "formats", "max_response_size",
+            "max_option_length")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "ModelSpec":
-        """Validate a ``handler:`` mapping; :class:`ConfigError` names the offending key."""
+        """Validate a ``handler:`` mapping; :class:`ConfigError` names the offending key.
+
+        Unknown keys are refused (a typo such as ``taget_layer`` must not silently become
+        auto-locate)::
+
+            >>> ModelSpec.from_config({"arch": "x:Y", "taget_layer": "layer4"})
+            Traceback (most recent call last):
+            ...
+            camserve.models.ConfigError: unknown key handler.taget_layer (did you mean 'target_layer'? known: arch, num_classes, weights, labels, target_layer, input_size, mean, std, method, topk, max_pixels, outputs, layout, formats, max_response_size, max_option_length)
+        """
         if not isinstance(cfg, Mapping):
             raise ConfigError("missing handler block in model-config.yaml (expected a mapping "
                               "with at least 'arch')")
+        for key in cfg:
+            if key not in cls.KEYS:
+                raise ConfigError(unknown_key_message(f"handler.{_short(key)}", str(key), cls.KEYS))
         arch = cfg.get("arch")
         if not isinstance(arch, str) or not arch.strip():
             raise ConfigError(f"invalid value for handler.arch: {arch!r} (expected 'file:Class', "
@@ -140,15 +160,33 @@ class ModelSpec:
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise ConfigError(f"invalid value for handler.topk: {k!r} (a positive int)")
             spec.topk = k
-        if "max_pixels" in cfg:
-            p = cfg["max_pixels"]
-            if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-                raise ConfigError(f"invalid value for handler.max_pixels: {p!r} (a positive int)")
-            spec.max_pixels = p
+        for key in ("max_pixels", "max_response_size", "max_option_length"):
+            if cfg.get(key) is not None:
+                p = cfg[key]
+                if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+                    raise ConfigError(f"invalid value for handler.{key}: {_short(p)!r} (a positive int)")
+                setattr(spec, key, p)
+        if cfg.get("formats") is not None:
+            try:
+                spec.formats = check_formats(cfg["formats"])
+            except ValueError as exc:
+                raise ConfigError(f"invalid value for handler.formats: {exc}") from None
         if "outputs" in cfg:
             spec.outputs = parse_outputs(cfg["outputs"], key="handler.outputs", exc=ConfigError)
-        spec.extra = {k: v for k, v in cfg.items() if k not in cls.KEYS}
         return spec
+
+
+def _short(value: Any, limit: int = 100) -> str:
+    """``repr``-free text of a user value cut to ``limit`` characters (for messages)."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def unknown_key_message(where: str, key: str, known: Sequence[str]) -> str:
+    """``unknown key WHERE (did you mean 'x'? known: ...)`` for a key that is not allowed."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key {where} ({hint}known: {', '.join(known)})"
 
 
 def parse_outputs(value: Any, key: str = "outputs", exc: type[Exception] = ValueError) -> tuple[str, ...]:
@@ -264,16 +302,20 @@ def build_model(spec: ModelSpec, model_dir: str | Path, device: str | torch.devi
 
 
 def load_labels(spec: ModelSpec, model_dir: str | Path, num_classes: int) -> list[str]:
-    """Class labels from ``index_to_name.json`` (``{"0": "circle", ...}``); indices as strings
-    where the file or an entry is missing."""
+    """Class labels from ``handler.labels`` or, when the config names none, from the folder's
+    ``index_to_name.json`` (``{"0": "circle", ...}``); indices as strings where there is no file
+    or an entry is missing. The one rule for the server, the exporter and the batch job."""
     labels = [str(i) for i in range(num_classes)]
-    if spec.labels:
-        path = Path(model_dir) / spec.labels
+    name = spec.labels
+    if name is None and (Path(model_dir) / LABELS_FILE).is_file():
+        name = LABELS_FILE
+    if name:
+        path = Path(model_dir) / name
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"invalid value for handler.labels: {str(path)!r} does not exist") from None
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"invalid value for handler.labels: {path.name} is not JSON: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"invalid value for handler.labels: {path.name} must map index to name")
@@ -281,7 +323,93 @@ def load_labels(spec: ModelSpec, model_dir: str | Path, num_classes: int) -> lis
             try:
                 i = int(k)
             except ValueError:
-                raise ConfigError(f"invalid value for handler.labels: key {k!r} is not an index") from None
+                raise ConfigError(f"invalid value for handler.labels: key {_short(k)!r} is not an "
+                                  f"index") from None
             if 0 <= i < num_classes:
-                labels[i] = v[-1] if isinstance(v, list) else str(v)
+                labels[i] = str(v[-1]) if isinstance(v, list) and v else str(v)
     return labels
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to explain: the serving copy of the network (eval mode, parameters frozen, on
+    ``device``), its validated :class:`ModelSpec`, its class ``labels`` (one per output) and the
+    dotted name of its target ``layer`` (from the config, or located automatically)."""
+
+    model: nn.Module
+    spec: ModelSpec
+    labels: list[str]
+    layer: str
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the width of the logits)."""
+        return len(self.labels)
+
+
+def count_classes(model: nn.Module, spec: ModelSpec, device: torch.device | str = "cpu") -> int:
+    """Width of the logits of ``model`` on a blank input of ``spec.input_size``."""
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, *spec.input_size, device=device))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"invalid value for handler.arch: {spec.arch!r} must return logits "
+                          f"(N, classes); got {shape}")
+    return int(out.shape[1])
+
+
+def load_model(spec: ModelSpec, model_dir: str | Path = ".", *, weights: Optional[str | Path] = None,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Build ``spec``'s model (see :func:`build_model`), count its classes, load its labels and
+    resolve or locate its target layer. Layer problems are :class:`ConfigError` naming
+    ``handler.target_layer``.
+
+    Example::
+
+        >>> spec = ModelSpec.from_config({"arch": "torchvision.models.resnet18", "num_classes": 3,
+        ...                               "input_size": 64})
+        >>> lm = load_model(spec)
+        >>> lm.layer, lm.labels
+        ('layer4', ['0', '1', '2'])
+    """
+    from .layers import locate_layer, resolve_layer
+
+    device = torch.device(device)
+    model = build_model(spec, model_dir, device=device, weights=weights)
+    n_cls = count_classes(model, spec, device)
+    labels = load_labels(spec, model_dir, n_cls)
+    try:
+        if spec.target_layer is not None:
+            layer = resolve_layer(model, spec.target_layer)[0]
+        else:
+            layer = locate_layer(model, torch.zeros(1, 3, *spec.input_size, device=device))
+    except ValueError as exc:
+        msg = str(exc).replace("invalid value for target_layer", "invalid value for handler.target_layer")
+        if not msg.startswith("invalid value for handler.target_layer"):
+            msg = f"invalid value for handler.target_layer: {spec.target_layer!r} ({msg})"
+        raise ConfigError(msg) from None
+    return LoadedModel(model=model, spec=spec, labels=labels, layer=layer, device=device)
+
+
+def load_model_dir(model_dir: str | Path, *, weights: Optional[str | Path] = None,
+                   overrides: Optional[Mapping[str, Any]] = None,
+                   device: str | torch.device = "cpu") -> LoadedModel:
+    """The one loader: a model folder (``model-config.yaml`` with a ``handler:`` block, model file,
+    weights, labels) as a :class:`LoadedModel`. Used by the TorchServe handler, the exporter, the
+    batch tooling and the shapes tooling alike.
+
+    ``weights``: a state_dict file that replaces ``handler.weights`` (TorchServe passes the
+    archive's serialized file here). ``overrides``: ``handler:`` keys that replace the config's
+    (validated like the file's; ``None`` values are ignored), e.g. ``{"target_layer": "layer3"}``.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"invalid value for model folder: {_short(model_dir)!r} is not a folder")
+    cfg = load_model_config(model_dir).get("handler")
+    if overrides:
+        if not isinstance(cfg, Mapping):
+            cfg = {}
+        cfg = {**cfg, **{k: v for k, v in overrides.items() if v is not None}}
+    spec = ModelSpec.from_config(cfg)
+    return load_model(spec, model_dir, weights=weights, device=device)

@@ -86,3 +86,24 @@ def test_parse_outputs():
     assert parse_outputs("heatmap, raw") == ("heatmap", "raw")
     with pytest.raises(ValueError, match="allowed: heatmap, overlay, raw, bbox"):
         parse_outputs("png")
+
+
+def test_unknown_handler_key_is_refused_with_the_closest_key():
+    with pytest.raises(ConfigError, match=r"unknown key handler\.taget_layer \(did you mean 'target_layer'"):
+        ModelSpec.from_config({"arch": "x:Y", "taget_layer": "layer4"})
+    with pytest.raises(ConfigError, match=r"unknown key handler\.zzz \(known: arch"):
+        ModelSpec.from_config({"arch": "x:Y", "zzz": 1})
+
+
+def test_labels_default_to_index_to_name(tmp_path):
+    from camserve.models import load_model_dir
+
+    (tmp_path / "model-config.yaml").write_text(
+        "handler:\n  arch: torchvision.models.resnet18\n  num_classes: 2\n  input_size: 64\n")
+    (tmp_path / "index_to_name.json").write_text(json.dumps({"0": "cat", "1": "dog"}))
+    loaded = load_model_dir(tmp_path)
+    assert loaded.labels == ["cat", "dog"] and loaded.layer == "layer4" and loaded.num_classes == 2
+    over = load_model_dir(tmp_path, overrides={"target_layer": "layer3"})
+    assert over.layer == "layer3" and over.spec.target_layer == "layer3"
+    with pytest.raises(ConfigError, match=r"handler\.target_layer"):
+        load_model_dir(tmp_path, overrides={"target_layer": "layer9"})
