@@ -58,8 +58,6 @@ from pathlib import Path
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
-import yaml
-
 if TYPE_CHECKING:  # torch and the core load when the model does (see CamModel.__setstate__)
     from .serving import BatchStats, CamService, RowResult
 
@@ -75,18 +73,14 @@ def _build_service(model_dir: Path, device: str) -> CamService:
     """The serving core for a model folder (its ``model-config.yaml`` ``handler:`` block)."""
     from .serving import CamService
 
-    cfg_path = model_dir / "model-config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    handler = (cfg or {}).get("handler")
-    return CamService.from_model_dir(model_dir, handler, device=device)
+    return CamService.from_model_dir(model_dir, device=device)
 
 
 def _run_rows(service: CamService, rows: Sequence[Any],
               explain_flags: Sequence[bool]) -> tuple[list[RowResult], BatchStats]:
     """Answer ``rows`` (TorchServe-style request rows) in one core call; one result per row."""
-    headers = ["True" if flag else None for flag in explain_flags]
-    results = service.handle_batch(rows, headers)
-    return results, service.last_stats
+    out = service.handle_batch(rows, list(explain_flags))
+    return out.results, out.stats
 
 
 # -- requests -> rows, answers -> bodies -------------------------------------------------------------
@@ -100,7 +94,7 @@ class AnswerError(Exception):
 
 
 def _request_error(message: str, code: int = 400, type: str = "InvalidRequest") -> AnswerError:
-    from .serving import RequestError
+    from .errors import RequestError
 
     return AnswerError(code, RequestError(message, code, type).to_body())
 
