@@ -132,7 +132,8 @@ def _sockets(procs: list[psutil.Process]) -> list[tuple[str, str, str]]:
     for p in procs:
         try:
             name = p.name()
-            conns = p.net_connections(kind="inet")
+            conns = (p.net_connections if hasattr(p, "net_connections")
+                     else p.connections)(kind="inet")  # older psutil
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         for cn in conns:
