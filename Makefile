@@ -85,3 +85,7 @@ bench-offline: install
 
 clean:
 	rm -rf model_store/*.mar demo/ .pytest_cache
+
+# -- Ray: the batch job through a private local Ray against the local job (camserve.onnx.ray) -------
+bench-ray: install
+	$(BIN)/python bench/ray.py

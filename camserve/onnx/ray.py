@@ -373,7 +373,10 @@ def build_dataset(items: Sequence[Item], plan: JobPlan, opts: RayOptions, batch_
         "abspath": [os.path.abspath(it.path) for it in items],
     })
     blocks = [table.slice(i, batch_size) for i in range(0, len(items), batch_size)]
+    # start the whole pool at once (a pool growing from its minimum loses the first batches'
+    # time on one actor); Ray Data shrinks it towards the minimum when actors idle
     strategy = ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1],
+                                          initial_size=actors[1],
                                           max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR)
     with warnings.catch_warnings():
         # Ray 2.60 names max_restarts/max_task_retries "deprecated" extra remote args, yet they
@@ -413,11 +416,14 @@ class RayJobError(RuntimeError):
     """The Ray side of the job failed (no cluster at the address, the pipeline failed)."""
 
 
-def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False) -> JobStats:
+def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False,
+                timings: Optional[dict[str, float]] = None) -> JobStats:
     """Explain every input image on Ray; the local job's contract (see the module docstring).
 
     UsageError for bad options, RayJobError when Ray fails; KeyboardInterrupt after closing
-    results.jsonl on whole lines (``--resume`` continues)."""
+    results.jsonl on whole lines (``--resume`` continues). ``timings``, when given, receives
+    ``connect`` (seconds to reach Ray), ``first`` (seconds from the job's start to the first result
+    block: listing, actor start-up, first batch) and ``first_rows`` (that block's rows)."""
     plan = plan_job(cfg)
     outputs = Outputs(cfg.out, cfg.resume)  # after everything that can fail on bad options
     counts: dict[str, int] = {}
@@ -430,6 +436,8 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False) -> JobS
         stats.skipped = counts.get("skipped", 0)
         if items:
             started = connect(opts.address, verbose)
+            if timings is not None:
+                timings["connect"] = time.perf_counter() - t0
             import ray
             from tqdm import tqdm
 
@@ -441,7 +449,7 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False) -> JobS
             show = (os.isatty(2) if cfg.progress is None else cfg.progress)
             bar = tqdm(total=len(items), unit="img", disable=not show, dynamic_ncols=True,
                        smoothing=0.1)
-            stats.providers = _drain(ds, items, outputs, bar)
+            stats.providers = _drain(ds, items, outputs, bar, t0, timings)
     except KeyboardInterrupt:
         log.warning("interrupted: %d images written to %s; run again with --resume to continue",
                     outputs.ok, outputs.out_dir / "results.jsonl")
@@ -464,7 +472,8 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False) -> JobS
     return stats
 
 
-def _drain(ds: Any, items: Sequence[Item], outputs: Outputs, bar: Any) -> list[str]:
+def _drain(ds: Any, items: Sequence[Item], outputs: Outputs, bar: Any, t0: float,
+           timings: Optional[dict[str, float]]) -> list[str]:
     """Append the result rows of ``ds`` as they stream in, each id once; the providers seen."""
     written: set[int] = set()
     providers: list[str] = []
@@ -488,6 +497,8 @@ def _drain(ds: Any, items: Sequence[Item], outputs: Outputs, bar: Any) -> list[s
                 outputs.error(Failed(items[i], str(err["type"]), str(err["reason"])))
         outputs.flush()
         bar.update(new)
+        if timings is not None and "first" not in timings:
+            timings["first"], timings["first_rows"] = time.perf_counter() - t0, new
     if duplicates:
         log.info("dropped %d rows of retried batches (already written)", duplicates)
     missing = len(items) - len(written)
