@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -215,9 +216,8 @@ def plan_job(cfg: JobConfig) -> JobPlan:
 def actor_resources() -> tuple[int, bool]:
     """(intra-op threads, has a GPU) of the calling Ray actor: the CPUs Ray assigned to it
     (at least 1) and whether Ray gave it a GPU. Outside Ray: (1, False)."""
-    import ray
-
-    if not ray.is_initialized():
+    ray = sys.modules.get("ray")  # in an actor ray is loaded; elsewhere do not import it
+    if ray is None or not ray.is_initialized():
         return 1, False
     assigned = ray.get_runtime_context().get_assigned_resources()
     return max(1, int(assigned.get("CPU", 1))), bool(ray.get_gpu_ids())
