@@ -8,10 +8,11 @@ Writes ``--images`` photo-like JPEGs (400-640 px), exports the default model's C
 * Ray, warm     — ``camserve.onnx.ray.run_ray_job`` on a private local Ray started once by this
                   script (the cost of a job on a running cluster: dataset, actor pool start-up,
                   one onnxruntime session per actor, the streaming pipeline);
-* Ray, streaming — the warm runs' rate after their first result block (steady state, without the
-                  per-job actor start-up);
 * Ray, cold     — ``python -m export.batch_cam ... --ray local`` as a user runs it: a new process
-                  that starts and stops its own Ray (wall time of the command).
+                  that starts and stops its own Ray (wall time of the command);
+* one actor     — from the warm runs: images per second of actor time (each batch's time inside
+                  the actor: decode, session, heatmaps, files) — the per-actor rate that the
+                  steady state of a pool of N actors multiplies, without the per-job start-up.
 
 Every run writes heatmap PNGs and results.jsonl to a fresh folder. The table gives medians over the
 rounds. Usage::
@@ -93,8 +94,8 @@ def _run(args: argparse.Namespace, work: Path) -> None:
     print(f"{args.images} JPEGs, graph {graph.name}, batch {args.batch_size}, {cpus} CPUs; "
           f"private Ray started in {time.perf_counter() - t0:.1f}s")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    rates: dict[str, list[float]] = {"local job": [], "Ray, warm": [], "Ray, streaming": [],
-                                     "Ray, cold": []}
+    rates: dict[str, list[float]] = {"local job": [], "Ray, warm": [], "Ray, cold": [],
+                                     "one actor": []}
     first: list[float] = []
     try:
         for r in range(args.rounds):
@@ -106,8 +107,7 @@ def _run(args: argparse.Namespace, work: Path) -> None:
             times: dict[str, float] = {}
             st = run_ray_job(cfg, RayOptions("local"), timings=times)  # reuses this process's Ray
             rates["Ray, warm"].append(st.ok / st.seconds)
-            rates["Ray, streaming"].append((st.ok - times["first_rows"])
-                                           / (st.seconds - times["first"]))
+            rates["one actor"].append(st.ok / times["actor_seconds"])
             first.append(times["first"])
             t = time.perf_counter()
             res = subprocess.run([sys.executable, "-m", "export.batch_cam", "--model", str(graph),
@@ -129,11 +129,15 @@ def _run(args: argparse.Namespace, work: Path) -> None:
     print(f"|{'-' * 16}|{'-' * 29}|-------------------|")
     for k, v in med.items():
         print(f"| {k:14} | {v:27.1f} | {v / base:17.3f} |")
+    actors = cpus  # the default pool on this node: one 1-CPU actor per CPU
     print(f"\nRay, warm: first results after {statistics.median(first):.1f}s (median: dataset, "
-          f"actor start-up, first batch); Ray, streaming: the rate after the first result block")
-    print(f"Ray 1-node / local job = {med['Ray, warm'] / base:.3f} (warm), "
-          f"{med['Ray, streaming'] / base:.3f} (streaming), "
-          f"{med['Ray, cold'] / base:.3f} (cold, including Ray start and stop)")
+          f"actor start-up, first batch). One actor: images per second of actor time (decode, "
+          f"session, heatmaps, files), 1 CPU; x {actors} actors = {med['one actor'] * actors:.1f} "
+          f"images/s once the pool runs")
+    print(f"Ray 1-node / local job = {med['Ray, warm'] / base:.3f} (warm: a job on a running Ray), "
+          f"{med['Ray, cold'] / base:.3f} (cold: --ray local, with Ray's start and stop), "
+          f"{med['one actor'] * actors / base:.3f} (steady state, {actors} actors x one actor's "
+          f"rate)")
 
 
 if __name__ == "__main__":

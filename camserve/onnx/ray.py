@@ -250,8 +250,9 @@ class CamBatchWorker:
     """The callable class of ``map_batches``: one onnxruntime session per actor.
 
     A batch is a dict of numpy columns ``id``, ``path``, ``name``, ``abspath``; the answer has one
-    row per input row: ``id``, ``ok`` (bool) and ``line`` (the JSON text of its results.jsonl or
-    errors.jsonl line). Files go to ``plan.out`` from here, not through the driver.
+    row per input row: ``id``, ``ok`` (bool), ``line`` (the JSON text of its results.jsonl or
+    errors.jsonl line), ``provider`` (the session's) and ``seconds`` (its share of the batch's
+    time in the actor). Files go to ``plan.out`` from here, not through the driver.
     """
 
     def __init__(self, plan: JobPlan) -> None:
@@ -276,6 +277,7 @@ class CamBatchWorker:
         return dataclasses.replace(out, item=item)  # the path as listed, in every record
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
         plan = self.plan
         ids = [int(v) for v in batch["id"]]
         items = [Item(str(p), str(n)) for p, n in zip(batch["path"], batch["name"])]
@@ -302,9 +304,11 @@ class CamBatchWorker:
                 line = base[k]
                 line["files"], line["bbox"] = finished[k]
                 lines[j], ok[j] = json.dumps(line, ensure_ascii=False), True
+        busy = (time.perf_counter() - t0) / max(1, len(ids))
         return {"id": np.asarray(ids, dtype=np.int64), "ok": ok,
                 "line": np.asarray(lines, dtype=object),
-                "provider": np.asarray([self.provider] * len(ids), dtype=object)}
+                "provider": np.asarray([self.provider] * len(ids), dtype=object),
+                "seconds": np.full(len(ids), busy)}
 
 
 # -- the driver ---------------------------------------------------------------------------------------
@@ -423,7 +427,8 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False,
     UsageError for bad options, RayJobError when Ray fails; KeyboardInterrupt after closing
     results.jsonl on whole lines (``--resume`` continues). ``timings``, when given, receives
     ``connect`` (seconds to reach Ray), ``first`` (seconds from the job's start to the first result
-    block: listing, actor start-up, first batch) and ``first_rows`` (that block's rows)."""
+    block: listing, actor start-up, first batch) and ``actor_seconds`` (the time the actors spent
+    on the written rows, summed over actors: ``stats.ok / actor_seconds`` is one actor's rate)."""
     plan = plan_job(cfg)
     outputs = Outputs(cfg.out, cfg.resume)  # after everything that can fail on bad options
     counts: dict[str, int] = {}
@@ -480,14 +485,16 @@ def _drain(ds: Any, items: Sequence[Item], outputs: Outputs, bar: Any, t0: float
     duplicates = 0
     for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         new = 0
-        for i, ok, text, provider in zip(block["id"], block["ok"], block["line"],
-                                         block["provider"]):
+        busy = 0.0
+        for i, ok, text, provider, seconds in zip(block["id"], block["ok"], block["line"],
+                                                  block["provider"], block["seconds"]):
             i = int(i)
             if i in written:
                 duplicates += 1
                 continue
             written.add(i)
             new += 1
+            busy += float(seconds)
             if provider not in providers:
                 providers.append(str(provider))
             if ok:
@@ -497,8 +504,9 @@ def _drain(ds: Any, items: Sequence[Item], outputs: Outputs, bar: Any, t0: float
                 outputs.error(Failed(items[i], str(err["type"]), str(err["reason"])))
         outputs.flush()
         bar.update(new)
-        if timings is not None and "first" not in timings:
-            timings["first"], timings["first_rows"] = time.perf_counter() - t0, new
+        if timings is not None:
+            timings.setdefault("first", time.perf_counter() - t0)
+            timings["actor_seconds"] = timings.get("actor_seconds", 0.0) + busy
     if duplicates:
         log.info("dropped %d rows of retried batches (already written)", duplicates)
     missing = len(items) - len(written)
