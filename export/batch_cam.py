@@ -521,7 +521,8 @@ def _parser() -> argparse.ArgumentParser:
                         "ray://HOST:PORT; inputs, graph and DIR must be on a filesystem every node "
                         "sees")
     r.add_argument("--actors", metavar="N|MIN,MAX",
-                   help="actor pool size, fixed or autoscaling (default: 1 up to what fits)")
+                   help="actor pool size, fixed or autoscaling (default: as many as fit, may "
+                        "shrink to 1)")
     r.add_argument("--cpus-per-actor", type=float, metavar="C",
                    help="CPUs per actor = its onnxruntime threads (default 1)")
     r.add_argument("--gpus-per-actor", type=float, metavar="G",

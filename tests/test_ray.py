@@ -80,6 +80,7 @@ def _descendants() -> list[psutil.Process]:
 def cluster() -> Iterator[str]:
     """A real two-node Ray cluster (1 CPU per node, no dashboard) on 127.0.0.1; its address.
     Stops it at the end, and any process it left behind, by PID."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
     saved = {k: os.environ.get(k) for k in RAY_ENV}
     os.environ.update(RAY_ENV)
     from ray._private import ray_constants
