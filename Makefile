@@ -102,3 +102,7 @@ serve-kserve: install
 
 bench-kserve: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/kserve.py
+
+# -- Ray: the batch job through a private local Ray against the local job (camserve.onnx.ray) -------
+bench-ray: install
+	$(BIN)/python bench/ray.py
