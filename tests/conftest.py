@@ -3,8 +3,10 @@
 Tiers (markers registered in pyproject.toml): ``zoo`` (model-zoo sweeps), ``torchserve`` (starts a
 real TorchServe), ``train`` (runs a training job), ``slow`` (anything else over a few seconds).
 ``make test-fast`` deselects the four; ``make test`` runs everything. Every test has a timeout
-(pytest-timeout): ``timeout`` in pyproject for the heavy tiers, :data:`FAST_TIMEOUT` for the rest,
-unless a test sets its own ``@pytest.mark.timeout``.
+(pytest-timeout, counting its fixtures' setup): ``timeout`` in pyproject (600 s) for the
+``torchserve``, ``train`` and ``slow`` tiers, :data:`ZOO_TIMEOUT` for ``zoo`` (a module fixture
+may export the whole zoo inside its first test), :data:`FAST_TIMEOUT` for the rest, unless a test
+sets its own ``@pytest.mark.timeout``.
 
 Fixtures:
 
@@ -43,13 +45,17 @@ SHAPES_DIR = ROOT / "models" / "shapes"
 SHAPES_LABELS = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
 TIERS = ("zoo", "torchserve", "train", "slow")
 FAST_TIMEOUT = 120  # s per test outside the heavy tiers (the whole fast tier runs in < 2 min)
+ZOO_TIMEOUT = 1800  # s: the first test of a zoo module may pay for exporting every architecture
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests outside the heavy tiers get the tighter :data:`FAST_TIMEOUT` (unless they set one)."""
+    """Per-tier timeouts (see the module docstring); a test's own ``timeout`` mark wins."""
     for item in items:
-        if item.get_closest_marker("timeout") is None and not any(
-                item.get_closest_marker(t) for t in TIERS):
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        if item.get_closest_marker("zoo"):
+            item.add_marker(pytest.mark.timeout(ZOO_TIMEOUT))
+        elif not any(item.get_closest_marker(t) for t in TIERS):
             item.add_marker(pytest.mark.timeout(FAST_TIMEOUT))
 
 

@@ -10,16 +10,10 @@ from PIL import Image
 from camserve.images import ImageError, decode_image, preprocess
 
 
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
-def test_formats_decode_to_rgb(fmt: str):
+def test_formats_decode_to_rgb(fmt: str, image_bytes):
     img = Image.new("RGB", (40, 30), (200, 20, 20))
-    out = decode_image(_encode(img, fmt))
+    out = decode_image(image_bytes(img, fmt=fmt))
     assert out.mode == "RGB" and out.size == (40, 30)
     assert np.asarray(out)[15, 20, 0] > 150
 
@@ -32,17 +26,17 @@ def test_gif_first_frame():
     assert px[0] > 200 and px[2] < 50
 
 
-def test_exif_orientation_applied():
+def test_exif_orientation_applied(image_bytes):
     img = Image.new("RGB", (40, 20), "white")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
-    out = decode_image(_encode(img, "JPEG", exif=exif.tobytes()))
+    out = decode_image(image_bytes(img, fmt="JPEG", exif=exif.tobytes()))
     assert out.size == (20, 40)
 
 
-def test_transparency_on_white():
+def test_transparency_on_white(image_bytes):
     img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    assert tuple(np.asarray(decode_image(_encode(img, "PNG")))[0, 0]) == (255, 255, 255)
+    assert tuple(np.asarray(decode_image(image_bytes(img, fmt="PNG")))[0, 0]) == (255, 255, 255)
 
 
 @pytest.mark.parametrize("data,match", [
@@ -55,16 +49,16 @@ def test_bad_data_is_400(data: bytes, match: str):
     assert ei.value.code == 400 and ei.value.type == "InvalidImage"
 
 
-def test_truncated_jpeg_is_400():
+def test_truncated_jpeg_is_400(image_bytes):
     rng = np.random.default_rng(0)
-    data = _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    data = image_bytes(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), fmt="JPEG")
     with pytest.raises(ImageError, match="truncated") as ei:
         decode_image(data[: len(data) // 2])
     assert ei.value.code == 400
 
 
-def test_pixel_limit_checked_before_decoding():
-    data = _encode(Image.new("L", (3000, 3000)), "PNG")  # 9 MP, compresses to a few KB
+def test_pixel_limit_checked_before_decoding(image_bytes):
+    data = image_bytes(Image.new("L", (3000, 3000)), fmt="PNG")  # 9 MP, compresses to a few KB
     with pytest.raises(ImageError, match="exceeds the limit of 1000000 pixels") as ei:
         decode_image(data, max_pixels=1_000_000)
     assert ei.value.code == 413 and ei.value.type == "ImageTooLarge"
