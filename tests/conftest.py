@@ -12,13 +12,13 @@ Fixtures:
 
 * ``repo_root``, ``shapes_dir`` (models/shapes), ``shapes_samples``, ``handler_file``;
 * ``image_bytes`` (any format), ``png``, ``jpeg``: encoded test images (flat colour, seeded noise,
-  or a given PIL image); ``open_image`` / ``decode_png``: bytes or base64 text back to an image /
-  array;
+  or a given PIL image); ``image_file``: the same written to a file; ``open_image`` /
+  ``decode_png``: bytes or base64 text back to an image / array;
 * ``tiny_net`` (frozen :class:`camserve.testing.nets.TinyNet`, 6 classes), ``tiny_bn_net``,
   ``calibrate_bn``; ``json_lines`` (a .jsonl file's objects);
 * ``model_folder``: a factory writing a model folder (model-config.yaml, weights, labels, model.py)
   under ``tmp_path``; ``shapes_folder``: the same for a randomly initialised ShapesNet with the
-  shapes config (overridable handler keys);
+  shapes config (overridable handler keys); ``shapes_config``: that config as a dict;
 * ``fake_context``: a factory of :class:`camserve.testing.context.FakeContext`.
 """
 from __future__ import annotations
@@ -132,6 +132,24 @@ def jpeg() -> Callable[..., bytes]:
     return functools.partial(encode_image, fmt="JPEG")
 
 
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF",
+            ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+@pytest.fixture(scope="session")
+def image_file() -> Callable[..., Path]:
+    """``image_file(path, *, size=(W, H), seed=0, mode="RGB", fmt=None, **kw) -> path``: an
+    encoded image written to ``path`` (parents created; the format from the suffix unless
+    ``fmt``); the content as :func:`image_bytes` (seeded noise by default)."""
+    def write(path: Path, *, fmt: Optional[str] = None, seed: Optional[int] = 0, **kw: Any) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_image(fmt=fmt or _FORMATS.get(path.suffix.lower(), "PNG"),
+                                      seed=seed, **kw))
+        return path
+    return write
+
+
 @pytest.fixture(scope="session")
 def open_image() -> Callable[[bytes | str], Image.Image]:
     """Encoded bytes, or base64 text as in a JSON answer, -> a loaded PIL image."""
@@ -215,6 +233,14 @@ def model_folder(tmp_path: Path) -> Callable[..., Path]:
         return write_model_folder(tmp_path / name, model, TINY_HANDLER if handler is None else handler,
                                   labels=labels, model_py=model_py, config=config)
     return make
+
+
+@pytest.fixture(scope="session")
+def shapes_config() -> Callable[..., dict[str, Any]]:
+    """``shapes_config(**handler_over) -> dict``: a whole model-config.yaml document for the shapes
+    model (``batchSize: 8``, ``maxBatchDelay: 100``, :func:`shapes_handler` with ``handler_over``;
+    ``None`` removes a key), e.g. for ``fake_context(folder, model_yaml_config=...)``."""
+    return lambda **over: {"batchSize": 8, "maxBatchDelay": 100, "handler": shapes_handler(**over)}
 
 
 @pytest.fixture()

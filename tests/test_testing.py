@@ -236,3 +236,15 @@ def test_image_fixtures_round_trip(png, jpeg, decode_png, open_image) -> None:
     assert (decode_png(base64.b64encode(png(seed=3, size=(20, 10))).decode()) == a).all()
     assert open_image(jpeg(color=(0, 0, 255))).format == "JPEG"
     assert decode_png(png(mode="L")).ndim == 2
+
+
+def test_image_file_takes_the_format_from_the_suffix(image_file, open_image, tmp_path: Path) -> None:
+    path = image_file(tmp_path / "sub" / "a.jpg", size=(30, 20), mode="L")
+    img = open_image(path.read_bytes())
+    assert img.format == "JPEG" and img.size == (30, 20) and img.mode == "L"
+
+
+def test_shapes_config_removes_keys_given_none(shapes_config) -> None:
+    cfg = shapes_config(target_layer=None, topk=1)
+    assert cfg["batchSize"] == 8 and "target_layer" not in cfg["handler"]
+    assert cfg["handler"]["topk"] == 1 and cfg["handler"]["arch"] == "model:ShapesNet"
