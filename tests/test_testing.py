@@ -114,7 +114,7 @@ def test_context_headers_status_and_content_type_are_per_row() -> None:
 
 
 def test_context_refuses_headers_before_a_batch() -> None:
-    with pytest.raises(RuntimeError, match="set_requests"):
+    with pytest.raises(TypeError, match="set_requests"):
         FakeContext("/m", model_yaml_config={}).get_request_header(0, "explain")
 
 

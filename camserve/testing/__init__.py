@@ -8,5 +8,8 @@ Not imported by :mod:`camserve`; each module is imported on its own, and only
 * :mod:`camserve.testing.context`: a fake TorchServe context (system properties, manifest, model
   config, per-row request headers, per-row response status and content type, recorded metrics);
 * :mod:`camserve.testing.handler`: load a handler file the way TorchServe 0.12's model loader does;
-* :mod:`camserve.testing.nets`: tiny networks for tests and BatchNorm calibration of random nets.
+* :mod:`camserve.testing.nets`: tiny networks for tests and BatchNorm calibration of random nets;
+* :mod:`camserve.testing.hostile`: a corpus of hostile image files with their expected outcomes.
+
+None of it is part of the public API.
 """

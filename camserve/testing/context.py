@@ -193,9 +193,9 @@ class FakeContext:
         self.request_ids = {i: f"req-{i}" for i in range(len(headers))}
 
     def _row(self, idx: int) -> FakeRequest:
-        if self.request_processor is None:
-            raise RuntimeError("FakeContext: no requests yet (call set_requests with one header "
-                               "mapping per row first)")
+        if self.request_processor is None:  # TorchServe's Context raises TypeError here too
+            raise TypeError("FakeContext: no requests yet (call set_requests with one header "
+                            "mapping per row first)")
         return self.request_processor[idx]
 
     def get_request_id(self, idx: int = 0) -> Optional[str]:
