@@ -192,9 +192,22 @@ def test_loader_refuses_a_missing_file(tmp_path: Path) -> None:
 
 
 def test_the_project_handler_loads_as_torchserve_would(handler_file: Path) -> None:
-    pytest.importorskip("ts", reason="the handler module may import TorchServe")
     entry = load_handler(handler_file, initialize=False)
     assert entry.module.__name__ == "gradcam_handler" and entry.instance is not None
+
+
+def test_the_project_handler_answers_over_the_fake_context(handler_file: Path, shapes_folder,
+                                                           fake_context, png) -> None:
+    ctx = fake_context(shapes_folder(), model_name="shapes")
+    handler = load_handler(handler_file, ctx).instance
+    ctx.set_requests([{"explain": "True"}, {"explain": "False"}, {}])
+    out = handler.handle([{"body": png(seed=1, size=(96, 96))}, {"body": png(seed=2)},
+                          {"body": b"not an image"}], ctx)
+    assert [s for s, _ in ctx.statuses()] == [200, 200, 400]
+    assert ctx.content_types() == ["application/json"] * 3
+    assert ['"explanations"' in o for o in out] == [True, False, False]
+    assert ctx.metrics.values("CamExplainedRows") == [1]
+    assert ctx.metrics.values("CamRequestErrors") == [1]
 
 
 # -- nets and model folders -------------------------------------------------------------------------
