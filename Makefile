@@ -98,3 +98,20 @@ bench-offline: install
 
 clean:
 	rm -rf model_store/*.mar demo/ .pytest_cache
+
+# -- KServe: TorchServe storage layout, native predictor, side-by-side benchmark --------------------
+# make kserve-layout [MODEL=models/shapes] [NAME=shapes] -> build/kserve/NAME/ (printed)
+# make serve-kserve [MODEL=models/shapes] [KSERVE_ARGS="--http-port 8085"]
+NAME ?=
+KSERVE_ARGS ?=
+
+.PHONY: kserve-layout serve-kserve bench-kserve
+
+kserve-layout: install
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/kserve_layout.py $(MODEL) $(if $(NAME),--name $(NAME)) --out build/kserve
+
+serve-kserve: install
+	$(BIN)/python -m camserve.kserve $(MODEL) $(KSERVE_ARGS)
+
+bench-kserve: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/kserve.py
