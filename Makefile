@@ -108,14 +108,14 @@ KSERVE_ARGS ?=
 .PHONY: kserve-layout serve-kserve bench-kserve
 
 kserve-layout: install
-	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/kserve_layout.py $(MODEL) $(if $(NAME),--name $(NAME)) --out build/kserve
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.kserve_layout $(MODEL) $(if $(NAME),--name $(NAME)) --out build/kserve
 
 serve-kserve: install
 	$(BIN)/python -m camserve.kserve $(MODEL) $(KSERVE_ARGS)
 
 bench-kserve: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/kserve.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.kserve
 
 # -- Ray: the batch job through a private local Ray against the local job (camserve.onnx.ray) -------
 bench-ray: install
-	$(BIN)/python bench/ray.py
+	$(BIN)/python -m bench.ray

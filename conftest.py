@@ -15,7 +15,6 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "camserve/kserve.py": ("kserve",),
     "camserve/client.py": ("requests",),
     "camserve/testing/torchserve.py": ("requests",),
-    "camserve/localserver.py": ("requests",),
     "camserve/timm*.py": ("timm",),
     "camserve/hf*.py": ("transformers",),
 }

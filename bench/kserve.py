@@ -34,11 +34,10 @@ import requests
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from camserve.kserve import LocalPredictor
+from camserve.testing.torchserve import LocalTorchServe, archive
 
-from camserve.kserve import LocalPredictor  # noqa: E402
-from camserve.localserver import LocalTorchServe, archive  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = ROOT / "models" / "shapes"
 

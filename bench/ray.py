@@ -37,12 +37,10 @@ from PIL import Image, ImageDraw
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# ``python bench/ray.py`` puts bench/ first on sys.path, where this file would shadow the ray package
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the private Ray on loopback
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from camserve.onnx.ray import RayOptions, connect, disconnect, run_ray_job  # noqa: E402
+from camserve.onnx.ray import RayOptions, connect, disconnect, run_ray_job  # noqa: E402  (after the env)
 from export.batch_cam import JobConfig, default_threads, run_job  # noqa: E402
 
 

@@ -521,7 +521,7 @@ class LocalPredictor:
     def __init__(self, model_dir: str | Path, name: str = "shapes", args: Sequence[str] = (),
                  log_path: Optional[Path] = None, ready_timeout: float = 180.0,
                  env: Optional[Mapping[str, str]] = None) -> None:
-        from .localserver import free_ports
+        from .testing.torchserve import free_ports
 
         self.http_port, self.grpc_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.http_port}"

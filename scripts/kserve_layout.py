@@ -41,10 +41,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from camserve.testing.torchserve import archive
 
-from camserve.localserver import archive  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 HANDLER = ROOT / "handler" / "gradcam_handler.py"
 SNAPSHOT_KEYS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 100,

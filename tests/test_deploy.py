@@ -175,9 +175,9 @@ def _properties(path: Path) -> dict[str, str]:
 def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("layout")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kserve_layout.py"),
+    proc = subprocess.run([sys.executable, "-m", "scripts.kserve_layout",
                            str(MODEL_DIR), "--name", "camshapes", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     root = Path(proc.stdout.strip().splitlines()[-1])
     assert root == out / "camshapes"
@@ -208,9 +208,9 @@ def test_layout_files_and_settings(layout: Path) -> None:
 
 
 def test_layout_refuses_a_folder_without_config(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kserve_layout.py"),
+    proc = subprocess.run([sys.executable, "-m", "scripts.kserve_layout",
                            str(tmp_path), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "model-config.yaml is missing" in proc.stderr
 
 
@@ -219,7 +219,7 @@ def torchserve_kserve(layout: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """TorchServe started with the ServingRuntime's args against the layout; its URL."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.skip("Java is not installed: TorchServe's frontend needs Java 17+")
-    from camserve.localserver import free_ports, tail
+    from camserve.testing.torchserve import free_ports, tail
 
     home = tmp_path_factory.mktemp("ts_kserve")
     inf, mgmt, met, g1, g2 = free_ports(5)
