@@ -82,9 +82,6 @@ DEFAULT_NOISE = 0.01
 BLUR_KERNEL = 11
 BLUR_SIGMA = 5.0
 
-# Weights of the 8 neighbours in ROAD's linear imputation (Rong et al. 2022): 1/6 for the 4 edge
-# neighbours, 1/12 for the 4 corners (they sum to 1).
-_NEIGHBOURS = ((1 / 12, 1 / 6, 1 / 12), (1 / 6, 0.0, 1 / 6), (1 / 12, 1 / 6, 1 / 12))
 
 
 def _cut(value: object) -> str:
@@ -396,6 +393,17 @@ def insertion(model_fn: ModelFn, x: torch.Tensor, maps: torch.Tensor, targets: T
 # ROAD (Rong et al. 2022)
 
 
+def _neighbour_sum(t: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of the 8 neighbours of every pixel of (N, 1, H, W), zero outside the image, with
+    ROAD's weights (Rong et al. 2022): 1/6 for the 4 edge neighbours, 1/12 for the 4 corners (they
+    sum to 1). Shifted slices rather than a 3×3 convolution: faster on CPU in float64."""
+    h, w = t.shape[-2:]
+    p = F.pad(t, (1, 1, 1, 1))
+    edges = p[..., 1:h + 1, 0:w] + p[..., 1:h + 1, 2:w + 2] + p[..., 0:h, 1:w + 1] + p[..., 2:h + 2, 1:w + 1]
+    corners = p[..., 0:h, 0:w] + p[..., 0:h, 2:w + 2] + p[..., 2:h + 2, 0:w] + p[..., 2:h + 2, 2:w + 2]
+    return edges / 6 + corners / 12
+
+
 def impute_linear(x: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.0,
                   generator: Optional[torch.Generator] = None, tol: float = 1e-6,
                   max_iter: int = 5000) -> torch.Tensor:
@@ -404,7 +412,7 @@ def impute_linear(x: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.0,
     Each removed pixel becomes the weighted mean of its in-image 8 neighbours (weights 1/6 for the
     edge and 1/12 for the corner neighbours, renormalised at the border), removed neighbours being
     unknowns too: one sparse symmetric positive definite linear system per image and channel,
-    solved here by batched conjugate gradients in float64 (3×3 convolutions on the device) until
+    solved here by batched conjugate gradients in float64 (a 3×3 stencil on the device) until
     every relative residual is below ``tol``. Then ``noise * N(0, 1)`` is added to the imputed
     pixels (ROAD: 0.01, in ``x``'s units). Kept pixels are returned unchanged.
 
@@ -420,11 +428,7 @@ def impute_linear(x: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.0,
     if removed.shape != (b, h, w):
         raise ValueError(f"invalid value for removed: expected shape {(b, h, w)}, got {tuple(removed.shape)}")
     dt = torch.float64
-    kern = torch.tensor(_NEIGHBOURS, dtype=dt, device=x.device).view(1, 1, 3, 3)
-
-    def conv(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kern, padding=1)
-
+    conv = _neighbour_sum
     xx = x.detach().to(dt).reshape(b * c, 1, h, w)
     m = removed.to(device=x.device, dtype=dt)[:, None].expand(b, c, h, w).reshape(b * c, 1, h, w)
     s = conv(torch.ones(1, 1, h, w, dtype=dt, device=x.device))   # in-image neighbour weights
@@ -507,7 +511,8 @@ def road(model_fn: ModelFn, x: torch.Tensor, maps: torch.Tensor, targets: Target
     tested); with noise the two differ by their random draws only.
 
     Cost: ``len(percentiles) + 1`` forward passes per image (``len(percentiles)`` with
-    ``reference``) plus the imputation, tens to hundreds of 3×3 convolutions per percentile.
+    ``reference``) plus the imputation, tens to hundreds of conjugate-gradient steps (a 3×3 stencil over the
+    batch in float64) per percentile.
 
     Example::
 
