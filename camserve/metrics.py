@@ -513,26 +513,31 @@ def impute_linear(x: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.0,
 
 
 def road_masks(maps: torch.Tensor, percent: float, order: str) -> torch.Tensor:
-    """Pixels ROAD removes at ``percent`` % (B, H, W bool). ``"morf"``: pixels whose map value is
-    >= the map's ``100 - percent``-th percentile (linear interpolation, like ``numpy.percentile``);
-    ``"lerf"``: the same on the negated map. pytorch-grad-cam's ``percentile=q`` thresholds the
-    same way, so its ``ROADMostRelevantFirst(q)`` removes ``percent = 100 - q`` here.
+    """Pixels ROAD removes at ``percent`` % (B, H, W bool): the ``k = floor((N - 1) * percent /
+    100) + 1`` first of the N pixels in the map's order, most relevant first for ``"morf"``, least
+    relevant first for ``"lerf"``, ties in raster order (:func:`relevance_rank`).
+
+    ``k`` is the number of values at or above ``numpy.percentile(map, 100 - percent)``, the
+    threshold pytorch-grad-cam uses (its ``ROADMostRelevantFirst(q)`` removes ``percent = 100 - q``
+    here), so both remove the same pixels when no tie straddles the threshold. With ties (the zeros
+    of a ReLU'd CAM) that threshold removes every tied pixel — up to the whole image, a singular
+    imputation — while here exactly ``k`` are removed.
 
     Example::
 
         >>> m = torch.arange(10.).view(1, 2, 5)
         >>> road_masks(m, 20, "morf").sum().item(), road_masks(m, 20, "lerf")[0, 0, :2].tolist()
         (2, [True, True])
+        >>> road_masks(torch.zeros(1, 4, 5), 90, "morf").sum().item()
+        18
     """
     if order not in ("morf", "lerf"):
         raise ValueError(f"invalid value for order: {_cut(order)} (allowed: 'morf', 'lerf')")
-    if not 0 < percent < 100:
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent < 100:
         raise ValueError(f"invalid value for percentile: {_cut(percent)} (0 < p < 100)")
-    flat = maps.reshape(maps.shape[0], -1).to(torch.float64)
-    if order == "lerf":
-        flat = -flat
-    thr = torch.quantile(flat, 1 - percent / 100, dim=1, keepdim=True)
-    return (flat >= thr).view(maps.shape)
+    n = maps.shape[-2] * maps.shape[-1]
+    k = math.floor((n - 1) * percent / 100) + 1
+    return relevance_rank(maps if order == "morf" else -maps) < k
 
 
 @dataclass(frozen=True)
@@ -560,8 +565,9 @@ def road(model_fn: ModelFn, x: torch.Tensor, maps: torch.Tensor, targets: Target
 
     Parity: equals pytorch-grad-cam 1.5.7's ``PerturbationConfidenceMetric(RemoveMostRelevantFirst(
     100 - p, NoisyLinearImputer(noise=0)))`` with ``ClassifierOutputSoftmaxTarget`` (and the LeRF
-    pair) to 1e-5 in probability with noise 0 (its sparse direct solve vs conjugate gradients here,
-    tested); with noise the two differ by their random draws only.
+    pair) to 1e-5 in probability with noise 0 for maps without ties at the thresholds (its sparse
+    direct solve vs conjugate gradients here; tested); with noise the two differ by their random
+    draws; with ties see :func:`road_masks` (pytorch-grad-cam may then remove the whole image).
 
     Cost: ``len(percentiles) + 1`` forward passes per image (``len(percentiles)`` with
     ``reference``) plus the imputation: a few tens of preconditioned conjugate-gradient steps (a

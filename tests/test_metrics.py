@@ -176,8 +176,8 @@ def test_impute_linear_matches_sparse_solve():
 
 @pytest.mark.parametrize("order", ["morf", "lerf"])
 def test_road_parity_with_pytorch_grad_cam(order):
-    """20x20 images: (400 - 1) * q is never an integer for q in 0.1..0.9, so the thresholds fall
-    strictly between map values and both implementations remove the same pixels."""
+    """Maps without ties: pytorch-grad-cam's percentile thresholds and the pixel counts here remove
+    the same pixels; the imputations agree to the solver's tolerance."""
     pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.metrics.perturbation_confidence import (PerturbationConfidenceMetric,
                                                                   RemoveLeastRelevantFirst,
@@ -433,3 +433,16 @@ def test_gradcam_beats_random_on_the_default_model():
     base = M.summarize(M.compute_metrics(model, x, rnd, labels, keys=keys, boxes=boxes, steps=16))
     assert ours["deletion"] < base["deletion"] and ours["insertion"] > base["insertion"], (ours, base)
     assert ours["energy_in_box"] > base["energy_in_box"] and ours["pointing_game"] >= 0.75
+
+
+def test_road_with_tied_zeros_removes_the_stated_share():
+    """A ReLU'd CAM is mostly zeros: thresholding at a percentile would remove every tied pixel
+    (the whole image at 90 %); ROAD here removes exactly the stated share and stays finite."""
+    m = torch.zeros(2, 10, 10)
+    m[:, 2:4, 2:4] = torch.rand(2, 2, 2) + 0.5
+    removed = M.road_masks(m, 90, "morf")
+    assert removed.sum(dim=(1, 2)).tolist() == [90, 90]
+    assert removed[:, 2:4, 2:4].all()
+    x = torch.randn(2, 3, 10, 10)
+    res = M.road(_small_cnn(), x, m, [0, 1], order="morf", noise=0.0)
+    assert torch.isfinite(res.probs).all()
