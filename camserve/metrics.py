@@ -397,12 +397,15 @@ def insertion(model_fn: ModelFn, x: torch.Tensor, maps: torch.Tensor, targets: T
 def _neighbour_sum(t: torch.Tensor) -> torch.Tensor:
     """Weighted sum of the 8 neighbours of every pixel of (N, 1, H, W), zero outside the image, with
     ROAD's weights (Rong et al. 2022): 1/6 for the 4 edge neighbours, 1/12 for the 4 corners (they
-    sum to 1). Shifted slices rather than a 3×3 convolution: faster on CPU in float64."""
-    h, w = t.shape[-2:]
-    p = F.pad(t, (1, 1, 1, 1))
-    edges = p[..., 1:h + 1, 0:w] + p[..., 1:h + 1, 2:w + 2] + p[..., 0:h, 1:w + 1] + p[..., 2:h + 2, 1:w + 1]
-    corners = p[..., 0:h, 0:w] + p[..., 0:h, 2:w + 2] + p[..., 2:h + 2, 0:w] + p[..., 2:h + 2, 2:w + 2]
-    return edges / 6 + corners / 12
+    sum to 1). The kernel is ``([1, 2, 1]^T [1, 2, 1] - 4 delta) / 12``: two separable passes of
+    in-place slice additions, cheaper on CPU than a 3×3 convolution in float64."""
+    v = t * 2
+    v[..., 1:, :] += t[..., :-1, :]
+    v[..., :-1, :] += t[..., 1:, :]
+    out = v * 2
+    out[..., :, 1:] += v[..., :, :-1]
+    out[..., :, :-1] += v[..., :, 1:]
+    return out.sub_(t, alpha=4).div_(12)
 
 
 _OFFSETS = ((-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12), (0, -1, 1 / 6), (0, 1, 1 / 6),
@@ -432,21 +435,22 @@ class _CoarseCorrection:
             ac.scatter_add_(1, idx.reshape(1, -1).expand(b, -1), (-wt * pair).reshape(b, -1))
         ac = ac.view(b, k, k)
         ac = ac + torch.diag_embed((ac.diagonal(dim1=1, dim2=2) <= 0).to(ac.dtype))   # empty blocks
-        self.chol, info = torch.linalg.cholesky_ex(ac)
+        chol, info = torch.linalg.cholesky_ex(ac)
         self.ok = bool((info == 0).all())
+        self.inv = torch.cholesky_inverse(chol) if self.ok else None
         if not self.ok:
             log.warning("impute_linear: coarse system not positive definite; Jacobi only")
 
     def __call__(self, r: torch.Tensor, m: torch.Tensor, dinv: torch.Tensor) -> torch.Tensor:
         z = dinv * r
-        if not self.ok:
+        if self.inv is None:
             return z
-        n, b = r.shape[0], self.chol.shape[0]
-        rc = F.avg_pool2d(r, self.block, ceil_mode=True, divisor_override=1)
-        ec = torch.cholesky_solve(rc.reshape(b, n // b, -1).transpose(1, 2), self.chol).transpose(1, 2)
-        ec = ec.reshape(n, 1, self.gh, self.gw).repeat_interleave(self.block, -2)
-        ec = ec.repeat_interleave(self.block, -1)[..., :self.h, :self.w]
-        return z + m * ec
+        n, b, bl = r.shape[0], self.inv.shape[0], self.block
+        rc = F.avg_pool2d(r, bl, ceil_mode=True, divisor_override=1)
+        ec = torch.bmm(self.inv, rc.reshape(b, n // b, -1).transpose(1, 2)).transpose(1, 2)
+        ec = ec.reshape(n, 1, self.gh, 1, self.gw, 1).expand(n, 1, self.gh, bl, self.gw, bl)
+        ec = ec.reshape(n, 1, self.gh * bl, self.gw * bl)[..., :self.h, :self.w]
+        return z.addcmul_(m, ec)
 
 
 def impute_linear(x: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.0,
@@ -492,15 +496,15 @@ def impute_linear(x: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.0,
     scale = (rhs * rhs).sum((1, 2, 3), keepdim=True).clamp_min(1e-300)
     tiny = torch.finfo(dt).tiny
     for it in range(1, max_iter + 1):
-        ap = m * (s * p - conv(p))
+        ap = conv(p).sub_(s * p).mul_(m).neg_()                  # A p = m (s p - N p)
         alpha = rz / (p * ap).sum((1, 2, 3), keepdim=True).clamp_min(tiny)
-        u = u + alpha * p
-        r = r - alpha * ap
+        u.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1)
         if it % 5 == 0 and bool((((r * r).sum((1, 2, 3), keepdim=True) / scale).max().sqrt() < tol)):
             break
         z = prec(r, m, dinv)
         rz_new = (r * z).sum((1, 2, 3), keepdim=True)
-        p = z + (rz_new / rz.clamp_min(tiny)) * p
+        p = z.addcmul_(rz_new / rz.clamp_min(tiny), p)
         rz = rz_new
     else:
         log.warning("impute_linear: no convergence to %g in %d iterations", tol, max_iter)
