@@ -1,4 +1,6 @@
 # camserve — the two commands are `make serve` and `make test`; everything else is on the way there.
+# Python entry points run as modules from the repository root (python -m tools.shapes, scripts.serve,
+# bench.X, export.X): no sys.path edits anywhere.
 SHELL := /bin/bash
 PY    ?= python3.11
 VENV  := .venv
@@ -9,30 +11,41 @@ SEED  ?= 1234
 N     ?= 16
 OUT   ?= samples_out
 
-.PHONY: install test train evaluate samples bench-engine archive serve stop demo export batch bench-serve bench-offline clean
+# Test tiers: the markers registered in pyproject.toml. `make test` runs everything (and is what
+# .ci/run calls); `make test-fast` leaves out the four heavy tiers. Both run the docstring examples
+# of the installed package and of tools/ (doctests of modules whose extra is missing are skipped by
+# conftest.py).
+PYTEST      = $(BIN)/python -m pytest -q
+TEST_PATHS  = tests camserve tools --doctest-modules
+FAST_MARKS  = not zoo and not torchserve and not train and not slow
+
+.PHONY: install test test-fast train evaluate samples bench-engine archive serve stop demo export batch bench-serve bench-offline clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (camserve needs Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all]'
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) $(TEST_PATHS)
+
+test-fast: install
+	$(PYTEST) $(TEST_PATHS) -m "$(FAST_MARKS)"
 
 train: install
-	$(BIN)/python -m camserve.shapes train --out $(MODEL)
+	$(BIN)/python -m tools.shapes train --out $(MODEL)
 
 evaluate: install
-	$(BIN)/python -m camserve.shapes evaluate --model $(MODEL) --seed $(SEED)
+	$(BIN)/python -m tools.shapes evaluate --model $(MODEL) --seed $(SEED)
 
 samples: install
-	$(BIN)/python -m camserve.shapes samples --seed $(SEED) --n $(N) --out $(OUT)
+	$(BIN)/python -m tools.shapes samples --seed $(SEED) --n $(N) --out $(OUT)
 
 bench-engine: install
-	$(BIN)/python bench/engine.py
+	$(BIN)/python -m bench.engine
 
 # -- TorchServe: archive, serve, stop, demo, serving benchmark ---------------------------------------
 MAR := model_store/shapes.mar
@@ -50,16 +63,16 @@ $(MODEL)/weights.pt $(MODEL)/index_to_name.json:
 	@echo "error: $@ is missing: train the default model first (make train)"; exit 1
 
 serve: archive
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/serve.py start
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve start
 
 stop: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/serve.py stop
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve stop
 
 demo: archive
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/serve.py demo
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve demo
 
 bench-serve: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/serve.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.serve
 
 # -- ONNX companion: export a CAM graph, explain folders offline, benchmark ------------------------
 # make export [MODEL=models/shapes] [METHODS=gradcam,gradcam++] -> model_store/shapes.cam.onnx
@@ -81,10 +94,31 @@ batch: install $(CAM_ONNX)
 	$(BIN)/python -m export.batch_cam --model $(CAM_ONNX) $(INPUT) --out $(BATCH_OUT) $(BATCH_ARGS)
 
 bench-offline: install
-	$(BIN)/python bench/offline.py
+	$(BIN)/python -m bench.offline
 
 clean:
 	rm -rf model_store/*.mar demo/ .pytest_cache
+
+# -- KServe: TorchServe storage layout, native predictor, side-by-side benchmark --------------------
+# make kserve-layout [MODEL=models/shapes] [NAME=shapes] -> build/kserve/NAME/ (printed)
+# make serve-kserve [MODEL=models/shapes] [KSERVE_ARGS="--http-port 8085"]
+NAME ?=
+KSERVE_ARGS ?=
+
+.PHONY: kserve-layout serve-kserve bench-kserve
+
+kserve-layout: install
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.kserve_layout $(MODEL) $(if $(NAME),--name $(NAME)) --out build/kserve
+
+serve-kserve: install
+	$(BIN)/python -m camserve.kserve $(MODEL) $(KSERVE_ARGS)
+
+bench-kserve: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.kserve
+
+# -- Ray: the batch job through a private local Ray against the local job (camserve.onnx.ray) -------
+bench-ray: install
+	$(BIN)/python -m bench.ray
 
 # Soak and worker-kill benchmark against a private TorchServe (SOAK_ARGS: -n, -c, --kill-requests,
 # --json); then the worst requests the default work budget allows, each in a fresh process

@@ -1,19 +1,20 @@
 """Handler-level batch path: explain vs predict, timed inside one process (no TorchServe server).
 
-The TorchServe handler runs over a fake context (TorchServe's own ``Context`` and
-``RequestProcessor``), exactly as a worker would call it: decode, preprocess, one forward, CAM,
-maps to uint8 on the device, one device-to-host copy, PNG encoding. Each batch is either all
-predict-only rows or all explain rows; the ratio is explain throughput / predict throughput.
+The TorchServe handler is loaded as a worker loads it (:mod:`camserve.testing.handler`) and runs
+over a fake TorchServe context (:mod:`camserve.testing.context`: per-row request headers, status
+and content type), exactly as a worker would call it: decode, preprocess, one forward, CAM, maps to
+uint8 on the device, one device-to-host copy, PNG encoding. Each batch is either all predict-only
+rows or all explain rows; the ratio is explain throughput / predict throughput. From the
+repository root::
 
-    python bench/gpu_handler.py --device cuda            # a GPU worker (gpu_id 0)
-    python bench/gpu_handler.py --device cpu --model resnet50 --batches 5
+    python -m bench.gpu_handler --device cuda            # a GPU worker (gpu_id 0)
+    python -m bench.gpu_handler --device cpu --model resnet50 --batches 5
 
 Models: ``shapes`` (models/shapes) or ``resnet50`` (torchvision, random weights, 224×224).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import platform
@@ -26,32 +27,14 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
+from camserve.testing.context import FakeContext
+from camserve.testing.handler import load_handler
+from camserve.testing.nets import write_model_folder
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ts.context import Context, RequestProcessor  # noqa: E402
-
-
-class _Metrics:
-    """Discards the handler's metrics."""
-
-    def add_time(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def add_counter(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-def load_handler_class() -> type:
-    spec = importlib.util.spec_from_file_location("gradcam_handler",
-                                                  ROOT / "handler" / "gradcam_handler.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gradcam_handler"] = mod
-    spec.loader.exec_module(mod)
-    return mod.GradCamHandler
+HANDLER = ROOT / "handler" / "gradcam_handler.py"
 
 
 def resnet50_dir(tmp: Path) -> Path:
@@ -59,18 +42,13 @@ def resnet50_dir(tmp: Path) -> Path:
     import torchvision
 
     torch.manual_seed(0)
-    torch.save(torchvision.models.resnet50().state_dict(), tmp / "weights.pt")
-    (tmp / "model-config.yaml").write_text(yaml.safe_dump({"handler": {
+    return write_model_folder(tmp, torchvision.models.resnet50(), {
         "arch": "torchvision.models.resnet50", "num_classes": 1000, "weights": "weights.pt",
-        "target_layer": "layer4", "input_size": 224, "topk": 5, "outputs": ["heatmap", "bbox"]}}))
-    return tmp
+        "target_layer": "layer4", "input_size": 224, "topk": 5, "outputs": ["heatmap", "bbox"]})
 
 
-def make_context(model_dir: Path, gpu: Optional[int], batch: int) -> Context:
-    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
-    manifest = {"model": {"modelName": "bench", "serializedFile": "weights.pt"}}
-    return Context("bench", str(model_dir), manifest, batch, gpu, "0.12.0", metrics=_Metrics(),
-                   model_yaml_config=config)
+def make_context(model_dir: Path, gpu: Optional[int], batch: int) -> FakeContext:
+    return FakeContext(model_dir, model_name="bench", batch_size=batch, gpu_id=gpu)
 
 
 def images(n: int, size: tuple[int, int]) -> list[bytes]:
@@ -89,13 +67,13 @@ def images(n: int, size: tuple[int, int]) -> list[bytes]:
     return out
 
 
-def time_batches(handler: Any, ctx: Context, batch: list[bytes], explain: bool, n: int,
+def time_batches(handler: Any, ctx: FakeContext, batch: list[bytes], explain: bool, n: int,
                  sync: bool) -> list[float]:
     rows = [{"body": b} for b in batch]
     times = []
     for _ in range(n):
-        ctx.request_processor = [RequestProcessor({"explain": "True" if explain else "False"})
-                                 for _ in rows]
+        ctx.set_requests([{"explain": "True" if explain else "False"} for _ in rows])
+        ctx.metrics.clear()
         t0 = time.perf_counter()
         out = handler.handle(rows, ctx)
         if sync:
@@ -127,9 +105,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         model_dir = args.shapes_dir if args.model == "shapes" else resnet50_dir(Path(tmp))
         default = (96, 96) if args.model == "shapes" else (640, 480)
         size = tuple(args.image_size) if args.image_size else default
-        handler = load_handler_class()()
         ctx = make_context(model_dir, gpu, args.batch)
-        handler.initialize(ctx)
+        handler = load_handler(HANDLER, ctx).instance
         batch = images(args.batch, size)  # type: ignore[arg-type]
         sync = args.device == "cuda"
         for explain in (False, True):

@@ -12,8 +12,8 @@ models, each one worker:
 8 concurrent clients (loopback only) send a bounded number of requests per mode; the table gives
 req/s and p50/p99 latency, explain/predict as a ratio, and camserve explain vs the stock explain.
 
-    python bench/serve.py                 # make bench-serve
-    python bench/serve.py --requests 40 --stock-requests 8
+    python -m bench.serve                 # make bench-serve (from the repository root)
+    python -m bench.serve --requests 40 --stock-requests 8
 """
 from __future__ import annotations
 
@@ -37,10 +37,9 @@ import torch
 import yaml
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from camserve.testing.torchserve import LocalTorchServe, archive
 
-from camserve.localserver import LocalTorchServe, archive  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = ROOT / "models" / "shapes"
 RESNET_FILE = '''"""ResNet-50 for the stock TorchServe handler (one nn.Module class per model file)."""

@@ -16,8 +16,7 @@
 Prints requests, clients, lost (no answer or a wrong one), req/s, p50/p99 latency, RSS before and
 after, failed during the kill, recovery time; ``--json`` prints the same as one JSON object.
 The server runs on free loopback ports with token authorization, from a temporary folder, and is
-stopped at the end (:class:`camserve.localserver.LocalTorchServe`; that helper is moving to
-``camserve.testing.torchserve``).
+stopped at the end (:class:`camserve.testing.torchserve.LocalTorchServe`).
 
 Usage::
 
@@ -45,12 +44,10 @@ import psutil
 import requests
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from camserve.testing.hostile import hostile_corpus
+from camserve.testing.torchserve import LocalTorchServe, archive
 
-from camserve.localserver import LocalTorchServe, archive  # noqa: E402
-from camserve.testing.hostile import hostile_corpus  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL_DIR = ROOT / "models" / "shapes"
 MODEL = "shapes"

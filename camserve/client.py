@@ -4,9 +4,10 @@ The token comes from TorchServe's ``key_file.json`` (written in the directory To
 started from; token authorization is on by default in TorchServe 0.12) and is sent as
 ``Authorization: Bearer <inference key>``.
 
-Usage::
+Usage (``camserve-client`` is the installed console script; ``python -m camserve.client`` is the
+same)::
 
-    python -m camserve.client IMAGE [--explain] [--target 2|triangle] [--method gradcam]
+    camserve-client IMAGE [--explain] [--target 2|triangle] [--method gradcam]
         [--topk 3] [--out overlay.png] [--url http://127.0.0.1:8080] [--model shapes]
         [--key-file key_file.json]
 
@@ -186,7 +187,7 @@ def save_map(explanation: dict[str, Any], out: str | Path) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="python -m camserve.client", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="camserve-client", description=__doc__.split("\n\n")[0])
     ap.add_argument("image", type=Path, help="image file (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     ap.add_argument("--explain", action="store_true", help="ask for Grad-CAM explanations")
     ap.add_argument("--target", help="class index or label, or a comma-separated list "

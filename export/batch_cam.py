@@ -515,6 +515,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="decode while the session runs (default: when the session leaves CPUs "
                         "free, i.e. --device cuda or --threads below the CPU count)")
+    r = p.add_argument_group("Ray cluster (camserve.onnx.ray)")
+    r.add_argument("--ray", metavar="ADDRESS",
+                   help="run on Ray: local (a private Ray, stopped at the end), auto, HOST:PORT or "
+                        "ray://HOST:PORT; inputs, graph and DIR must be on a filesystem every node "
+                        "sees")
+    r.add_argument("--actors", metavar="N|MIN,MAX",
+                   help="actor pool size, fixed or autoscaling (default: as many as fit, may "
+                        "shrink to 1)")
+    r.add_argument("--cpus-per-actor", type=float, metavar="C",
+                   help="CPUs per actor = its onnxruntime threads (default 1)")
+    r.add_argument("--gpus-per-actor", type=float, metavar="G",
+                   help="GPUs per actor (default 0; 1 with --device cuda)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -548,7 +560,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         method=args.method, save=_parse_save(args.save), resume=args.resume,
                         device=args.device, target=args.target, topk=args.topk,
                         progress=args.progress, overlap=args.overlap)
-        stats = run_job(cfg)
+        from camserve.onnx.ray import ray_options, run_ray_job
+        ray_opts = ray_options(args)  # None without --ray
+        stats = run_job(cfg) if ray_opts is None else run_ray_job(cfg, ray_opts, args.verbose)
+    except KeyboardInterrupt:
+        print("interrupted: run again with --resume to continue", file=sys.stderr)
+        return 130
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,8 +1,8 @@
 """`make serve`, `make stop` and `make demo`: run TorchServe with the camserve model locally.
 
-    python scripts/serve.py start   # start TorchServe in the background, wait until READY
-    python scripts/serve.py stop    # torchserve --stop
-    python scripts/serve.py demo    # explain models/shapes/samples, write demo/*.png
+    python -m scripts.serve start   # start TorchServe in the background, wait until READY
+    python -m scripts.serve stop    # torchserve --stop
+    python -m scripts.serve demo    # explain models/shapes/samples, write demo/*.png
 
 Run from the repository root with the venv's python (the Makefile does): TorchServe starts its
 workers with the python that runs ``torchserve``, so the worker gets the venv and its editable
@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from camserve.client import CamClient, ClientError, read_token, wait_until_ready
+from camserve.testing.torchserve import tail
 
-from camserve.client import CamClient, ClientError, read_token, wait_until_ready  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = ROOT / "config.properties"
 MODEL = "shapes"
@@ -120,14 +120,6 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"({path} not written)"
-    return "\n".join(lines[-n:])
-
-
 def _torchserve() -> str:
     exe = Path(sys.executable).parent / "torchserve"
     if not exe.is_file():
@@ -178,7 +170,7 @@ def start(quiet: bool = False) -> int:
                              cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     if res.returncode != 0:
         raise ServeError(f"torchserve --start failed (exit {res.returncode}, {log_note}):\n"
-                         f"{_tail(out_log)}")
+                         f"{tail(out_log, 30)}")
 
     def token() -> Optional[str]:
         try:
@@ -193,8 +185,8 @@ def start(quiet: bool = False) -> int:
     try:
         desc = wait_until_ready(mgmt, MODEL, token, timeout=READY_TIMEOUT, alive=alive)
     except ClientError as exc:
-        logs = (f"--- {_rel(out_log)} ---\n{_tail(out_log)}\n"
-                f"--- logs/model_log.log ---\n{_tail(LOG_DIR / 'model_log.log')}")
+        logs = (f"--- {_rel(out_log)} ---\n{tail(out_log, 30)}\n"
+                f"--- logs/model_log.log ---\n{tail(LOG_DIR / 'model_log.log', 30)}")
         if running_pid() is not None:
             subprocess.run([_torchserve(), "--stop", "--foreground"], cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL)
@@ -226,7 +218,7 @@ Explain (Grad-CAM heatmap + bbox):
        -F outputs=overlay,bbox {inf}/predictions/{MODEL}
   (give --data-binary a content type: curl's default, form-urlencoded, makes TorchServe parse a form)
 Client (prints top-k, writes the overlay):
-  .venv/bin/python -m camserve.client {img} --explain --out overlay.png
+  .venv/bin/camserve-client {img} --explain --out overlay.png
 Demo over the samples: make demo      Stop: make stop""")
 
 

@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 
 from camserve.client import ClientError
-from camserve.localserver import LocalTorchServe, archive
+from camserve.testing.torchserve import LocalTorchServe, archive
 from camserve.serving import CamService
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,6 @@
 """camserve.render: PNG encodings, overlay, the Grad-CAM localisation box."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,9 +8,9 @@ from PIL import Image
 from camserve.render import JET, bbox_from_heatmap, colorize, heatmap_png, overlay_png
 
 
-def test_heatmap_png_is_8bit_gray_of_same_size():
+def test_heatmap_png_is_8bit_gray_of_same_size(open_image):
     hm = (np.arange(30 * 40) % 256).astype(np.uint8).reshape(30, 40)
-    img = Image.open(io.BytesIO(heatmap_png(hm)))
+    img = open_image(heatmap_png(hm))
     assert img.mode == "L" and img.size == (40, 30)
     assert (np.asarray(img) == hm).all()
 
@@ -23,9 +21,9 @@ def test_jet_table_runs_blue_to_red():
     assert colorize(np.full((2, 2), 255, np.uint8)).shape == (2, 2, 3)
 
 
-def test_overlay_png_matches_image_size():
+def test_overlay_png_matches_image_size(open_image):
     img = Image.new("RGB", (40, 30), "gray")
-    out = Image.open(io.BytesIO(overlay_png(img, np.zeros((30, 40), np.uint8))))
+    out = open_image(overlay_png(img, np.zeros((30, 40), np.uint8)))
     assert out.mode == "RGB" and out.size == (40, 30)
 
 

@@ -528,12 +528,6 @@ def test_property_good_rows_stay_200_beside_any_poison(service, layout, forced):
 def test_worst_allowed_requests_in_a_fresh_process_within_memory_and_time(case):
     """bench/worst_request.py's cases (36 MP x 8 targets x all outputs, scaled; 40 MP x 1 target x
     all outputs, full size) in a fresh process on models/shapes: under 1.5 GB above idle, 30 s."""
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
     from bench import worst_request
 
     name, size, kind, targets, outputs, rows = worst_request.CASES[case][:6]

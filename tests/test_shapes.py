@@ -1,10 +1,12 @@
-"""Tests of camserve.shapes (generator, samples, the committed default model, evaluation) and of the
-model folder models/shapes."""
+"""Tests of tools/shapes.py (generator, samples, the committed default model, evaluation, training)
+and of the model folder models/shapes."""
 from __future__ import annotations
 
 import ast
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from camserve import shapes
-from camserve.shapes import CLASSES, IMAGE_SIZE, make_dataset, render_sample, rng_for
+from camserve.models import ConfigError
+from tools import shapes
+from tools.shapes import CLASSES, IMAGE_SIZE, make_dataset, render_sample, rng_for
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes"
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models" / "shapes"
 THRESHOLDS = {"accuracy": 0.98, "pointing_game": 0.97, "pointing_game_two_objects": 0.95}
 
 
@@ -111,25 +115,64 @@ def test_render_sample_rejects_bad_labels() -> None:
 
 # -- samples command ------------------------------------------------------------------------------
 
-def test_samples_command_writes_pngs_and_boxes_json(tmp_path: Path, capsys) -> None:
-    assert shapes.main(["samples", "--seed", "5", "--n", "9", "--out", str(tmp_path)]) == 0
-    index = json.loads((tmp_path / "boxes.json").read_text())
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
+    """``samples --seed 5 --n 9`` written by the CLI entry point: (folder, boxes.json)."""
+    out = tmp_path_factory.mktemp("samples")
+    assert shapes.main(["samples", "--seed", "5", "--n", "9", "--out", str(out)]) == 0
+    return out, json.loads((out / "boxes.json").read_text())
+
+
+def test_samples_command_writes_one_png_per_entry(samples) -> None:
+    out, index = samples
     assert len(index) == 9
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(index)
     assert {v["label"] for v in index.values()} == set(CLASSES)
+
+
+def test_samples_are_named_after_their_label_and_are_rgb(samples) -> None:
+    out, index = samples
     for name, entry in index.items():
         assert set(entry) == {"label", "box"}
         assert name.startswith(entry["label"] + "_") and name.endswith(".png")
-        with Image.open(tmp_path / name) as img:
+        with Image.open(out / name) as img:
             assert img.mode == "RGB" and img.size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_sample_boxes_are_int_boxes_inside_the_image(samples) -> None:
+    _, index = samples
+    for entry in index.values():
         x0, y0, x1, y1 = entry["box"]
         assert all(isinstance(v, int) for v in entry["box"])
         assert 0 <= x0 < x1 <= IMAGE_SIZE and 0 <= y0 < y1 <= IMAGE_SIZE
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(index)
-    again = tmp_path / "again"
-    shapes.write_samples(again, seed=5, n=9)
-    assert (again / "boxes.json").read_text() == (tmp_path / "boxes.json").read_text()
+
+
+def test_samples_are_deterministic(samples, tmp_path: Path) -> None:
+    out, index = samples
+    shapes.write_samples(tmp_path, seed=5, n=9)
+    assert (tmp_path / "boxes.json").read_text() == (out / "boxes.json").read_text()
     first = sorted(index)[0]
-    assert (again / first).read_bytes() == (tmp_path / first).read_bytes()
+    assert (tmp_path / first).read_bytes() == (out / first).read_bytes()
+
+
+def test_cli_runs_as_a_module_from_the_checkout(tmp_path: Path) -> None:
+    """``python -m tools.shapes`` (what make samples/evaluate/train run) from the repository root."""
+    proc = subprocess.run([sys.executable, "-m", "tools.shapes", "samples", "--seed", "1", "--n", "1",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"wrote 1 images and boxes.json to {tmp_path}"
+
+
+def test_the_installed_package_does_not_import_the_tooling() -> None:
+    offenders = []
+    for path in sorted((ROOT / "camserve").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "tools"]
+    assert offenders == []
+    assert not (ROOT / "camserve" / "shapes.py").exists()
 
 
 # -- the committed model folder -------------------------------------------------------------------
@@ -150,15 +193,25 @@ def test_model_file_is_standalone_and_has_the_target_layer() -> None:
     assert feats.shape[-2:] == (12, 12)
 
 
-def test_model_config_and_labels() -> None:
+def _config() -> dict:
     import yaml
 
-    cfg = yaml.safe_load((MODEL_DIR / "model-config.yaml").read_text())
+    return yaml.safe_load((MODEL_DIR / "model-config.yaml").read_text())
+
+
+def test_model_config_torchserve_settings() -> None:
+    cfg = _config()
     assert cfg["minWorkers"] == 1 and cfg["maxWorkers"] == 1 and cfg["batchSize"] == 8
     assert cfg["maxBatchDelay"] == 50 and cfg["responseTimeout"] == 120
-    h = cfg["handler"]
+
+
+def test_model_config_handler_block() -> None:
+    h = _config()["handler"]
     assert h["arch"] == "model:ShapesNet" and h["num_classes"] == 8 and h["method"] == "gradcam"
     assert h["input_size"] == [96, 96] and h["outputs"] == ["heatmap", "bbox"] and h["topk"] == 3
+
+
+def test_labels_file_and_weights_size() -> None:
     labels = json.loads((MODEL_DIR / "index_to_name.json").read_text())
     assert labels == {str(i): c for i, c in enumerate(CLASSES)}
     assert (MODEL_DIR / "weights.pt").stat().st_size < 2_000_000
@@ -166,10 +219,21 @@ def test_model_config_and_labels() -> None:
 
 def test_committed_weights_load_with_weights_only() -> None:
     state = torch.load(MODEL_DIR / "weights.pt", map_location="cpu", weights_only=True)
-    model, spec, names = shapes.load_model(MODEL_DIR)
-    assert set(state) == set(model.state_dict())
-    assert names == list(CLASSES)
-    assert spec.target_layer == "features"
+    loaded = shapes.load_model(MODEL_DIR)
+    assert set(state) == set(loaded.model.state_dict())
+    assert loaded.labels == list(CLASSES)
+    assert loaded.layer == "features" and not loaded.model.training
+
+
+def test_load_model_goes_through_the_one_loader(shapes_folder) -> None:
+    """Labels come from index_to_name.json when the config names none, as for the server."""
+    loaded = shapes.load_model(shapes_folder(labels=None))
+    assert loaded.spec.labels is None and loaded.labels == list(CLASSES)
+
+
+def test_load_model_refuses_other_classes(model_folder) -> None:
+    with pytest.raises(ConfigError, match="shapes dataset has 8 classes"):
+        shapes.load_model(model_folder())
 
 
 def test_fast_preprocessing_matches_the_server_path() -> None:
@@ -179,19 +243,34 @@ def test_fast_preprocessing_matches_the_server_path() -> None:
                                rtol=0, atol=1e-6)
 
 
-def test_committed_samples_are_classified_and_located() -> None:
+@pytest.fixture(scope="module")
+def committed_samples():
+    """The committed samples explained by the committed model: (boxes.json, file names, result)."""
     from camserve import CamEngine
     from camserve.images import load_image_file, preprocess
 
     index = json.loads((MODEL_DIR / "samples" / "boxes.json").read_text())
-    assert sorted(v["label"] for v in index.values()) == sorted(CLASSES)
-    model, spec, names = shapes.load_model(MODEL_DIR)
+    loaded = shapes.load_model(MODEL_DIR)
+    spec = loaded.spec
     files = sorted(index)
     x = torch.stack([preprocess(load_image_file(MODEL_DIR / "samples" / f), spec.input_size,
                                 spec.mean, spec.std) for f in files])
-    truth = torch.tensor([names.index(index[f]["label"]) for f in files])
-    res = CamEngine(model, spec.target_layer)(x, targets=truth)
-    assert [names[i] for i in res.logits.argmax(1).tolist()] == [index[f]["label"] for f in files]
+    truth = torch.tensor([loaded.labels.index(index[f]["label"]) for f in files])
+    return index, files, CamEngine(loaded.model, loaded.layer)(x, targets=truth)
+
+
+def test_committed_samples_cover_every_class(committed_samples) -> None:
+    index, _, _ = committed_samples
+    assert sorted(v["label"] for v in index.values()) == sorted(CLASSES)
+
+
+def test_committed_samples_are_classified(committed_samples) -> None:
+    index, files, res = committed_samples
+    assert [CLASSES[i] for i in res.logits.argmax(1).tolist()] == [index[f]["label"] for f in files]
+
+
+def test_committed_samples_are_located(committed_samples) -> None:
+    index, files, res = committed_samples
     boxes = np.array([index[f]["box"] for f in files])
     assert shapes.pointing_hits(res.heatmaps((96, 96)), boxes, shapes.POINTING_TOLERANCE).all()
 
@@ -208,6 +287,7 @@ def test_pointing_hits_counts_the_peak_with_tolerance() -> None:
     assert shapes.pointing_hits(maps, boxes, 0).tolist() == [True, False, False]
 
 
+@pytest.mark.slow
 def test_evaluate_cli_meets_the_thresholds(capsys) -> None:
     assert shapes.main(["evaluate", "--model", str(MODEL_DIR), "--seed", "2026", "--n", "200"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -217,23 +297,36 @@ def test_evaluate_cli_meets_the_thresholds(capsys) -> None:
         assert metrics[key] >= low, (key, metrics)
 
 
-def test_evaluate_fails_for_an_untrained_model(tmp_path: Path) -> None:
-    for name in ("model.py", "model-config.yaml", "index_to_name.json"):
-        (tmp_path / name).write_bytes((MODEL_DIR / name).read_bytes())
-    spec = importlib.util.spec_from_file_location("untrained_shapes_model", MODEL_DIR / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    torch.save(module.ShapesNet(num_classes=8).state_dict(), tmp_path / "weights.pt")
-    rep = shapes.evaluate(tmp_path, seed=1, n=48, n_pairs=24)
+def test_evaluate_fails_for_an_untrained_model(shapes_folder) -> None:
+    rep = shapes.evaluate(shapes_folder(seed=0), seed=1, n=48, n_pairs=24)
     assert rep.accuracy < 0.5 and rep.pointing_game_two_objects < 0.95
 
 
-def test_train_writes_a_loadable_model_folder(tmp_path: Path) -> None:
-    rep = shapes.train(tmp_path / "m", seed=1, epochs=1, n=24, batch_size=16)
-    assert rep.steps >= 1
-    assert {p.name for p in (tmp_path / "m").iterdir()} >= {
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, "shapes.TrainReport"]:
+    """One epoch on 24 images into a new folder (it gets the default config and model.py)."""
+    out = tmp_path_factory.mktemp("train") / "m"
+    return out, shapes.train(out, seed=1, epochs=1, n=24, batch_size=16)
+
+
+@pytest.mark.train
+def test_train_reports_its_steps_and_files(trained) -> None:
+    out, rep = trained
+    assert rep.epochs == 1 and rep.steps >= 1
+    assert {p.name for p in rep.files} == {"weights.pt", "index_to_name.json"}
+    assert {p.name for p in out.iterdir()} >= {
         "weights.pt", "index_to_name.json", "model.py", "model-config.yaml"}
-    model, _spec, names = shapes.load_model(tmp_path / "m")
-    assert names == list(CLASSES)
-    assert not model.training
+
+
+@pytest.mark.train
+def test_train_writes_a_folder_the_server_loads(trained) -> None:
+    out, _ = trained
+    loaded = shapes.load_model(out)
+    assert loaded.labels == list(CLASSES) and not loaded.model.training
+
+
+def test_train_refuses_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="epochs"):
+        shapes.train(tmp_path / "m", epochs=0)
+    with pytest.raises(ValueError, match="pair_fraction"):
+        shapes.train(tmp_path / "m", pair_fraction=1.5)

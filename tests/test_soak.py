@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from bench import soak as bench_soak
 from camserve.client import ClientError
-from camserve.localserver import LocalTorchServe
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # bench/ is a folder of scripts beside the package
-    sys.path.insert(0, str(ROOT))
-from bench import soak as bench_soak  # noqa: E402
+from camserve.testing.torchserve import LocalTorchServe
 
 pytestmark = [
     pytest.mark.torchserve,

@@ -13,15 +13,18 @@ their edges deterministically).
 Seeds select independent streams for each use (:func:`rng_for`): ``train`` with seed 0 and
 ``evaluate`` with seed 0 draw different images, so evaluation is always on held-out data.
 
-The CLI is thin, over :func:`train`, :func:`evaluate` and :func:`write_samples`::
+This is project tooling, not part of the installed ``camserve`` package: it lives in the checkout
+(``tools/``) and runs from the repository root. The model folder is loaded the way the server loads
+it, through :func:`camserve.models.load_model_dir`. The CLI is thin, over :func:`train`,
+:func:`evaluate` and :func:`write_samples` (``make train``, ``make evaluate``, ``make samples``)::
 
-    python -m camserve.shapes train --out models/shapes            # writes weights.pt + labels
-    python -m camserve.shapes evaluate --model models/shapes --seed 1234
-    python -m camserve.shapes samples --seed 7 --n 8 --out models/shapes/samples
+    python -m tools.shapes train --out models/shapes            # writes weights.pt + labels
+    python -m tools.shapes evaluate --model models/shapes --seed 1234
+    python -m tools.shapes samples --seed 7 --n 8 --out models/shapes/samples
 
 Example::
 
-    >>> from camserve.shapes import CLASSES, make_dataset
+    >>> from tools.shapes import CLASSES, make_dataset
     >>> data = make_dataset(seed=0, n=4, n_objects=2)
     >>> data.images.shape, data.labels.shape, data.boxes.shape
     ((4, 96, 96, 3), (4, 2), (4, 2, 4))
@@ -46,7 +49,7 @@ if TYPE_CHECKING:  # torch is needed for training and evaluation only
     import torch
     from torch import nn
 
-    from .models import ModelSpec
+    from camserve.models import LoadedModel, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -356,14 +359,15 @@ def write_samples(out: Path | str, seed: int, n: int) -> dict[str, dict[str, Any
 # ------------------------------------------------------------------------------------------------
 # the model folder (torch from here on; loading goes through camserve.models like the server's)
 
+#: The checkout's default model folder (this file lives in ``<repo>/tools``).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes"
 CONFIG_NAME = "model-config.yaml"
 
 
 def read_spec(folder: Path | str) -> "ModelSpec":
     """The validated ``handler:`` block of ``<folder>/model-config.yaml``, checked to describe a
-    shapes classifier (``num_classes`` = 8)."""
-    from .models import ConfigError, ModelSpec, load_model_config
+    shapes classifier (``num_classes`` = 8). Training needs it before any weights exist."""
+    from camserve.models import ConfigError, ModelSpec, load_model_config
 
     doc = load_model_config(folder)
     spec = ModelSpec.from_config(doc.get("handler"))
@@ -373,14 +377,26 @@ def read_spec(folder: Path | str) -> "ModelSpec":
     return spec
 
 
-def load_model(folder: Path | str) -> tuple["nn.Module", "ModelSpec", list[str]]:
-    """The model of a folder as the server loads it (:func:`camserve.models.build_model`: weights
-    with ``weights_only=True``, eval mode, frozen parameters), its spec and its class names."""
-    from .models import build_model, load_labels
+def load_model(folder: Path | str) -> "LoadedModel":
+    """The model of a folder as the server loads it (:func:`camserve.models.load_model_dir`:
+    weights with ``weights_only=True``, eval mode, frozen parameters, labels, target layer),
+    checked to be a shapes classifier: 8 classes named as in :data:`CLASSES`."""
+    from camserve.models import ConfigError, load_model_dir
 
-    spec = read_spec(folder)
-    model = build_model(spec, folder)
-    return model, spec, load_labels(spec, folder, len(CLASSES))
+    loaded = load_model_dir(folder)
+    if loaded.num_classes != len(CLASSES):
+        raise ConfigError(f"invalid value for handler.num_classes in {Path(folder) / CONFIG_NAME}: "
+                          f"{loaded.num_classes!r} (the shapes dataset has {len(CLASSES)} classes)")
+    if tuple(loaded.labels) != CLASSES:
+        raise ConfigError(f"{Path(folder)}: classes {_cut(loaded.labels)} are not the shapes "
+                          f"classes {list(CLASSES)}")
+    return loaded
+
+
+def _cut(value: Any, limit: int = 100) -> str:
+    """``repr`` of a value cut to ``limit`` characters (for messages)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def preprocess_images(images: np.ndarray, spec: "ModelSpec") -> "torch.Tensor":
@@ -388,7 +404,7 @@ def preprocess_images(images: np.ndarray, spec: "ModelSpec") -> "torch.Tensor":
     server's path (bilinear resize to ``spec.input_size`` if needed, ``(x / 255 - mean) / std``)."""
     import torch
 
-    from .images import preprocess
+    from camserve.images import preprocess
 
     _check_images(images)
     return torch.stack([preprocess(Image.fromarray(im, "RGB"), spec.input_size, spec.mean, spec.std)
@@ -481,7 +497,7 @@ def train(out: Path | str, *, seed: int = 0, epochs: int = 8, n: int = 9600,
             raise ValueError(f"invalid value for {name}: {value!r} (an int >= {lo})")
     if not 0.0 <= pair_fraction <= 1.0:
         raise ValueError(f"invalid value for pair_fraction: {pair_fraction!r} (0..1)")
-    from .models import build_model
+    from camserve.models import build_model
 
     out = Path(out)
     _prepare_folder(out)
@@ -621,7 +637,7 @@ def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, seed: int = 1234, *, n: 
     ``tolerance`` px (default 3) outside it. Two-object images explain both classes at once
     (targets of shape (B, 2), one backward).
     """
-    from .engine import CamEngine
+    from camserve.engine import CamEngine
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"invalid value for n: {n!r} (a positive integer)")
@@ -633,11 +649,9 @@ def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, seed: int = 1234, *, n: 
     import torch
 
     t0 = time.monotonic()
-    model, spec, names = load_model(model_dir)
-    if tuple(names) != CLASSES:
-        raise ValueError(f"{Path(model_dir) / str(spec.labels)}: classes {names} are not the "
-                         f"shapes classes {list(CLASSES)}")
-    engine = CamEngine(model, spec.target_layer)
+    loaded = load_model(model_dir)
+    spec = loaded.spec
+    engine = CamEngine(loaded.model, loaded.layer)
     rng = rng_for(seed, "evaluate")
     single = make_dataset(seed, n, rng=rng)
     pairs = make_dataset(seed, n_pairs, n_objects=2, rng=rng)
@@ -676,7 +690,7 @@ def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, seed: int = 1234, *, n: 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m camserve.shapes",
+    p = argparse.ArgumentParser(prog="python -m tools.shapes",
                                 description="Synthetic shapes: train, evaluate, write samples.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the model of a folder, write weights.pt + labels")

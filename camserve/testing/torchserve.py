@@ -9,7 +9,14 @@ it runs ``torchserve --stop`` and then kills the server's process group if anyth
 :func:`archive` builds a ``.mar`` with ``torch-model-archiver``.
 
 The commands are taken from the folder of the running Python (the venv's ``bin``), so the workers
-run with the same environment and the editable camserve.
+run with the same environment and the editable camserve. Needs the ``serve`` extra (TorchServe,
+torch-model-archiver, requests).
+
+Example::
+
+    >>> ports = free_ports(2)
+    >>> len(set(ports)) == 2 and all(1024 <= p < 65536 for p in ports)
+    True
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from .client import ClientError, read_token, wait_until_ready
+from ..client import ClientError, read_token, wait_until_ready
 
 BIN = Path(sys.executable).parent
 
@@ -114,6 +121,7 @@ class LocalTorchServe:
             return None
 
     def alive(self) -> bool:
+        """Whether the server process started by :meth:`__enter__` is still running."""
         return self.proc is not None and self.proc.poll() is None
 
     def __enter__(self) -> "LocalTorchServe":

@@ -1,0 +1,140 @@
+"""Tiny networks for tests, BatchNorm calibration of random networks, and model folders.
+
+* :class:`TinyNet`: conv stack -> pool -> fc; target layer ``features`` (8×8 for a 32×32 input).
+* :class:`TinyBNNet`: with BatchNorm and in-place ReLU; target ``features.3``; its source is
+  self-contained (``import torch`` / ``from torch import nn``), so it can be written to a model
+  folder's ``model.py`` (:func:`model_source`).
+* :func:`calibrate_bn`: running statistics of random input for freshly initialised BatchNorm layers,
+  so deep random nets (MobileNetV3, EfficientNet) give logits of a sane magnitude.
+* :func:`write_model_folder`: a model folder laid out like an extracted archive
+  (``model-config.yaml``, weights, ``index_to_name.json``, optionally ``model.py``).
+
+Example::
+
+    >>> import torch
+    >>> net = frozen(TinyNet(num_classes=4, seed=0))
+    >>> net(torch.zeros(2, 3, 32, 32)).shape, net.features(torch.zeros(1, 3, 32, 32)).shape[-2:]
+    (torch.Size([2, 4]), torch.Size([8, 8]))
+    >>> any(p.requires_grad for p in net.parameters()), net.training
+    (False, False)
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """conv -> conv (the target, 8×8 for a 32×32 input) -> pool -> fc."""
+
+    def __init__(self, num_classes: int = 6, seed: Optional[int] = None) -> None:
+        if seed is not None:
+            torch.manual_seed(seed)
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 16, 3, padding=1),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(torch.relu(self.features(x))).flatten(1))
+
+
+class TinyBNNet(nn.Module):
+    """A small CNN with BatchNorm and in-place ReLU; target layer ``features.3`` (the pool)."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def small_sequential(num_classes: int = 5, seed: Optional[int] = 0) -> nn.Sequential:
+    """An ``nn.Sequential`` CNN (BatchNorm, in-place ReLU); numbered layers, e.g. target ``"3"``."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with parameters that do not require grad (a serving copy); returned
+    for chaining."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def calibrate_bn(model: nn.Module, size: int | tuple[int, int], steps: int = 3, batch: int = 4,
+                 seed: int = 123) -> nn.Module:
+    """Give the BatchNorm layers of a randomly initialised ``model`` the running statistics of
+    ``steps`` batches of seeded random input of ``size`` (an int or ``(H, W)``); leaves the model
+    in eval mode and returns it. A model without BatchNorm is only put in eval mode.
+
+    Example::
+
+        >>> net = calibrate_bn(small_sequential(), 16)
+        >>> bool(net[1].running_var.ne(1).any()), net.training
+        (True, False)
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        model.train()
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            model(torch.randn(batch, 3, h, w, generator=g))
+    return model.eval()
+
+
+def model_source(*classes: type) -> str:
+    """The source of a ``model.py`` defining ``classes`` (self-contained nn.Module classes such as
+    :class:`TinyBNNet`), with the torch imports they use."""
+    return "import torch\nfrom torch import nn\n\n\n" + "\n\n".join(
+        inspect.getsource(c) for c in classes)
+
+
+def write_model_folder(folder: str | Path, model: nn.Module, handler: Mapping[str, Any], *,
+                       labels: Optional[Sequence[str]] = None, model_py: Optional[str] = None,
+                       config: Optional[Mapping[str, Any]] = None,
+                       weights_name: str = "weights.pt") -> Path:
+    """Write a model folder laid out like an extracted archive and return its path.
+
+    ``model``'s state_dict goes to ``weights_name``; ``labels`` to ``index_to_name.json``;
+    ``model_py`` (source text) to ``model.py``; ``model-config.yaml`` holds ``config`` (top-level
+    keys such as ``batchSize``) plus the ``handler`` block as given (nothing is added to it, so a
+    test controls exactly which keys the folder has).
+    """
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / weights_name)
+    if labels is not None:
+        (folder / "index_to_name.json").write_text(
+            json.dumps({str(i): name for i, name in enumerate(labels)}))
+    if model_py is not None:
+        (folder / "model.py").write_text(model_py)
+    doc = {**dict(config or {}), "handler": dict(handler)}
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return folder

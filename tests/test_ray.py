@@ -1,0 +1,393 @@
+"""The batch job on Ray (camserve.onnx.ray): option parsing and the actor's batch function without a
+cluster, then real jobs on a real two-node local Ray cluster bound to 127.0.0.1 (marked slow)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from export import batch_cam
+from export.batch_cam import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, JobConfig, UsageError, run_job
+from camserve.onnx.ray import (CamBatchWorker, RayOptions, check_address, parse_actors, plan_job,
+                               pool_size, ray_options)
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+# -- fixtures -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def graph(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model's CAM graph, exported once per session."""
+    out = tmp_path_factory.mktemp("graph") / "shapes.cam.onnx"
+    subprocess.run([sys.executable, "-m", "export.onnx_export", str(ROOT / "models" / "shapes"),
+                    "--out", str(out)], cwd=ROOT, env=_env(), check=True, capture_output=True,
+                   timeout=300)
+    return out
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, **RAY_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _img(path: Path, size: tuple[int, int], seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    h, w = size
+    base = rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
+    y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    base[y0:y0 + h // 3, x0:x0 + w // 3] += rng.integers(100, 200, 3).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(base).save(path)
+    return path
+
+
+def _folder(root: Path, n: int, size: tuple[int, int], corrupt: bool = True) -> Path:
+    """``n`` images (half PNG, half JPEG, in two subfolders), plus two corrupt files."""
+    for i in range(n):
+        sub = "a" if i % 2 else "b/c"
+        _img(root / sub / f"img{i:03d}.{'png' if i % 3 else 'jpg'}",
+             (size[0] + 7 * (i % 5), size[1] + 3 * (i % 7)), i)
+    if corrupt:
+        (root / "a" / "empty.png").write_bytes(b"")
+        (root / "b" / "notes.jpg").write_text("not an image\n")
+    return root
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _descendants() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A real two-node Ray cluster (1 CPU per node, no dashboard) on 127.0.0.1; its address.
+    Stops it at the end, and any process it left behind, by PID."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    saved = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    # read when ray is first imported: if an earlier test imported it, apply the variable now
+    enable_cluster = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        c.add_node(num_cpus=1)
+        c.wait_for_nodes()
+        yield c.address
+    finally:
+        started = _descendants()
+        c.shutdown()
+        _, alive = psutil.wait_procs(started, timeout=10)
+        for p in alive:  # stragglers this cluster started, by PID
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        ray_constants.ENABLE_RAY_CLUSTER = enable_cluster
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _job(graph: Path, inputs: list[Path], out: Path, address: str, *extra: str,
+         popen: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
+    cmd = [sys.executable, "-m", "export.batch_cam", "--model", str(graph), *map(str, inputs),
+           "--out", str(out), "--ray", address, *extra]
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _wait_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        have = len(path.read_text().splitlines()) if path.exists() else 0
+        if have >= n or proc.poll() is not None:
+            return have
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} lines in {path} after {timeout}s")
+
+
+def _sockets(procs: list[psutil.Process]) -> list[tuple[str, str, str]]:
+    """(process, status, address) of every inet socket of ``procs``: local for LISTEN, remote
+    for connections."""
+    found = []
+    for p in procs:
+        try:
+            name = p.name()
+            conns = (p.net_connections if hasattr(p, "net_connections")
+                     else p.connections)(kind="inet")  # older psutil
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for cn in conns:
+            if cn.status == psutil.CONN_LISTEN:
+                found.append((name, cn.status, cn.laddr.ip))
+            elif cn.raddr:
+                found.append((name, cn.status, cn.raddr.ip))
+    return found
+
+
+def _heatmap(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+# -- options, without a cluster -----------------------------------------------------------------------
+
+def test_parse_actors() -> None:
+    assert parse_actors("3") == (3, 3)
+    assert parse_actors(" 1, 4") == (1, 4)
+    for bad in ("0", "4,2", "x", "1,2,3", ""):
+        with pytest.raises(UsageError, match="--actors"):
+            parse_actors(bad)
+
+
+def test_check_address() -> None:
+    for ok in ("local", "auto", "127.0.0.1:6379", "ray://head:10001", "head.svc:6379"):
+        assert check_address(ok) == ok
+    for bad in ("", "head", "head:0", "ray://", "http://x:1/y", "x" * 500):
+        with pytest.raises(UsageError, match="--ray") as err:
+            check_address(bad)
+        assert len(str(err.value)) < 200  # the echoed value is cut
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    base = dict(ray=None, actors=None, cpus_per_actor=None, gpus_per_actor=None, threads=None,
+                workers=None, overlap=None, device="cpu")
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_ray_options() -> None:
+    assert ray_options(_args()) is None
+    opts = ray_options(_args(ray="auto", actors="1,3", cpus_per_actor=2))
+    assert opts == RayOptions("auto", (1, 3), 2.0, 0.0)
+    assert ray_options(_args(ray="local", device="cuda")).gpus_per_actor == 1.0
+    with pytest.raises(UsageError, match="--actors: it needs --ray"):
+        ray_options(_args(actors="2"))
+    with pytest.raises(UsageError, match="--threads with --ray"):
+        ray_options(_args(ray="local", threads=2))
+    with pytest.raises(UsageError, match="--cpus-per-actor"):
+        ray_options(_args(ray="local", cpus_per_actor=0))
+
+
+def test_pool_size() -> None:
+    res = {"CPU": 8.0, "GPU": 2.0}
+    assert pool_size(RayOptions("auto"), res) == (1, 8)
+    assert pool_size(RayOptions("auto", cpus_per_actor=3), res) == (1, 2)
+    assert pool_size(RayOptions("auto", gpus_per_actor=1), res) == (1, 2)
+    assert pool_size(RayOptions("auto", actors=(2, 16)), res) == (2, 16)
+    with pytest.raises(UsageError, match="allowed at most 4"):
+        pool_size(RayOptions("auto", actors=(5, 5), cpus_per_actor=2), res)
+    with pytest.raises(UsageError, match="cluster has 8 CPU and 0 GPU"):
+        pool_size(RayOptions("auto", gpus_per_actor=1), {"CPU": 8.0})
+
+
+def test_cli_usage_errors(graph: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = _img(tmp_path / "x.png", (40, 40), 0)
+    assert batch_cam.main(["--model", str(graph), str(img), "--out", str(tmp_path / "o"),
+                           "--actors", "2"]) == EXIT_USAGE
+    assert "--actors: it needs --ray" in capsys.readouterr().err
+    assert batch_cam.main(["--model", str(graph), str(img), "--out", str(tmp_path / "o"),
+                           "--ray", "nowhere"]) == EXIT_USAGE
+    assert "invalid value for --ray" in capsys.readouterr().err
+
+
+def test_worker_batch_equals_local_job(graph: Path, tmp_path: Path) -> None:
+    """The actor's batch function, called in-process: the local job's lines, files and errors."""
+    root = _folder(tmp_path / "photos", 5, (50, 60))
+    local = tmp_path / "local"
+    cfg = JobConfig(model=graph, inputs=[str(root)], out=local, batch_size=8,
+                    save=("heatmap", "overlay", "npy"))
+    assert run_job(cfg).exit_status == EXIT_PARTIAL
+    items = list(batch_cam.iter_inputs([str(root)]))
+    out = tmp_path / "ray"
+    worker = CamBatchWorker(plan_job(JobConfig(model=graph, inputs=[str(root)], out=out,
+                                               save=("heatmap", "overlay", "npy"))))
+    assert worker.threads == 1  # outside Ray: one thread, not the machine's cores
+    rows = worker({"id": np.arange(len(items)), "path": np.array([i.path for i in items], object),
+                   "name": np.array([i.name for i in items], object),
+                   "abspath": np.array([os.path.abspath(i.path) for i in items], object)})
+    assert list(rows["id"]) == list(range(len(items)))
+    got = [json.loads(t) for t, ok in zip(rows["line"], rows["ok"]) if ok]
+    errs = [json.loads(t) for t, ok in zip(rows["line"], rows["ok"]) if not ok]
+    assert sorted(got, key=lambda r: r["path"]) == sorted(_lines(local / "results.jsonl"),
+                                                          key=lambda r: r["path"])
+    assert sorted(errs, key=lambda r: r["path"]) == sorted(_lines(local / "errors.jsonl"),
+                                                           key=lambda r: r["path"])
+    assert len(errs) == 2
+    for r in got:
+        for rel in r["files"].values():
+            assert (out / rel).read_bytes() == (local / rel).read_bytes()
+
+
+# -- a real two-node cluster on loopback --------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cluster_loopback_only(cluster: str) -> None:
+    assert cluster.startswith("127.0.0.1:")
+    import ray
+
+    socks = _sockets(_descendants())
+    assert any(s[1] == psutil.CONN_LISTEN for s in socks)
+    assert not [s for s in socks if s[2] not in LOOPBACK], socks
+    assert ray.is_initialized() is False  # the test process is no driver: the jobs are
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_same_as_local_job(cluster: str, graph: Path, tmp_path: Path) -> None:
+    root = _folder(tmp_path / "photos", 24, (70, 90))
+    local, out = tmp_path / "local", tmp_path / "ray"
+    cfg = JobConfig(model=graph, inputs=[str(root)], out=local, batch_size=4,
+                    save=("heatmap", "npy"))
+    assert run_job(cfg).exit_status == EXIT_PARTIAL
+    res = _job(graph, [root], out, cluster, "--batch-size", "4", "--save", "heatmap,npy",
+               "--actors", "2")
+    assert res.returncode == EXIT_PARTIAL, res.stderr[-2000:]
+    assert "24 images explained, 2 failed, 0 skipped (resume)" in res.stdout
+    mine = sorted(_lines(out / "results.jsonl"), key=lambda r: r["path"])
+    theirs = sorted(_lines(local / "results.jsonl"), key=lambda r: r["path"])
+    assert [r["path"] for r in mine] == [r["path"] for r in theirs]
+    assert len({r["path"] for r in mine}) == 24
+    exact = 0
+    for a, b in zip(mine, theirs):
+        exact += a == b
+        assert a == b or _close(a, b), (a, b)
+        assert np.abs(_heatmap(out / a["files"]["heatmap"])
+                      - _heatmap(local / b["files"]["heatmap"])).max() <= 1
+    errs = sorted(_lines(out / "errors.jsonl"), key=lambda r: r["path"])
+    assert errs == sorted(_lines(local / "errors.jsonl"), key=lambda r: r["path"])
+    assert {Path(e["path"]).name for e in errs} == {"empty.png", "notes.jpg"}
+    print(f"\n{exact}/{len(mine)} result lines identical to the local job's")
+
+
+def _close(a: dict, b: dict) -> bool:
+    """Equal lines up to float32 noise between batch compositions (scores 1e-5, bbox 1 px)."""
+    same = {k: v for k, v in a.items() if k not in ("topk", "score", "bbox")}
+    if same != {k: v for k, v in b.items() if k not in ("topk", "score", "bbox")}:
+        return False
+    if [t["index"] for t in a["topk"]] != [t["index"] for t in b["topk"]]:
+        return False
+    scores = [(t["score"], u["score"]) for t, u in zip(a["topk"], b["topk"])]
+    scores.append((a["score"], b["score"]))
+    bb = a["bbox"] is None and b["bbox"] is None or (
+        a["bbox"] is not None and b["bbox"] is not None
+        and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) <= 1)
+    return bb and all(abs(x - y) <= 1e-5 for x, y in scores)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_actor_every_image_once(cluster: str, graph: Path, tmp_path: Path) -> None:
+    """SIGKILL one actor process mid-job: it is replaced, its batches rerun, no line lost or
+    duplicated. Also: every socket of the cluster, the driver and the actors is on loopback."""
+    n = 40
+    root = _folder(tmp_path / "photos", n, (600, 800), corrupt=False)
+    out = tmp_path / "out"
+    before = {p.pid for p in _descendants()}
+    t0 = time.monotonic()
+    proc = _job(graph, [root], out, cluster, "--batch-size", "2", "--actors", "2",
+                "--save", "heatmap,overlay", popen=True)
+    try:
+        have = _wait_lines(out / "results.jsonl", 2, proc)
+        actors = [p for p in _descendants() if p.pid not in before and _is_actor(p)]
+        socks = _sockets(_descendants())
+        assert proc.poll() is None and have < n, "the job ended before an actor could be killed"
+        assert actors, "no actor process found"
+        victim = actors[0]
+        victim.kill()
+        killed_at = len((out / "results.jsonl").read_text().splitlines())
+        seen = {p.pid for p in actors}
+        replacements: set[int] = set()
+        end = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < end:
+            replacements |= {p.pid for p in _descendants() if p.pid not in before | seen
+                             and _is_actor(p)}
+            time.sleep(0.2)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    seconds = time.monotonic() - t0
+    assert proc.returncode == EXIT_OK, stderr[-3000:]
+    assert f"{n} images explained, 0 failed" in stdout
+    paths = [r["path"] for r in _lines(out / "results.jsonl")]
+    assert len(paths) == len(set(paths)) == n
+    assert not _lines(out / "errors.jsonl")
+    assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
+    assert replacements, "no actor process replaced the killed one"
+    assert not [s for s in socks if s[2] not in LOOPBACK], socks
+    print(f"\nkilled actor pid {victim.pid} after {killed_at}/{n} lines; replaced by pid "
+          f"{sorted(replacements)}; job finished with {len(paths)} unique lines in {seconds:.1f}s; "
+          f"{len(socks)} sockets of {len(_descendants())} processes, all loopback")
+
+
+def _is_actor(p: psutil.Process) -> bool:
+    try:
+        return "CamBatchWorker" in " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ctrl_c_then_resume(cluster: str, graph: Path, tmp_path: Path) -> None:
+    """SIGINT to the driver mid-job: exit 130, whole lines each at most once; then ``--resume``
+    (after a torn last line, as a killed driver may leave) explains the rest and retries the
+    failures."""
+    n = 30
+    root = _folder(tmp_path / "photos", n, (600, 800))
+    out = tmp_path / "out"
+    proc = _job(graph, [root], out, cluster, "--batch-size", "2", "--actors", "2",
+                "--save", "heatmap,overlay", popen=True)
+    try:
+        have = _wait_lines(out / "results.jsonl", 2, proc)
+        assert proc.poll() is None and have < n, "the job ended before Ctrl-C"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "run again with --resume" in stderr
+    text = (out / "results.jsonl").read_text()
+    assert text.endswith("\n")
+    done = [r["path"] for r in _lines(out / "results.jsonl")]  # whole lines, each at most once
+    assert len(done) == len(set(done)) < n
+    with (out / "results.jsonl").open("a") as fh:
+        fh.write('{"path": "torn')
+    again = _job(graph, [root], out, cluster, "--batch-size", "2", "--resume")
+    assert again.returncode == EXIT_PARTIAL, again.stderr[-2000:]
+    assert (f"{n - len(done)} images explained, 2 failed, {len(done)} skipped (resume)"
+            in again.stdout)
+    paths = [r["path"] for r in _lines(out / "results.jsonl")]
+    assert len(paths) == len(set(paths)) == n
+    assert {Path(e["path"]).name for e in _lines(out / "errors.jsonl")} == {"empty.png",
+                                                                            "notes.jpg"}
