@@ -107,7 +107,18 @@ def _walk(folder: Path) -> Iterator[Path]:
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[Item]:
     """Expand INPUT arguments (files, folders, list files) to :class:`Item` s, lazily; UsageError
-    for an argument that does not exist."""
+    for an argument that does not exist.
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     for rel in ("photos/a.jpg", "photos/sub/b.png", "photos/notes.txt"):
+        ...         (Path(d) / rel).parent.mkdir(parents=True, exist_ok=True)
+        ...         (Path(d) / rel).write_bytes(b"")
+        ...     [it.name for it in iter_inputs([f"{d}/photos"])]
+        ['photos/a.jpg', 'photos/sub/b.png']
+    """
     for arg in inputs:
         p = Path(arg)
         if p.is_dir():

@@ -309,7 +309,7 @@ def test_export_then_job_on_committed_samples_matches_the_handler(tmp_path: Path
     from export import onnx_export  # the thin entry point of the Makefile
     from tests.test_handler import load_handler_module, make_context, set_requests
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     model_dir, samples = root / "models" / "shapes", root / "models" / "shapes" / "samples"
     onnx_path, out = tmp_path / "shapes.cam.onnx", tmp_path / "job"
     assert onnx_export.main([str(model_dir), "--out", str(onnx_path)]) == 0

@@ -295,7 +295,7 @@ def test_adaptive_avg_pool_backward(size_in: tuple[int, int], size_out: tuple[in
     y = F.adaptive_avg_pool2d(x, size_out)
     gy = torch.randn(y.shape)
     ref, = torch.autograd.grad(y, x, gy)
-    torch.testing.assert_close(adaptiveavg_pool2d_grad(gy, x.detach()), ref)
+    torch.testing.assert_close(adaptive_avg_pool2d_grad(gy, x.detach()), ref)
 
 
 @pytest.mark.parametrize("kernel,stride,padding,ceil,include_pad,override", [
