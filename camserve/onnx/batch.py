@@ -115,7 +115,7 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Item]:
         >>> with tempfile.TemporaryDirectory() as d:
         ...     for rel in ("photos/a.jpg", "photos/sub/b.png", "photos/notes.txt"):
         ...         (Path(d) / rel).parent.mkdir(parents=True, exist_ok=True)
-        ...         (Path(d) / rel).write_bytes(b"")
+        ...         _ = (Path(d) / rel).write_bytes(b"")
         ...     [it.name for it in iter_inputs([f"{d}/photos"])]
         ['photos/a.jpg', 'photos/sub/b.png']
     """

@@ -108,9 +108,9 @@ def load_arch(arch: str, *, weights: Optional[str | Path] = None, num_classes: O
 
     Example::
 
-        >>> lm = load_arch("torchvision.models.resnet18", num_classes=3, input_size=32)
+        >>> lm = load_arch("torchvision.models.resnet18", num_classes=3, input_size=64)
         >>> lm.layer, lm.labels, lm.spec.input_size
-        ('layer4', ['0', '1', '2'], (32, 32))
+        ('layer4', ['0', '1', '2'], (64, 64))
     """
     cfg: dict[str, Any] = {"arch": arch, "input_size": list(input_size) if not isinstance(input_size, int)
                            else input_size, "mean": list(mean), "std": list(std)}
