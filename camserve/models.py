@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .images import DEFAULT_MAX_PIXELS
+from .images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, check_formats
 from .methods import available_methods
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,13 @@ class ModelSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     outputs: tuple[str, ...] = ("heatmap", "bbox")
     layout: Optional[str] = None
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    max_response_size: Optional[int] = None
+    max_option_length: Optional[int] = None
 
     KEYS = ("arch", "num_classes", "weights", "labels", "target_layer", "input_size", "mean", "std",
-            "method", "topk", "max_pixels", "outputs", "layout")
+            "method", "topk", "max_pixels", "outputs", "layout", "formats", "max_response_size",
+            "max_option_length")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "ModelSpec":
@@ -112,7 +116,7 @@ class ModelSpec:
             >>> ModelSpec.from_config({"arch": "x:Y", "taget_layer": "layer4"})
             Traceback (most recent call last):
             ...
-            camserve.models.ConfigError: unknown key handler.taget_layer (did you mean 'target_layer'? known: arch, num_classes, weights, labels, target_layer, input_size, mean, std, method, topk, max_pixels, outputs, layout)
+            camserve.models.ConfigError: unknown key handler.taget_layer (did you mean 'target_layer'? known: arch, num_classes, weights, labels, target_layer, input_size, mean, std, method, topk, max_pixels, outputs, layout, formats, max_response_size, max_option_length)
         """
         if not isinstance(cfg, Mapping):
             raise ConfigError("missing handler block in model-config.yaml (expected a mapping "
@@ -156,11 +160,17 @@ class ModelSpec:
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise ConfigError(f"invalid value for handler.topk: {k!r} (a positive int)")
             spec.topk = k
-        if "max_pixels" in cfg:
-            p = cfg["max_pixels"]
-            if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-                raise ConfigError(f"invalid value for handler.max_pixels: {p!r} (a positive int)")
-            spec.max_pixels = p
+        for key in ("max_pixels", "max_response_size", "max_option_length"):
+            if cfg.get(key) is not None:
+                p = cfg[key]
+                if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+                    raise ConfigError(f"invalid value for handler.{key}: {_short(p)!r} (a positive int)")
+                setattr(spec, key, p)
+        if cfg.get("formats") is not None:
+            try:
+                spec.formats = check_formats(cfg["formats"])
+            except ValueError as exc:
+                raise ConfigError(f"invalid value for handler.formats: {exc}") from None
         if "outputs" in cfg:
             spec.outputs = parse_outputs(cfg["outputs"], key="handler.outputs", exc=ConfigError)
         return spec

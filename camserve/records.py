@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -35,12 +36,42 @@ class TargetError(ValueError):
     """A target that names no class; the message says what is allowed."""
 
 
+def _bounded_repr(limit: int) -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 8, 8, 8, 8
+    r.maxstring = r.maxother = r.maxlong = 2 * limit
+    return r
+
+
 def short_repr(value: Any, limit: int = ECHO_LIMIT) -> str:
-    """``repr(value)`` cut to ``limit`` characters (error messages never echo unbounded input)."""
-    if isinstance(value, (str, bytes)) and len(value) > 4 * limit:
-        value = value[: 4 * limit]  # repr of a huge value is never built
-    text = repr(value)
+    """``repr(value)`` cut to ``limit`` characters (error messages never echo unbounded input).
+
+    Never builds the repr of a huge value and never recurses deeply: containers are shown a few
+    levels and items deep (a list nested thousands deep is fine). Newlines and other control
+    characters come out escaped, so a value cannot forge a log line::
+
+        >>> short_repr("x" * 500, 12)
+        "'xxxxxxxx..."
+        >>> short_repr([[[[[[1]]]]]])
+        '[[[[...]]]]'
+    """
+    if isinstance(value, (str, bytes, bytearray)):
+        text = repr(value[: 4 * limit])  # repr of a huge value is never built
+    elif isinstance(value, (int, float, bool)) or value is None:
+        text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else \
+            f"<int of {len(str(abs(value))) if value.bit_length() < 10000 else 'many'} digits>"
+    else:
+        try:
+            text = _bounded_repr(limit).repr(value)
+        except Exception:  # a foreign object whose __repr__ fails
+            text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def log_name(value: Any, limit: int = 60) -> str:
+    """A user-supplied name (JSON key, form field) safe for logs and messages: ``repr``-escaped
+    (no raw newline or control character) and cut to ``limit`` characters."""
+    return short_repr(value if isinstance(value, str) else str(type(value).__name__), limit)
 
 
 def parse_int(text: str) -> Optional[int]:

@@ -1,402 +1,112 @@
-"""Serving core: request parsing, option validation, one batched explain pass, JSON responses.
+"""Serving core: a batch of request rows -> one answer per row, with the batch's stats.
 
 Everything a model server needs except the server: the TorchServe handler
-(``handler/gradcam_handler.py``) is a thin adapter over :class:`CamService`, and this module never
-imports TorchServe. It lives here because TorchServe's loader refuses a handler module that
-defines more than one class.
+(``handler/gradcam_handler.py``) and the KServe adapter are thin layers over :class:`CamService`,
+and this module never imports TorchServe. The stages live in their own modules with plain data
+between them: :mod:`camserve.envelopes` (row -> :class:`RawRequest`), :mod:`camserve.options`
+(-> :class:`RequestOptions`), :mod:`camserve.images` (decode, preprocess), :mod:`camserve.explain`
+(target table -> batch CAMs -> :class:`camserve.records.Explanation` records).
 
-A request row is what TorchServe hands a handler for one request:
-
-* raw body: ``{"body": b"<image bytes>"}``;
-* multipart/form-data: one key per form field, ``{"data": b"<image>", "explain": "true", ...}``;
-* JSON (``Content-Type: application/json``): ``{"body": {"data": "<base64>", "explain": true}}``;
-* KServe v1 ``{"instances": [{"data": "<base64>", ...}]}`` (one instance) and v2
-  ``{"inputs": [{"name": "data", "datatype": "BYTES", "data": ["<base64>"]}], "parameters": {...}}``.
-
-Options: ``explain`` (true/false), ``target`` (class index, label, or a list of them), ``topk``,
-``method`` (a registered CAM method), ``outputs`` (a subset of heatmap, overlay, raw, bbox).
-
-A batch is explained with one forward pass (:meth:`CamEngine.__call__` with ``rows=``): gradients
-only for the rows that asked to explain, each with its own targets and method; predict-only
-batches run under ``torch.inference_mode()``. Maps are upsampled, normalised and turned into uint8
-on the model's device and copied to the host once per batch; PNGs are encoded on the CPU.
+Each row is its own transaction: any exception while parsing, decoding, explaining or rendering
+one row becomes that row's answer (400/413/422, or 500 ``InternalError`` with a short error id
+that the log carries next to the traceback) and its batch-mates get their 200. When the batched
+forward itself fails, the rows are retried one by one so the failure stays with the row that
+causes it. No answer is larger than ``max_response_size``: a row whose JSON would be is answered
+413 ``ResponseTooLarge``, naming what to drop.
 
 Example::
 
-    >>> import io, torch, torchvision
+    >>> import io
     >>> from PIL import Image
-    >>> from camserve.models import ModelSpec
+    >>> from camserve.models import ModelSpec, load_model
     >>> spec = ModelSpec.from_config({"arch": "torchvision.models.resnet18", "num_classes": 4,
     ...                               "target_layer": "layer4", "input_size": 64})
-    >>> svc = CamService(torchvision.models.resnet18(num_classes=4).eval(), spec)
+    >>> svc = CamService(load_model(spec))
     >>> buf = io.BytesIO(); Image.new("RGB", (40, 30), "red").save(buf, "PNG")
-    >>> [res] = svc.handle_batch([{"data": buf.getvalue(), "explain": "true"}])
-    >>> res.status, sorted(res.body), res.body["explanations"][0]["width"]
-    (200, ['explanations', 'predictions'], 40)
+    >>> out = svc.handle_batch([{"data": buf.getvalue(), "explain": "true"}, {"body": b"?"}])
+    >>> [r.status for r in out.results], out.stats.error_rows
+    ([200, 400], 1)
+    >>> out.results[0].body["explanations"][0]["width"]
+    40
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import http
 import json
 import logging
+import sys
 import time
-from collections import Counter
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
-from .engine import CamEngine, heatmaps_at_sizes
+from .engine import CamEngine
+from .envelopes import extract_request
+from .errors import InternalError, InvalidImage, RequestError, ResponseTooLarge, from_image_error
+from .explain import BatchCams, batch_cams, batch_heatmaps, render_row, target_table
 from .images import ImageError, decode_image, preprocess
-from .methods import available_methods, get_method
-from .models import ConfigError, ModelSpec, build_model, load_labels, parse_outputs
-from .render import b64, bbox_from_heatmap, heatmap_png, overlay_png
+from .methods import available_methods
+from .models import (ConfigError, LoadedModel, ModelSpec, load_model,
+                     load_model_dir)
+from .options import (MAX_TARGETS, OPTION_KEYS, RequestOptions, ServingLimits,
+                      parse_options)
+from .records import short_repr, top_predictions
 
 log = logging.getLogger(__name__)
-
-OPTION_KEYS: tuple[str, ...] = ("explain", "target", "topk", "method", "outputs")
-DATA_KEYS: tuple[str, ...] = ("data", "body")
-MAX_TARGETS = 16
-TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
-FALSE_WORDS = frozenset({"false", "0", "no", "off", ""})
-MAP_OUTPUTS = frozenset({"heatmap", "overlay", "bbox"})
-
-
-class RequestError(ValueError):
-    """A request that cannot be answered: ``code`` is the HTTP status, ``type`` a short name.
-
-    Codes: 400 (no or undecodable image, bad base64, bad JSON), 413 (image over the pixel limit),
-    422 (a bad option).
-    """
-
-    def __init__(self, message: str, code: int = 400, type: str = "InvalidRequest") -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.type = type
-
-    @property
-    def phrase(self) -> str:
-        """The HTTP reason phrase of :attr:`code`."""
-        try:
-            return http.HTTPStatus(self.code).phrase
-        except ValueError:
-            return "Error"
-
-    def to_body(self) -> dict[str, Any]:
-        """The JSON error body: ``{"code": ..., "type": ..., "message": ...}``."""
-        return {"code": self.code, "type": self.type, "message": self.message}
-
-    @classmethod
-    def from_image_error(cls, exc: ImageError) -> "RequestError":
-        """Wrap a :class:`camserve.images.ImageError`, keeping its code and type."""
-        return cls(str(exc), exc.code, exc.type)
-
-
-class OptionError(RequestError):
-    """An option value that is not allowed (HTTP 422); the message names the option."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 422, "InvalidOption")
-
-
-@dataclass(frozen=True)
-class RawRequest:
-    """One request's image bytes and its options, as sent (not yet validated)."""
-
-    data: bytes
-    options: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class RequestOptions:
-    """Validated options of one request. ``targets`` None means the top-1 prediction."""
-
-    explain: bool
-    targets: Optional[tuple[int, ...]]
-    topk: int
-    method: str
-    outputs: tuple[str, ...]
 
 
 @dataclass
 class RowResult:
-    """The answer to one request: HTTP ``status``, its reason ``phrase`` and the JSON ``body``."""
+    """The answer to one request: HTTP ``status``, its reason ``phrase`` and the JSON ``body``;
+    ``text`` is the body as compact JSON (ASCII, so its length is its size in bytes)."""
 
     status: int
     body: dict[str, Any]
     phrase: str = "OK"
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.text:
+            self.text = json.dumps(self.body, separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def error(cls, exc: RequestError) -> "RowResult":
+        """The answer for a request error."""
+        return cls(exc.code, exc.to_body(), exc.phrase)
 
     def to_json(self) -> str:
         """The body as compact JSON text."""
-        return json.dumps(self.body, separators=(",", ":"))
+        return self.text
 
 
 @dataclass
 class BatchStats:
-    """What the last batch did, for metrics: rows, explained rows, errors, milliseconds spent."""
+    """What one batch did, for metrics: rows, explained rows, rows answered with an error (of
+    them, internal errors), batched passes that failed and were retried row by row, maps made,
+    milliseconds spent."""
 
     rows: int = 0
     explained_rows: int = 0
     error_rows: int = 0
+    internal_errors: int = 0
+    failed_batches: int = 0
     maps: int = 0
     cam_ms: float = 0.0
     total_ms: float = 0.0
 
 
-# -- request parsing ------------------------------------------------------------------------------
-def _decode_b64(text: str, where: str) -> bytes:
-    s = text.strip()
-    if s.startswith("data:"):
-        head, sep, rest = s.partition(",")
-        if not sep or ";base64" not in head:
-            raise RequestError(f"not an image: {where} is a data URL without ';base64,'", 400,
-                               "InvalidImage")
-        s = rest
-    s = "".join(s.split())
-    if not s:
-        raise RequestError(f"not an image: {where} is empty", 400, "InvalidImage")
-    s += "=" * (-len(s) % 4)
-    alphabet = "-_" if ("-" in s or "_" in s) else "+/"
-    try:
-        return base64.b64decode(s, altchars=alphabet.encode(), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RequestError(f"not an image: {where} is not valid base64 ({exc}; {len(text)} "
-                           f"characters)", 400, "InvalidImage") from None
-
-
-def _maybe_json(payload: bytes | str) -> Any:
-    """Parse a JSON object sent without a JSON content type; the payload itself otherwise."""
-    text = payload.lstrip()[:1]
-    if text not in (b"{", "{"):
-        return payload
-    try:
-        return json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"invalid JSON body: {exc}", 400, "InvalidRequest") from None
-
-
-def _image_from(value: Any, where: str) -> bytes:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return _decode_b64(value, where)
-    if isinstance(value, Mapping) and isinstance(value.get("b64"), str):
-        return _decode_b64(value["b64"], f"{where}.b64")
-    raise RequestError(f"invalid value for {where}: expected a base64 string, got "
-                       f"{type(value).__name__}", 400, "InvalidRequest")
-
-
-def _from_json(doc: Mapping[str, Any]) -> RawRequest:
-    """A parsed JSON request: ours, KServe v1 (one instance) or KServe v2 (one BYTES input)."""
-    if "instances" in doc and "data" not in doc:
-        inst = doc["instances"]
-        if not isinstance(inst, list) or len(inst) != 1:
-            got = len(inst) if isinstance(inst, list) else type(inst).__name__
-            raise RequestError(f"invalid value for instances: expected a list of exactly one "
-                               f"instance, got {got}", 400, "InvalidRequest")
-        item = inst[0]
-        if isinstance(item, Mapping) and "b64" not in item:
-            return _from_json(item)
-        return RawRequest(_image_from(item, "instances[0]"), {})
-    if "inputs" in doc and "data" not in doc:
-        inputs = doc["inputs"]
-        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], Mapping):
-            raise RequestError("invalid value for inputs: expected a list of exactly one input "
-                               "object", 400, "InvalidRequest")
-        values = inputs[0].get("data")
-        if isinstance(values, list) and len(values) == 1:
-            values = values[0]
-        params = doc.get("parameters") or {}
-        if not isinstance(params, Mapping):
-            raise OptionError(f"invalid value for parameters: expected an object, got "
-                              f"{type(params).__name__}")
-        return RawRequest(_image_from(values, "inputs[0].data"), dict(params))
-    if "data" not in doc:
-        raise RequestError(f"missing field 'data' (a base64-encoded image) in the JSON object; "
-                           f"keys sent: {', '.join(map(str, doc)) or 'none'}", 400, "InvalidRequest")
-    options = {k: v for k, v in doc.items() if k != "data"}
-    return RawRequest(_image_from(doc["data"], "data"), options)
-
-
-def extract_request(row: Any) -> RawRequest:
-    """Image bytes and raw options of one TorchServe request row (see the module docstring).
-
-    Raises :class:`RequestError` (400) when no image is found or the JSON/base64 is bad.
-    """
-    if isinstance(row, (bytes, bytearray, memoryview, str)):
-        row = {"body": row}
-    if not isinstance(row, Mapping):
-        raise RequestError(f"invalid request: expected a body or form fields, got "
-                           f"{type(row).__name__}", 400, "InvalidRequest")
-    key = next((k for k in DATA_KEYS if k in row), None)
-    if key is None:
-        raise RequestError(f"missing image: send it as the request body, as the form field "
-                           f"'data', or as JSON {{\"data\": \"<base64>\"}}; fields sent: "
-                           f"{', '.join(map(str, row)) or 'none'}", 400, "InvalidRequest")
-    fields = {k: v for k, v in row.items() if k not in DATA_KEYS}
-    payload = row[key]
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        payload = _maybe_json(bytes(payload))
-    elif isinstance(payload, str):
-        payload = _maybe_json(payload)
-    if isinstance(payload, Mapping):
-        req = _from_json(payload)
-        return RawRequest(req.data, {**fields, **req.options})
-    if isinstance(payload, list):
-        raise RequestError("invalid JSON body: expected an object {\"data\": \"<base64>\", ...}, "
-                           "got a list", 400, "InvalidRequest")
-    return RawRequest(_image_from(payload, key), fields)
-
-
-# -- option validation ----------------------------------------------------------------------------
-def _text(name: str, value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise OptionError(f"invalid value for {name}: not UTF-8 text") from None
-    return value
-
-
-def _parse_bool(name: str, value: Any) -> bool:
-    value = _text(name, value)
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in TRUE_WORDS:
-            return True
-        if word in FALSE_WORDS:
-            return False
-    raise OptionError(f"invalid value for {name}: {value!r} (allowed: true, false, 1, 0, yes, no)")
-
-
-def _parse_int(name: str, value: Any, lo: int, hi: int) -> int:
-    value = _text(name, value)
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        value = int(value.strip())
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise OptionError(f"invalid value for {name}: {value!r} (an integer {lo}..{hi})")
-    if not lo <= value <= hi:
-        raise OptionError(f"invalid value for {name}: {value} (allowed: {lo}..{hi})")
-    return value
-
-
-def _known_labels(labels: Sequence[str]) -> str:
-    shown = ", ".join(labels[:10])
-    return shown + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
-
-
-def _parse_targets(value: Any, labels: Sequence[str]) -> Optional[tuple[int, ...]]:
-    value = _text("target", value)
-    if value is None:
-        return None
-    n = len(labels)
-    if isinstance(value, str):
-        s = value.strip()
-        if not s:
-            return None
-        if s.startswith("["):
-            try:
-                value = json.loads(s)
-            except json.JSONDecodeError:
-                raise OptionError(f"invalid value for target: {value!r} is not a JSON list") from None
-        else:
-            value = [p for p in (q.strip() for q in s.split(",")) if p]
-    items = value if isinstance(value, (list, tuple)) else [value]
-    if not items:
-        raise OptionError("invalid value for target: empty list (a class index, a label, or a "
-                          "list of them)")
-    if len(items) > MAX_TARGETS:
-        raise OptionError(f"invalid value for target: {len(items)} targets (at most {MAX_TARGETS} "
-                          f"per request)")
-    lower = {lab.lower(): i for i, lab in reversed(list(enumerate(labels)))}
-    exact = {lab: i for i, lab in reversed(list(enumerate(labels)))}
-    out: list[int] = []
-    for item in items:
-        if isinstance(item, str) and item.strip().lstrip("+-").isdigit():
-            item = int(item.strip())
-        if isinstance(item, int) and not isinstance(item, bool):
-            if not 0 <= item < n:
-                raise OptionError(f"invalid value for target: class index {item} out of range "
-                                  f"(allowed: 0..{n - 1})")
-            out.append(item)
-        elif isinstance(item, str):
-            name = item.strip()
-            idx = exact.get(name, lower.get(name.lower()))
-            if idx is None:
-                raise OptionError(f"invalid value for target: unknown label {name!r} (known: "
-                                  f"{_known_labels(labels)}; or a class index 0..{n - 1})")
-            out.append(idx)
-        else:
-            raise OptionError(f"invalid value for target: {item!r} (a class index 0..{n - 1} or "
-                              f"a label)")
-    return tuple(out)
-
-
-def _parse_outputs(value: Any) -> tuple[str, ...]:
-    value = _text("outputs", value)
-    if isinstance(value, str) and value.strip().startswith("["):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise OptionError(f"invalid value for outputs: {value!r} is not a JSON list") from None
-    return parse_outputs(value, key="outputs", exc=OptionError)
-
-
-def parse_options(options: Mapping[str, Any], spec: ModelSpec, labels: Sequence[str],
-                  explain_header: Optional[str] = None) -> RequestOptions:
-    """Validate one request's options against the model; :class:`OptionError` (422) otherwise.
-
-    ``explain_header`` is TorchServe's ``explain`` request header (``"True"`` on
-    ``/explanations`` and the KServe explain routes), which forces explaining.
-    """
-    unknown = [str(k) for k in options if k not in OPTION_KEYS]
-    if unknown:
-        raise OptionError(f"unknown option {unknown[0]!r} (allowed: {', '.join(OPTION_KEYS)}; the "
-                          f"image goes in 'data' or the body)")
-    n = len(labels)
-    explain = str(explain_header).strip().lower() == "true" if explain_header is not None else False
-    if not explain and options.get("explain") is not None:
-        explain = _parse_bool("explain", options["explain"])
-    targets = _parse_targets(options.get("target"), labels)
-    topk = min(spec.topk, n)
-    if options.get("topk") is not None:
-        topk = _parse_int("topk", options["topk"], 1, n)
-    method = spec.method
-    if options.get("method") is not None:
-        m = _text("method", options["method"])
-        key = str(m).strip().lower()
-        if not isinstance(m, str) or key not in available_methods():
-            raise OptionError(f"invalid value for method: {m!r} (allowed: "
-                              f"{', '.join(available_methods())})")
-        method = key
-    outputs = spec.outputs
-    if options.get("outputs") is not None:
-        outputs = _parse_outputs(options["outputs"])
-    return RequestOptions(explain=explain, targets=targets, topk=topk, method=method, outputs=outputs)
-
-
-def _config_message(exc: ValueError, target_layer: Optional[str]) -> str:
-    """An engine error at start-up, phrased as the config key it comes from."""
-    msg = str(exc)
-    prefix = "invalid value for target_layer"
-    if msg.startswith(prefix):
-        return "invalid value for handler.target_layer" + msg[len(prefix):]
-    return f"invalid value for handler.target_layer: {target_layer!r} ({msg})"
-
-
-# -- the service ----------------------------------------------------------------------------------
 @dataclass
+class BatchOutcome:
+    """One :class:`RowResult` per row, in order, and the batch's :class:`BatchStats`."""
+
+    results: list[RowResult]
+    stats: BatchStats = field(default_factory=BatchStats)
+
+
+@dataclass(frozen=True)
 class _Row:
     """A request that parsed and decoded: its batch index, image, input tensor and options."""
 
@@ -404,216 +114,244 @@ class _Row:
     image: Image.Image
     tensor: torch.Tensor
     options: RequestOptions
-    explanations: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _CamView:
+    """One explain row's slice of a batch's CAMs: its ``count`` targets, maps and layer."""
+
+    def __init__(self, cams: BatchCams, slot: int, count: int,
+                 maps: Mapping[tuple[int, int], Any]) -> None:
+        self.cams = cams.cams[slot, :count]
+        self.targets = cams.targets[slot, :count].tolist()
+        self.maps = [maps.get((slot, q)) for q in range(count)]
+        self.layer = cams.layer
+
+
+_Forward = tuple[torch.Tensor, Optional[BatchCams], list[int]]
+
+
+def safe_traceback() -> str:
+    """The current exception's frames and its type, with its message escaped and cut (an
+    exception message may carry request data; it must not forge log lines)."""
+    _, exc, tb = sys.exc_info()
+    if exc is None:
+        return "no exception"
+    frames = "".join(traceback.format_tb(tb))
+    return f"Traceback (most recent call last):\n{frames}{type(exc).__name__}: " \
+           f"{short_repr(str(exc), 300)}"
+
+
+def internal_error(what: str) -> RowResult:
+    """A 500 answer with a fresh error id; logs the current exception's traceback with it."""
+    err = InternalError.new()
+    log.error("camserve: internal error %s while %s\n%s", err.error_id, what, safe_traceback())
+    return RowResult.error(err)
+
+
+def _drop_hint(options: RequestOptions) -> list[str]:
+    drop = [o for o in ("overlay", "raw", "heatmap") if o in options.outputs]
+    if options.targets and len(options.targets) > 1:
+        drop.append("targets")
+    return drop
 
 
 class CamService:
-    """One worker's model, engine and settings; :meth:`handle_batch` answers a batch of requests.
+    """One worker's model, engine and limits; :meth:`handle_batch` answers a batch of requests.
 
     Args:
-        model: the classifier in eval mode, on ``device``.
-        spec: the validated ``handler:`` block of the model config.
-        labels: class labels (default: the class indices as strings, from a warm-up pass).
-        device: where the model lives (default: the device of its first parameter).
+        loaded: the model ready to explain (:func:`camserve.models.load_model_dir`).
+        limits: serving budgets (default: :class:`ServingLimits` defaults).
     """
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, labels: Optional[Sequence[str]] = None,
-                 device: Optional[torch.device | str] = None) -> None:
-        if device is None:
-            first = next(iter(model.parameters()), None)
-            device = first.device if first is not None else torch.device("cpu")
-        self.model = model
-        self.spec = spec
-        self.device = torch.device(device)
-        try:
-            self.engine = CamEngine(model, spec.target_layer, layout=spec.layout)  # type: ignore[arg-type]
-        except ValueError as exc:
-            raise ConfigError(_config_message(exc, spec.target_layer)) from None
-        self.num_classes = self.warm_up()
-        if labels is None:
-            labels = [str(i) for i in range(self.num_classes)]
-        if len(labels) != self.num_classes:
-            raise ConfigError(f"invalid value for handler.labels: {len(labels)} labels for a model "
-                              f"with {self.num_classes} classes")
-        self.labels: list[str] = list(labels)
-        self.last_stats = BatchStats()
+    def __init__(self, loaded: LoadedModel, limits: Optional[ServingLimits] = None) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.spec = loaded.spec
+        self.labels: list[str] = list(loaded.labels)
+        self.num_classes = loaded.num_classes
+        self.device = torch.device(loaded.device)
+        self.limits = limits or ServingLimits.from_spec(self.spec)
+        self.engine = CamEngine(self.model, loaded.layer,
+                                layout=self.spec.layout)  # type: ignore[arg-type]
+        self.warm_up()
+        log.info("camserve: serving %s (%d classes, layer %r, input %s) on %s", self.spec.arch,
+                 self.num_classes, self.engine.layer_name, self.spec.input_size, self.device)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, handler_config: Mapping[str, Any] | None,
-                       device: torch.device | str = "cpu",
-                       weights: Optional[str | Path] = None) -> "CamService":
-        """Build the service from a model folder (or an extracted archive) and its ``handler:``
-        block: model, weights (``weights_only=True``), labels, warm-up. :class:`ConfigError`
-        names the offending key."""
-        model_dir = Path(model_dir)
-        spec = ModelSpec.from_config(handler_config)
-        if spec.labels is None and (model_dir / "index_to_name.json").is_file():
-            spec.labels = "index_to_name.json"
-        model = build_model(spec, model_dir, device=device, weights=weights)
-        svc = cls(model, spec, device=device)
-        if spec.labels is not None:
-            svc.labels = load_labels(spec, model_dir, svc.num_classes)
-        log.info("camserve: serving %s (%d classes, layer %r, input %s) on %s", spec.arch,
-                 svc.num_classes, svc.engine.layer_name, spec.input_size, svc.device)
-        return svc
+    def from_model_dir(cls, model_dir: str | Path, *, weights: Optional[str | Path] = None,
+                       overrides: Optional[Mapping[str, Any]] = None,
+                       device: torch.device | str = "cpu") -> "CamService":
+        """Build the service from a model folder (or an extracted archive): see
+        :func:`camserve.models.load_model_dir`; the serving limits come from the same
+        ``handler:`` block (:meth:`ServingLimits.from_spec`)."""
+        return cls(load_model_dir(model_dir, weights=weights, overrides=overrides, device=device))
 
-    def warm_up(self) -> int:
-        """One explain pass and one predict pass on a blank input (locates the target layer when
-        the config leaves it out); returns the number of classes."""
+    @classmethod
+    def from_handler_config(cls, handler: Optional[Mapping[str, Any]], model_dir: str | Path, *,
+                            weights: Optional[str | Path] = None,
+                            device: torch.device | str = "cpu") -> "CamService":
+        """Build the service from an already parsed ``handler:`` block (TorchServe hands the
+        handler the archive's config, whatever its file name) and the folder holding the model
+        file, weights and labels."""
+        spec = ModelSpec.from_config(handler)
+        return cls(load_model(spec, model_dir, weights=weights, device=device))
+
+    def warm_up(self) -> None:
+        """One explain pass and one predict pass on a blank input; a target layer that cannot
+        give a map is a :class:`ConfigError` naming ``handler.target_layer``."""
         h, w = self.spec.input_size
         x = torch.zeros(1, 3, h, w, device=self.device)
         try:
-            res = self.engine(x, method=self.spec.method)
+            self.engine(x, method=self.spec.method)
         except ValueError as exc:
-            raise ConfigError(_config_message(exc, self.spec.target_layer)) from None
+            raise ConfigError(f"invalid value for handler.target_layer: "
+                              f"{self.engine.layer_name!r} ({exc})") from None
         self.engine.predict(x)
-        return int(res.logits.shape[1])
 
     def describe(self) -> dict[str, Any]:
         """What the model serves and which options it takes (TorchServe's customized describe)."""
         return {"arch": self.spec.arch, "num_classes": self.num_classes, "labels": self.labels,
                 "target_layer": self.engine.layer_name, "input_size": list(self.spec.input_size),
                 "methods": available_methods(), "options": list(OPTION_KEYS),
-                "defaults": {"method": self.spec.method, "topk": min(self.spec.topk, self.num_classes),
+                "defaults": {"method": self.spec.method,
+                             "topk": min(self.spec.topk, self.num_classes),
                              "outputs": list(self.spec.outputs)},
                 "max_pixels": self.spec.max_pixels, "max_targets": MAX_TARGETS,
-                "device": str(self.device)}
+                "max_response_size": self.limits.max_response_size,
+                "max_option_length": self.limits.max_option_length, "device": str(self.device)}
 
     # -- one batch ------------------------------------------------------------------------------
-    def _prepare(self, index: int, row: Any, explain_header: Optional[str]) -> _Row:
-        raw = extract_request(row)
-        opts = parse_options(raw.options, self.spec, self.labels, explain_header)
-        try:
-            img = decode_image(raw.data, max_pixels=self.spec.max_pixels)
-        except ImageError as exc:
-            raise RequestError.from_image_error(exc) from None
-        x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std)
-        return _Row(index, img, x, opts)
-
     def handle_batch(self, rows: Sequence[Any],
-                     explain_headers: Optional[Sequence[Optional[str]]] = None) -> list[RowResult]:
+                     force_explain: Optional[Sequence[bool]] = None) -> BatchOutcome:
         """Answer every request of a batch: one :class:`RowResult` per row, in order.
 
-        A bad row gets its own 4xx result; the other rows are answered as usual.
+        ``force_explain``: one boolean per row; True explains that row whatever its options say.
+        A bad row gets its own 4xx/413/500 result; the other rows are answered as usual.
         """
         t0 = time.perf_counter()
-        headers = list(explain_headers) if explain_headers is not None else [None] * len(rows)
-        if len(headers) != len(rows):
-            raise ValueError(f"invalid value for explain_headers: {len(headers)} for {len(rows)} rows")
+        forced = [False] * len(rows) if force_explain is None else [bool(f) for f in force_explain]
+        if len(forced) != len(rows):
+            raise ValueError(f"invalid value for force_explain: {len(forced)} flags for "
+                             f"{len(rows)} rows")
+        stats = BatchStats(rows=len(rows))
         results: list[Optional[RowResult]] = [None] * len(rows)
         good: list[_Row] = []
-        for i, (row, hdr) in enumerate(zip(rows, headers)):
-            try:
-                good.append(self._prepare(i, row, hdr))
-            except RequestError as exc:
-                log.info("camserve: request %d of a batch of %d rejected: %s %s: %s", i, len(rows),
-                         exc.code, exc.type, exc.message)
-                results[i] = RowResult(exc.code, exc.to_body(), exc.phrase)
-        stats = BatchStats(rows=len(rows), error_rows=len(rows) - len(good))
+        for i, (row, f) in enumerate(zip(rows, forced)):
+            prepared = self._prepare(i, row, f, len(rows))
+            if isinstance(prepared, RowResult):
+                results[i] = prepared
+            else:
+                good.append(prepared)
         if good:
-            for row, body in zip(good, self._run(good, stats)):
-                results[row.index] = RowResult(200, body)
+            for row, res in zip(good, self._serve(good, stats)):
+                results[row.index] = res
+        final = [r if r is not None else internal_error("answering a row") for r in results]
+        self._count(final, stats)
         stats.total_ms = (time.perf_counter() - t0) * 1000.0
-        self.last_stats = stats
         log.info("camserve: batch of %d rows (%d explained, %d rejected) in %.1f ms", stats.rows,
                  stats.explained_rows, stats.error_rows, stats.total_ms)
-        return [r for r in results if r is not None]
+        return BatchOutcome(final, stats)
 
-    def _run(self, good: list[_Row], stats: BatchStats) -> list[dict[str, Any]]:
-        x = torch.stack([r.tensor for r in good])
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        else:
-            x = x.to(self.device)
-        explain = [j for j, r in enumerate(good) if r.options.explain]
+    @staticmethod
+    def _count(results: Sequence[RowResult], stats: BatchStats) -> None:
+        stats.error_rows = sum(r.status != 200 for r in results)
+        stats.internal_errors = sum(r.status >= 500 for r in results)
+
+    def _prepare(self, index: int, row: Any, explain: bool, n: int) -> _Row | RowResult:
+        """Envelope, options, image -> a :class:`_Row`, or the row's error answer."""
+        try:
+            raw = extract_request(row)
+            opts = parse_options(raw.options, self.spec, self.labels, explain=explain,
+                                 limits=self.limits)
+            img = self._decode(raw.data)
+            x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std)
+            return _Row(index, img, x, opts)
+        except RequestError as exc:
+            log.info("camserve: request %d of a batch of %d rejected: %s %s: %s", index, n,
+                     exc.code, exc.type, exc.message)
+            return RowResult.error(exc)
+        except Exception:
+            return internal_error(f"preparing request {index} of a batch of {n}")
+
+    def _decode(self, data: bytes) -> Image.Image:
+        """Image bytes -> RGB image; any decoder failure is this row's 400 (or 413)."""
+        try:
+            return decode_image(data, max_pixels=self.spec.max_pixels, formats=self.spec.formats)
+        except ImageError as exc:
+            raise from_image_error(exc) from None
+        except Exception as exc:  # a decoder bug on crafted data (MemoryError included)
+            raise InvalidImage(f"not an image: the decoder failed ({type(exc).__name__}; "
+                               f"{len(data)} bytes)") from None
+
+    def _serve(self, rows: list[_Row], stats: BatchStats) -> list[RowResult]:
+        """Answer decoded rows with one batched pass; should that pass fail, row by row."""
+        try:
+            return self._run(rows, stats)
+        except Exception:
+            stats.failed_batches += 1
+            if len(rows) == 1:
+                return [internal_error("running a batch of 1 row")]
+            log.warning("camserve: batched pass over %d rows failed; retrying row by row\n%s",
+                        len(rows), safe_traceback())
+        out = []
+        for row in rows:
+            try:
+                out.extend(self._run([row], stats))
+            except Exception:
+                out.append(internal_error(f"running request {row.index} alone"))
+        return out
+
+    def _forward(self, rows: list[_Row], stats: BatchStats) -> _Forward:
+        """One forward over ``rows``: logits, and the CAMs of the rows that explain."""
+        x = torch.stack([r.tensor for r in rows])
+        x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+            else x.to(self.device)
+        explain = [j for j, r in enumerate(rows) if r.options.explain]
+        if not explain:
+            return self.engine.predict(x), None, explain
         t_cam = time.perf_counter()
-        if explain:
-            logits = self._explain(x, good, explain, stats)
-        else:
-            logits = self.engine.predict(x)
+        cams = batch_cams(self.engine, x, explain, [rows[j].options for j in explain],
+                          target_table([rows[j].options for j in explain]))
+        stats.cam_ms += (time.perf_counter() - t_cam) * 1000.0
+        return cams.logits, cams, explain
+
+    def _run(self, rows: list[_Row], stats: BatchStats) -> list[RowResult]:
+        """One batched pass over decoded ``rows``; rendering failures stay with their row."""
+        logits, cams, explain = self._forward(rows, stats)
         probs = torch.softmax(logits.detach().float(), dim=1).cpu()
-        if explain:
-            for j in explain:
-                for e in good[j].explanations:
-                    e["score"] = round(float(probs[j, e["target"]]), 6)
-            stats.cam_ms = (time.perf_counter() - t_cam) * 1000.0
-        bodies = []
-        for j, r in enumerate(good):
-            top = torch.topk(probs[j], r.options.topk)
-            preds = [{"index": int(i), "label": self.labels[int(i)], "score": round(float(s), 6)}
-                     for s, i in zip(top.values, top.indices)]
-            body: dict[str, Any] = {"predictions": preds}
-            if r.options.explain:
-                body["explanations"] = r.explanations
-            bodies.append(body)
-        return bodies
+        views: dict[int, _CamView] = {}
+        if cams is not None:
+            opts = [rows[j].options for j in explain]
+            counts = target_table(opts).counts
+            maps = batch_heatmaps(cams, counts, opts, [rows[j].image for j in explain])
+            views = {j: _CamView(cams, p, counts[p], maps) for p, j in enumerate(explain)}
+            stats.explained_rows += len(explain)
+            stats.maps += sum(counts)
+        out = []
+        for j, row in enumerate(rows):
+            try:
+                out.append(self._answer(row, probs[j], views.get(j)))
+            except RequestError as exc:
+                out.append(RowResult.error(exc))
+            except Exception:
+                out.append(internal_error(f"rendering request {row.index}"))
+        return out
 
-    def _explain(self, x: torch.Tensor, good: list[_Row], explain: list[int],
-                 stats: BatchStats) -> torch.Tensor:
-        """One forward over the batch, gradients for the explain rows; fills each row's
-        ``explanations`` (without scores) and returns the logits of the whole batch."""
-        rows = [good[j] for j in explain]
-        counts = [len(r.options.targets) if r.options.targets else 1 for r in rows]
-        k = max(counts)
-        # -1 marks "the top-1 prediction"; shorter target lists are padded with their first entry
-        table = []
-        for r in rows:
-            t = list(r.options.targets) if r.options.targets else [-1]
-            table.append(t + [t[0]] * (k - len(t)))
-        wanted = torch.tensor(table, dtype=torch.long)
+    def _answer(self, row: _Row, probs: torch.Tensor, view: Optional["_CamView"]) -> RowResult:
+        """One row's 200 answer (predictions, and explanations when it explains), size-checked."""
+        preds = top_predictions(probs.tolist(), self.labels, row.options.topk)
+        body: dict[str, Any] = {"predictions": [p.to_json() for p in preds]}
+        if view is not None:
+            records = render_row(row.image, row.options, view.cams, view.targets, view.maps,
+                                 probs, self.labels, view.layer)
+            body["explanations"] = [e.to_json() for e in records]
+        return self._sized(RowResult(200, body), row.options)
 
-        def targets(sel_logits: torch.Tensor) -> torch.Tensor:
-            top1 = sel_logits.argmax(dim=1, keepdim=True).expand(-1, k)
-            t = wanted.to(sel_logits.device)
-            t = torch.where(t < 0, top1, t)
-            return t[:, 0] if k == 1 else t
-
-        by_method = Counter(r.options.method for r in rows)
-        main = by_method.most_common(1)[0][0]
-        res = self.engine(x, targets=targets, method=main, rows=explain)
-        cams = res.cams if k > 1 else res.cams[:, None]  # (R, K, h, w)
-        if len(by_method) > 1:
-            A = res.activations[:, None]
-            G = res.gradients if k > 1 else res.gradients[:, None]
-            cams = cams.clone()
-            for m in by_method:
-                if m == main:
-                    continue
-                sel = torch.tensor([i for i, r in enumerate(rows) if r.options.method == m],
-                                   device=cams.device)
-                cams[sel] = get_method(m)(A[sel], G[sel]).to(cams.dtype)
-        tgt = (res.targets if k > 1 else res.targets[:, None]).cpu()
-
-        need_maps = [(i, q) for i, r in enumerate(rows) for q in range(counts[i])
-                     if MAP_OUTPUTS.intersection(r.options.outputs)]
-        maps: dict[tuple[int, int], np.ndarray] = {}
-        if need_maps:
-            sel_cams = torch.stack([cams[i, q] for i, q in need_maps])
-            sizes = [(rows[i].image.height, rows[i].image.width) for i, _ in need_maps]
-            maps = dict(zip(need_maps, heatmaps_at_sizes(sel_cams, sizes)))
-        raw_rows = [i for i, r in enumerate(rows) if "raw" in r.options.outputs]
-        raw_host = cams[raw_rows].float().cpu().numpy() if raw_rows else None
-        raw_pos = {i: p for p, i in enumerate(raw_rows)}
-
-        layer = res.layer
-        for i, r in enumerate(rows):
-            outs = r.options.outputs
-            for q in range(counts[i]):
-                cls = int(tgt[i, q])
-                e: dict[str, Any] = {"target": cls, "label": self.labels[cls], "score": None,
-                                     "method": r.options.method, "layer": layer,
-                                     "width": r.image.width, "height": r.image.height}
-                hm = maps.get((i, q))
-                if "bbox" in outs and hm is not None:
-                    e["bbox"] = bbox_from_heatmap(hm)
-                if "heatmap" in outs and hm is not None:
-                    e["heatmap"] = b64(heatmap_png(hm))
-                if "overlay" in outs and hm is not None:
-                    e["overlay"] = b64(overlay_png(r.image, hm))
-                if "raw" in outs and raw_host is not None:
-                    arr = raw_host[raw_pos[i], q]
-                    e["raw"] = {"shape": [int(arr.shape[0]), int(arr.shape[1])], "data": arr.tolist()}
-                r.explanations.append(e)
-        stats.explained_rows = len(rows)
-        stats.maps = sum(counts)
-        return res.logits
+    def _sized(self, result: RowResult, options: RequestOptions) -> RowResult:
+        """``result``, or 413 ``ResponseTooLarge`` when its JSON exceeds the response limit."""
+        limit = self.limits.max_response_size
+        if len(result.text) <= limit:
+            return result
+        err = ResponseTooLarge(len(result.text), limit, _drop_hint(options))
+        log.info("camserve: answer refused: %s", err.message)
+        return RowResult.error(err)

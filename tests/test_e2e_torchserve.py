@@ -34,10 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("CAMSERVE_E2E_MODEL_DIR", ROOT / "models" / "shapes"))
 SAMPLES = MODEL_DIR / "samples"
 BATCH_LOG = "camserve: batch of"
+POISON_MODEL = "shapes_poison"
+POISON_BATCH = 8
 TOLERANCE = 3  # px around a ground-truth box that still counts as inside (camserve.shapes)
 
-pytestmark = pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("JAVA_HOME"),
-                                reason="Java is not installed: TorchServe's frontend needs Java 17+")
+pytestmark = [
+    pytest.mark.torchserve,
+    pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("JAVA_HOME"),
+                       reason="Java is not installed: TorchServe's frontend needs Java 17+"),
+]
 
 
 @dataclass
@@ -87,7 +92,12 @@ def server(tmp_path_factory) -> Iterator[Server]:
     archive(home / "store", "shapes", str(ROOT / "handler" / "gradcam_handler.py"),
             MODEL_DIR / "weights.pt", config, MODEL_DIR / "model.py",
             [MODEL_DIR / "index_to_name.json"])
-    ts = LocalTorchServe(home, ["shapes"], ready_timeout=240,
+    # the same model with a long batch delay: POISON_BATCH concurrent requests share one batch
+    config.update(batchSize=POISON_BATCH, maxBatchDelay=5000)
+    archive(home / "store", POISON_MODEL, str(ROOT / "handler" / "gradcam_handler.py"),
+            MODEL_DIR / "weights.pt", config, MODEL_DIR / "model.py",
+            [MODEL_DIR / "index_to_name.json"])
+    ts = LocalTorchServe(home, ["shapes", POISON_MODEL], ready_timeout=240,
                          properties={"max_request_size": 20971520, "max_response_size": 52428800,
                                      "model_metrics_auto_detect": "true"})
     try:
@@ -109,8 +119,7 @@ def boxes() -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def local() -> CamService:
     """The same model, in this process: the reference the server's answers must match."""
-    config = yaml.safe_load((MODEL_DIR / "model-config.yaml").read_text())
-    return CamService.from_model_dir(MODEL_DIR, config["handler"])
+    return CamService.from_model_dir(MODEL_DIR)
 
 
 def sample_bytes(name: str) -> bytes:
@@ -122,7 +131,7 @@ def decode_png(text: str) -> np.ndarray:
 
 
 def local_answer(local: CamService, data: bytes, explain: bool = True, **opts: Any) -> dict:
-    [res] = local.handle_batch([{"data": data, **opts}], ["True" if explain else "False"])
+    [res] = local.handle_batch([{"data": data, **opts}], [explain]).results
     return res.body
 
 
@@ -219,6 +228,7 @@ def test_kserve_explain_routes(server, boxes):
 
 
 def _concurrently(server: Server, jobs: list[tuple[str, dict]]) -> list[requests.Response]:
+    """Send ``jobs`` (route, requests kwargs) at once, one thread each; answers in job order."""
     barrier = threading.Barrier(len(jobs))
 
     def go(job: tuple[str, dict]) -> requests.Response:
@@ -325,7 +335,8 @@ def test_bad_options_are_422(server, boxes, opts, needle):
 def test_custom_metrics_reach_prometheus(server, boxes):
     server.post("explanations/shapes", data=sample_bytes(sorted(boxes)[0]))
     text = requests.get(f"{server.metrics}/metrics", timeout=30).text
-    for name in ("CamTime", "CamExplainedRows", "CamRequestErrors", "HandlerTime"):
+    for name in ("CamTime", "CamExplainedRows", "CamRequestErrors", "HandlerTime",
+                 "CamInternalErrors", "CamFailedBatches"):
         assert f"\n{name}{{" in text, f"{name} not on /metrics"
 
 
@@ -363,3 +374,87 @@ def test_client_cli_writes_the_overlay(server, boxes, tmp_path, capsys):
     rc = client_main([str(SAMPLES / name), "--method", "bogus", "--url", server.url,
                       "--key-file", str(server.home / "key_file.json")])
     assert rc == 1 and "HTTP 422" in capsys.readouterr().err
+
+
+# -- hardening: poison rows share a batch with good rows; the worker lives on ---------------------
+def worker_pids(server: Server, model: str) -> list[int]:
+    r = requests.get(f"{server.management}/models/{model}", timeout=60,
+                     headers={"Authorization": f"Bearer {server.management_token}"})
+    assert r.status_code == 200, r.text
+    return sorted(int(w["pid"]) for w in r.json()[0]["workers"])
+
+
+def noise_png(side: int, seed: int = 0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _poison_jobs(good: list[bytes]) -> tuple[list[tuple[str, dict]], list[int | None]]:
+    """Eight requests, good and poison alternating; expected status per request (None: 200)."""
+    route = f"predictions/{POISON_MODEL}"
+    deep = b'{"data": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    b64 = base64.b64encode(good[0]).decode()
+    jobs = [
+        (route, {"data": good[0]}),
+        (route, {"files": {"data": ("a.png", good[1], "image/png"), "target": (None, "\u00b2"),
+                           "explain": (None, "true")}}),
+        (route, {"data": good[2], "headers": {"describe": "True"}}),  # a forged describe header
+        (route, {"data": deep, "headers": {"Content-Type": "application/json"}}),
+        (f"explanations/{POISON_MODEL}", {"files": {"data": ("b.png", good[3], "image/png"),
+                                                     "target": (None, "1,star")}}),
+        (route, {"files": {"data": ("c.png", good[1], "image/png"), "topk": (None, "+-1")}}),
+        (route, {"json": {"data": b64, "explain": True, "outputs": ["bbox"]}}),
+        (route, {"json": {"data": b64, "bad\nINFO forged log line": 1, "method": "m" * 3_000_000}}),
+    ]
+    return jobs, [None, 422, None, 400, None, 422, None, 422]
+
+
+def test_poison_rows_share_a_batch_with_good_rows(server, boxes):
+    names = sorted(boxes)
+    good = [sample_bytes(n) for n in names[:4]]
+    pids = worker_pids(server, POISON_MODEL)
+    jobs, expected = _poison_jobs(good)
+    before = len(server.log_lines(BATCH_LOG))
+    answers = _concurrently(server, jobs)
+    codes = [r.status_code for r in answers]
+    assert codes == [e or 200 for e in expected], [(c, r.text[:200]) for c, r in zip(codes, answers)]
+    for want, r in zip(expected, answers):
+        assert r.headers["content-type"].startswith("application/json")
+        body = r.json()
+        if want is None:
+            assert "predictions" in body
+        else:
+            assert set(body) == {"code", "type", "message"} and body["code"] == want
+            assert len(r.content) < 1000 and "\n" not in body["message"]
+    assert "explanations" in answers[4].json() and "explanations" in answers[6].json()
+    sizes = server.batch_sizes(before, len(jobs))
+    assert max(sizes) > 1, f"the poison rows never shared a batch: {sizes}"
+    assert worker_pids(server, POISON_MODEL) == pids
+
+
+def test_an_oversized_answer_is_413_and_the_worker_lives(server, boxes):
+    pids = worker_pids(server, POISON_MODEL)
+    big = noise_png(1400)  # 8 overlays + heatmaps of ~2 MP noise: ~70 MB of JSON
+    every = ",".join(str(i) for i in range(8))
+    jobs = [(f"explanations/{POISON_MODEL}", {"files": {
+                "data": ("big.png", big, "image/png"), "target": (None, every),
+                "outputs": (None, "overlay,heatmap")}}),
+            (f"predictions/{POISON_MODEL}", {"data": sample_bytes(sorted(boxes)[0])})]
+    answers = _concurrently(server, jobs)
+    assert [r.status_code for r in answers] == [413, 200], [r.text[:300] for r in answers]
+    err = answers[0].json()
+    assert err["type"] == "ResponseTooLarge" and "overlay" in err["message"]
+    assert "targets" in err["message"]
+    assert worker_pids(server, POISON_MODEL) == pids
+    r = server.post(f"explanations/{POISON_MODEL}", data=sample_bytes(sorted(boxes)[1]))
+    assert r.status_code == 200 and len(r.json()["explanations"]) == 1
+
+
+def test_forged_describe_header_on_the_inference_api(server, boxes):
+    r = server.post("predictions/shapes", data=sample_bytes(sorted(boxes)[0]),
+                    headers={"describe": "True"})
+    assert r.status_code == 200 and "predictions" in r.json() and "labels" not in r.json()
+    r = server.post("predictions/shapes", files={"x": (None, "")}, headers={"describe": "True"})
+    assert r.status_code == 400 and r.json()["type"] == "InvalidRequest"

@@ -184,7 +184,8 @@ def test_mixed_batch_per_row(handler, model_dir):
     assert e5["raw"]["shape"] == [12, 12]
 
     names = ctx.metrics.names()
-    assert {"HandlerTime", "CamTime", "CamExplainedRows", "CamRequestErrors"} <= names
+    assert {"HandlerTime", "CamTime", "CamExplainedRows", "CamRequestErrors", "CamInternalErrors",
+            "CamFailedBatches"} <= names
     assert ("counter", "CamExplainedRows", 3) in ctx.metrics.calls  # rows 0, 2, 5
     assert ("counter", "CamRequestErrors", 2) in ctx.metrics.calls
 
@@ -304,3 +305,102 @@ def test_handle_before_initialize_is_an_error():
     h = load_handler_module().GradCamHandler()
     with pytest.raises(RuntimeError, match="before initialize"):
         h.handle([{"body": b""}], None)
+
+
+def test_forged_describe_header_gets_ordinary_answers_per_row(handler, model_dir):
+    # alone: an inference row always has a parameter ("body"), so it is answered as a request
+    ctx = make_context(model_dir)
+    set_requests(ctx, [{"describe": "True"}])
+    [out] = handler.handle([{"body": png(1)}], ctx)
+    assert "predictions" in json.loads(out)
+    # as row 0 of a batch: one answer per row, never the description
+    ctx = make_context(model_dir)
+    set_requests(ctx, [{"describe": "True"}, {}, {"explain": "True"}])
+    out = handler.handle([{"body": png(1)}, {"body": png(2)}, {"body": png(3)}], ctx)
+    assert len(out) == 3 and all("predictions" in json.loads(o) for o in out)
+    # an empty form (no parameters) carries a form content type: not the management call
+    for ctype in ("multipart/form-data; boundary=x", "application/x-www-form-urlencoded"):
+        ctx = make_context(model_dir)
+        set_requests(ctx, [{"describe": "True", "Content-Type": ctype}])
+        [out] = handler.handle([{}], ctx)
+        assert json.loads(out)["code"] == 400 and ctx.get_response_status(0)[0] == 400
+    # a row with no parameters in a batch of two is never the management call either
+    ctx = make_context(model_dir)
+    set_requests(ctx, [{"describe": "True"}, {"describe": "True"}])
+    out = handler.handle([{}, {}], ctx)
+    assert [json.loads(o)["code"] for o in out] == [400, 400]
+
+
+def test_describe_header_rule():
+    mod = load_handler_module()
+
+    class Ctx:
+        def __init__(self, headers):
+            self.headers = headers
+
+        def get_all_request_header(self, i):
+            return self.headers[i]
+
+    assert mod.is_management_describe([{}], Ctx([{"describe": "True", "Accept": "*/*"}]))
+    assert not mod.is_management_describe([{}], Ctx([{"describe": "true"}]))
+    assert not mod.is_management_describe([{"body": b""}], Ctx([{"describe": "True"}]))
+    assert not mod.is_management_describe([{}], Ctx([{"describe": "True",
+                                                      "content-type": "multipart/form-data"}]))
+    assert mod.explain_flags(Ctx([{"explain": "True"}, {}, {"explain": "false"}]), 3) == [
+        True, False, False]
+
+
+def test_serving_limits_in_the_handler_block(model_dir):
+    h = load_handler_module().GradCamHandler()
+    cfg = shapes_config(max_response_size=5000, max_option_length=64, outputs=["overlay"])
+    h.initialize(make_context(model_dir, config=cfg))
+    assert h.service.limits.max_response_size == 5000
+    ctx = make_context(model_dir)
+    set_requests(ctx, [{"explain": "True"}, {}, {}])
+    out = [json.loads(o) for o in h.handle([{"body": png(1, size=(300, 200))}, {"body": png(2)},
+                                            {"data": png(3), "method": "x" * 65}], ctx)]
+    assert [ctx.get_response_status(i)[0] for i in range(3)] == [413, 200, 422]
+    assert out[0]["type"] == "ResponseTooLarge" and "overlay" in out[0]["message"]
+    assert "at most 64" in out[2]["message"]
+
+
+def test_a_bug_outside_the_row_guards_still_answers_every_row(handler, model_dir, monkeypatch):
+    def broken(rows, force_explain=None):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(handler.service, "handle_batch", broken)
+    ctx = make_context(model_dir)
+    set_requests(ctx, [{}, {}])
+    out = [json.loads(o) for o in handler.handle([{"body": png(1)}, {"body": png(2)}], ctx)]
+    assert [o["type"] for o in out] == ["InternalError"] * 2
+    assert [ctx.get_response_status(i)[0] for i in range(2)] == [500, 500]
+    assert ("counter", "CamFailedBatches", 1) in ctx.metrics.calls
+
+
+PRECISION_SCRIPT = r"""
+import json, sys, torch
+# pretend to be an Ampere-class GPU host: TorchServe's BaseHandler switches to TF32 on import here
+torch.cuda.is_available = lambda: True
+torch.cuda.get_device_capability = lambda *a: (8, 0)
+torch.set_float32_matmul_precision("highest")
+sys.path.insert(0, sys.argv[1])
+import test_handler as th
+mod = th.load_handler_module()
+h = mod.GradCamHandler()
+h.initialize(th.make_context(th.make_model_dir(th.Path(sys.argv[2]))))
+print(json.dumps({"precision": torch.get_float32_matmul_precision(),
+                  "base_handler": "ts.torch_handler.base_handler" in sys.modules,
+                  "device": str(h.device)}))
+"""
+
+
+def test_handler_leaves_the_matmul_precision_alone(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", PRECISION_SCRIPT, str(ROOT / "tests"),
+                           str(tmp_path / "m")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"precision": "highest", "base_handler": False, "device": "cpu"}

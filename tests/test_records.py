@@ -69,3 +69,28 @@ def test_records_json():
     assert "bbox" not in Explanation(1, "Dog", 0.5, "gradcam", "layer4", 40, 30).to_json()
     assert [p.index for p in top_predictions([0.1, 0.6, 0.3], LABELS, 2)] == [1, 2]
     assert len(short_repr("x" * 10_000)) <= 100
+
+
+def test_short_repr_never_recurses_or_builds_huge_reprs():
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert short_repr(deep) == "[[[[...]]]]"
+    assert short_repr({"k": {"k": {"k": {"k": 1}}}}).count("{") <= 4
+    assert short_repr(10 ** 5000) == "<int of many digits>" and short_repr(7) == "7"
+    assert len(short_repr("x" * 10_000_000)) == 100
+
+    class Bad:
+        def __repr__(self):
+            raise RuntimeError("no")
+
+    assert short_repr([Bad()]).startswith("[<Bad instance")  # a failing __repr__ is not raised
+
+
+def test_log_name_escapes_control_characters():
+    from camserve.records import log_name
+
+    forged = "key\n2026-11-28 12:00:00 INFO forged line\r" + "k" * 500
+    out = log_name(forged)
+    assert "\n" not in out and "\r" not in out and "\\n" in out and len(out) <= 60
+    assert log_name(3) == "'int'"

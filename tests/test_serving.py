@@ -1,7 +1,8 @@
-"""camserve.serving: request parsing, option validation, and the batched explain path.
+"""camserve.serving: CamService.handle_batch -> BatchOutcome; per-row isolation, budgets.
 
 No TorchServe here: rows are given as TorchServe presents them (``{"body": ...}``, form fields,
-parsed JSON) and the service is built around a small random ShapesNet-like CNN.
+parsed JSON) and the service is built around a small random ShapesNet-like CNN. Request
+envelopes, options and the explain stages have their own test files.
 """
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from camserve import CamEngine
 from camserve.engine import normalize_maps, to_uint8
 from camserve.methods import available_methods
-from camserve.models import ModelSpec
-from camserve.serving import (MAX_TARGETS, CamService, OptionError, RequestError, extract_request,
-                              parse_options)
+from camserve.models import LoadedModel, ModelSpec
+from camserve.options import ServingLimits
+from camserve.serving import BatchOutcome, CamService
 
 LABELS = ["circle", "square", "triangle", "star", "cross", "ring"]
 
@@ -60,164 +62,24 @@ def spec_of(**over) -> ModelSpec:
     return ModelSpec.from_config(cfg)
 
 
-@pytest.fixture(scope="module")
-def service() -> CamService:
+def make_service(spec: ModelSpec | None = None, limits: ServingLimits | None = None,
+                 model: nn.Module | None = None) -> CamService:
     torch.manual_seed(0)
-    model = TinyNet().eval()
+    model = model or TinyNet().eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return CamService(model, spec_of(), labels=LABELS)
+    loaded = LoadedModel(model=model, spec=spec or spec_of(), labels=list(LABELS),
+                         layer="features", device=torch.device("cpu"))
+    return CamService(loaded, limits)
+
+
+@pytest.fixture(scope="module")
+def service() -> CamService:
+    return make_service()
 
 
 def body_of(res) -> dict:
     return json.loads(res.to_json())
-
-
-# -- request parsing --------------------------------------------------------------------------------
-def test_raw_body_is_the_image():
-    data = png()
-    req = extract_request({"body": data})
-    assert req.data == data and req.options == {}
-    assert extract_request(bytearray(data)).data == data
-
-
-def test_multipart_fields_are_options():
-    data = png()
-    req = extract_request({"data": data, "explain": "true", "target": b"2"})
-    assert req.data == data
-    assert req.options == {"explain": "true", "target": b"2"}
-
-
-def test_json_body_with_base64():
-    data = png()
-    doc = {"data": base64.b64encode(data).decode(), "explain": True, "topk": 2}
-    req = extract_request({"body": doc})
-    assert req.data == data and req.options == {"explain": True, "topk": 2}
-    # JSON that TorchServe did not parse (TS_DECODE_INPUT_REQUEST=false) or sent as text
-    assert extract_request({"body": json.dumps(doc).encode()}).options["topk"] == 2
-    assert extract_request({"body": json.dumps(doc)}).data == data
-
-
-def test_base64_variants():
-    data = png()
-    url = "data:image/png;base64," + base64.b64encode(data).decode()
-    assert extract_request({"body": {"data": url}}).data == data
-    urlsafe = base64.urlsafe_b64encode(data).decode().rstrip("=")
-    assert extract_request({"body": {"data": urlsafe}}).data == data
-    wrapped = "\n".join(base64.b64encode(data).decode()[i:i + 60] for i in range(0, 400, 60))
-    assert extract_request({"body": {"data": wrapped}}).data == data[:300]
-
-
-@pytest.mark.parametrize("doc, code, needle", [
-    ({"data": "###not base64###"}, 400, "not valid base64"),
-    ({"data": ""}, 400, "empty"),
-    ({"data": 12}, 400, "expected a base64 string"),
-    ({"image": "abcd"}, 400, "missing field 'data'"),
-    ({"instances": [{"data": "aGk="}, {"data": "aGk="}]}, 400, "exactly one instance"),
-])
-def test_bad_json_requests(doc, code, needle):
-    with pytest.raises(RequestError) as ei:
-        extract_request({"body": doc})
-    assert ei.value.code == code and needle in ei.value.message
-    body = ei.value.to_body()
-    assert set(body) == {"code", "type", "message"} and body["code"] == code
-
-
-def test_invalid_json_text_and_lists():
-    with pytest.raises(RequestError, match="invalid JSON body"):
-        extract_request({"body": b'{"data": '})
-    with pytest.raises(RequestError, match="got a list"):
-        extract_request({"body": [1, 2]})
-    with pytest.raises(RequestError, match="missing image") as ei:
-        extract_request({"explain": "true"})
-    assert ei.value.code == 400
-
-
-def test_kserve_v1_and_v2_bodies():
-    data = png()
-    b = base64.b64encode(data).decode()
-    v1 = extract_request({"body": {"instances": [{"data": b, "target": 1}]}})
-    assert v1.data == data and v1.options == {"target": 1}
-    assert extract_request({"body": {"instances": [{"b64": b}]}}).data == data
-    v2 = extract_request({"body": {"inputs": [{"name": "data", "datatype": "BYTES", "shape": [1],
-                                               "data": [b]}], "parameters": {"method": "hirescam"}}})
-    assert v2.data == data and v2.options == {"method": "hirescam"}
-
-
-# -- option validation ------------------------------------------------------------------------------
-def test_defaults_come_from_the_spec():
-    spec = spec_of(method="layercam", topk=10, outputs=["overlay"])
-    o = parse_options({}, spec, LABELS)
-    assert (o.explain, o.targets, o.topk, o.method, o.outputs) == (False, None, len(LABELS),
-                                                                   "layercam", ("overlay",))
-
-
-@pytest.mark.parametrize("header, option, expected", [
-    ("True", None, True), ("True", "false", True), ("False", None, False), (None, None, False),
-    ("False", "true", True), (None, "1", True), (None, "yes", True), (None, True, True),
-    (None, "no", False), (None, 0, False), (None, b"TRUE", True),
-])
-def test_explain_from_header_or_option(header, option, expected):
-    opts = {} if option is None else {"explain": option}
-    assert parse_options(opts, spec_of(), LABELS, header).explain is expected
-
-
-@pytest.mark.parametrize("value, expected", [
-    (2, (2,)), ("2", (2,)), ("triangle", (2,)), ("Triangle", (2,)), (["star", 0], (3, 0)),
-    ("square, 5", (1, 5)), ("[1, \"ring\"]", (1, 5)), (None, None), ("", None),
-])
-def test_target_forms(value, expected):
-    assert parse_options({"target": value}, spec_of(), LABELS).targets == expected
-
-
-@pytest.mark.parametrize("opts, needle", [
-    ({"target": 6}, "out of range (allowed: 0..5)"),
-    ({"target": -1}, "out of range"),
-    ({"target": "hexagon"}, "unknown label 'hexagon' (known: circle, square"),
-    ({"target": []}, "empty list"),
-    ({"target": 1.5}, "a class index"),
-    ({"target": list(range(MAX_TARGETS + 1))}, f"at most {MAX_TARGETS}"),
-    ({"topk": 0}, "topk: 0 (allowed: 1..6)"),
-    ({"topk": 7}, "allowed: 1..6"),
-    ({"topk": "three"}, "an integer"),
-    ({"topk": True}, "an integer"),
-    ({"method": "gradcam9"}, "allowed: " + ", ".join(available_methods())),
-    ({"outputs": "heatmap,png"}, "allowed: heatmap, overlay, raw, bbox"),
-    ({"outputs": ""}, "empty"),
-    ({"explain": "maybe"}, "allowed: true, false"),
-    ({"traget": 1}, "unknown option 'traget' (allowed: explain, target, topk, method, outputs"),
-])
-def test_bad_options_are_422(opts, needle):
-    with pytest.raises(OptionError) as ei:
-        parse_options(opts, spec_of(), LABELS)
-    assert ei.value.code == 422 and ei.value.type == "InvalidOption"
-    assert needle in ei.value.message
-
-
-def test_method_and_outputs_are_normalised():
-    o = parse_options({"method": "GradCAM++", "outputs": "RAW, bbox,raw"}, spec_of(), LABELS)
-    assert o.method == "gradcam++" and o.outputs == ("raw", "bbox")
-    assert parse_options({"outputs": '["overlay"]'}, spec_of(), LABELS).outputs == ("overlay",)
-
-
-# -- the engine's rows= and callable targets (used by the service) ---------------------------------
-def test_engine_rows_match_a_sub_batch():
-    torch.manual_seed(1)
-    model = TinyNet().eval()
-    eng = CamEngine(model, "features")
-    x = torch.randn(5, 3, 32, 32)
-    sub = eng(x[[1, 4]], targets=torch.tensor([[2, 3], [0, 5]]), method="gradcam++")
-    full = eng(x, targets=torch.tensor([[2, 3], [0, 5]]), method="gradcam++", rows=[1, 4])
-    assert full.logits.shape == (5, len(LABELS)) and full.cams.shape == sub.cams.shape
-    torch.testing.assert_close(full.cams, sub.cams, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(full.gradients, sub.gradients, rtol=1e-4, atol=1e-7)
-    top = eng(x, targets=lambda logits: logits.argmax(1), rows=[3])
-    assert top.targets.tolist() == [int(full.logits[3].argmax())]
-    with pytest.raises(ValueError, match="rows"):
-        eng(x, rows=[5])
-    with pytest.raises(ValueError, match="rows"):
-        eng(x, rows=[])
-    assert not model.features._forward_hooks
 
 
 # -- the service --------------------------------------------------------------------------------------
@@ -249,8 +111,9 @@ def test_mixed_batch_per_row_explain_targets_methods(service):
         {"data": imgs[3], "topk": "2"},                                       # predict only
         {"body": imgs[4]},                                                    # explain via header
     ]
-    headers = ["False", "False", "True", None, "True"]
-    out = service.handle_batch(rows, headers)
+    outcome = service.handle_batch(rows, [False, False, True, False, True])
+    assert isinstance(outcome, BatchOutcome)
+    out = outcome.results
     assert [r.status for r in out] == [200] * 5
     bodies = [body_of(r) for r in out]
     assert [("explanations" in b) for b in bodies] == [False, True, True, False, True]
@@ -286,7 +149,8 @@ def test_mixed_batch_per_row_explain_targets_methods(service):
     assert e4[0]["score"] == pytest.approx(top1["score"])
     assert (e4[0]["width"], e4[0]["height"]) == (80, 40) and e4[0]["layer"] == "features"
     assert decode_png(e4[0]["heatmap"]).shape == (40, 80)
-    assert service.last_stats.explained_rows == 3 and service.last_stats.maps == 4
+    assert outcome.stats.explained_rows == 3 and outcome.stats.maps == 4
+    assert outcome.stats.error_rows == 0 and outcome.stats.rows == 5
 
 
 def test_one_forward_per_batch(service):
@@ -294,14 +158,14 @@ def test_one_forward_per_batch(service):
     h = service.model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     try:
         rows = [{"body": png(seed=i)} for i in range(4)]
-        service.handle_batch(rows, ["True", None, "False", "True"])
+        service.handle_batch(rows, [True, False, False, True])
         assert calls == [4]
         calls.clear()
-        service.handle_batch(rows, [None] * 4)  # predict-only batch
+        service.handle_batch(rows)  # predict-only batch
         assert calls == [4]
         calls.clear()
         rows[1] = {"data": png(seed=9), "explain": "1", "target": [0, 1, 2]}
-        service.handle_batch(rows, ["True", None, None, "True"])  # K = 3 and K = 1 together
+        service.handle_batch(rows, [True, False, False, True])  # K = 3 and K = 1 together
         assert calls == [4]
     finally:
         h.remove()
@@ -310,8 +174,8 @@ def test_one_forward_per_batch(service):
 
 def test_explained_rows_match_a_batch_of_their_own(service):
     a, b, c = png(seed=11), png(seed=12), png(seed=13)
-    mixed = service.handle_batch([{"body": a}, {"body": b}, {"body": c}], ["False", "True", "False"])
-    alone = service.handle_batch([{"body": b}], ["True"])
+    mixed = service.handle_batch([{"body": a}, {"body": b}, {"body": c}], [False, True, False]).results
+    alone = service.handle_batch([{"body": b}], [True]).results
     m, a1 = body_of(mixed[1]), body_of(alone[0])
     assert [p["index"] for p in m["predictions"]] == [p["index"] for p in a1["predictions"]]
     em, ea = m["explanations"][0], a1["explanations"][0]
@@ -334,24 +198,25 @@ def test_bad_rows_do_not_harm_batch_mates(service):
         {"body": {"data": "@@@"}},
         {"data": good, "explain": "true"},
     ]
-    out = service.handle_batch(rows, [None] * len(rows))
+    outcome = service.handle_batch(rows)
+    out = outcome.results
     assert [r.status for r in out] == [200, 400, 400, 400, 422, 422, 400, 200]
     err = body_of(out[1])
-    assert err == {"code": 400, "type": "InvalidImage",
-                   "message": "not an image: cannot identify image data (12 bytes)"}
+    assert err["code"] == 400 and err["type"] == "InvalidImage"
+    assert "12 bytes" in err["message"] and "allowed formats: JPEG, PNG" in err["message"]
     assert "empty" in body_of(out[2])["message"]
     assert "truncated" in body_of(out[3])["message"] or "corrupt" in body_of(out[3])["message"]
     assert out[4].phrase == "Unprocessable Entity" and out[1].phrase == "Bad Request"
     assert "explanations" in body_of(out[7]) and "explanations" not in body_of(out[0])
-    assert service.last_stats.error_rows == 6
+    assert outcome.stats.error_rows == 6 and outcome.stats.internal_errors == 0
     # a batch of only bad rows
-    assert [r.status for r in service.handle_batch([{"body": b"x"}, {"nothing": 1}])] == [400, 400]
+    assert [r.status for r in service.handle_batch([{"body": b"x"}, {"nothing": 1}]).results] == [400, 400]
 
 
 def test_pixel_limit_is_413_before_decoding():
     torch.manual_seed(0)
-    svc = CamService(TinyNet().eval(), spec_of(max_pixels=100 * 100), labels=LABELS)
-    out = svc.handle_batch([{"body": png(size=(101, 100))}, {"body": png(size=(100, 100))}])
+    svc = make_service(spec_of(max_pixels=100 * 100))
+    out = svc.handle_batch([{"body": png(size=(101, 100))}, {"body": png(size=(100, 100))}]).results
     assert [r.status for r in out] == [413, 200]
     assert body_of(out[0])["type"] == "ImageTooLarge" and "10100" in body_of(out[0])["message"]
     assert out[0].phrase == "Request Entity Too Large" or out[0].phrase == "Content Too Large"
@@ -363,7 +228,7 @@ def test_exif_orientation_gives_displayed_size(service):
     exif[0x0112] = 6  # rotate 90°: displayed 30 wide, 50 high
     buf = io.BytesIO()
     img.save(buf, "JPEG", exif=exif.tobytes())
-    [res] = service.handle_batch([{"body": buf.getvalue()}], ["True"])
+    [res] = service.handle_batch([{"body": buf.getvalue()}], [True]).results
     e = body_of(res)["explanations"][0]
     assert (e["width"], e["height"]) == (30, 50)
     assert decode_png(e["heatmap"]).shape == (50, 30)
@@ -372,7 +237,7 @@ def test_exif_orientation_gives_displayed_size(service):
 @pytest.mark.parametrize("fmt, kw", [("JPEG", {}), ("WEBP", {}), ("BMP", {}), ("GIF", {}),
                                      ("TIFF", {})])
 def test_image_formats(service, fmt, kw):
-    [res] = service.handle_batch([{"body": png(seed=5, fmt=fmt, **kw)}], ["True"])
+    [res] = service.handle_batch([{"body": png(seed=5, fmt=fmt, **kw)}], [True]).results
     assert res.status == 200 and len(body_of(res)["explanations"]) == 1
 
 
@@ -380,7 +245,7 @@ def test_all_methods_in_one_batch(service):
     data = png(seed=21)
     methods = available_methods()
     rows = [{"data": data, "method": m, "target": 2} for m in methods]
-    out = service.handle_batch(rows, ["True"] * len(rows))
+    out = service.handle_batch(rows, [True] * len(rows)).results
     for m, res in zip(methods, out):
         e = body_of(res)["explanations"][0]
         assert e["method"] == m
@@ -396,3 +261,171 @@ def test_heatmaps_at_sizes_groups_equal_sizes_without_changing_results():
     for c, (h, w), o in zip(cams, sizes, out):
         assert o.shape == (h, w)
         np.testing.assert_array_equal(o, to_uint8(normalize_maps(c, (h, w))).numpy())
+
+
+# -- hardening: every row is its own transaction --------------------------------------------------
+def error_body(res) -> dict:
+    body = json.loads(res.to_json())
+    assert set(body) == {"code", "type", "message"} and body["code"] == res.status
+    assert "\n" not in body["message"] and len(body["message"]) < 600
+    return body
+
+
+def test_poison_rows_beside_good_rows(service, monkeypatch):
+    import struct
+
+    import camserve.serving as serving
+
+    real_decode = serving.decode_image
+    crafted = {b"DDS crafted": NotImplementedError("DDS"), b"TIFF crafted": TypeError("tiff"),
+               b"EXIF crafted": struct.error("unpack requires a buffer")}
+
+    def decode(data, **kw):  # stands in for Pillow raising odd types on crafted files
+        if bytes(data) in crafted:
+            raise crafted[bytes(data)]
+        return real_decode(data, **kw)
+
+    monkeypatch.setattr(serving, "decode_image", decode)
+    good = png(seed=31)
+    deep = b'{"data": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    rows = [
+        {"data": good, "target": "²", "explain": "true"},                       # 422
+        {"body": good},                                                         # 200
+        {"data": good, "target": "+-1", "explain": "true"},                     # 422
+        {"data": good, "topk": "9" * 5000},                                     # 422
+        {"data": good, "explain": "true", "target": "star"},                    # 200
+        {"body": deep},                                                         # 400
+        {"body": b"DDS crafted"}, {"body": b"TIFF crafted"}, {"body": b"EXIF crafted"},  # 400
+        {"data": good, "method": "m" * 21_000_000},                             # 422
+        {"data": good, "bad\nINFO forged": "1"},                                # 422
+        {"body": {"data": base64.b64encode(good).decode(), "explain": True}},   # 200
+    ]
+    out = service.handle_batch(rows)
+    codes = [r.status for r in out.results]
+    assert codes == [422, 200, 422, 422, 200, 400, 400, 400, 400, 422, 422, 200], codes
+    for i in (0, 2, 3, 5, 6, 7, 8, 9, 10):
+        error_body(out.results[i])
+    assert error_body(out.results[6])["type"] == "InvalidImage"
+    assert "NotImplementedError" in error_body(out.results[6])["message"]
+    assert "nested too deeply" in error_body(out.results[5])["message"]
+    assert len(out.results[9].to_json()) < 400  # the 21 MB field is not echoed
+    assert "explanations" in body_of(out.results[4]) and "explanations" in body_of(out.results[11])
+    assert out.stats.error_rows == 9 and out.stats.internal_errors == 0
+
+
+def test_a_bug_while_rendering_one_row_is_its_500(service, monkeypatch, caplog):
+    import camserve.serving as serving
+
+    real = serving.render_row
+
+    def render(image, options, *a, **kw):
+        if options.method == "hirescam":
+            raise ZeroDivisionError("a bug")
+        if options.method == "layercam":  # request data in an exception message
+            raise KeyError("forged\n2026-11-28 INFO camserve: all good" + "x" * 5000)
+        return real(image, options, *a, **kw)
+
+    monkeypatch.setattr(serving, "render_row", render)
+    rows = [{"data": png(seed=1), "explain": "1"}, {"data": png(seed=2), "explain": "1",
+                                                    "method": "hirescam"}, {"body": png(seed=3)}]
+    with caplog.at_level("ERROR", logger="camserve.serving"):
+        out = service.handle_batch(rows)
+    assert [r.status for r in out.results] == [200, 500, 200]
+    err = error_body(out.results[1])
+    assert err["type"] == "InternalError" and out.results[1].phrase == "Internal Server Error"
+    error_id = err["message"].split("(id ")[1].split(")")[0]
+    assert len(error_id) == 8
+    logged = [r.getMessage() for r in caplog.records if error_id in r.getMessage()]
+    assert logged and "ZeroDivisionError: 'a bug'" in logged[0] and "render" in logged[0]
+    assert out.stats.internal_errors == 1 and out.stats.error_rows == 1
+    with caplog.at_level("ERROR", logger="camserve.serving"):
+        caplog.clear()
+        out = service.handle_batch([{"data": png(seed=1), "explain": "1", "method": "layercam"}])
+    assert out.results[0].status == 500
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "forged" in text and "\n2026-11-28 INFO" not in text and len(text) < 5000
+
+
+class PoisonNet(TinyNet):
+    """Fails a batch that holds an all-white image; fine otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.flatten(1).amin(1) > 1.9).any()):  # white after (x - 0.5) / 0.25
+            raise RuntimeError("poisoned batch")
+        return super().forward(x)
+
+
+def test_a_failing_batched_pass_is_retried_row_by_row():
+    svc = make_service(model=PoisonNet().eval())
+    white = png(color=(255, 255, 255))
+    rows = [{"data": png(seed=1), "explain": "1"}, {"body": white}, {"body": png(seed=2)},
+            {"data": white, "explain": "1"}, {"data": png(seed=4), "explain": "1", "target": "2,3"}]
+    out = svc.handle_batch(rows)
+    assert [r.status for r in out.results] == [200, 500, 200, 500, 200]
+    assert out.stats.failed_batches == 1 and out.stats.internal_errors == 2
+    alone = svc.handle_batch([{"data": png(seed=4), "explain": "1", "target": "2,3"}]).results[0]
+    a, b = body_of(out.results[4]), body_of(alone)
+    assert [e["target"] for e in a["explanations"]] == [e["target"] for e in b["explanations"]] == [2, 3]
+
+
+def test_an_answer_over_the_response_limit_is_413_naming_what_to_drop():
+    svc = make_service(limits=ServingLimits(max_response_size=60_000))
+    big = png(seed=7, size=(200, 150))
+    rows = [{"data": big, "explain": "1", "outputs": "overlay,heatmap,raw", "target": "0,1,2"},
+            {"data": big, "explain": "1", "outputs": "bbox"}, {"body": big}]
+    out = svc.handle_batch(rows)
+    assert [r.status for r in out.results] == [413, 200, 200]
+    err = error_body(out.results[0])
+    assert err["type"] == "ResponseTooLarge" and "60000" in err["message"]
+    for word in ("overlay", "raw", "heatmap", "targets"):
+        assert word in err["message"]
+    assert all(len(r.to_json()) <= 60_000 for r in out.results)
+    assert svc.describe()["max_response_size"] == 60_000
+
+
+def test_force_explain_needs_one_flag_per_row(service):
+    with pytest.raises(ValueError, match="force_explain"):
+        service.handle_batch([{"body": png()}], [True, False])
+
+
+def test_from_model_dir_reads_the_serving_limits(tmp_path, monkeypatch):
+    import yaml
+
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump({"handler": {
+        "arch": "torchvision.models.resnet18", "num_classes": 3, "input_size": 64,
+        "target_layer": "layer4"}}))
+    monkeypatch.delenv("TS_MAX_RESPONSE_SIZE", raising=False)
+    svc = CamService.from_model_dir(tmp_path)
+    assert svc.limits == ServingLimits() and svc.engine.layer_name == "layer4"
+    svc = CamService.from_model_dir(tmp_path, overrides={"max_response_size": 1234})
+    assert svc.limits.max_response_size == 1234 and svc.spec.max_response_size == 1234
+
+
+poison_rows = st.one_of(
+    st.binary(max_size=64).map(lambda b: {"body": b}),
+    st.text(max_size=64).map(lambda t: {"body": t}),
+    st.dictionaries(st.text(max_size=12), st.one_of(st.text(max_size=30), st.binary(max_size=30),
+                                                   st.integers()), max_size=4),
+    st.sampled_from([{"body": b'{"data": ' + b"[" * 30_000 + b"}"}, {"data": b"\x89PNG\r\n\x1a\n"},
+                     {"body": {"instances": "x"}}, {"body": {"inputs": [{"data": [1, 2]}]}}]),
+    st.fixed_dictionaries({"data": st.just(b"GOOD"), "target": st.text(max_size=20),
+                           "topk": st.text(max_size=8), "method": st.text(max_size=8)}),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.just(None), poison_rows), min_size=1, max_size=6),
+       st.lists(st.booleans(), min_size=6, max_size=6))
+def test_property_good_rows_stay_200_beside_any_poison(service, layout, forced):
+    good = png(seed=40)
+    rows = [{"body": good} if r is None else
+            ({**r, "data": good} if r.get("data") == b"GOOD" else r) for r in layout]
+    out = service.handle_batch(rows, forced[:len(rows)])
+    assert len(out.results) == len(rows)
+    for r, res in zip(layout, out.results):
+        if r is None:
+            assert res.status == 200 and "predictions" in body_of(res)
+        elif res.status != 200:
+            assert 400 <= res.status < 500, res.to_json()[:300]
+            error_body(res)

@@ -1,0 +1,170 @@
+"""Request options -> :class:`RequestOptions` (strict), and the serving limits that bound them.
+
+Options: ``explain`` (true/false), ``target`` (class index, label, or a list of them), ``topk``,
+``method`` (a registered CAM method), ``outputs`` (a subset of heatmap, overlay, raw, bbox).
+Unknown options, bad values, over-long strings: :class:`camserve.errors.OptionError` (422),
+never another exception. Integers are parsed strictly (ASCII digits, one optional sign, at most
+18 digits: :func:`camserve.records.parse_int`); targets resolve through the one resolver,
+:func:`camserve.records.resolve_targets`.
+
+Example::
+
+    >>> from camserve.models import ModelSpec
+    >>> spec = ModelSpec.from_config({"arch": "x:Net", "topk": 2})
+    >>> o = parse_options({"target": "Dog", "topk": "1"}, spec, ["cat", "dog"], explain=True)
+    >>> o.explain, o.targets, o.topk, o.method
+    (True, (1,), 1, 'gradcam')
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+from .errors import OptionError
+from .methods import available_methods
+from .models import ModelSpec, parse_outputs
+from .records import TargetError, log_name, parse_int, resolve_targets, short_repr
+
+OPTION_KEYS: tuple[str, ...] = ("explain", "target", "topk", "method", "outputs")
+MAX_TARGETS = 16
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off", ""})
+
+#: TorchServe's default ``max_response_size`` (config.properties), in bytes
+TS_DEFAULT_MAX_RESPONSE_SIZE = 6_553_500
+DEFAULT_MAX_OPTION_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Budgets of the serving path.
+
+    ``max_response_size``: bytes of one row's JSON answer (TorchServe's frontend drops a larger
+    frame and the worker dies, so a larger answer is refused as 413 ``ResponseTooLarge``);
+    ``max_option_length``: characters (or bytes) of one option value as sent.
+    """
+
+    max_response_size: int = TS_DEFAULT_MAX_RESPONSE_SIZE
+    max_option_length: int = DEFAULT_MAX_OPTION_LENGTH
+
+    @classmethod
+    def from_spec(cls, spec: Any, env: Optional[Mapping[str, str]] = None) -> "ServingLimits":
+        """The limits of a :class:`camserve.models.ModelSpec` (``handler.max_response_size``,
+        ``handler.max_option_length``).
+
+        ``max_response_size`` defaults to ``TS_MAX_RESPONSE_SIZE`` from ``env`` when set (the
+        frontend's environment, which its workers inherit), else TorchServe's default 6553500.
+        """
+        env = os.environ if env is None else env
+        size = TS_DEFAULT_MAX_RESPONSE_SIZE
+        env_size = parse_int(str(env.get("TS_MAX_RESPONSE_SIZE", "")))
+        if env_size is not None and env_size > 0:
+            size = env_size
+        return cls(max_response_size=getattr(spec, "max_response_size", None) or size,
+                   max_option_length=getattr(spec, "max_option_length", None)
+                   or DEFAULT_MAX_OPTION_LENGTH)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Validated options of one request. ``targets`` None means the top-1 prediction."""
+
+    explain: bool
+    targets: Optional[tuple[int, ...]]
+    topk: int
+    method: str
+    outputs: tuple[str, ...]
+
+
+def _text(name: str, value: Any, limit: int) -> Any:
+    """Bytes as UTF-8 text; strings and bytes over ``limit`` are refused before any parsing."""
+    if isinstance(value, (bytes, bytearray, memoryview, str)) and len(value) > limit:
+        raise OptionError(f"invalid value for {name}: {len(value)} characters (at most {limit})")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise OptionError(f"invalid value for {name}: not UTF-8 text") from None
+    return value
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    raise OptionError(f"invalid value for explain: {short_repr(value)} (allowed: true, false, 1, "
+                      f"0, yes, no)")
+
+
+def _parse_topk(value: Any, n: int) -> int:
+    num = parse_int(value) if isinstance(value, str) else value
+    if not isinstance(num, int) or isinstance(num, bool):
+        raise OptionError(f"invalid value for topk: {short_repr(value)} (an integer 1..{n})")
+    if not 1 <= num <= n:
+        raise OptionError(f"invalid value for topk: {short_repr(num)} (allowed: 1..{n})")
+    return num
+
+
+def _parse_method(value: Any) -> str:
+    key = value.strip().lower() if isinstance(value, str) else None
+    if key not in available_methods():
+        raise OptionError(f"invalid value for method: {short_repr(value)} (allowed: "
+                          f"{', '.join(available_methods())})")
+    return key  # type: ignore[return-value]
+
+
+def _parse_outputs(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise OptionError(f"invalid value for outputs: {short_repr(value)} is not a JSON "
+                              f"list") from None
+    if isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value):
+        raise OptionError(f"invalid value for outputs: {short_repr(value)} (a list of names)")
+    try:
+        return parse_outputs(value, key="outputs", exc=OptionError)
+    except OptionError as exc:  # parse_outputs echoes the value: cut it
+        raise OptionError(exc.message if len(exc.message) < 300 else
+                          f"invalid value for outputs: {short_repr(value)} (allowed: heatmap, "
+                          f"overlay, raw, bbox)") from None
+
+
+def check_keys(options: Mapping[Any, Any]) -> None:
+    """Refuse unknown option names (422), naming the first one, escaped and cut."""
+    unknown = [k for k in options if k not in OPTION_KEYS]
+    if unknown:
+        raise OptionError(f"unknown option {log_name(unknown[0])} (allowed: "
+                          f"{', '.join(OPTION_KEYS)}; the image goes in 'data' or the body)")
+
+
+def parse_options(options: Mapping[Any, Any], spec: ModelSpec, labels: Sequence[str], *,
+                  explain: bool = False, limits: ServingLimits = ServingLimits()) -> RequestOptions:
+    """Validate one request's options against the model; :class:`OptionError` (422) otherwise.
+
+    ``explain``: True forces explaining (TorchServe's ``/explanations`` route, KServe's
+    ``:explain``); otherwise the ``explain`` option decides.
+    """
+    check_keys(options)
+    opts = {k: _text(k, v, limits.max_option_length) for k, v in options.items() if v is not None}
+    n = len(labels)
+    if not explain and "explain" in opts:
+        explain = _parse_bool(opts["explain"])
+    try:
+        targets = resolve_targets(opts.get("target"), labels, max_targets=MAX_TARGETS)
+    except TargetError as exc:
+        raise OptionError(str(exc)) from None
+    topk = _parse_topk(opts["topk"], n) if "topk" in opts else min(spec.topk, n)
+    method = _parse_method(opts["method"]) if "method" in opts else spec.method
+    outputs = _parse_outputs(opts["outputs"]) if "outputs" in opts else spec.outputs
+    return RequestOptions(explain=explain, targets=targets, topk=topk, method=method,
+                          outputs=outputs)
