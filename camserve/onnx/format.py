@@ -48,6 +48,10 @@ SPEC_KEYS: dict[str, str] = {
     "input_size": "input_size", "mean": "mean", "std": "std", "method": "method", "topk": "topk",
     "max_pixels": "max_pixels", "outputs": "outputs", "layout": "layout",
 }
+#: ModelSpec fields the graph does not record: files of a model folder (``weights``, ``labels``: the
+#: labels themselves are written) and the limits of the REST server.
+NOT_WRITTEN: tuple[str, ...] = ("weights", "labels", "formats", "max_response_size",
+                                "max_option_length")
 #: The other keys.
 KEYS: dict[str, str] = {"labels": "labels", "methods": "methods", "cam_outputs": "cam_outputs",
                         "version": "camserve_version", "target": "target"}
@@ -112,7 +116,7 @@ def _encode(value: Any) -> str:
 @dataclass(frozen=True)
 class GraphMeta:
     """What a CAM graph records about its model: ``spec`` (``target_layer`` is the graph's layer;
-    ``weights``/``labels`` are None), the class ``labels``, the ``methods`` (the first one is output
+    the fields of :data:`NOT_WRITTEN` are reset to their defaults), the class ``labels``, the ``methods`` (the first one is output
     ``cam``) and the camserve ``version`` that wrote it."""
 
     spec: ModelSpec
@@ -128,8 +132,9 @@ class GraphMeta:
         if self.spec.num_classes is not None and self.spec.num_classes != len(self.labels):
             raise ValueError(f"invalid value for labels: {len(self.labels)} labels for "
                              f"{self.spec.num_classes} classes")
+        unwritten = {f: getattr(ModelSpec, f) for f in NOT_WRITTEN if hasattr(ModelSpec, f)}
         object.__setattr__(self, "spec", dataclasses.replace(
-            self.spec, weights=None, labels=None, num_classes=len(self.labels)))
+            self.spec, **unwritten, num_classes=len(self.labels)))
 
     @classmethod
     def from_loaded(cls, loaded: Any, methods: Sequence[str], layer: Optional[str] = None) -> "GraphMeta":

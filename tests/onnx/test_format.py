@@ -6,7 +6,15 @@ import json
 import pytest
 
 from camserve.models import ModelSpec
-from camserve.onnx.format import KEYS, REQUIRED, SPEC_KEYS, GraphFormatError, GraphMeta, check_methods
+from camserve.onnx.format import (
+    KEYS,
+    NOT_WRITTEN,
+    REQUIRED,
+    SPEC_KEYS,
+    GraphFormatError,
+    GraphMeta,
+    check_methods,
+)
 
 
 def _meta(**spec) -> GraphMeta:
@@ -38,6 +46,15 @@ def test_every_key_is_written_once_and_named_in_the_tables() -> None:
     props = _meta().to_props()
     assert set(props) == set(SPEC_KEYS.values()) | set(KEYS.values())
     assert set(REQUIRED) <= set(props)
+
+
+def test_every_model_spec_field_is_written_or_listed_as_not_written() -> None:
+    """A field added to ModelSpec must be given a metadata key (or be listed as not written)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(ModelSpec)}
+    assert fields == set(SPEC_KEYS) | set(NOT_WRITTEN)
+    assert not set(SPEC_KEYS) & set(NOT_WRITTEN)
 
 
 def test_existing_graph_keys_are_read() -> None:
