@@ -11,23 +11,21 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ("onnx", "onnxruntime", "onnxscript", "onnx_ir", "ts")
 
 
-def test_core_imports_no_extras() -> None:
-    code = ("import json, sys; import camserve, camserve.engine, camserve.serving; "
-            "print(json.dumps(sorted(m for m in sys.modules)))")
+def _modules_after(imports: str) -> set[str]:
+    """The top-level names in sys.modules after ``import <imports>`` in a fresh interpreter."""
+    code = f"import json, sys; import {imports}; print(json.dumps(sorted(sys.modules)))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=str(ROOT), timeout=120, check=True).stdout
-    loaded = set(json.loads(out.strip().splitlines()[-1]))
-    assert "camserve.serving" in loaded
-    bad = sorted(m for m in loaded if m.split(".")[0] in EXTRAS)
-    assert not bad, f"the core imports extras: {bad[:10]}"
+    return {m.split(".")[0] for m in json.loads(out.strip().splitlines()[-1])}
+
+
+def test_core_imports_no_extras() -> None:
+    loaded = _modules_after("camserve, camserve.engine, camserve.serving")
+    assert "camserve" in loaded
+    assert not loaded & set(EXTRAS), f"the core imports extras: {sorted(loaded & set(EXTRAS))}"
 
 
 def test_onnx_package_import_is_light() -> None:
-    code = ("import json, sys; import camserve.onnx; "
-            "print(json.dumps(sorted(m for m in sys.modules)))")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=str(ROOT), timeout=120, check=True).stdout
-    loaded = set(json.loads(out.strip().splitlines()[-1]))
-    assert not [m for m in loaded if m.split(".")[0] in ("onnx", "onnxruntime", "onnxscript")]
+    """``import camserve.onnx`` imports none of its modules (nor onnx/onnxruntime)."""
+    assert not _modules_after("camserve.onnx") & set(EXTRAS)
