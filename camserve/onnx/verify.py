@@ -48,6 +48,42 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-30))
 
 
+class _EngineReference:
+    """What the PyTorch engine says for the outputs of one graph run (see :func:`verify_cam_onnx`)."""
+
+    def __init__(self, loaded: LoadedModel, layer: str, methods: Sequence[str]) -> None:
+        self.model, self.layer, self.methods = loaded.model, layer, tuple(methods)
+        self.layout = loaded.spec.layout
+        self.engine = CamEngine(self.model, layer, layout=self.layout)  # type: ignore[arg-type]
+        self.to_nchw = nchw_converter(layer, self.layout)  # type: ignore[arg-type]
+
+    def forward(self, xb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The engine's forward pass (model + the layer recorded) without its backward."""
+        with torch.inference_mode(), capture_layer(self.model, self.layer, "record") as cap:
+            logits = self.model(xb)
+        return logits.numpy(), self.to_nchw(cap.output).numpy()
+
+    def __call__(self, xb: torch.Tensor, targets: Optional[list[int]],
+                 got: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Reference outputs for input ``xb``: the forward ones on ``xb``, the backward ones at the
+        graph's activations ``got["activations"]``, the extra methods on the graph's A and G."""
+        logits, activations = self.forward(xb)
+        ref = {"logits": logits, "activations": activations}
+        tg = targets if targets is not None else [int(t) for t in logits.argmax(axis=1)]
+        pinned = torch.from_numpy(got["activations"])
+        try:
+            with capture_layer(self.model, self.layer, "replace", activations=pinned,
+                               layout=self.layout):  # type: ignore[arg-type]
+                res = self.engine(xb, targets=tg, method=self.methods[0])
+        except LayerError as exc:
+            raise VerificationError(f"graph activations do not fit the model: {exc}") from None
+        ref.update(gradients=res.gradients.numpy(), cam=res.cams.numpy())
+        a, g = pinned, torch.from_numpy(got["gradients"])
+        for m in self.methods[1:]:  # the method's own formula on the graph's activations and gradients
+            ref[method_output_name(m)] = get_method(m)(a, g).numpy()
+        return ref
+
+
 @dataclass
 class Verification:
     """What :func:`verify_cam_onnx` found: ``errors[case][output]`` (relative errors of the final
@@ -76,8 +112,8 @@ def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[
 
     ``logits`` and ``activations`` are compared with the engine run on the same input;
     ``gradients`` and ``cam`` with the engine run at the graph's activations
-    (:func:`camserve.layers.capture_layer` in ``"replace"`` mode); each extra ``cam_<method>`` with that method's function
-    (:func:`camserve.methods.get_method`) applied to the graph's activations and gradients (the
+    (:func:`camserve.layers.capture_layer` in ``"replace"`` mode); each extra ``cam_<method>``
+    with that method's function (:func:`camserve.methods.get_method`) applied to the graph's activations and gradients (the
     Grad-CAM++ weights divide by sums that can be near zero, which magnifies float32 rounding in
     the gradients beyond any fixed tolerance). The backward pass of a ReLU or max-pool network is
     discontinuous: a ReLU mask flips when a pre-activation crosses 0, a max-pool picks another
@@ -89,39 +125,13 @@ def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[
     the result). An export bug fails every draw.
     """
     methods = check_methods(methods)
-    layer = layer or loaded.layer
-    layout = loaded.spec.layout
-    model = loaded.model
     sess = ort_session(path, threads=threads)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, *loaded.spec.input_size, generator=gen)
-    engine = CamEngine(model, layer, layout=layout)  # type: ignore[arg-type]
-    to_nchw = nchw_converter(layer, layout)  # type: ignore[arg-type]
+    reference = _EngineReference(loaded, layer or loaded.layer, methods)
+    engine = reference.engine
     names = output_names(methods)
     forward_outputs = ("logits", "activations")
-
-    def forward(xb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """The engine's forward pass (model + the layer recorded) without its backward."""
-        with torch.inference_mode(), capture_layer(model, layer, "record") as cap:
-            logits = model(xb)
-        return logits.numpy(), to_nchw(cap.output).numpy()
-
-    def reference(xb: torch.Tensor, targets: Optional[list[int]],
-                  got: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        logits, activations = forward(xb)
-        ref = {"logits": logits, "activations": activations}
-        tg = targets if targets is not None else [int(t) for t in logits.argmax(axis=1)]
-        try:
-            with capture_layer(model, layer, "replace", activations=torch.from_numpy(got["activations"]),
-                               layout=layout):  # type: ignore[arg-type]
-                res = engine(xb, targets=tg, method=methods[0])
-        except LayerError as exc:
-            raise VerificationError(f"graph activations do not fit the model: {exc}") from None
-        ref.update(gradients=res.gradients.numpy(), cam=res.cams.numpy())
-        a, g = torch.from_numpy(got["activations"]), torch.from_numpy(got["gradients"])
-        for m in methods[1:]:  # the method's own formula on the graph's activations and gradients
-            ref[method_output_name(m)] = get_method(m)(a, g).numpy()
-        return ref
 
     n_cls = len(loaded.labels) or int(engine.predict(x[:1]).shape[1])
     explicit = np.array([(3 * i + 1) % n_cls for i in range(batch)], dtype=np.int64)
