@@ -57,6 +57,7 @@ from .errors import InternalError, InvalidImage, RequestError, ResponseTooLarge,
 from .explain import (MEGA, BatchCams, MapPlan, batch_cams, drop_hint, explanation_json,
                       plan_maps, render_row, target_table)
 from .images import ImageError, decode_image, preprocess
+from .layers import LayerError
 from .methods import available_methods
 from .models import (ConfigError, LoadedModel, ModelSpec, load_model,
                      load_model_dir)
@@ -225,6 +226,8 @@ class CamService:
         x = torch.zeros(1, 3, h, w, device=self.device)
         try:
             self.engine(x, method=self.spec.method)
+        except LayerError as exc:
+            raise ConfigError(exc.message_for("handler.target_layer")) from None
         except ValueError as exc:
             raise ConfigError(f"invalid value for handler.target_layer: "
                               f"{self.engine.layer_name!r} ({exc})") from None
