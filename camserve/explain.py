@@ -56,7 +56,7 @@ import torch
 from PIL import Image
 
 from .engine import CamEngine, heatmaps_at_sizes
-from .errors import RequestError, ResponseTooLarge
+from .errors import RequestError, ResponseTooLarge, WorkTooLarge
 from .methods import get_method
 from .options import RequestOptions, ServingLimits
 from .records import Explanation
@@ -76,7 +76,7 @@ MEGA = 1_000_000
 
 def work_too_large(message: str) -> RequestError:
     """A request over the work budget: 413 ``WorkTooLarge``."""
-    return RequestError(message, 413, "WorkTooLarge")
+    return WorkTooLarge(message)
 
 
 @dataclass(frozen=True)

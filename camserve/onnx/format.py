@@ -51,7 +51,7 @@ SPEC_KEYS: dict[str, str] = {
 #: ModelSpec fields the graph does not record: files of a model folder (``weights``, ``labels``: the
 #: labels themselves are written) and the limits of the REST server.
 NOT_WRITTEN: tuple[str, ...] = ("weights", "labels", "formats", "max_response_size",
-                                "max_option_length")
+                                "max_option_length", "max_map_side", "max_row_work", "max_batch_work")
 #: The other keys.
 KEYS: dict[str, str] = {"labels": "labels", "methods": "methods", "cam_outputs": "cam_outputs",
                         "version": "camserve_version", "target": "target"}
