@@ -466,3 +466,35 @@ def locate(model: nn.Module, input_size: Sequence[int] | int = 224) -> LayerChoi
     log.info("camserve: target layer %r, grid %dx%d, %s output %s (%s: %s)", choice.name,
              choice.grid[0], choice.grid[1], choice.layout, choice.shape, choice.family, choice.reason)
     return choice
+
+
+def probe_layout(model: nn.Module, layer: str, input_size: Sequence[int] | int = 224
+                 ) -> tuple[str, tuple[int, int]]:
+    """Layout (``nchw``/``nhwc``) and grid of a named 4-D layer, decided by probing two input
+    sizes (the dimensions that follow the input are spatial), else by module type; a
+    :class:`FamilyError` asking for ``layout:`` where neither tells. For ``target_layer`` given
+    by name (the case ``detect_layout`` used to guess from the shape alone).
+
+    Example::
+
+        >>> import torchvision
+        >>> probe_layout(torchvision.models.resnet18(num_classes=2).eval(), "layer1", (256, 128))
+        ('nchw', (64, 32))
+    """
+    size = _pair(input_size)
+    a = _probe_shape(model, layer, size)
+    if len(a) != 4:
+        raise FamilyError(f"layer {layer!r} gives {a}, not a 4-D map; for tokens set layout: tokens "
+                          f"(or leave target_layer empty to locate it)")
+    try:
+        b: Optional[tuple[int, ...]] = _probe_shape(model, layer, second_size(size))
+        probed = True
+    except FamilyError:
+        raise
+    except Exception:  # noqa: BLE001 - a model fixed to one input size
+        b, probed = None, False
+    lay = _layout_from_probes(a, b, model.get_submodule(layer), probed)
+    if lay not in ("nchw", "nhwc"):
+        raise FamilyError(f"cannot tell the layout of layer {layer!r} (output {a}); set layout: "
+                          f"nchw or nhwc")
+    return lay, ((a[2], a[3]) if lay == "nchw" else (a[1], a[2]))
