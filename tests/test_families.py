@@ -103,7 +103,7 @@ def check_family(model: nn.Module, size: tuple[int, int], layer: str, grid: tupl
 TIMM_ZOO: list[tuple[str, dict[str, Any], tuple[int, int], str, tuple[int, int], Callable]] = [
     ("resnet26d", dict(layers=(1, 1, 1, 1)), (64, 96), "layer4", (2, 3), nchw),
     ("convnext_atto", dict(depths=(1, 1, 1, 1)), (64, 96), "stages.3", (2, 3), nchw),
-    ("efficientnet_b0", {}, (64, 96), "bn2", (2, 3), nchw),
+    ("tinynet_e", {}, (64, 96), "bn2", (2, 3), nchw),  # EfficientNet, width 0.51, depth 0.6
     ("regnetx_002", {}, (64, 96), "s4", (2, 3), nchw),
     ("vit_tiny_patch16_224", dict(img_size=(64, 96), depth=2), (64, 96), "blocks.1.norm1", (4, 6),
      tokens(1, 4, 6)),
@@ -117,7 +117,7 @@ TIMM_ZOO: list[tuple[str, dict[str, Any], tuple[int, int], str, tuple[int, int],
     ("eva02_tiny_patch14_224", dict(img_size=(56, 84), depth=2), (56, 84), "blocks.1.norm1", (4, 6),
      tokens(1, 4, 6)),
     ("mobilevit_xxs", {}, (64, 96), "final_conv", (2, 3), nchw),
-    ("fastvit_t8", {}, (64, 96), "final_conv", (2, 3), nchw),
+    ("fastvit_t8", dict(layers=(1, 1, 1, 1)), (64, 96), "final_conv", (2, 3), nchw),
     ("efficientvit_b0", {}, (64, 96), "head.in_conv", (2, 3), nchw),
 ]
 
