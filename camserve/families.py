@@ -498,3 +498,62 @@ def probe_layout(model: nn.Module, layer: str, input_size: Sequence[int] | int =
         raise FamilyError(f"cannot tell the layout of layer {layer!r} (output {a}); set layout: "
                           f"nchw or nhwc")
     return lay, ((a[2], a[3]) if lay == "nchw" else (a[1], a[2]))
+
+
+def _reshape_of(layout: str) -> Reshape:
+    return ChannelsLast() if layout == "nhwc" else ChannelsFirst()
+
+
+def choose_layer(model: nn.Module, input_size: Sequence[int] | int = 224,
+                 target_layer: Optional[str] = None, layout: Optional[str] = None) -> LayerChoice:
+    """The one rule for the target layer and its reshape, for ``handler.target_layer`` and
+    ``handler.layout`` (both optional): no name -> :func:`locate`; a name -> its layout from
+    ``layout`` when given, else decided without guessing from the shape: 4-D maps by
+    :func:`probe_layout`, tokens by the model's family (the prefix count and grid of its patch
+    embedding; any block of a ViT has the located layer's token layout). Where nothing tells,
+    a :class:`FamilyError` asks for ``layout:``.
+
+    Example::
+
+        >>> import torchvision
+        >>> m = torchvision.models.resnet18(num_classes=2).eval()
+        >>> c = choose_layer(m, (256, 128), "layer1")
+        >>> c.layout, c.grid
+        ('nchw', (64, 32))
+    """
+    size = _pair(input_size)
+    if target_layer is None:
+        return locate(model, size)
+    model.get_submodule(target_layer)  # AttributeError names the missing part
+    if layout in ("nchw", "nhwc"):
+        shape = _probe_shape(model, target_layer, size)
+        if len(shape) != 4:
+            raise FamilyError(f"layer {target_layer!r} gives {shape}, not a 4-D map for layout "
+                              f"{layout!r}")
+        grid = (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
+        return LayerChoice(target_layer, layout, _reshape_of(layout), grid, shape, "",
+                           f"layout {layout} from the config")
+    if layout not in (None, "tokens"):
+        raise FamilyError(f"invalid value for layout: {str(layout)[:40]!r} (known: nchw, nhwc, tokens)")
+    shape = _probe_shape(model, target_layer, size)
+    if len(shape) == 4 and layout is None:
+        lay, grid = probe_layout(model, target_layer, size)
+        return LayerChoice(target_layer, lay, _reshape_of(lay), grid, shape, "",
+                           f"named in the config; {lay} by probing two input sizes or by module type")
+    if len(shape) == 3:
+        fam = next((c for c in (rule(model, size) for rule in FAMILY_RULES[:3]) if c is not None), None)
+        if fam is None:
+            fam = next((c for c in (rule(model, size) for rule in FAMILY_RULES[5:]) if c is not None), None)
+        if fam is not None and isinstance(fam.reshape, TokenGrid) and fam.shape[1] == shape[1]:
+            return LayerChoice(target_layer, "tokens", fam.reshape, fam.grid, shape, fam.family,
+                               f"named in the config; token layout of the {fam.family} patch grid")
+        if layout == "tokens":
+            side = math.isqrt(shape[1])
+            prefix = shape[1] - side * side
+            if side >= 2 and prefix <= 8:
+                return LayerChoice(target_layer, "tokens", TokenGrid(prefix, (side, side)), (side, side),
+                                   shape, "", f"layout tokens from the config: {prefix} leading token(s) "
+                                              f"and a {side}x{side} grid")
+    raise FamilyError(f"cannot tell how layer {target_layer!r} (output {shape} at input "
+                      f"{size[0]}x{size[1]}) maps to (B, C, h, w); set layout: (nchw, nhwc or tokens) "
+                      f"or leave target_layer empty to locate a layer")

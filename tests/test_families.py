@@ -294,3 +294,42 @@ def test_fixed_size_model_without_conv_asks_for_layout() -> None:
 
     with pytest.raises(FamilyError, match="layout"):
         locate(Fixed().eval(), 8)
+
+
+def test_choose_layer_for_named_layers() -> None:
+    """A named layer gets its layout from the config, the probe or the family, never the shape."""
+    import torchvision
+
+    from camserve.families import choose_layer
+
+    res = torchvision.models.resnet18(num_classes=2).eval()
+    c = choose_layer(res, (256, 128), "layer1")
+    assert (c.layout, c.grid) == ("nchw", (64, 32))
+    assert choose_layer(res, (64, 64)).name == "layer4"
+    swin = tiny_tv_swin()
+    assert choose_layer(swin, (64, 64), "features.3", "nhwc").grid == (8, 8)
+    with pytest.raises(FamilyError, match="not a 4-D map"):
+        choose_layer(res, (64, 64), "fc", "nchw")
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=3).eval()
+    c = choose_layer(vit, 32, "encoder.layers.encoder_layer_0")
+    assert (c.layout, c.grid, c.reshape.prefix) == ("tokens", (4, 4), 1)
+
+    class Tok(nn.Module):
+        """Tokens of an unknown family: 17 = 1 + 4x4 or 17 = 17x1 - ambiguous."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 8, stride=8)
+            self.mix = nn.Linear(8, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2)
+            t = torch.cat([t.mean(1, keepdim=True), t], dim=1)
+            return self.fc(self.mix(t)[:, 0])
+
+    with pytest.raises(FamilyError, match="set layout"):
+        choose_layer(Tok().eval(), 32, "mix")
+    c = choose_layer(Tok().eval(), 32, "mix", "tokens")
+    assert (c.grid, c.reshape.prefix) == ((4, 4), 1)
