@@ -37,7 +37,7 @@ import torch
 import yaml
 from torch import nn
 
-from .families import FamilyError, LayerChoice, locate, probe_layout
+from .families import FamilyError, LayerChoice, choose_layer
 from .sources import SourceError, build_from_source, load_state, logits_of
 
 log = logging.getLogger(__name__)
@@ -194,15 +194,12 @@ def load_folder(folder: Path) -> tuple[nn.Module, LayerChoice, list[str], tuple[
 
     doc = yaml.safe_load((folder / CONFIG).read_text()) or {}
     handler = dict(doc.get("handler") or {})
-    if "arch_args" in getattr(models.ModelSpec, "KEYS", ()):
+    if "arch_args" in getattr(models.ModelSpec, "KEYS", ()):  # model sources wired into models
         lm = models.load_model_dir(folder)
-        size, mean, std = lm.spec.input_size, lm.spec.mean, lm.spec.std
-        if lm.spec.target_layer:
-            lay, grid = probe_layout(lm.model, lm.layer, size) if lm.spec.layout is None else (lm.spec.layout, (0, 0))
-            choice = LayerChoice(lm.layer, lay, _reshape_for(lay), grid, (), "", "from the config")
-        else:
-            choice = locate(lm.model, size)
-        return lm.model, choice, list(lm.labels), tuple(size), tuple(mean), tuple(std)  # type: ignore[return-value]
+        size = tuple(lm.spec.input_size)
+        choice = choose_layer(lm.model, size, lm.spec.target_layer, lm.spec.layout)
+        return (lm.model, choice, list(lm.labels), size, tuple(lm.spec.mean),  # type: ignore[return-value]
+                tuple(lm.spec.std))
     raw = handler.get("input_size")
     size = (raw, raw) if isinstance(raw, int) else (int(raw[0]), int(raw[1])) if raw else None
     model, d = build_from_source(handler["arch"], num_classes=handler.get("num_classes"),
@@ -225,24 +222,8 @@ def load_folder(folder: Path) -> tuple[nn.Module, LayerChoice, list[str], tuple[
                 labels[int(k)] = str(v)
     elif d.labels:
         labels = list(d.labels)[:n]
-    if handler.get("target_layer"):
-        lay, grid = probe_layout(model, handler["target_layer"], size)
-        choice = LayerChoice(handler["target_layer"], lay, _reshape_for(lay), grid, (), "",
-                             "from the config")
-    else:
-        choice = locate(model, size)
+    choice = choose_layer(model, size, handler.get("target_layer"), handler.get("layout"))
     return model, choice, labels, size, mean, std  # type: ignore[return-value]
-
-
-def _reshape_for(layout: str):
-    from .families import ChannelsFirst, ChannelsLast
-
-    if layout == "nhwc":
-        return ChannelsLast()
-    if layout == "nchw":
-        return ChannelsFirst()
-    raise FamilyError(f"layout {layout!r} of a named target_layer needs target_layer empty (auto) "
-                      f"so the token grid is known")
 
 
 def scaffold(folder: Path, args: argparse.Namespace) -> Scaffolded:

@@ -324,7 +324,8 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
     loaded here (:func:`load_state`). Returns the model in eval mode and the defaults it knows.
 
     ``input_size`` (H, W), when given, is used for one probe forward that decides whether the
-    output needs :func:`ensure_logits` (Hugging Face models always get it).
+    output needs :func:`ensure_logits` (Hugging Face models always get it; without a size the
+    caller does it, e.g. where it counts the classes).
 
     Example::
 
@@ -363,9 +364,8 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
     if not isinstance(model, nn.Module):
         raise SourceError("arch", f"{_short(arch)} did not build an nn.Module")
     model.eval()
-    size = tuple(input_size) if input_size is not None else defaults.input_size
-    if size is not None and not arch.startswith("hf:"):
-        ensure_logits(model, torch.zeros(1, 3, *size))
+    if input_size is not None and not arch.startswith("hf:"):
+        ensure_logits(model, torch.zeros(1, 3, *(int(v) for v in input_size)))
     return model, defaults
 
 
