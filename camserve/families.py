@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -124,6 +125,19 @@ class LayerChoice:
 
 # -- helpers ------------------------------------------------------------------------------------
 
+@contextmanager
+def _probing(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the probes (BatchNorm statistics must not move), every module's own
+    ``training`` flag restored afterwards: the caller's model is left as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def _module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 
@@ -139,7 +153,7 @@ def _probe_shape(model: nn.Module, name: str, size: tuple[int, int]) -> tuple[in
     dev = _device(model)
     handle = _module(model, name).register_forward_hook(hook)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _probing(model):
             model(torch.zeros(1, 3, *size, device=dev, dtype=_dtype(model)))
     finally:
         handle.remove()
@@ -322,7 +336,7 @@ def _record(model: nn.Module, x: torch.Tensor, grad: bool) -> tuple[list[_Rec], 
         if name and not isinstance(mod, _SKIP_TYPES):
             handles.append(mod.register_forward_hook(make(name, mod)))
     try:
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), _probing(model):
             out = model(x)
     finally:
         for h in handles:
@@ -453,8 +467,8 @@ def second_size(size: tuple[int, int]) -> tuple[int, int]:
 
 def locate(model: nn.Module, input_size: Sequence[int] | int = 224) -> LayerChoice:
     """Choose the target layer of ``model`` for inputs of ``input_size`` (H, W); see the module
-    docstring for the rules. The model is used in its current mode and never changed (hooks live
-    for the probe only). Logs one line with the layer, grid and reason."""
+    docstring for the rules. The probes run in eval mode; the model is left as it was (modes
+    restored, hooks removed, BatchNorm statistics untouched). Logs one line with the layer, grid and reason."""
     size = _pair(input_size)
     choice: Optional[LayerChoice] = None
     for rule in FAMILY_RULES:

@@ -333,3 +333,18 @@ def test_choose_layer_for_named_layers() -> None:
         choose_layer(Tok().eval(), 32, "mix")
     c = choose_layer(Tok().eval(), 32, "mix", "tokens")
     assert (c.grid, c.reshape.prefix) == ((4, 4), 1)
+
+
+def test_probes_leave_the_model_as_it_was() -> None:
+    import torchvision
+
+    from camserve.families import choose_layer
+
+    model = torchvision.models.resnet18(num_classes=2).train()
+    model.layer2.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    choose_layer(model, (64, 64))
+    choose_layer(model, (64, 64), "layer1")
+    assert model.training and not model.layer2.training and model.layer3.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_hooks for m in model.modules())
