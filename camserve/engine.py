@@ -41,11 +41,11 @@ from .layers import (
     LayerSpec,
     Reshape,
     capture_layer,
-    locate_layer,
     nchw_converter,
     resolve_layer,
 )
 from .methods import CamMethod, get_method
+from .sources import logits_of
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,14 @@ class CamEngine:
     Args:
         model: the classifier; the engine never changes it (mode, requires_grad, hooks, .grad).
         target_layer: dotted module name, a submodule, or None to auto-locate on the first call.
-        layout: force the layer output layout (``"nchw"``, ``"nhwc"``, ``"tokens"``); default: detect.
-        reshape: a callable mapping the layer output to (B, C, h, w); overrides ``layout``.
+        layout: the layer output layout (``"nchw"``, ``"nhwc"``, ``"tokens"``); default: decided
+            on the first call by :func:`camserve.families.choose_layer` (family rules, a second
+            probe at another input size; never guessed from the shape alone).
+        reshape: a callable mapping the layer output to (B, C, h, w) (e.g.
+            ``LoadedModel.reshape``); overrides ``layout``.
+
+    The model's output may be a tensor, a tuple/list (first item), a mapping or an object with
+    ``logits`` (:func:`camserve.sources.logits_of`).
     """
 
     def __init__(self, model: nn.Module, target_layer: LayerSpec = None, *,
@@ -278,13 +284,12 @@ class CamEngine:
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.is_inference():
             x = x.clone()
-        if self._layer is None:
-            self._layer_name, self._layer = resolve_layer(self.model, locate_layer(self.model, x))
-            self._to_nchw = nchw_converter(self._layer_name, self.layout, self.reshape)
+        if self._layer is None or (self.reshape is None and self.layout not in ("nchw", "nhwc")):
+            self._choose(tuple(int(s) for s in x.shape[-2:]))
 
         idx = self._parse_rows(rows, x.shape[0], x.device)
         with capture_layer(self.model, self._layer, "track-grad") as cap:
-            logits = self.model(x)
+            logits = logits_of(self.model(x))
         activation = cap.output
         check_logits(logits, self._layer_name)
         sel = logits if idx is None else logits.index_select(0, idx.to(logits.device))
@@ -300,9 +305,22 @@ class CamEngine:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits only, under ``torch.inference_mode()`` (no hook, no graph)."""
         with torch.inference_mode():
-            return self.model(x)
+            return logits_of(self.model(x))
 
     # -- internals ----------------------------------------------------------------------------
+    def _choose(self, size: tuple[int, int]) -> None:
+        """First call: locate the layer and/or decide its reshape (never from a shape alone)."""
+        from .families import FamilyError, choose_layer
+
+        try:
+            choice = choose_layer(self.model, size, self._layer_name, self.layout)
+        except FamilyError as exc:
+            raise LayerError(self._layer_name, str(exc)) from None
+        if self._layer is None:
+            self._layer_name, self._layer = resolve_layer(self.model, choice.name)
+        self.reshape = choice.reshape
+        self._to_nchw = nchw_converter(self._layer_name, self.layout, self.reshape)
+
     @staticmethod
     def _parse_rows(rows: Optional[Sequence[int]], b: int, device: torch.device) -> Optional[torch.Tensor]:
         if rows is None:

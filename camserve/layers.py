@@ -2,8 +2,10 @@
 
 Convolutional layers give ``(B, C, h, w)`` maps. Transformers do not: ViT blocks give tokens
 ``(B, N, C)`` (a class token followed by an ``s × s`` grid of patches) and torchvision's Swin stages
-give channels-last maps ``(B, h, w, C)``. :func:`detect_layout` recognises the three and
-:func:`to_nchw` reshapes them, so every CAM method sees ``(..., C, h, w)``.
+give channels-last maps ``(B, h, w, C)``. The layout is never guessed from a shape alone (a
+``(B, 64, 64, 32)`` map can be either): :func:`camserve.families.choose_layer` decides it (family
+rules, a second probe at another input size) and gives the ``reshape``; :func:`to_nchw` applies an
+explicit layout, so every CAM method sees ``(..., C, h, w)``.
 
 :func:`capture_layer` is the one forward hook on a target layer in camserve: the engine, the
 traced ONNX graph, auto-location and the exporter's verification all go through it.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Optional, Union
 
@@ -97,22 +99,6 @@ def resolve_layer(model: nn.Module, layer: Union[str, nn.Module]) -> tuple[str, 
     return layer, parent
 
 
-def detect_layout(shape: torch.Size | tuple[int, ...]) -> Layout | None:
-    """Guess the layout of a layer output from its shape; None if it is not a spatial map.
-
-    * 4-D ``(B, h, w, C)`` with ``h == w != C`` is channels-last (Swin); other 4-D is NCHW;
-    * 3-D ``(B, N, C)`` with ``N`` or ``N - 1`` a perfect square ``>= 4`` is a token grid.
-    Maps of a single position (1×1 after global pooling) are not spatial.
-    """
-    if len(shape) == 4:
-        if shape[1] == shape[2] and shape[3] != shape[1]:
-            return "nhwc" if shape[1] * shape[2] > 1 else None
-        return "nchw" if shape[2] * shape[3] > 1 else None
-    if len(shape) == 3:
-        return "tokens" if _grid_side(shape[1]) is not None else None
-    return None
-
-
 def _grid_side(n_tokens: int) -> int | None:
     for extra in (0, 1):
         side = math.isqrt(max(n_tokens - extra, 0))
@@ -148,30 +134,40 @@ def to_nchw(t: torch.Tensor, layout: Layout) -> torch.Tensor:
 def nchw_converter(layer: Optional[str], layout: Optional[Layout] = None,
                    reshape: Optional[Reshape] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function that brings ``layer``'s outputs (and their gradients) to ``(B, C, h, w)``:
-    ``reshape`` when given, else :func:`to_nchw` with ``layout`` (default: detected per tensor).
-    A tensor that is not a spatial map is a :class:`LayerError`.
+    ``reshape`` when given (e.g. :attr:`camserve.families.LayerChoice.reshape`), else
+    :func:`to_nchw` with ``layout``. Without either, or for a tensor that does not fit, a
+    :class:`LayerError` asks for ``layout=`` / ``reshape=`` (a layout is not guessed from a shape).
 
     Example::
 
-        >>> f = nchw_converter("blocks.3")
+        >>> from camserve.families import TokenGrid
+        >>> f = nchw_converter("blocks.3", reshape=TokenGrid(1, (7, 7)))
         >>> tuple(f(torch.zeros(2, 50, 8)).shape)  # 1 class token + 7 x 7 patches
         (2, 8, 7, 7)
-        >>> f(torch.zeros(2, 8))
+        >>> nchw_converter("head", "nchw")(torch.zeros(2, 8))
         Traceback (most recent call last):
         ...
-        camserve.layers.LayerError: invalid value for target_layer: 'blocks.3' (it gives output of shape (2, 8), which is not a spatial map; choose an earlier layer, or pass layout= / reshape=)
+        camserve.layers.LayerError: invalid value for target_layer: 'head' (it gives output of shape (2, 8), which is not a spatial map in layout 'nchw'; choose an earlier layer, or pass layout= / reshape=)
     """
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"invalid value for layout: {layout!r} (known: {', '.join(LAYOUTS)})")
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         if reshape is not None:
-            return reshape(t)
-        found = layout or detect_layout(t.shape)
-        if found is None:
+            try:
+                return reshape(t)
+            except ValueError as exc:
+                raise LayerError(layer, f"{exc}; pass layout= / reshape=") from None
+        if layout is None:
+            raise LayerError(layer, f"the layout of its output {tuple(t.shape)} is not known; pass "
+                                    f"layout= (nchw, nhwc, tokens) or reshape= "
+                                    f"(camserve.families.choose_layer decides both)")
+        try:
+            return to_nchw(t, layout)
+        except ValueError:
             raise LayerError(layer, f"it gives output of shape {tuple(t.shape)}, which is not a "
-                                    f"spatial map; choose an earlier layer, or pass layout= / reshape=")
-        return to_nchw(t, found)
+                                    f"spatial map in layout {layout!r}; choose an earlier layer, or "
+                                    f"pass layout= / reshape=") from None
 
     return convert
 
@@ -201,7 +197,7 @@ class LayerCapture:
 @contextmanager
 def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureMode = "track-grad",
                   *, activations: Optional[torch.Tensor] = None, layout: Optional[Layout] = None,
-                  once: bool = True, tensors_only: bool = True) -> Iterator[LayerCapture]:
+                  reshape: Optional[Reshape] = None, once: bool = True, tensors_only: bool = True) -> Iterator[LayerCapture]:
     """Hold the one forward hook on ``layer`` for the duration of the block; it is removed on exit,
     also after an exception, and grad mode is restored.
 
@@ -215,8 +211,9 @@ def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureM
     * ``"record"`` (auto-location, verification): keeps the output as is and hands a clone on;
       grad mode is left alone.
     * ``"replace"`` (verification at given activations): the output is replaced by a copy whose
-      NCHW view (:func:`to_nchw` with ``layout``) holds ``activations`` (N, C, h, w), so token and
-      channels-last layers keep their other entries (e.g. a ViT class token).
+      NCHW view (``reshape``, else :func:`to_nchw` with ``layout``; default ``nchw``) holds
+      ``activations`` (N, C, h, w), so token and channels-last layers keep their other entries
+      (e.g. a ViT class token).
 
     The layer must return a tensor and run once per forward; otherwise the hook raises
     :class:`LayerError`. ``once=False`` captures every call; ``tensors_only=False`` lets other
@@ -240,6 +237,7 @@ def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureM
         raise ValueError("invalid value for activations: give them for mode='replace' and only then")
     name, module = resolve_layer(model, layer)
     cap = LayerCapture(name, module, mode)
+    as_nchw = nchw_converter(name, layout or "nchw", reshape)
 
     def hook(_mod: nn.Module, _inp: Any, out: Any) -> Optional[torch.Tensor]:
         if not isinstance(out, torch.Tensor):
@@ -260,12 +258,12 @@ def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureM
             return out.clone()  # later in-place ops must not alter the recorded tensor
         assert activations is not None
         new = out.detach().clone()
-        view = to_nchw(new, layout or detect_layout(new.shape))  # type: ignore[arg-type]
+        view = as_nchw(new)
         if view.shape != activations.shape:
             raise LayerError(name, f"activations of shape {tuple(activations.shape)} do not fit its "
                                    f"output {tuple(view.shape)}")
         view.copy_(activations.to(view.dtype))
-        if not torch.equal(to_nchw(new, layout or detect_layout(new.shape)), view):  # type: ignore[arg-type]
+        if not torch.equal(as_nchw(new), view):
             raise LayerError(name, "cannot replace its output: its NCHW form is not a view")
         cap.outputs.append(new)
         return new
@@ -282,11 +280,8 @@ def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureM
 
 
 def locate_layer(model: nn.Module, probe: torch.Tensor) -> str:
-    """Auto-locate the target layer: the last module (in execution order) whose output is a spatial
-    map or token grid and whose class-score gradient varies over more than one position.
-
-    The gradient condition skips layers the head cannot see spatially, such as the final
-    LayerNorm of a ViT whose head reads only the class token.
+    """The target layer :func:`camserve.families.locate` chooses for inputs of ``probe``'s size
+    (the last spatial feature map before global pooling, a ViT's last pre-attention norm, ...).
 
     Example::
 
@@ -294,35 +289,9 @@ def locate_layer(model: nn.Module, probe: torch.Tensor) -> str:
         >>> locate_layer(torchvision.models.resnet18(num_classes=3).eval(), torch.rand(1, 3, 64, 64))
         'layer4'
     """
-    caps: list[LayerCapture] = []
-    with ExitStack() as stack:
-        for name, mod in model.named_modules():
-            if name:
-                caps.append(stack.enter_context(
-                    capture_layer(model, mod, "record", once=False, tensors_only=False)))
-        with torch.enable_grad():
-            x = probe[:1].detach().clone().requires_grad_(True)
-            logits = model(x)
-    records: list[tuple[int, str, torch.Tensor, Layout]] = []
-    for cap in caps:
-        for seq, out in zip(cap.order, cap.outputs):
-            layout = detect_layout(out.shape) if out.requires_grad else None
-            if layout is not None:
-                records.append((seq, cap.name, out, layout))
-    records.sort(key=lambda r: r[0])  # execution order
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise LayerError(None, "auto-locate needs a model whose output is logits (B, classes)")
-    if not records:
-        raise LayerError(None, "auto-locate found no layer with a spatial output; pass target_layer")
-    score = logits[0, logits[0].argmax()]
-    grads = torch.autograd.grad(score, [r[2] for r in records], allow_unused=True)
-    for (_seq, name, out, layout), g in zip(reversed(records), reversed(grads)):
-        if g is None:
-            continue
-        g_map = to_nchw(g, layout).abs().sum(dim=1)
-        if int((g_map > 0).sum()) > 1:
-            log.info("camserve: auto-located target layer %r (%s output %s)", name, layout,
-                     tuple(out.shape))
-            return name
-    raise LayerError(None, "auto-locate found no spatial layer the prediction depends on; pass "
-                           "target_layer")
+    from .families import FamilyError, locate
+
+    try:
+        return locate(model, tuple(int(s) for s in probe.shape[-2:])).name
+    except FamilyError as exc:
+        raise LayerError(None, str(exc)) from None

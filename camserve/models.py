@@ -5,18 +5,26 @@ A model folder (and a TorchServe archive, once extracted) holds ``model-config.y
 
     handler:
       arch: model:ShapesNet          # FILE:Class (FILE.py in the folder), package.module:Class,
-                                     # or a torchvision builder: torchvision.models.resnet50
+                                     # a torchvision builder (torchvision.models.resnet50),
+                                     # timm:<name> or hf:<subfolder> (see camserve.sources)
+      arch_args: {}                  # keyword arguments for the constructor (optional)
       num_classes: 8
-      weights: weights.pt            # a state_dict; optional (random init when absent)
+      weights: weights.pt            # a state_dict (.pt/.pth/.safetensors); optional (random init)
       labels: index_to_name.json     # {"0": "circle", ...}; optional
       target_layer: features         # dotted name; null = auto-locate
       input_size: [96, 96]           # H, W (an int means square)
       mean: [0.5, 0.5, 0.5]
       std: [0.25, 0.25, 0.25]
+      interpolation: bilinear        # resize filter: nearest, bilinear, bicubic (optional)
+      crop: 0.875                    # centre-crop fraction (optional; none = resize the whole image)
       method: gradcam
       topk: 3
       max_pixels: 40000000
       outputs: [heatmap, bbox]
+
+Mean, std, input size, interpolation and crop default to what the model knows itself (timm's
+``pretrained_cfg``, a Hugging Face ``preprocessor_config.json``) where the ``handler:`` block does
+not set them.
 
 Example::
 
@@ -29,20 +37,20 @@ Example::
 from __future__ import annotations
 
 import difflib
-import importlib
-import importlib.util
 import json
 import logging
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, check_formats
 from .methods import available_methods
+
+if TYPE_CHECKING:
+    from .sources import SourceDefaults
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +112,17 @@ class ModelSpec:
     max_map_side: Optional[int] = None
     max_row_work: Optional[int] = None
     max_batch_work: Optional[int] = None
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    interpolation: Optional[str] = None
+    crop: Optional[float] = None
+    #: the keys the config set (the model's own preprocessing defaults fill in the others)
+    given: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
 
     KEYS = ("arch", "num_classes", "weights", "labels", "target_layer", "input_size", "mean", "std",
             "method", "topk", "max_pixels", "outputs", "layout", "formats", "max_response_size",
-            "max_option_length", "max_map_side", "max_row_work", "max_batch_work")
+            "max_option_length", "max_map_side", "max_row_work", "max_batch_work", "arch_args",
+            "interpolation", "crop")
+    INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "ModelSpec":
@@ -119,7 +134,7 @@ class ModelSpec:
             >>> ModelSpec.from_config({"arch": "x:Y", "taget_layer": "layer4"})
             Traceback (most recent call last):
             ...
-            camserve.models.ConfigError: unknown key handler.taget_layer (did you mean 'target_layer'? known: arch, num_classes, weights, labels, target_layer, input_size, mean, std, method, topk, max_pixels, outputs, layout, formats, max_response_size, max_option_length, max_map_side, max_row_work, max_batch_work)
+            camserve.models.ConfigError: unknown key handler.taget_layer (did you mean 'target_layer'? known: arch, num_classes, weights, labels, target_layer, input_size, mean, std, method, topk, max_pixels, outputs, layout, formats, max_response_size, max_option_length, max_map_side, max_row_work, max_batch_work, arch_args, interpolation, crop)
         """
         if not isinstance(cfg, Mapping):
             raise ConfigError("missing handler block in model-config.yaml (expected a mapping "
@@ -129,9 +144,29 @@ class ModelSpec:
                 raise ConfigError(unknown_key_message(f"handler.{_short(key)}", str(key), cls.KEYS))
         arch = cfg.get("arch")
         if not isinstance(arch, str) or not arch.strip():
-            raise ConfigError(f"invalid value for handler.arch: {arch!r} (expected 'file:Class', "
-                              f"'package.module:Class' or 'torchvision.models.<name>')")
-        spec = cls(arch=arch.strip())
+            raise ConfigError(f"invalid value for handler.arch: {_short(arch)!r} (expected "
+                              f"'timm:<name>', 'hf:<subfolder>', 'torchvision.models.<name>', "
+                              f"'file:Class' or 'package.module:Class')")
+        spec = cls(arch=arch.strip(), given=frozenset(str(k) for k in cfg if cfg[k] is not None))
+        if cfg.get("arch_args") is not None:
+            aa = cfg["arch_args"]
+            if not isinstance(aa, Mapping) or not all(isinstance(k, str) for k in aa):
+                raise ConfigError(f"invalid value for handler.arch_args: {_short(aa)!r} (expected a "
+                                  f"mapping of constructor keyword arguments)")
+            spec.arch_args = dict(aa)
+        if cfg.get("interpolation") is not None:
+            it = str(cfg["interpolation"]).lower()
+            if it not in cls.INTERPOLATIONS:
+                raise ConfigError(f"invalid value for handler.interpolation: "
+                                  f"{_short(cfg['interpolation'])!r} (known: "
+                                  f"{', '.join(cls.INTERPOLATIONS)})")
+            spec.interpolation = it
+        if cfg.get("crop") is not None:
+            c = cfg["crop"]
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+                raise ConfigError(f"invalid value for handler.crop: {_short(c)!r} (a fraction in "
+                                  f"(0, 1])")
+            spec.crop = float(c)
         if cfg.get("num_classes") is not None:
             n = cfg["num_classes"]
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -228,88 +263,68 @@ def load_model_config(model_dir: str | Path, name: str = "model-config.yaml") ->
     return doc
 
 
-def _import_class(arch: str, model_dir: Path) -> Any:
-    mod_name, _, attr = arch.partition(":")
-    file = model_dir / (mod_name.replace(".", "/") + ".py")
-    if file.is_file():
-        unique = f"camserve_model_{abs(hash(str(file.resolve())))}"
-        spec = importlib.util.spec_from_file_location(unique, file)
-        if spec is None or spec.loader is None:
-            raise ConfigError(f"invalid value for handler.arch: {arch!r} (cannot load {file})")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[unique] = module
-        spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ConfigError(f"invalid value for handler.arch: {arch!r} (no file {file.name} in "
-                              f"{model_dir} and no importable module {mod_name!r}: {e})") from None
+def build_model_and_defaults(spec: ModelSpec, model_dir: str | Path,
+                             device: str | torch.device = "cpu",
+                             weights: Optional[str | Path] = None) -> tuple[nn.Module, "SourceDefaults"]:
+    """Instantiate ``spec.arch`` through :func:`camserve.sources.build_from_source` (timm, hf,
+    torchvision, own classes; ``arch_args``), load the checkpoint (``weights_only=True``,
+    :func:`camserve.sources.load_state`) and move it to ``device``: eval mode, parameters frozen
+    (a serving copy). Also returns the preprocessing and labels the model knows itself."""
+    from .sources import SourceError, build_from_source, load_state
+
+    model_dir = Path(model_dir)
+    wpath = Path(weights) if weights is not None else (model_dir / spec.weights if spec.weights else None)
     try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ConfigError(f"invalid value for handler.arch: {arch!r} ({mod_name} has no "
-                          f"{attr!r})") from None
-
-
-def _torchvision_builder(arch: str) -> Any:
-    import torchvision.models as tvm
-
-    name = arch.rsplit(".", 1)[-1]
-    try:
-        return tvm.get_model_builder(name)
-    except ValueError:
-        known = ", ".join(sorted(tvm.list_models(module=tvm))[:8])
-        raise ConfigError(f"invalid value for handler.arch: {arch!r} (unknown torchvision model "
-                          f"{name!r}; e.g. {known}, ...)") from None
+        model, defaults = build_from_source(spec.arch, num_classes=spec.num_classes,
+                                            arch_args=spec.arch_args, model_dir=model_dir)
+        if wpath is not None:
+            load_state(model, wpath, spec.arch)
+    except SourceError as e:
+        raise ConfigError(str(e)) from None
+    model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, defaults
 
 
 def build_model(spec: ModelSpec, model_dir: str | Path, device: str | torch.device = "cpu",
                 weights: Optional[str | Path] = None) -> nn.Module:
     """Instantiate ``spec.arch``, load the state_dict (``weights_only=True``), move to ``device``,
-    and return it in eval mode with parameters that do not require grad (a serving copy)."""
-    model_dir = Path(model_dir)
-    kwargs: dict[str, Any] = {}
-    if spec.num_classes is not None:
-        kwargs["num_classes"] = spec.num_classes
-    if ":" in spec.arch:
-        ctor = _import_class(spec.arch, model_dir)
-    elif spec.arch.startswith("torchvision.models.") or "." not in spec.arch:
-        ctor = _torchvision_builder(spec.arch)
-        kwargs["weights"] = None
-    else:
-        raise ConfigError(f"invalid value for handler.arch: {spec.arch!r} (expected 'file:Class', "
-                          f"'package.module:Class' or 'torchvision.models.<name>')")
-    try:
-        model = ctor(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"invalid value for handler.arch: {spec.arch!r} cannot be built with "
-                          f"{kwargs}: {e}") from None
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"invalid value for handler.arch: {spec.arch!r} did not build an nn.Module")
-    wpath = Path(weights) if weights is not None else (model_dir / spec.weights if spec.weights else None)
-    if wpath is not None:
-        if not wpath.is_file():
-            raise ConfigError(f"invalid value for handler.weights: {str(wpath)!r} does not exist")
-        state = torch.load(wpath, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ConfigError(f"invalid value for handler.weights: {wpath.name} does not fit "
-                              f"{spec.arch}: {str(e).splitlines()[0]}") from None
-    model.eval().to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    and return it in eval mode with parameters that do not require grad (a serving copy); see
+    :func:`build_model_and_defaults`."""
+    return build_model_and_defaults(spec, model_dir, device=device, weights=weights)[0]
 
 
-def load_labels(spec: ModelSpec, model_dir: str | Path, num_classes: int) -> list[str]:
+def apply_source_defaults(spec: ModelSpec, defaults: "SourceDefaults") -> ModelSpec:
+    """``spec`` with the model's own mean/std/input size/interpolation/crop where the config does
+    not set them (the ``handler:`` block overrides the model).
+
+    Example::
+
+        >>> from camserve.sources import SourceDefaults
+        >>> spec = ModelSpec.from_config({"arch": "timm:resnet18", "input_size": 64})
+        >>> s = apply_source_defaults(spec, SourceDefaults(mean=(0.5,) * 3, input_size=(224, 224)))
+        >>> s.input_size, s.mean
+        ((64, 64), (0.5, 0.5, 0.5))
+    """
+    changes = {k: v for k, v in (("mean", defaults.mean), ("std", defaults.std),
+                                 ("input_size", defaults.input_size),
+                                 ("interpolation", defaults.interpolation), ("crop", defaults.crop))
+               if v is not None and k not in spec.given}
+    if "interpolation" in changes and changes["interpolation"] not in ModelSpec.INTERPOLATIONS:
+        del changes["interpolation"]  # e.g. timm's "random": keep the default filter
+    return replace(spec, **changes) if changes else spec
+
+
+def load_labels(spec: ModelSpec, model_dir: str | Path, num_classes: int,
+                model_labels: Optional[Sequence[str]] = None) -> list[str]:
     """Class labels from ``handler.labels`` or, when the config names none, from the folder's
-    ``index_to_name.json`` (``{"0": "circle", ...}``); indices as strings where there is no file
-    or an entry is missing. The one rule for the server, the exporter and the batch job."""
+    ``index_to_name.json`` (``{"0": "circle", ...}``), else the model's own (``model_labels``, e.g.
+    a Hugging Face ``id2label``); indices as strings where there is none or an entry is missing.
+    The one rule for the server, the exporter and the batch job."""
     labels = [str(i) for i in range(num_classes)]
+    if model_labels and len(model_labels) == num_classes:
+        labels = [str(v) for v in model_labels]
     name = spec.labels
     if name is None and (Path(model_dir) / LABELS_FILE).is_file():
         name = LABELS_FILE
@@ -337,14 +352,20 @@ def load_labels(spec: ModelSpec, model_dir: str | Path, num_classes: int) -> lis
 @dataclass
 class LoadedModel:
     """A model ready to explain: the serving copy of the network (eval mode, parameters frozen, on
-    ``device``), its validated :class:`ModelSpec`, its class ``labels`` (one per output) and the
-    dotted name of its target ``layer`` (from the config, or located automatically)."""
+    ``device``), its validated :class:`ModelSpec`, its class ``labels`` (one per output), the
+    dotted name of its target ``layer`` (from the config, or located automatically), the
+    ``reshape`` of that layer's output to ``(B, C, h, w)`` with its ``layout`` (``nchw``, ``nhwc``,
+    ``tokens``) and the map ``grid`` (h, w) at the input size
+    (:func:`camserve.families.choose_layer`)."""
 
     model: nn.Module
     spec: ModelSpec
     labels: list[str]
     layer: str
     device: torch.device
+    reshape: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    grid: Optional[tuple[int, int]] = None
+    layout: Optional[str] = None
 
     @property
     def num_classes(self) -> int:
@@ -353,10 +374,20 @@ class LoadedModel:
 
 
 def count_classes(model: nn.Module, spec: ModelSpec, device: torch.device | str = "cpu") -> int:
-    """Width of the logits of ``model`` on a blank input of ``spec.input_size``."""
+    """Width of the logits of ``model`` on a blank input of ``spec.input_size``. A model whose
+    output is not a tensor (a tuple, a mapping, an output object with ``logits``) is made to
+    return its logits from now on (:func:`camserve.sources.ensure_logits`), for every consumer."""
+    from .sources import ensure_logits, logits_of
+
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, *spec.input_size, device=device))
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+    if not isinstance(out, torch.Tensor):
+        try:
+            out = logits_of(out)
+        except TypeError as e:
+            raise ConfigError(f"invalid value for handler.arch: {_short(spec.arch)!r}: {e}") from None
+        ensure_logits(model, force=True)
+    if out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"invalid value for handler.arch: {spec.arch!r} must return logits "
                           f"(N, classes); got {shape}")
@@ -403,11 +434,13 @@ def recalibrate_batchnorm(model: nn.Module, input_size: Sequence[int], steps: in
 
 def from_module(model: nn.Module, spec: ModelSpec, model_dir: Optional[str | Path] = None, *,
                 labels: Optional[Sequence[str]] = None,
-                device: Optional[str | torch.device] = None) -> LoadedModel:
+                device: Optional[str | torch.device] = None,
+                model_labels: Optional[Sequence[str]] = None) -> LoadedModel:
     """A :class:`LoadedModel` of a network already built: count its classes, take ``labels`` (or
-    the folder's, see :func:`load_labels`; indices as strings without ``model_dir``) and resolve
-    ``spec.target_layer`` or locate it on a blank input. Layer problems are :class:`ConfigError`
-    naming ``handler.target_layer``.
+    the folder's, see :func:`load_labels`; indices as strings without ``model_dir``) and choose
+    the target layer and its reshape (:func:`camserve.families.choose_layer`: ``spec.target_layer``
+    with ``spec.layout``, or located). Layer problems are :class:`ConfigError` naming
+    ``handler.target_layer``.
 
     Example::
 
@@ -417,7 +450,8 @@ def from_module(model: nn.Module, spec: ModelSpec, model_dir: Optional[str | Pat
         >>> lm.layer, lm.num_classes
         ('1', 2)
     """
-    from .layers import LayerError, locate_layer, resolve_layer
+    from .families import FamilyError, choose_layer
+    from .layers import LayerError, resolve_layer
 
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -429,17 +463,22 @@ def from_module(model: nn.Module, spec: ModelSpec, model_dir: Optional[str | Pat
                               f"with {n_cls} classes")
         names = [str(v) for v in labels]
     elif model_dir is not None:
-        names = load_labels(spec, model_dir, n_cls)
+        names = load_labels(spec, model_dir, n_cls, model_labels)
+    elif model_labels and len(model_labels) == n_cls:
+        names = [str(v) for v in model_labels]
     else:
         names = [str(i) for i in range(n_cls)]
     try:
         if spec.target_layer is not None:
-            layer = resolve_layer(model, spec.target_layer)[0]
-        else:
-            layer = locate_layer(model, torch.zeros(1, 3, *spec.input_size, device=device))
+            resolve_layer(model, spec.target_layer)  # names the missing part and the known ones
+        choice = choose_layer(model, spec.input_size, spec.target_layer, spec.layout)
     except LayerError as exc:
         raise ConfigError(exc.message_for("handler.target_layer")) from None
-    return LoadedModel(model=model, spec=spec, labels=names, layer=layer, device=device)
+    except FamilyError as exc:
+        raise ConfigError(LayerError(spec.target_layer, str(exc)).message_for(
+            "handler.target_layer")) from None
+    return LoadedModel(model=model, spec=spec, labels=names, layer=choice.name, device=device,
+                       reshape=choice.reshape, grid=choice.grid, layout=choice.layout)
 
 
 def load_model(spec: ModelSpec, model_dir: str | Path = ".", *, weights: Optional[str | Path] = None,
@@ -458,10 +497,11 @@ def load_model(spec: ModelSpec, model_dir: str | Path = ".", *, weights: Optiona
         ('layer4', ['0', '1', '2'])
     """
     device = torch.device(device)
-    model = build_model(spec, model_dir, device=device, weights=weights)
+    model, defaults = build_model_and_defaults(spec, model_dir, device=device, weights=weights)
+    spec = apply_source_defaults(spec, defaults)
     if calibrate and weights is None and spec.weights is None:
         recalibrate_batchnorm(model, spec.input_size)
-    return from_module(model, spec, model_dir, device=device)
+    return from_module(model, spec, model_dir, device=device, model_labels=defaults.labels)
 
 
 def load_model_dir(model_dir: str | Path, *, weights: Optional[str | Path] = None,

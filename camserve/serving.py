@@ -194,8 +194,8 @@ class CamService:
         self.num_classes = loaded.num_classes
         self.device = torch.device(loaded.device)
         self.limits = limits or ServingLimits.from_spec(self.spec)
-        self.engine = CamEngine(self.model, loaded.layer,
-                                layout=self.spec.layout)  # type: ignore[arg-type]
+        self.engine = CamEngine(self.model, loaded.layer, layout=self.spec.layout,  # type: ignore[arg-type]
+                                reshape=loaded.reshape)
         self.warm_up()
         log.info("camserve: serving %s (%d classes, layer %r, input %s) on %s", self.spec.arch,
                  self.num_classes, self.engine.layer_name, self.spec.input_size, self.device)

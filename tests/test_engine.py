@@ -264,7 +264,7 @@ def test_auto_locate(arch: str, expected, caplog):
     spec = ARCH_BY_NAME[arch]
     model = spec.build(torch.float32)
     engine = CamEngine(model, None)
-    with caplog.at_level("INFO", logger="camserve.layers"):
+    with caplog.at_level("INFO", logger="camserve.families"):
         res = engine(spec.input(2, torch.float32))
     assert engine.layer_name and engine.layer_name in caplog.text
     if expected:

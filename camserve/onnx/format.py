@@ -47,14 +47,21 @@ SPEC_KEYS: dict[str, str] = {
     "arch": "arch", "num_classes": "num_classes", "target_layer": "layer",
     "input_size": "input_size", "mean": "mean", "std": "std", "method": "method", "topk": "topk",
     "max_pixels": "max_pixels", "outputs": "outputs", "layout": "layout",
+    "arch_args": "arch_args", "interpolation": "interpolation", "crop": "crop",
 }
+#: Spec fields written even when unset (JSON ``null``), so every graph has the key.
+ALWAYS_WRITTEN: tuple[str, ...] = ("interpolation", "crop")
 #: ModelSpec fields the graph does not record: files of a model folder (``weights``, ``labels``: the
 #: labels themselves are written) and the limits of the REST server.
 NOT_WRITTEN: tuple[str, ...] = ("weights", "labels", "formats", "max_response_size",
-                                "max_option_length", "max_map_side", "max_row_work", "max_batch_work")
-#: The other keys.
+                                "max_option_length", "max_map_side", "max_row_work", "max_batch_work",
+                                "given")
+#: The other keys. ``grid``: (h, w) of the graph's maps; ``prefix_tokens``: the leading tokens
+#: (class, distillation, register) a token layer's map leaves out (JSON ``null`` when unknown or
+#: not a token layer).
 KEYS: dict[str, str] = {"labels": "labels", "methods": "methods", "cam_outputs": "cam_outputs",
-                        "version": "camserve_version", "target": "target"}
+                        "version": "camserve_version", "target": "target", "grid": "grid",
+                        "prefix_tokens": "prefix_tokens"}
 #: Keys a graph must have to be a camserve CAM graph.
 REQUIRED: tuple[str, ...] = ("arch", "layer", "input_size", "mean", "std", "labels", "methods",
                              "cam_outputs")
@@ -115,17 +122,24 @@ def _encode(value: Any) -> str:
 
 @dataclass(frozen=True)
 class GraphMeta:
-    """What a CAM graph records about its model: ``spec`` (``target_layer`` is the graph's layer;
-    the fields of :data:`NOT_WRITTEN` are reset to their defaults), the class ``labels``, the ``methods`` (the first one is output
-    ``cam``) and the camserve ``version`` that wrote it."""
+    """What a CAM graph records about its model: ``spec`` (``target_layer`` is the graph's layer,
+    ``layout`` its layout; the fields of :data:`NOT_WRITTEN` are reset to their defaults), the
+    class ``labels``, the ``methods`` (the first one is output ``cam``), the camserve ``version``
+    that wrote it, the map ``grid`` (h, w) and, for a token layer, ``prefix_tokens``."""
 
     spec: ModelSpec
     labels: tuple[str, ...]
     methods: tuple[str, ...]
     version: str = __version__
+    grid: Optional[tuple[int, int]] = None
+    prefix_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
+        if self.grid is not None:
+            object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
+        if self.prefix_tokens is not None:
+            object.__setattr__(self, "prefix_tokens", int(self.prefix_tokens))
         object.__setattr__(self, "methods", check_methods(self.methods))
         if not self.spec.target_layer:
             raise ValueError("invalid value for spec.target_layer: a CAM graph has a target layer")
@@ -140,8 +154,15 @@ class GraphMeta:
     def from_loaded(cls, loaded: Any, methods: Sequence[str], layer: Optional[str] = None) -> "GraphMeta":
         """The description of ``loaded`` (a :class:`camserve.models.LoadedModel`) exported with
         ``methods`` at ``layer`` (default: its layer)."""
-        spec = dataclasses.replace(loaded.spec, target_layer=layer or loaded.layer)
-        return cls(spec, tuple(loaded.labels), tuple(methods))
+        own = layer is None or layer == loaded.layer
+        layout = loaded.spec.layout
+        if own and layout is None:
+            layout = getattr(loaded, "layout", None)
+        spec = dataclasses.replace(loaded.spec, target_layer=layer or loaded.layer, layout=layout)
+        reshape = getattr(loaded, "reshape", None) if own else None
+        prefix = getattr(reshape, "prefix", None)
+        grid = getattr(loaded, "grid", None) if own else None
+        return cls(spec, tuple(loaded.labels), tuple(methods), grid=grid, prefix_tokens=prefix)
 
     # -- what consumers read -----------------------------------------------------------------
     @property
@@ -192,12 +213,14 @@ class GraphMeta:
         props = {KEYS["version"]: self.version}
         for f, key in SPEC_KEYS.items():
             value = getattr(self.spec, f)
-            if value is not None:
+            if value is not None or f in ALWAYS_WRITTEN:
                 props[key] = _encode(value)
         props[KEYS["labels"]] = json.dumps(list(self.labels))
         props[KEYS["methods"]] = json.dumps(list(self.methods))
         props[KEYS["cam_outputs"]] = json.dumps(self.cam_outputs)
         props[KEYS["target"]] = TARGET_DOC
+        props[KEYS["grid"]] = json.dumps(None if self.grid is None else list(self.grid))
+        props[KEYS["prefix_tokens"]] = json.dumps(self.prefix_tokens)
         return props
 
     @classmethod
@@ -214,7 +237,10 @@ class GraphMeta:
             for f, key in SPEC_KEYS.items():
                 if key in props:
                     raw = props[key]
-                    cfg[f] = raw if f in ("arch", "target_layer", "method", "layout") else json.loads(raw)
+                    if f == "interpolation":  # a plain string, or null when unset
+                        cfg[f] = None if raw == "null" else raw
+                    else:
+                        cfg[f] = raw if f in ("arch", "target_layer", "method", "layout") else json.loads(raw)
             key = KEYS["labels"]
             labels = json.loads(props[key])
             key = KEYS["methods"]
@@ -225,9 +251,18 @@ class GraphMeta:
                 raise ValueError("labels and methods must be lists, cam_outputs a map")
             key = "spec"
             spec = ModelSpec.from_config(cfg)
+            key = KEYS["grid"]
+            grid = json.loads(props.get(key, "null"))
+            if grid is not None and (not isinstance(grid, list) or len(grid) != 2):
+                raise ValueError("grid must be [h, w] or null")
+            key = KEYS["prefix_tokens"]
+            prefix = json.loads(props.get(key, "null"))
+            if prefix is not None and (not isinstance(prefix, int) or prefix < 0):
+                raise ValueError("prefix_tokens must be a count or null")
             key = KEYS["methods"]
             meta = cls(spec, tuple(str(v) for v in labels), tuple(str(m) for m in methods),
-                       props.get(KEYS["version"], ""))
+                       props.get(KEYS["version"], ""), grid=None if grid is None else tuple(grid),
+                       prefix_tokens=prefix)
         except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
             raise GraphFormatError(f"not a camserve CAM graph: invalid metadata {key!r}: "
                                    f"{str(exc)[:200]}") from None

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from ..engine import cam_step, check_logits
-from ..layers import Layout, LayerSpec, Reshape, capture_layer, locate_layer, nchw_converter, resolve_layer
+from ..layers import Layout, LayerSpec, Reshape, capture_layer, nchw_converter, resolve_layer
+from ..sources import logits_of
 from ..methods import get_method
 from .decompositions import backward_decompositions
 from .format import check_methods, output_names
@@ -66,8 +67,8 @@ class CamGraph(nn.Module):
                  *, layout: Optional[Layout] = None, reshape: Optional[Reshape] = None) -> None:
         super().__init__()
         if target_layer is None:
-            raise ValueError("invalid value for target_layer: None (resolve it first, e.g. with "
-                             "camserve.layers.locate_layer)")
+            raise ValueError("invalid value for target_layer: None (choose it first, e.g. with "
+                             "camserve.families.choose_layer)")
         self.model = model
         self._layer_name, _ = resolve_layer(model, target_layer)
         self._to_nchw = nchw_converter(self._layer_name, layout, reshape)
@@ -87,7 +88,7 @@ class CamGraph(nn.Module):
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with _contiguous_outputs(self.model), \
                 capture_layer(self.model, self._layer_name, "track-grad") as cap:
-            logits = self.model(x)
+            logits = logits_of(self.model(x))
         check_logits(logits, self._layer_name)
         top1 = logits.detach().argmax(dim=1)
         t = torch.where(target < 0, top1, target.to(top1.dtype))
@@ -196,7 +197,7 @@ def trace_model_graph(model: nn.Module, example: torch.Tensor, *,
 
     def forward_fn(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(x)
+            return logits_of(model(x))
 
     gm = _trace_batch_dynamic(forward_fn, dict(decompositions or {}), example)
     if functional:
@@ -213,7 +214,9 @@ def trace_cam_graph(model: nn.Module, target_layer: LayerSpec, example: torch.Te
 
     ``model`` must be in eval mode (rows of a batch independent). Parameters and buffers become
     constants of the graph (``get_attr`` nodes); see :func:`lift_constants`. ``target_layer=None``
-    auto-locates the layer on ``example``. ``decompositions`` are applied on top of
+    chooses the layer and its reshape for ``example``'s size
+    (:func:`camserve.families.choose_layer`); a named layer without ``layout``/``reshape`` gets its
+    reshape the same way. ``decompositions`` are applied on top of
     :func:`backward_decompositions` (e.g. an exporter's table of operations it cannot translate).
     ``functional=True`` rewrites in-place operations out of place (:func:`functionalize_inplace`).
     The graph's ``meta["camserve"]`` holds the layer name, the methods and the output names.
@@ -226,8 +229,12 @@ def trace_cam_graph(model: nn.Module, target_layer: LayerSpec, example: torch.Te
     if example.shape[0] < 2:
         raise ValueError("invalid value for example: use a batch of 2 or more so that the batch "
                          "size stays symbolic")
-    if target_layer is None:
-        target_layer = locate_layer(model, example)
+    if target_layer is None or (reshape is None and layout not in ("nchw", "nhwc")):
+        from ..families import choose_layer
+
+        name = None if target_layer is None else resolve_layer(model, target_layer)[0]
+        choice = choose_layer(model, tuple(example.shape[-2:]), name, layout)
+        target_layer, reshape = choice.name, choice.reshape
     cg = CamGraph(model, target_layer, methods, layout=layout, reshape=reshape)
     target = torch.full((example.shape[0],), -1, dtype=torch.long)
     table: dict[Any, Callable[..., Any]] = dict(decompositions or {})

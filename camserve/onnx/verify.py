@@ -1,16 +1,26 @@
-"""Verification of an exported CAM graph against :class:`camserve.CamEngine` on onnxruntime.
+"""Verification of an exported CAM graph on onnxruntime, against a float64 PyTorch run.
+
+A float32 graph cannot match float32 PyTorch to a fixed relative error on every network: over
+50 layers the two runtimes' accumulation orders differ by ~1e-4 (ResNet-50), while an export bug
+is off by orders of magnitude more. So both are measured against the same computation in float64
+(a double copy of the model): the graph is accepted when, for every output, its error is within
+``tolerance`` or within ``factor`` times PyTorch float32's own error on the same input. Both
+figures are reported (:class:`Verification`).
 
 Example::
 
     >>> import numpy as np
     >>> relative_error(np.array([1.0, 2.0]), np.array([1.0, 2.002]))  # doctest: +ELLIPSIS
     0.000999...
+    >>> allowed_error(1e-4, 8.0, 3e-5)  # PyTorch float32 is off by 3e-5: up to 2.4e-4 is fine
+    0.00024
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -21,20 +31,29 @@ from ..engine import CamEngine
 from ..layers import LayerError, capture_layer, nchw_converter
 from ..methods import get_method
 from ..models import LoadedModel
+from ..sources import logits_of
 from .format import check_methods, method_output_name, output_names
 from .session import ort_session
 from .translate import ExportError
 
 log = logging.getLogger(__name__)
 
-#: Relative error allowed between the graph and the engine.
+#: Relative error (vs float64) always allowed.
 DEFAULT_TOLERANCE = 1e-4
+#: The graph's error may be this many times PyTorch float32's own error (both vs float64).
+DEFAULT_FACTOR = 8.0
 #: Batch size of the trace; verification runs another size.
 TRACE_BATCH = 2
 
 
 class VerificationError(ExportError):
     """The exported graph does not match the PyTorch engine (the message has the figures)."""
+
+
+def allowed_error(tolerance: float, factor: float, baseline: float) -> float:
+    """The error a graph output may have: ``max(tolerance, factor * baseline)`` where
+    ``baseline`` is PyTorch float32's error on the same output."""
+    return max(float(tolerance), float(factor) * float(baseline))
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,48 +68,74 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class _EngineReference:
-    """What the PyTorch engine says for the outputs of one graph run (see :func:`verify_cam_onnx`)."""
+    """What the PyTorch engine says for the outputs of one graph run (see :func:`verify_cam_onnx`),
+    in float64 (the reference) and in float32 (the baseline the graph's error is compared with)."""
 
     def __init__(self, loaded: LoadedModel, layer: str, methods: Sequence[str]) -> None:
-        self.model, self.layer, self.methods = loaded.model, layer, tuple(methods)
+        self.layer, self.methods = layer, tuple(methods)
         self.layout = loaded.spec.layout
-        self.engine = CamEngine(self.model, layer, layout=self.layout)  # type: ignore[arg-type]
-        self.to_nchw = nchw_converter(layer, self.layout)  # type: ignore[arg-type]
+        self.reshape = loaded.reshape if layer == loaded.layer else None
+        if self.reshape is None and self.layout not in ("nchw", "nhwc"):
+            from ..families import choose_layer
 
-    def forward(self, xb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            self.reshape = choose_layer(loaded.model, loaded.spec.input_size, layer,
+                                        self.layout).reshape
+        self.model = loaded.model
+        self.model64 = copy.deepcopy(loaded.model).double()
+        kw = dict(layout=self.layout, reshape=self.reshape)
+        self.engine = CamEngine(self.model, layer, **kw)  # type: ignore[arg-type]
+        self.engine64 = CamEngine(self.model64, layer, **kw)  # type: ignore[arg-type]
+
+    def _forward(self, model: torch.nn.Module, engine: CamEngine, xb: torch.Tensor
+                 ) -> tuple[np.ndarray, np.ndarray]:
         """The engine's forward pass (model + the layer recorded) without its backward."""
-        with torch.inference_mode(), capture_layer(self.model, self.layer, "record") as cap:
-            logits = self.model(xb)
-        return logits.numpy(), self.to_nchw(cap.output).numpy()
+        with torch.inference_mode(), capture_layer(model, self.layer, "record") as cap:
+            logits = logits_of(model(xb))
+        to_nchw = nchw_converter(self.layer, self.layout, self.reshape)  # type: ignore[arg-type]
+        return logits.numpy(), to_nchw(cap.output).numpy()
 
-    def __call__(self, xb: torch.Tensor, targets: Optional[list[int]],
-                 got: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Reference outputs for input ``xb``: the forward ones on ``xb``, the backward ones at the
-        graph's activations ``got["activations"]``, the extra methods on the graph's A and G."""
-        logits, activations = self.forward(xb)
-        ref = {"logits": logits, "activations": activations}
-        tg = targets if targets is not None else [int(t) for t in logits.argmax(axis=1)]
-        pinned = torch.from_numpy(got["activations"])
+    def _backward(self, model: torch.nn.Module, engine: CamEngine, xb: torch.Tensor,
+                  targets: list[int], pinned: torch.Tensor, g: torch.Tensor) -> dict[str, np.ndarray]:
+        dt = next(model.parameters()).dtype
         try:
-            with capture_layer(self.model, self.layer, "replace", activations=pinned,
-                               layout=self.layout):  # type: ignore[arg-type]
-                res = self.engine(xb, targets=tg, method=self.methods[0])
+            with capture_layer(model, self.layer, "replace", activations=pinned.to(dt),
+                               layout=self.layout, reshape=self.reshape):  # type: ignore[arg-type]
+                res = engine(xb.to(dt), targets=targets, method=self.methods[0])
         except LayerError as exc:
             raise VerificationError(f"graph activations do not fit the model: {exc}") from None
-        ref.update(gradients=res.gradients.numpy(), cam=res.cams.numpy())
-        a, g = pinned, torch.from_numpy(got["gradients"])
+        out = {"gradients": res.gradients.numpy(), "cam": res.cams.numpy()}
+        a = pinned.to(dt)
         for m in self.methods[1:]:  # the method's own formula on the graph's activations and gradients
-            ref[method_output_name(m)] = get_method(m)(a, g).numpy()
-        return ref
+            out[method_output_name(m)] = get_method(m)(a, g.to(dt)).numpy()
+        return out
+
+    def __call__(self, xb: torch.Tensor, targets: Optional[list[int]], got: dict[str, np.ndarray]
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(float64 reference, float32 PyTorch) outputs for input ``xb``: the forward ones on
+        ``xb``, the backward ones at the graph's activations ``got["activations"]``, the extra
+        methods on the graph's A and G."""
+        logits, activations = self._forward(self.model, self.engine, xb)
+        logits64, activations64 = self._forward(self.model64, self.engine64, xb.double())
+        tg = targets if targets is not None else [int(t) for t in logits.argmax(axis=1)]
+        pinned = torch.from_numpy(got["activations"])
+        g = torch.from_numpy(got["gradients"])
+        ref = {"logits": logits64, "activations": activations64,
+               **self._backward(self.model64, self.engine64, xb, tg, pinned, g)}
+        own = {"logits": logits, "activations": activations,
+               **self._backward(self.model, self.engine, xb, tg, pinned, g)}
+        return ref, own
 
 
 @dataclass
 class Verification:
-    """What :func:`verify_cam_onnx` found: ``errors[case][output]`` (relative errors of the final
-    draw) and how many input rows were redrawn because of a ReLU/max-pool kink."""
+    """What :func:`verify_cam_onnx` found: ``errors[case][output]``, the graph's relative errors
+    against float64 PyTorch (of the final draw), ``baseline[case][output]``, PyTorch float32's
+    errors against the same, and how many input rows were redrawn because of a ReLU/max-pool
+    kink."""
 
     errors: dict[str, dict[str, float]]
     redrawn: int = 0
+    baseline: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _row_errors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -104,18 +149,22 @@ def _row_errors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[str],
                     layer: Optional[str] = None, batch: int = TRACE_BATCH + 1,
-                    tolerance: float = DEFAULT_TOLERANCE, seed: int = 1, redraws: int = 3,
+                    tolerance: float = DEFAULT_TOLERANCE, factor: float = DEFAULT_FACTOR,
+                    seed: int = 1, redraws: int = 3,
                     threads: Optional[int] = None) -> Verification:
     """Run the graph in onnxruntime on a random batch and compare every output with
-    :class:`CamEngine`, in four cases: explicit targets (one of them -1), all -1, no ``target``
-    input, and a batch of one. Raises VerificationError when an error exceeds ``tolerance``.
+    :class:`CamEngine` run in float64, in four cases: explicit targets (one of them -1), all -1,
+    no ``target`` input, and a batch of one. The same comparison for :class:`CamEngine` in float32
+    gives the baseline; an output passes when the graph's error is at most
+    :func:`allowed_error` (``tolerance``, or ``factor`` times the baseline). Raises
+    VerificationError naming the outputs that do not pass, with both figures.
 
     ``logits`` and ``activations`` are compared with the engine run on the same input;
     ``gradients`` and ``cam`` with the engine run at the graph's activations
     (:func:`camserve.layers.capture_layer` in ``"replace"`` mode); each extra ``cam_<method>``
-    with that method's function (:func:`camserve.methods.get_method`) applied to the graph's activations and gradients (the
-    Grad-CAM++ weights divide by sums that can be near zero, which magnifies float32 rounding in
-    the gradients beyond any fixed tolerance). The backward pass of a ReLU or max-pool network is
+    with that method's function (:func:`camserve.methods.get_method`) applied to the graph's
+    activations and gradients (the Grad-CAM++ weights divide by sums that can be near zero, which
+    magnifies float32 rounding in the gradients beyond any fixed tolerance). The backward pass of a ReLU or max-pool network is
     discontinuous: a ReLU mask flips when a pre-activation crosses 0, a max-pool picks another
     element when two are within rounding. A float32 rounding difference of 1e-6 — onnxruntime's
     kernels against PyTorch's — flips one such switch in one image of a few for deep random-weight
@@ -132,6 +181,7 @@ def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[
     engine = reference.engine
     names = output_names(methods)
     forward_outputs = ("logits", "activations")
+    baseline: dict[str, dict[str, float]] = {}
 
     n_cls = len(loaded.labels) or int(engine.predict(x[:1]).shape[1])
     explicit = np.array([(3 * i + 1) % n_cls for i in range(batch)], dtype=np.int64)
@@ -147,26 +197,30 @@ def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[
         errors: dict[str, dict[str, float]] = {}
         bad: list[str] = []
         kinked: set[int] = set()
-        refs: dict[tuple[Any, ...], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+        refs: dict[tuple[Any, ...], tuple[dict[str, np.ndarray], Any]] = {}
         top1 = engine.predict(x).argmax(dim=1).numpy()
         for case, (xb, feed, tgt) in cases.items():
             got = dict(zip(names, sess.run(names, feed)))
             targets = None if tgt is None else [int(t) for t in np.where(tgt < 0, top1, tgt)]
             key = (len(xb), None if targets is None else tuple(targets))
             if key in refs and all(np.array_equal(refs[key][0][n], got[n]) for n in names):
-                ref = refs[key][1]  # same input, same targets, same outputs: same reference
+                ref, own = refs[key][1]  # same input, same targets, same outputs: same reference
             else:
-                ref = reference(xb, targets, got)
-                refs[key] = (got, ref)
+                ref, own = reference(xb, targets, got)
+                refs[key] = (got, (ref, own))
             rows = {n: _row_errors(got[n], ref[n]) for n in names}
+            base = {n: float(_row_errors(own[n], ref[n]).max()) for n in names}
+            limit = {n: allowed_error(tolerance, factor, base[n]) for n in names}
             errors[case] = {n: float(r.max()) for n, r in rows.items()}
-            bad += [f"{case}/{n}={e:.2e}" for n, e in errors[case].items() if not e <= tolerance]
-            forward_ok = np.all([rows[n] <= tolerance for n in forward_outputs], axis=0)
-            backward_bad = np.any([rows[n] > tolerance for n in names if n not in forward_outputs],
+            baseline[case] = base
+            bad += [f"{case}/{n}={e:.2e} (PyTorch float32 {base[n]:.2e})"
+                    for n, e in errors[case].items() if not e <= limit[n]]
+            forward_ok = np.all([rows[n] <= limit[n] for n in forward_outputs], axis=0)
+            backward_bad = np.any([rows[n] > limit[n] for n in names if n not in forward_outputs],
                                   axis=0)
             kinked |= {int(i) for i in np.nonzero(forward_ok & backward_bad)[0]}
         if not bad:
-            return Verification(errors, redrawn)
+            return Verification(errors, redrawn, baseline)
         only_kinks = all(n.split("/", 1)[1].split("=")[0] not in forward_outputs for n in bad)
         if attempt == redraws or not only_kinks or not kinked:
             break
@@ -177,5 +231,6 @@ def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[
             x[i] = fresh[i]
         redrawn += len(kinked)
     raise VerificationError(f"{path}: the ONNX graph does not match the PyTorch engine "
-                            f"(relative error > {tolerance:g}): {', '.join(bad)}"
+                            f"(relative error vs float64 > {tolerance:g} and > {factor:g} x "
+                            f"PyTorch float32's): {', '.join(bad)}"
                             + (f" (after redrawing {redrawn} rows)" if redrawn else ""))
