@@ -170,7 +170,7 @@ def cam_step(logits: torch.Tensor, activation: torch.Tensor, targets: torch.Tens
         >>> with capture_layer(net, "0") as cap:
         ...     logits = net(torch.rand(2, 3, 8, 8))
         >>> A, G, (cam,) = cam_step(logits, cap.output, torch.tensor([1, 4]), ["gradcam"],
-        ...                         nchw_converter("0"))
+        ...                         nchw_converter("0", "nchw"))
         >>> tuple(G.shape), tuple(cam.shape)
         ((2, 4, 6, 6), (2, 6, 6))
     """

@@ -37,7 +37,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -380,14 +380,26 @@ def load_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def preprocess(img: Image.Image, size: Sequence[int], mean: Sequence[float],
-               std: Sequence[float]) -> torch.Tensor:
-    """RGB image -> float32 tensor (3, H, W): bilinear resize of the whole image to ``size``
-    (H, W), scale to [0, 1], then ``(x - mean) / std`` per channel."""
+               std: Sequence[float], interpolation: Optional[str] = None,
+               crop: Optional[float] = None) -> torch.Tensor:
+    """RGB image -> float32 tensor (3, H, W): resize of the whole image to ``size`` (H, W; filter
+    ``interpolation``: nearest, bilinear (default) or bicubic), scale to [0, 1], then
+    ``(x - mean) / std`` per channel. With ``crop`` (a fraction in (0, 1], timm's ``crop_pct``):
+    resize so the centre ``crop`` of the image covers ``size`` (aspect kept), then cut that centre."""
     h, w = int(size[0]), int(size[1])
     if img.mode != "RGB":
         img = to_rgb(img)
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.BILINEAR)
+    resample = {None: Image.BILINEAR, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+                "bicubic": Image.BICUBIC}[interpolation]
+    if crop is not None:
+        scale = max(h / (crop * img.size[1]), w / (crop * img.size[0]))
+        rw, rh = max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale))
+        if (rw, rh) != img.size:
+            img = img.resize((rw, rh), resample)
+        left, top = (rw - w) // 2, (rh - h) // 2
+        img = img.crop((left, top, left + w, top + h))
+    elif img.size != (w, h):
+        img = img.resize((w, h), resample)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))

@@ -134,11 +134,29 @@ def test_layer_error_fields_and_rekeyed_message() -> None:
 
 def test_nchw_converter_and_locate() -> None:
     with pytest.raises(LayerError, match="not a spatial map") as exc:
-        nchw_converter("head")(torch.zeros(2, 5))
+        nchw_converter("head", "nchw")(torch.zeros(2, 5))
     assert exc.value.layer == "head"
+    # no layout and no reshape: not guessed from the shape, an error asking for them
+    with pytest.raises(LayerError, match="pass layout="):
+        nchw_converter("head")(torch.zeros(2, 64, 64, 32))
     model = _net()
     assert locate_layer(model, torch.rand(1, 3, 8, 8)) == "2"
     assert _hooks(model) == 0
     flat = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
-    with pytest.raises(LayerError, match="no layer with a spatial output"):
+    with pytest.raises(LayerError, match="no 4-D feature map"):
         locate_layer(flat, torch.rand(1, 3, 2, 2))
+
+
+def test_layout_is_decided_by_probing_not_guessed_from_the_shape() -> None:
+    """ResNet-18 layer1 at 256x128 gives (B, 64, 64, 32): NCHW with 64x32 maps (a shape-only guess
+    read it as channels-last); the loader and the engine agree."""
+    import torchvision
+
+    from camserve.engine import CamEngine
+    from camserve.models import ModelSpec, from_module
+
+    m = torchvision.models.resnet18(num_classes=3).eval()
+    lm = from_module(m, ModelSpec(arch="r18", target_layer="layer1", input_size=(256, 128)))
+    assert (lm.layout, lm.grid) == ("nchw", (64, 32))
+    res = CamEngine(m, "layer1")(torch.rand(1, 3, 256, 128))
+    assert tuple(res.cams.shape) == (1, 64, 32) and tuple(res.activations.shape) == (1, 64, 64, 32)
