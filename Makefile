@@ -48,27 +48,26 @@ bench-engine: install
 	$(BIN)/python -m bench.engine
 
 # -- TorchServe: archive, serve, stop, demo, serving benchmark ---------------------------------------
-MAR := model_store/shapes.mar
+# make archive [MODEL=DIR] [NAME=name] -> model_store/NAME.mar (NAME: the folder's name), for any
+# model folder (python -m camserve.scaffold writes one); make serve [MODEL=DIR] [NAME=name] serves it.
+# `make demo` serves and explains the shapes model.
+NAME ?= $(notdir $(abspath $(MODEL)))
+SHAPES := models/shapes
 
-archive: install $(MAR)
-
-$(MAR): handler/gradcam_handler.py $(MODEL)/model.py $(MODEL)/model-config.yaml $(MODEL)/index_to_name.json $(MODEL)/weights.pt
-	@mkdir -p model_store
-	$(BIN)/torch-model-archiver --model-name shapes --version 1.0 \
-		--handler handler/gradcam_handler.py --model-file $(MODEL)/model.py \
-		--serialized-file $(MODEL)/weights.pt --extra-files $(MODEL)/index_to_name.json \
-		--config-file $(MODEL)/model-config.yaml --export-path model_store --force
-
-$(MODEL)/weights.pt $(MODEL)/index_to_name.json:
-	@echo "error: $@ is missing: train the default model first (make train)"; exit 1
+archive: install
+	@if [ "$(abspath $(MODEL))" = "$(abspath $(SHAPES))" ]; then \
+		for f in weights.pt index_to_name.json; do test -f $(MODEL)/$$f || { \
+			echo "error: $(MODEL)/$$f is missing: train the default model first (make train)"; exit 1; }; done; fi
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.archive $(MODEL) --name $(NAME) --out model_store
 
 serve: archive
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve start
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve start --name $(NAME)
 
 stop: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve stop
 
-demo: archive
+demo: install
+	$(MAKE) archive MODEL=$(SHAPES) NAME=shapes
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve demo
 
 bench-serve: install
@@ -102,7 +101,6 @@ clean:
 # -- KServe: TorchServe storage layout, native predictor, side-by-side benchmark --------------------
 # make kserve-layout [MODEL=models/shapes] [NAME=shapes] -> build/kserve/NAME/ (printed)
 # make serve-kserve [MODEL=models/shapes] [KSERVE_ARGS="--http-port 8085"]
-NAME ?=
 KSERVE_ARGS ?=
 
 .PHONY: kserve-layout serve-kserve bench-kserve

@@ -1,6 +1,7 @@
 """`make serve`, `make stop` and `make demo`: run TorchServe with the camserve model locally.
 
     python -m scripts.serve start   # start TorchServe in the background, wait until READY
+    python -m scripts.serve start --name pets   # serve model_store/pets.mar (make serve MODEL=DIR)
     python -m scripts.serve stop    # torchserve --stop
     python -m scripts.serve demo    # explain models/shapes/samples, write demo/*.png
 
@@ -144,8 +145,10 @@ def stop() -> int:
     return res.returncode
 
 
-def start(quiet: bool = False) -> int:
-    """Start TorchServe in the background with config.properties and wait for READY workers."""
+def start(quiet: bool = False, name: Optional[str] = None) -> int:
+    """Start TorchServe in the background with config.properties and wait for READY workers.
+    ``name``: serve ``model_store/NAME.mar`` as model NAME (default: config.properties'
+    ``load_models``, the shapes model)."""
     props = read_properties(CONFIG)
     java = check_java()
     pid = running_pid()
@@ -156,9 +159,18 @@ def start(quiet: bool = False) -> int:
             raise ServeError(f"port {port} on {host} ({key} in config.properties) is in use by "
                              f"another program; stop it or change {key}")
     store = ROOT / props.get("model_store", "model_store")
-    mar = store / props.get("load_models", f"{MODEL}.mar").split(",")[0]
+    if name is not None:
+        if not name or "/" in name or "=" in name or name.startswith("."):
+            raise ServeError(f"invalid value for --name: {name[:100]!r} (a model name, e.g. pets)")
+        mar = store / f"{name}.mar"
+        models_arg = ["--models", f"{name}={name}.mar"]
+    else:
+        name = MODEL
+        mar = store / props.get("load_models", f"{MODEL}.mar").split(",")[0]
+        models_arg = []
     if not mar.is_file():
-        raise ServeError(f"{_rel(mar)} not found: `make archive` builds it")
+        raise ServeError(f"{_rel(mar)} not found: `make archive` builds it"
+                         + ("" if name == MODEL else f" (make archive MODEL=DIR NAME={name})"))
     LOG_DIR.mkdir(exist_ok=True)
     out_log = LOG_DIR / "torchserve_stdout.log"
     key_file = ROOT / "key_file.json"
@@ -166,7 +178,8 @@ def start(quiet: bool = False) -> int:
     env = _env()
     log_note = f"java {java}"
     with open(out_log, "ab") as f:
-        res = subprocess.run([_torchserve(), "--start", "--ncs", "--ts-config", str(CONFIG)],
+        res = subprocess.run([_torchserve(), "--start", "--ncs", "--ts-config", str(CONFIG),
+                              *models_arg],
                              cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     if res.returncode != 0:
         raise ServeError(f"torchserve --start failed (exit {res.returncode}, {log_note}):\n"
@@ -183,7 +196,7 @@ def start(quiet: bool = False) -> int:
 
     mgmt = props.get("management_address", "http://127.0.0.1:8081")
     try:
-        desc = wait_until_ready(mgmt, MODEL, token, timeout=READY_TIMEOUT, alive=alive)
+        desc = wait_until_ready(mgmt, name, token, timeout=READY_TIMEOUT, alive=alive)
     except ClientError as exc:
         logs = (f"--- {_rel(out_log)} ---\n{tail(out_log, 30)}\n"
                 f"--- logs/model_log.log ---\n{tail(LOG_DIR / 'model_log.log', 30)}")
@@ -192,34 +205,34 @@ def start(quiet: bool = False) -> int:
                            stdout=subprocess.DEVNULL)
         raise ServeError(f"{exc}; TorchServe stopped. Last log lines:\n{logs}") from None
     if not quiet:
-        _print_usage(props, desc)
+        _print_usage(props, desc, name)
     return 0
 
 
-def _print_usage(props: dict[str, str], desc: dict) -> None:
+def _print_usage(props: dict[str, str], desc: dict, name: str = MODEL) -> None:
     inf = props.get("inference_address", "http://127.0.0.1:8080")
     metrics = props.get("metrics_address", "http://127.0.0.1:8082")
     key = read_token(ROOT / "key_file.json", "inference")
-    samples = sorted(SAMPLES.glob("*.png"))
+    samples = sorted(SAMPLES.glob("*.png")) if name == MODEL else []
     img = _rel(samples[0]) if samples else Path("IMAGE.png")
     workers = [w.get("status") for w in desc.get("workers", [])]
     print(f"""
-TorchServe is up: model '{MODEL}' (batch size {desc.get('batchSize')}, workers {workers})
+TorchServe is up: model '{name}' (batch size {desc.get('batchSize')}, workers {workers})
   inference {inf}   management {props.get('management_address')}   metrics {metrics}/metrics
   tokens: key_file.json (inference key {key}; keys expire after 60 min by default)
 
 Predict:
   curl -s -H "Authorization: Bearer {key}" -H "Content-Type: application/octet-stream" \\
-       --data-binary @{img} {inf}/predictions/{MODEL}
+       --data-binary @{img} {inf}/predictions/{name}
 Explain (Grad-CAM heatmap + bbox):
   curl -s -H "Authorization: Bearer {key}" -H "Content-Type: application/octet-stream" \\
-       --data-binary @{img} {inf}/explanations/{MODEL}
+       --data-binary @{img} {inf}/explanations/{name}
   curl -s -H "Authorization: Bearer {key}" -F data=@{img} -F explain=true -F target=circle \\
-       -F outputs=overlay,bbox {inf}/predictions/{MODEL}
+       -F outputs=overlay,bbox {inf}/predictions/{name}
   (give --data-binary a content type: curl's default, form-urlencoded, makes TorchServe parse a form)
 Client (prints top-k, writes the overlay):
   .venv/bin/camserve-client {img} --explain --out overlay.png
-Demo over the samples: make demo      Stop: make stop""")
+{'Demo over the samples: make demo      ' if name == MODEL else ''}Stop: make stop""")
 
 
 def _iou(a: list[int], b: list[int]) -> float:
@@ -279,10 +292,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("start", "stop", "demo"))
+    ap.add_argument("--name", help="start: serve model_store/NAME.mar as model NAME (default: "
+                                   "config.properties' load_models, the shapes model)")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     try:
-        return {"start": start, "stop": stop, "demo": demo}[args.command]()
+        if args.command == "start":
+            return start(name=args.name)
+        return {"stop": stop, "demo": demo}[args.command]()
     except (ServeError, ClientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
