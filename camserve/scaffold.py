@@ -195,9 +195,15 @@ def load_folder(folder: Path) -> tuple[nn.Module, LayerChoice, list[str], tuple[
     doc = yaml.safe_load((folder / CONFIG).read_text()) or {}
     handler = dict(doc.get("handler") or {})
     if "arch_args" in getattr(models.ModelSpec, "KEYS", ()):  # model sources wired into models
-        lm = models.load_model_dir(folder)
+        lm = models.load_model_dir(folder)  # logs the layer choice once
         size = tuple(lm.spec.input_size)
-        choice = choose_layer(lm.model, size, lm.spec.target_layer, lm.spec.layout)
+        fam_log = logging.getLogger("camserve.families")
+        level = fam_log.level
+        fam_log.setLevel(logging.WARNING)  # the same choice again, for its reason: not logged twice
+        try:
+            choice = choose_layer(lm.model, size, lm.spec.target_layer, lm.spec.layout)
+        finally:
+            fam_log.setLevel(level)
         return (lm.model, choice, list(lm.labels), size, tuple(lm.spec.mean),  # type: ignore[return-value]
                 tuple(lm.spec.std))
     raw = handler.get("input_size")
