@@ -227,7 +227,7 @@ Predict:
 Explain (Grad-CAM heatmap + bbox):
   curl -s -H "Authorization: Bearer {key}" -H "Content-Type: application/octet-stream" \\
        --data-binary @{img} {inf}/explanations/{name}
-  curl -s -H "Authorization: Bearer {key}" -F data=@{img} -F explain=true -F target=circle \\
+  curl -s -H "Authorization: Bearer {key}" -F data=@{img} -F explain=true -F target={'circle' if name == MODEL else 'LABEL'} \\
        -F outputs=overlay,bbox {inf}/predictions/{name}
   (give --data-binary a content type: curl's default, form-urlencoded, makes TorchServe parse a form)
 Client (prints top-k, writes the overlay):
