@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from camserve.models import ConfigError, ModelSpec, build_model, load_labels, parse_outputs
 
@@ -132,3 +134,56 @@ def test_from_module_and_calibrated_random_model():
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert calibrated.model(x).std() > 100 * raw.model(x).std()  # random BN stats: ~1e-10 logits
+
+
+def test_model_source_keys_and_defaults() -> None:
+    """arch_args/interpolation/crop are validated; the model's own preprocessing fills in only the
+    keys the config does not set."""
+    from camserve.models import apply_source_defaults
+    from camserve.sources import SourceDefaults
+
+    spec = ModelSpec.from_config({"arch": "timm:resnet18", "arch_args": {"drop_rate": 0.1},
+                                  "interpolation": "BICUBIC", "crop": 0.9, "mean": [0.5] * 3})
+    assert spec.arch_args == {"drop_rate": 0.1} and spec.interpolation == "bicubic" and spec.crop == 0.9
+    assert spec.given == {"arch", "arch_args", "interpolation", "crop", "mean"}
+    for bad, match in (({"arch_args": [1]}, "handler.arch_args"), ({"arch_args": {1: 2}}, "handler.arch_args"),
+                       ({"interpolation": "lanczos"}, "known: nearest, bilinear, bicubic"),
+                       ({"crop": 0}, r"handler.crop"), ({"crop": 1.5}, r"handler.crop"),
+                       ({"crop": True}, r"handler.crop")):
+        with pytest.raises(ConfigError, match=match):
+            ModelSpec.from_config({"arch": "timm:resnet18", **bad})
+    with pytest.raises(ConfigError, match="timm:<name>.*hf:<subfolder>"):
+        ModelSpec.from_config({"arch": ""})
+    d = SourceDefaults(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), input_size=(176, 176),
+                       interpolation="bicubic", crop=0.95)
+    s = apply_source_defaults(spec, d)
+    assert s.mean == (0.5, 0.5, 0.5) and s.std == (0.4, 0.5, 0.6) and s.input_size == (176, 176)
+    assert s.interpolation == "bicubic" and s.crop == 0.9  # the config's
+    assert apply_source_defaults(ModelSpec.from_config({"arch": "x:Y"}), d).crop == 0.95
+
+
+def test_labels_from_the_model_and_outputs_that_are_not_tensors(tmp_path: Path) -> None:
+    """load_labels: file > model's id2label > indices; a model returning {"logits": ...} is made to
+    return the logits tensor (class count, layer choice)."""
+    from camserve.models import from_module
+
+    spec = ModelSpec(arch="tiny", input_size=(16, 16))
+    assert load_labels(spec, tmp_path, 2, ["cat", "dog"]) == ["cat", "dog"]
+    assert load_labels(spec, tmp_path, 3, ["cat", "dog"]) == ["0", "1", "2"]
+    (tmp_path / "index_to_name.json").write_text('{"0": "a", "1": "b"}')
+    assert load_labels(spec, tmp_path, 2, ["cat", "dog"]) == ["a", "b"]
+
+    class Dict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+        def forward(self, x):
+            return {"logits": self.head(self.features(x))}
+
+    net = Dict().eval()
+    lm = from_module(net, spec, model_labels=["cat", "dog"])
+    assert lm.labels == ["cat", "dog"] and lm.layer == "features" and lm.grid == (14, 14)
+    assert isinstance(net(torch.zeros(1, 3, 16, 16)), torch.Tensor)
+    assert list(net.state_dict()) == ["features.0.weight", "features.0.bias", "head.2.weight", "head.2.bias"]
