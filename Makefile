@@ -119,3 +119,10 @@ bench-kserve: install
 # -- Ray: the batch job through a private local Ray against the local job (camserve.onnx.ray) -------
 bench-ray: install
 	$(BIN)/python -m bench.ray
+
+# Soak and worker-kill benchmark against a private TorchServe (SOAK_ARGS: -n, -c, --kill-requests,
+# --json); then the worst requests the default work budget allows, each in a fresh process
+.PHONY: soak
+soak: install
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+	$(BIN)/python -m bench.worst_request

@@ -34,8 +34,10 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFilter
 
 from camserve import CamEngine, heatmaps_at_sizes
-from export.batch_cam import JobConfig, JobStats, default_threads, run_job
-from export.onnx_export import CamSource, export_cam_onnx, export_plain_onnx, ort_session
+from camserve.models import ModelSpec, from_module
+from camserve.onnx.batch import JobConfig, JobStats, default_threads, run_job
+from camserve.onnx.export import export_cam_onnx, export_plain_onnx
+from camserve.onnx.session import ort_session
 
 SETTLE_S = 0.3
 
@@ -80,8 +82,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     plain_path = export_plain_onnx(model, work / "plain.onnx", size)
-    src = CamSource(model=model, arch="torchvision.models.resnet50", input_size=size, layer="layer4",
-                    labels=[str(i) for i in range(1000)])
+    src = from_module(model, ModelSpec(arch="torchvision.models.resnet50", input_size=size,
+                                       target_layer="layer4"))
     cam_path = export_cam_onnx(src, work / "cam.onnx", verify=False).path
     print(f"exported plain and CAM graphs in {time.perf_counter() - t0:.1f}s ({work})")
 

@@ -4,7 +4,7 @@ machine (one node), images/s side by side and the ratio Ray / local.
 Writes ``--images`` photo-like JPEGs (400-640 px), exports the default model's CAM graph (or takes
 ``--model``), then runs ``--rounds`` rounds; each round runs, in turn:
 
-* local job     — ``export.batch_cam.run_job`` in this process (session threads = all CPUs);
+* local job     — ``camserve.onnx.batch.run_job`` in this process (session threads = all CPUs);
 * Ray, warm     — ``camserve.onnx.ray.run_ray_job`` on a private local Ray started once by this
                   script (the cost of a job on a running cluster: dataset, actor pool start-up,
                   one onnxruntime session per actor, the streaming pipeline);
@@ -41,7 +41,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the private R
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from camserve.onnx.ray import RayOptions, connect, disconnect, run_ray_job  # noqa: E402  (after the env)
-from export.batch_cam import JobConfig, default_threads, run_job  # noqa: E402
+from camserve.onnx.batch import JobConfig, default_threads, run_job  # noqa: E402
 
 
 def _photos(folder: Path, n: int, seed: int = 0) -> None:

@@ -2,13 +2,16 @@
 
 How it works, in one call:
 
-1. a forward hook on the target layer detaches its output, ``a = out.detach().requires_grad_()``,
-   and hands a clone of ``a`` to the rest of the network (later in-place ops cannot change ``a``);
+1. :func:`camserve.layers.capture_layer` (``"track-grad"``) hooks the target layer: it detaches its
+   output, ``a = out.detach().requires_grad_()``, and hands a clone of ``a`` to the rest of the
+   network (later in-place ops cannot change ``a``);
 2. the network prefix runs with autograd off, the suffix with it on (the hook switches it), so no
    graph is recorded before the target layer and nothing is ever computed for parameters;
-3. ``torch.autograd.grad(scores, a)`` gives every row its own gradient in one backward pass (rows of
-   a batch are independent in eval mode); K targets per row use ``is_grads_batched=True``;
-4. a pure method ``f(A, G)`` from :mod:`camserve.methods` turns them into a CAM.
+3. :func:`cam_step`: ``torch.autograd.grad(scores, a)`` gives every row its own gradient in one
+   backward pass (rows of a batch are independent in eval mode; K targets per row use
+   ``is_grads_batched=True``), both are brought to NCHW, and a pure method ``f(A, G)`` from
+   :mod:`camserve.methods` turns them into a CAM. The traced ONNX graph
+   (:class:`camserve.onnx.trace.CamGraph`) runs the same two functions.
 
 Example::
 
@@ -24,15 +27,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LAYOUTS, Layout, LayerSpec, Reshape, detect_layout, locate_layer, resolve_layer, to_nchw
-from .methods import get_method
+from .layers import (
+    LAYOUTS,
+    Layout,
+    LayerError,
+    LayerSpec,
+    Reshape,
+    capture_layer,
+    locate_layer,
+    nchw_converter,
+    resolve_layer,
+)
+from .methods import CamMethod, get_method
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +61,11 @@ def normalize_maps(maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -
     whose values are all tiny still spans [0, 1]; a constant map becomes all zeros. (pytorch-grad-cam
     normalises twice with an epsilon of 1e-7 each time, which amounts to the same up to a relative
     1e-7.)
+
+    Example::
+
+        >>> normalize_maps(torch.tensor([[[1.0, 3.0], [5.0, 9.0]]])).tolist()
+        [[[0.0, 0.25], [0.5, 1.0]]]
     """
     lead = maps.shape[:-2]
     flat = maps.reshape(-1, 1, *maps.shape[-2:])
@@ -62,7 +80,13 @@ def normalize_maps(maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -
 
 
 def to_uint8(maps: torch.Tensor) -> torch.Tensor:
-    """[0, 1] maps to uint8 0..255 (rounded), on the maps' device."""
+    """[0, 1] maps to uint8 0..255 (rounded), on the maps' device.
+
+    Example::
+
+        >>> to_uint8(torch.tensor([0.0, 0.5, 1.0, 2.0])).tolist()
+        [0, 128, 255, 255]
+    """
     return (maps.clamp(0, 1) * 255.0).round_().to(torch.uint8)
 
 
@@ -72,6 +96,12 @@ def heatmaps_at_sizes(cams: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> l
     ``cams``: (N, h, w) raw maps on any device; ``sizes``: N pairs (H, W), e.g. each original
     image's size. Upsampling, normalisation and the uint8 conversion run on the maps' device; the
     results are concatenated and copied to the host once, then split.
+
+    Example::
+
+        >>> maps = heatmaps_at_sizes(torch.rand(2, 4, 4), [(8, 6), (3, 5)])
+        >>> [m.shape for m in maps], maps[0].dtype.name
+        ([(8, 6), (3, 5)], 'uint8')
     """
     if cams.dim() != 3 or cams.shape[0] != len(sizes):
         raise ValueError(f"invalid value for sizes: {len(sizes)} sizes for maps of shape {tuple(cams.shape)}")
@@ -95,6 +125,78 @@ def heatmaps_at_sizes(cams: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> l
         out[i] = host[start:start + h * w].reshape(h, w)
         start += h * w
     return out  # type: ignore[return-value]
+
+
+def check_logits(logits: object, layer: Optional[str]) -> None:
+    """The model's output must be (B, classes) logits that depend on the captured ``layer``."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError("the model must return logits of shape (B, classes)")
+    if not logits.requires_grad:
+        raise LayerError(layer, "the output does not depend on it")
+
+
+class CamStep(NamedTuple):
+    """What :func:`cam_step` returns: NCHW ``activations`` and ``gradients`` (with a K dimension
+    after the batch for (R, K) targets) and one map per method, in order."""
+
+    activations: torch.Tensor
+    gradients: torch.Tensor
+    cams: tuple[torch.Tensor, ...]
+
+
+def cam_step(logits: torch.Tensor, activation: torch.Tensor, targets: torch.Tensor,
+             methods: Sequence[Union[str, CamMethod]], to_nchw: Callable[[torch.Tensor], torch.Tensor],
+             rows: Optional[torch.Tensor] = None) -> CamStep:
+    """The one CAM step, shared by :class:`CamEngine` and the traced ONNX graph: score gather ->
+    gradient to the layer -> NCHW -> method(s).
+
+    Args:
+        logits: (R, classes), the scores of the rows to explain; they must depend on ``activation``.
+        activation: the target layer's captured output (the leaf of
+            :func:`camserve.layers.capture_layer` in ``"track-grad"`` mode), B >= R rows.
+        targets: (R,) or (R, K) class indices (already resolved: no negatives).
+        methods: method names or functions ``f(A, G)``; one map per method in the result.
+        to_nchw: the layer's layout function (:func:`camserve.layers.nchw_converter`).
+        rows: (R,) indices of the explained rows in ``activation`` (None: all of them, R == B).
+
+    (R,) targets take one backward for the whole batch (rows are independent in eval mode); (R, K)
+    targets take one batched backward (``is_grads_batched=True``, one target per gradient).
+
+    Example::
+
+        >>> from camserve.layers import capture_layer, nchw_converter
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                     nn.Linear(4, 5)).eval()
+        >>> with capture_layer(net, "0") as cap:
+        ...     logits = net(torch.rand(2, 3, 8, 8))
+        >>> A, G, (cam,) = cam_step(logits, cap.output, torch.tensor([1, 4]), ["gradcam"],
+        ...                         nchw_converter("0"))
+        >>> tuple(G.shape), tuple(cam.shape)
+        ((2, 4, 6, 6), (2, 6, 6))
+    """
+    check_logits(logits, None)
+    fns = [m if callable(m) else get_method(m) for m in methods]
+    a_sel = activation.detach() if rows is None else activation.detach().index_select(0, rows)
+    A = to_nchw(a_sel)
+    if targets.dim() == 1:
+        score = logits.gather(1, targets[:, None]).sum()
+        (g_raw,) = torch.autograd.grad(score, activation)
+        if rows is not None:
+            g_raw = g_raw.index_select(0, rows)
+        G = to_nchw(g_raw)
+        cams = tuple(fn(A, G) for fn in fns)
+    else:
+        k = targets.shape[1]
+        scores = logits.gather(1, targets)  # (R, K)
+        eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
+        grad_out = eye[:, None, :].expand(k, scores.shape[0], k)  # one target per batched grad
+        (g_raw,) = torch.autograd.grad(scores, activation, grad_outputs=grad_out,
+                                       is_grads_batched=True)
+        if rows is not None:
+            g_raw = g_raw.index_select(1, rows)
+        G = torch.stack([to_nchw(g) for g in g_raw.unbind(0)], dim=1)  # (R, K, C, h, w)
+        cams = tuple(fn(A[:, None], G) for fn in fns)
+    return CamStep(A, G, cams)
 
 
 @dataclass
@@ -146,6 +248,7 @@ class CamEngine:
         self._layer: Optional[nn.Module] = None
         if target_layer is not None:
             self._layer_name, self._layer = resolve_layer(model, target_layer)
+        self._to_nchw = nchw_converter(self._layer_name, layout, reshape)
 
     @property
     def layer_name(self) -> Optional[str]:
@@ -177,36 +280,22 @@ class CamEngine:
             x = x.clone()
         if self._layer is None:
             self._layer_name, self._layer = resolve_layer(self.model, locate_layer(self.model, x))
+            self._to_nchw = nchw_converter(self._layer_name, self.layout, self.reshape)
 
         idx = self._parse_rows(rows, x.shape[0], x.device)
-        acts, logits = self._forward_with_hook(x)
+        with capture_layer(self.model, self._layer, "track-grad") as cap:
+            logits = self.model(x)
+        activation = cap.output
+        check_logits(logits, self._layer_name)
         sel = logits if idx is None else logits.index_select(0, idx.to(logits.device))
         if callable(targets) and not isinstance(targets, torch.Tensor):
             targets = targets(sel.detach())
         tgt = self._parse_targets(targets, sel)
-        A_raw = acts[0]
-        A_sel = A_raw.detach() if idx is None else A_raw.detach().index_select(0, idx.to(A_raw.device))
-        if tgt.dim() == 1:
-            score = sel.gather(1, tgt[:, None]).sum()
-            (g_raw,) = torch.autograd.grad(score, A_raw)
-            if idx is not None:
-                g_raw = g_raw.index_select(0, idx.to(g_raw.device))
-            A = self._to_nchw(A_sel)
-            G = self._to_nchw(g_raw)
-            cams = fn(A, G)
-        else:
-            k = tgt.shape[1]
-            scores = sel.gather(1, tgt)  # (R, K)
-            eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
-            grad_out = eye[:, None, :].expand(k, scores.shape[0], k)  # one target per batched grad
-            (g_raw,) = torch.autograd.grad(scores, A_raw, grad_outputs=grad_out, is_grads_batched=True)
-            if idx is not None:
-                g_raw = g_raw.index_select(1, idx.to(g_raw.device))
-            A = self._to_nchw(A_sel)
-            G = torch.stack([self._to_nchw(g) for g in g_raw.unbind(0)], dim=1)  # (R, K, C, h, w)
-            cams = fn(A[:, None], G)
-        return CamResult(logits=logits.detach(), targets=tgt, cams=cams.detach(), activations=A,
-                         gradients=G.detach(), layer=self._layer_name or "", method=method.lower())
+        step = cam_step(sel, activation, tgt, [fn], self._to_nchw,
+                        rows=None if idx is None else idx.to(activation.device))
+        return CamResult(logits=logits.detach(), targets=tgt, cams=step.cams[0].detach(),
+                         activations=step.activations, gradients=step.gradients.detach(),
+                         layer=self._layer_name or "", method=method.lower())
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits only, under ``torch.inference_mode()`` (no hook, no graph)."""
@@ -214,49 +303,6 @@ class CamEngine:
             return self.model(x)
 
     # -- internals ----------------------------------------------------------------------------
-    def _to_nchw(self, t: torch.Tensor) -> torch.Tensor:
-        if self.reshape is not None:
-            return self.reshape(t)
-        layout = self.layout or detect_layout(t.shape)
-        if layout is None:
-            raise ValueError(
-                f"target layer {self._layer_name!r} gives output of shape {tuple(t.shape)}, which is "
-                f"not a spatial map; choose an earlier layer, or pass layout= / reshape="
-            )
-        return to_nchw(t, layout)
-
-    def _forward_with_hook(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        captured: list[torch.Tensor] = []
-
-        def hook(_mod: nn.Module, _inp, out):
-            if not isinstance(out, torch.Tensor):
-                raise ValueError(f"target layer {self._layer_name!r} returns {type(out).__name__}, "
-                                 f"not a tensor; choose another layer")
-            if captured:
-                raise ValueError(f"target layer {self._layer_name!r} runs more than once per "
-                                 f"forward (a shared module); choose a module that runs once")
-            a = out.detach().requires_grad_(True)
-            captured.append(a)
-            torch.set_grad_enabled(True)  # the suffix records a graph; the prefix did not
-            return a.clone()
-
-        assert self._layer is not None
-        prev = torch.is_grad_enabled()
-        handle = self._layer.register_forward_hook(hook)
-        try:
-            torch.set_grad_enabled(False)
-            logits = self.model(x)
-        finally:
-            handle.remove()
-            torch.set_grad_enabled(prev)
-        if not captured:
-            raise ValueError(f"target layer {self._layer_name!r} did not run in the forward pass")
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise ValueError("the model must return logits of shape (B, classes)")
-        if not logits.requires_grad:
-            raise ValueError(f"the output does not depend on target layer {self._layer_name!r}")
-        return captured, logits
-
     @staticmethod
     def _parse_rows(rows: Optional[Sequence[int]], b: int, device: torch.device) -> Optional[torch.Tensor]:
         if rows is None:

@@ -67,6 +67,14 @@ class ResponseTooLarge(RequestError):
         self.limit = limit
 
 
+class WorkTooLarge(RequestError):
+    """A request (or what is left of its batch's budget) over the work budget (413); the message
+    says what to reduce."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 413, "WorkTooLarge")
+
+
 class InternalError(RequestError):
     """A bug while answering one row (500). ``error_id`` is logged with the traceback."""
 

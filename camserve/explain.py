@@ -5,10 +5,18 @@
 2. :func:`batch_cams` — one forward over the whole batch, gradients only for the explain rows,
    the most common method from the engine and the other methods recomputed from the same
    activations and gradients -> :class:`BatchCams`;
-3. :func:`batch_heatmaps` — the uint8 maps the rows need, at each image's size, with one
-   device-to-host copy;
-4. :func:`render_row` — one row's :class:`camserve.records.Explanation` records, complete (score
-   included), with the outputs it asked for (bbox, heatmap PNG, overlay PNG, raw CAM).
+3. :func:`render_row` — one row's :class:`camserve.records.Explanation` records, complete (score
+   included), with the outputs it asked for (bbox, heatmap PNG, overlay PNG, raw CAM). Its uint8
+   maps are made one at a time (:func:`row_maps`, small maps a few at a time) at the size its
+   :class:`MapPlan` says, so memory does not grow with the batch, the targets or the image.
+
+The work budget, before any of it: :func:`plan_maps` turns a request's options and image size
+into a :class:`MapPlan` — maps at a capped size (long side at most ``max_map_side``), PNGs at the
+original size when the work fits the budget, else at the capped size (``scaled``) — or refuses
+it with 413 ``WorkTooLarge`` saying what to reduce. Work is counted in megapixel-maps: for each
+target, the pixels of each map output (heatmap, overlay, bbox) at the size it is made at, the
+overlay three times (it is RGB). The raw
+CAM is at the target layer's resolution and costs nothing here (the response size bounds it).
 
 Example::
 
@@ -21,24 +29,133 @@ Example::
     ([[2, 0], [-1, -1]], (2, 1))
     >>> t.resolve(torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])).tolist()
     [[2, 0], [0, 0]]
+    >>> from camserve.options import ServingLimits
+    >>> lim = ServingLimits(max_map_side=2048, max_row_work=192, max_batch_work=512)
+    >>> o = RequestOptions(True, (1, 2, 3), 1, "gradcam", ("heatmap", "overlay", "bbox"))
+    >>> p = plan_maps(o, (6000, 6000), lim)
+    >>> p.map_size, p.render_size, p.scaled, round(p.work / 1e6, 1)
+    ((2048, 2048), (2048, 2048), True, 62.9)
+    >>> plan_maps(o, (640, 480), lim).scaled
+    False
+    >>> many = RequestOptions(True, tuple(range(12)), 1, "gradcam", o.outputs)
+    >>> plan_maps(many, (6000, 6000), lim)
+    Traceback (most recent call last):
+    ...
+    camserve.errors.RequestError: work too large: 12 targets x (heatmap + 3 x overlay + bbox) x 2048x2048 maps = 251.7 megapixel-maps exceeds the limit of 192 per request (handler.max_row_work); ask for fewer targets (option 'target') or fewer outputs (option 'outputs': drop overlay or heatmap or bbox)
 """
 from __future__ import annotations
 
+import itertools
+import json
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .engine import CamEngine, heatmaps_at_sizes
+from .errors import RequestError, ResponseTooLarge, WorkTooLarge
 from .methods import get_method
-from .options import RequestOptions
+from .options import RequestOptions, ServingLimits
 from .records import Explanation
-from .render import b64, bbox_from_heatmap, heatmap_png, overlay_png
+from .render import (OutputTooLarge, b64, bbox_from_heatmap, capped_size, heatmap_png,
+                     overlay_png, resize_map, scale_box)
 
 MAP_OUTPUTS = frozenset({"heatmap", "overlay", "bbox"})
+PNG_OUTPUTS = ("heatmap", "overlay")
+#: Work per map pixel of each output: the overlay is RGB (three bytes a pixel, and the image it is
+#: drawn on is kept until it is drawn), the heatmap and the bbox's map one byte.
+OUTPUT_WEIGHTS = {"heatmap": 1, "overlay": 3, "bbox": 1}
+#: Map pixels made in one call of :func:`camserve.engine.heatmaps_at_sizes` (small maps are
+#: made a few at a time, a map larger than this alone).
+CHUNK_PIXELS = 1 << 22
+MEGA = 1_000_000
+
+
+def work_too_large(message: str) -> RequestError:
+    """A request over the work budget: 413 ``WorkTooLarge``."""
+    return WorkTooLarge(message)
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """How one row's maps are made: ``size`` the image (W, H), ``map_size`` the maps (W, H, long
+    side capped), ``render_size`` the heatmap/overlay PNGs (W, H: the image size, or the map size
+    when the budget does not allow it), ``work`` in pixels (megapixel-maps x 1e6)."""
+
+    size: tuple[int, int]
+    map_size: tuple[int, int]
+    render_size: tuple[int, int]
+    work: int = 0
+
+    @property
+    def scaled(self) -> bool:
+        """The PNGs are smaller than the image (the answer says so)."""
+        return self.render_size != self.size
+
+    @classmethod
+    def exact(cls, size: tuple[int, int]) -> "MapPlan":
+        """Everything at the image size (no cap)."""
+        return cls(tuple(size), tuple(size), tuple(size))  # type: ignore[arg-type]
+
+
+def _mp(pixels: float) -> str:
+    v = pixels / MEGA
+    return f"{v:.1f}" if v >= 1 else f"{v:.3f}"
+
+
+def plan_maps(options: RequestOptions, size: tuple[int, int], limits: ServingLimits,
+              available: Optional[int] = None) -> MapPlan:
+    """The :class:`MapPlan` of a request of image ``size`` (W, H) under ``limits``, or 413
+    ``WorkTooLarge``; ``available``: pixels of work left in the batch (default: no batch limit).
+
+    With T targets, P the weights of the PNG outputs asked for (heatmap 1, overlay 3: see
+    :data:`OUTPUT_WEIGHTS`), B = 1 when a bbox is asked for, maps of ``m`` pixels (the size capped
+    to ``max_map_side``) and an image of ``n`` pixels: at the original size the work is
+    ``T x (P x n + B x m)``, at the capped size ``T x (P + B) x m``. The first that fits
+    ``max_row_work`` (and what is left of ``max_batch_work``) is chosen.
+    """
+    w, h = int(size[0]), int(size[1])
+    cap = capped_size((w, h), limits.max_map_side)
+    outs = [o for o in ("heatmap", "overlay", "bbox") if o in options.outputs]
+    if not options.explain or not outs:
+        return MapPlan((w, h), cap, (w, h), 0)
+    t = len(options.targets) if options.targets else 1
+    n_png = sum(OUTPUT_WEIGHTS[o] for o in outs if o in PNG_OUTPUTS)
+    n_box = int("bbox" in outs)
+    m = cap[0] * cap[1]
+    full = t * (n_png * w * h + n_box * m)
+    capped = t * (n_png + n_box) * m
+    row = limits.max_row_work * MEGA
+    avail = row if available is None else min(row, available)
+    if full <= avail:
+        return MapPlan((w, h), cap, (w, h), full)
+    if capped <= avail:
+        return MapPlan((w, h), cap, cap, capped)
+    weighted = " + ".join(o if OUTPUT_WEIGHTS[o] == 1 else f"{OUTPUT_WEIGHTS[o]} x {o}"
+                          for o in outs)
+    what = (f"{t} target{'s' if t > 1 else ''} x ({weighted}) x {cap[0]}x{cap[1]} maps = "
+            f"{_mp(capped)} megapixel-maps")
+    reduce = ("ask for fewer targets (option 'target') or fewer outputs (option 'outputs': drop "
+              f"{' or '.join([o for o in ('overlay', 'heatmap', 'bbox') if o in outs])})")
+    if capped > row:
+        raise work_too_large(f"work too large: {what} exceeds the limit of "
+                             f"{limits.max_row_work} per request (handler.max_row_work); "
+                             f"{reduce}")
+    raise work_too_large(f"work too large for this batch: {what}, but only "
+                         f"{_mp(max(0, avail))} of the batch's {limits.max_batch_work} "
+                         f"(handler.max_batch_work) are left after the requests batched with "
+                         f"it; send it again, or {reduce}")
+
+
+def drop_hint(options: RequestOptions) -> list[str]:
+    """What a request could drop to make its answer smaller."""
+    drop = [o for o in ("overlay", "raw", "heatmap") if o in options.outputs]
+    if options.targets and len(options.targets) > 1:
+        drop.append("targets")
+    return drop
 
 
 @dataclass(frozen=True)
@@ -106,17 +223,16 @@ def batch_cams(engine: CamEngine, x: torch.Tensor, rows: Sequence[int],
     return BatchCams(cams=cams, targets=targets, logits=res.logits, layer=res.layer)
 
 
-def batch_heatmaps(cams: BatchCams, counts: Sequence[int], options: Sequence[RequestOptions],
-                   images: Sequence[Image.Image]) -> dict[tuple[int, int], np.ndarray]:
-    """uint8 maps at each image's size for the rows that asked for a heatmap, overlay or bbox,
-    keyed by (explain row, target slot); one device-to-host copy."""
-    need = [(i, q) for i, o in enumerate(options) if MAP_OUTPUTS.intersection(o.outputs)
-            for q in range(counts[i])]
-    if not need:
-        return {}
-    sel = torch.stack([cams.cams[i, q] for i, q in need])
-    sizes = [(images[i].height, images[i].width) for i, _ in need]
-    return dict(zip(need, heatmaps_at_sizes(sel, sizes)))
+def row_maps(cams: torch.Tensor, map_size: tuple[int, int],
+             chunk_pixels: int = CHUNK_PIXELS) -> Iterator[np.ndarray]:
+    """uint8 maps of one row's CAMs ``cams`` (K, h, w) at ``map_size`` (W, H), made lazily, as
+    many per call of :func:`camserve.engine.heatmaps_at_sizes` as fit ``chunk_pixels`` (at least
+    one): at most one chunk of float maps exists at a time."""
+    w, h = int(map_size[0]), int(map_size[1])
+    per = max(1, chunk_pixels // max(1, w * h))
+    for i in range(0, int(cams.shape[0]), per):
+        part = cams[i:i + per]
+        yield from heatmaps_at_sizes(part, [(h, w)] * int(part.shape[0]))
 
 
 def _raw(cam: torch.Tensor) -> dict:
@@ -124,21 +240,88 @@ def _raw(cam: torch.Tensor) -> dict:
     return {"shape": [int(arr.shape[0]), int(arr.shape[1])], "data": arr.tolist()}
 
 
-def render_row(image: Image.Image, options: RequestOptions, cams: torch.Tensor,
-               targets: Sequence[int], maps: Sequence[Optional[np.ndarray]],
-               probs: torch.Tensor, labels: Sequence[str], layer: str) -> list[Explanation]:
-    """One row's explanations: ``cams`` (K, h, w) raw, ``targets`` and ``maps`` (uint8 at the
-    image size, or None) per target, ``probs`` the row's class probabilities."""
+class _ByteBudget:
+    """Bytes of an answer so far against ``limit`` (None: unlimited); over it, 413
+    ``ResponseTooLarge`` naming what to drop — raised as soon as it is known, so an answer that
+    cannot be sent is never finished."""
+
+    def __init__(self, limit: Optional[int], options: RequestOptions) -> None:
+        self.limit = limit
+        self.used = 0
+        self.options = options
+
+    def _over(self, size: int) -> ResponseTooLarge:
+        return ResponseTooLarge(size, int(self.limit or 0), drop_hint(self.options))
+
+    def add(self, n: int) -> None:
+        self.used += n
+        if self.limit is not None and self.used > self.limit:
+            raise self._over(self.used)
+
+    def png_b64(self, encode: Callable[[Optional[int]], bytes]) -> str:
+        """base64 of ``encode(max_png_bytes)``, the PNG stopped once its text would not fit."""
+        cap = None if self.limit is None else max(0, (self.limit - self.used) * 3 // 4)
+        try:
+            data = encode(cap)
+        except OutputTooLarge as exc:
+            raise self._over(self.used + 4 * exc.size // 3) from None
+        text = b64(data)
+        del data
+        self.add(len(text))
+        return text
+
+
+def render_row(image: Optional[Image.Image], options: RequestOptions, cams: torch.Tensor,
+               targets: Sequence[int], probs: torch.Tensor, labels: Sequence[str], layer: str, *,
+               plan: Optional[MapPlan] = None,
+               max_bytes: Optional[int] = None) -> list[Explanation]:
+    """One row's explanations: ``cams`` (K, h, w) raw, ``targets`` per map, ``probs`` the row's
+    class probabilities; ``plan`` the sizes (default: everything at ``image``'s size); ``image``
+    the picture an overlay is drawn on (any size: it is resized to the PNG size; needed only for
+    ``overlay``). Maps are made one at a time and dropped after use; the bbox is in original
+    pixels. ``max_bytes``: the answer's byte limit; rendering stops with 413
+    ``ResponseTooLarge`` as soon as the images pass it."""
+    if plan is None:
+        if image is None:
+            raise ValueError("invalid value for plan: needed when there is no image")
+        plan = MapPlan.exact(image.size)
     outs = options.outputs
+    if "overlay" in outs and image is None:
+        raise ValueError("invalid value for image: an overlay needs the image")
+    need = bool(MAP_OUTPUTS.intersection(outs))
+    maps: Iterator[Optional[np.ndarray]] = (row_maps(cams, plan.map_size) if need
+                                            else itertools.repeat(None))
+    budget = _ByteBudget(max_bytes, options)
     records = []
     for cam, cls, hm in zip(cams, targets, maps):
         cls = int(cls)
+        bbox = heat = over = raw = None
+        if hm is not None:
+            if "bbox" in outs:
+                bbox = scale_box(bbox_from_heatmap(hm), plan.map_size, plan.size)
+            if "heatmap" in outs or "overlay" in outs:
+                big = resize_map(hm, plan.render_size)
+                if "heatmap" in outs:
+                    heat = budget.png_b64(lambda cap: heatmap_png(big, cap))
+                if "overlay" in outs:
+                    over = budget.png_b64(lambda cap: overlay_png(image, big, max_bytes=cap))
+                del big
+        del hm
+        if "raw" in outs:
+            raw = _raw(cam)
+            budget.add(len(json.dumps(raw["data"], separators=(",", ":"))))
         records.append(Explanation(
             target=cls, label=labels[cls], score=float(probs[cls]), method=options.method,
-            layer=layer, width=image.width, height=image.height,
-            bbox=bbox_from_heatmap(hm) if "bbox" in outs and hm is not None else None,
-            heatmap=b64(heatmap_png(hm)) if "heatmap" in outs and hm is not None else None,
-            overlay=b64(overlay_png(image, hm)) if "overlay" in outs and hm is not None else None,
-            raw=_raw(cam) if "raw" in outs else None,
-            with_bbox="bbox" in outs))
+            layer=layer, width=plan.size[0], height=plan.size[1], bbox=bbox, heatmap=heat,
+            overlay=over, raw=raw, with_bbox="bbox" in outs))
     return records
+
+
+def explanation_json(record: Explanation, plan: MapPlan) -> dict[str, Any]:
+    """The record's JSON; when the PNGs are smaller than the image, ``"scaled": true`` and their
+    ``map_width`` / ``map_height`` are added (the bbox stays in original pixels)."""
+    out = record.to_json()
+    if plan.scaled and (record.heatmap is not None or record.overlay is not None):
+        out.update(scaled=True, map_width=int(plan.render_size[0]),
+                   map_height=int(plan.render_size[1]))
+    return out

@@ -1,9 +1,12 @@
-"""Target layers: resolve by dotted name, locate automatically, and bring outputs to NCHW.
+"""Target layers: resolve by dotted name, locate automatically, capture, and bring outputs to NCHW.
 
 Convolutional layers give ``(B, C, h, w)`` maps. Transformers do not: ViT blocks give tokens
 ``(B, N, C)`` (a class token followed by an ``s × s`` grid of patches) and torchvision's Swin stages
 give channels-last maps ``(B, h, w, C)``. :func:`detect_layout` recognises the three and
 :func:`to_nchw` reshapes them, so every CAM method sees ``(..., C, h, w)``.
+
+:func:`capture_layer` is the one forward hook on a target layer in camserve: the engine, the
+traced ONNX graph, auto-location and the exporter's verification all go through it.
 
 Example::
 
@@ -11,12 +14,19 @@ Example::
     >>> m = torchvision.models.resnet18(num_classes=4).eval()
     >>> resolve_layer(m, "layer4")[0]
     'layer4'
+    >>> with capture_layer(m, "layer4", mode="record") as cap, torch.no_grad():
+    ...     _ = m(torch.rand(1, 3, 64, 64))
+    >>> tuple(cap.output.shape)
+    (1, 512, 2, 2)
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from typing import Callable, Literal, Union
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -27,6 +37,35 @@ Layout = Literal["nchw", "nhwc", "tokens"]
 LAYOUTS: tuple[str, ...] = ("nchw", "nhwc", "tokens")
 Reshape = Callable[[torch.Tensor], torch.Tensor]
 LayerSpec = Union[str, nn.Module, None]
+CaptureMode = Literal["track-grad", "record", "replace"]
+CAPTURE_MODES: tuple[str, ...] = ("track-grad", "record", "replace")
+_SEQUENCE = itertools.count()
+
+
+class LayerError(ValueError):
+    """A target layer that cannot be used: unknown, not a tensor, shared, not spatial, not run.
+
+    ``layer`` is the dotted name as given (or ``None`` when the layer was to be located) and
+    ``reason`` what is wrong, without the ``invalid value for target_layer`` prefix, so a caller can
+    re-key the message (e.g. as ``handler.target_layer``) without parsing it::
+
+        >>> err = LayerError("layer9", "no 'layer9' in the model; known: conv1")
+        >>> str(err)
+        "invalid value for target_layer: 'layer9' (no 'layer9' in the model; known: conv1)"
+        >>> err.message_for("handler.target_layer")
+        "invalid value for handler.target_layer: 'layer9' (no 'layer9' in the model; known: conv1)"
+    """
+
+    def __init__(self, layer: Optional[str], reason: str) -> None:
+        self.layer = layer
+        self.reason = reason
+        super().__init__(self.message_for("target_layer"))
+
+    def message_for(self, key: str) -> str:
+        """The message with ``key`` as the name of the setting."""
+        shown = repr(self.layer if self.layer is None or len(self.layer) <= 100
+                     else self.layer[:100] + "...")
+        return f"invalid value for {key}: {shown} ({self.reason})"
 
 
 def _known_children(module: nn.Module) -> str:
@@ -42,22 +81,17 @@ def resolve_layer(model: nn.Module, layer: Union[str, nn.Module]) -> tuple[str, 
         for name, mod in model.named_modules():
             if mod is layer:
                 return name, mod
-        raise ValueError("invalid value for target_layer: the module given is not part of the model")
+        raise LayerError(type(layer).__name__, "the module given is not part of the model")
     if not isinstance(layer, str) or not layer:
-        raise ValueError(
-            f"invalid value for target_layer: {layer!r} (expected a dotted module name, an "
-            f"nn.Module of the model, or None to locate it automatically)"
-        )
+        raise LayerError(repr(layer)[:100], "expected a dotted module name, an nn.Module of the "
+                         "model, or None to locate it automatically")
     parent: nn.Module = model
     walked: list[str] = []
     for part in layer.split("."):
         child = parent._modules.get(part) if hasattr(parent, "_modules") else None
         if child is None:
             where = ".".join(walked) or "the model"
-            raise ValueError(
-                f"invalid value for target_layer: {layer!r} (no {part!r} in {where}; "
-                f"known: {_known_children(parent)})"
-            )
+            raise LayerError(layer, f"no {part!r} in {where}; known: {_known_children(parent)}")
         walked.append(part)
         parent = child
     return layer, parent
@@ -111,49 +145,184 @@ def to_nchw(t: torch.Tensor, layout: Layout) -> torch.Tensor:
     raise ValueError(f"invalid value for layout: {layout!r} (known: {', '.join(LAYOUTS)})")
 
 
+def nchw_converter(layer: Optional[str], layout: Optional[Layout] = None,
+                   reshape: Optional[Reshape] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function that brings ``layer``'s outputs (and their gradients) to ``(B, C, h, w)``:
+    ``reshape`` when given, else :func:`to_nchw` with ``layout`` (default: detected per tensor).
+    A tensor that is not a spatial map is a :class:`LayerError`.
+
+    Example::
+
+        >>> f = nchw_converter("blocks.3")
+        >>> tuple(f(torch.zeros(2, 50, 8)).shape)  # 1 class token + 7 x 7 patches
+        (2, 8, 7, 7)
+        >>> f(torch.zeros(2, 8))
+        Traceback (most recent call last):
+        ...
+        camserve.layers.LayerError: invalid value for target_layer: 'blocks.3' (it gives output of shape (2, 8), which is not a spatial map; choose an earlier layer, or pass layout= / reshape=)
+    """
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"invalid value for layout: {layout!r} (known: {', '.join(LAYOUTS)})")
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if reshape is not None:
+            return reshape(t)
+        found = layout or detect_layout(t.shape)
+        if found is None:
+            raise LayerError(layer, f"it gives output of shape {tuple(t.shape)}, which is not a "
+                                    f"spatial map; choose an earlier layer, or pass layout= / reshape=")
+        return to_nchw(t, found)
+
+    return convert
+
+
+@dataclass
+class LayerCapture:
+    """What :func:`capture_layer` saw: the layer's ``name`` and ``module``, the ``mode``, and the
+    captured ``outputs`` (one per call of the layer; at most one unless ``once=False``)."""
+
+    name: str
+    module: nn.Module
+    mode: str
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    #: a process-wide sequence number per captured output: the execution order across captures
+    order: list[int] = field(default_factory=list)
+
+    @property
+    def output(self) -> torch.Tensor:
+        """The captured output: in ``track-grad`` mode the leaf that gradients are taken to, in
+        ``record`` mode the layer's output, in ``replace`` mode the output as pinned. A
+        :class:`LayerError` when the layer did not run."""
+        if not self.outputs:
+            raise LayerError(self.name, "it did not run in the forward pass")
+        return self.outputs[0]
+
+
+@contextmanager
+def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureMode = "track-grad",
+                  *, activations: Optional[torch.Tensor] = None, layout: Optional[Layout] = None,
+                  once: bool = True, tensors_only: bool = True) -> Iterator[LayerCapture]:
+    """Hold the one forward hook on ``layer`` for the duration of the block; it is removed on exit,
+    also after an exception, and grad mode is restored.
+
+    Modes:
+
+    * ``"track-grad"`` (the engine, the traced CAM graph): the block runs with autograd off; the
+      hook detaches the layer's output, ``a = out.detach().requires_grad_()``, keeps ``a``, hands
+      a clone on (later in-place ops cannot change ``a``) and switches autograd on for the rest of
+      the network. Nothing before the layer records a graph; ``torch.autograd.grad(score, a)``
+      afterwards stops at the layer.
+    * ``"record"`` (auto-location, verification): keeps the output as is and hands a clone on;
+      grad mode is left alone.
+    * ``"replace"`` (verification at given activations): the output is replaced by a copy whose
+      NCHW view (:func:`to_nchw` with ``layout``) holds ``activations`` (N, C, h, w), so token and
+      channels-last layers keep their other entries (e.g. a ViT class token).
+
+    The layer must return a tensor and run once per forward; otherwise the hook raises
+    :class:`LayerError`. ``once=False`` captures every call; ``tensors_only=False`` lets other
+    outputs pass untouched (both for auto-location, which watches every module).
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                     nn.Linear(4, 2))
+        >>> with capture_layer(net, "0") as cap:
+        ...     logits = net(torch.rand(1, 3, 8, 8))
+        >>> a = cap.output
+        >>> a.requires_grad, logits.requires_grad, torch.autograd.grad(logits[0, 1], a)[0].shape
+        (True, True, torch.Size([1, 4, 6, 6]))
+        >>> sum(len(m._forward_hooks) for m in net.modules())
+        0
+    """
+    if mode not in CAPTURE_MODES:
+        raise ValueError(f"invalid value for mode: {mode!r} (allowed: {', '.join(CAPTURE_MODES)})")
+    if (activations is None) == (mode == "replace"):
+        raise ValueError("invalid value for activations: give them for mode='replace' and only then")
+    name, module = resolve_layer(model, layer)
+    cap = LayerCapture(name, module, mode)
+
+    def hook(_mod: nn.Module, _inp: Any, out: Any) -> Optional[torch.Tensor]:
+        if not isinstance(out, torch.Tensor):
+            if not tensors_only:
+                return None
+            raise LayerError(name, f"it returns {type(out).__name__}, not a tensor; choose another layer")
+        if once and cap.outputs:
+            raise LayerError(name, "it runs more than once per forward (a shared module); choose a "
+                                   "module that runs once")
+        cap.order.append(next(_SEQUENCE))
+        if mode == "track-grad":
+            a = out.detach().requires_grad_(True)
+            cap.outputs.append(a)
+            torch.set_grad_enabled(True)  # the suffix records a graph; the prefix did not
+            return a.clone()
+        if mode == "record":
+            cap.outputs.append(out)
+            return out.clone()  # later in-place ops must not alter the recorded tensor
+        assert activations is not None
+        new = out.detach().clone()
+        view = to_nchw(new, layout or detect_layout(new.shape))  # type: ignore[arg-type]
+        if view.shape != activations.shape:
+            raise LayerError(name, f"activations of shape {tuple(activations.shape)} do not fit its "
+                                   f"output {tuple(view.shape)}")
+        view.copy_(activations.to(view.dtype))
+        if not torch.equal(to_nchw(new, layout or detect_layout(new.shape)), view):  # type: ignore[arg-type]
+            raise LayerError(name, "cannot replace its output: its NCHW form is not a view")
+        cap.outputs.append(new)
+        return new
+
+    prev = torch.is_grad_enabled()
+    handle = module.register_forward_hook(hook)
+    try:
+        if mode == "track-grad":
+            torch.set_grad_enabled(False)
+        yield cap
+    finally:
+        handle.remove()
+        torch.set_grad_enabled(prev)
+
+
 def locate_layer(model: nn.Module, probe: torch.Tensor) -> str:
     """Auto-locate the target layer: the last module (in execution order) whose output is a spatial
     map or token grid and whose class-score gradient varies over more than one position.
 
     The gradient condition skips layers the head cannot see spatially, such as the final
     LayerNorm of a ViT whose head reads only the class token.
+
+    Example::
+
+        >>> import torchvision
+        >>> locate_layer(torchvision.models.resnet18(num_classes=3).eval(), torch.rand(1, 3, 64, 64))
+        'layer4'
     """
-    records: list[tuple[str, torch.Tensor, Layout]] = []
-    handles = []
-
-    def make_hook(name: str):
-        def hook(_mod: nn.Module, _inp, out):
-            if isinstance(out, torch.Tensor) and out.requires_grad:
-                layout = detect_layout(out.shape)
-                if layout is not None:
-                    records.append((name, out, layout))
-                    return out.clone()  # later in-place ops must not alter the recorded tensor
-            return None
-
-        return hook
-
-    for name, mod in model.named_modules():
-        if name:
-            handles.append(mod.register_forward_hook(make_hook(name)))
-    try:
+    caps: list[LayerCapture] = []
+    with ExitStack() as stack:
+        for name, mod in model.named_modules():
+            if name:
+                caps.append(stack.enter_context(
+                    capture_layer(model, mod, "record", once=False, tensors_only=False)))
         with torch.enable_grad():
             x = probe[:1].detach().clone().requires_grad_(True)
             logits = model(x)
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-                raise ValueError("auto-locate needs a model whose output is logits (B, classes)")
-            if not records:
-                raise ValueError("auto-locate found no layer with a spatial output; pass target_layer")
-            score = logits[0, logits[0].argmax()]
-            grads = torch.autograd.grad(score, [r[1] for r in records], allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    for (name, _out, layout), g in zip(reversed(records), reversed(grads)):
+    records: list[tuple[int, str, torch.Tensor, Layout]] = []
+    for cap in caps:
+        for seq, out in zip(cap.order, cap.outputs):
+            layout = detect_layout(out.shape) if out.requires_grad else None
+            if layout is not None:
+                records.append((seq, cap.name, out, layout))
+    records.sort(key=lambda r: r[0])  # execution order
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise LayerError(None, "auto-locate needs a model whose output is logits (B, classes)")
+    if not records:
+        raise LayerError(None, "auto-locate found no layer with a spatial output; pass target_layer")
+    score = logits[0, logits[0].argmax()]
+    grads = torch.autograd.grad(score, [r[2] for r in records], allow_unused=True)
+    for (_seq, name, out, layout), g in zip(reversed(records), reversed(grads)):
         if g is None:
             continue
         g_map = to_nchw(g, layout).abs().sum(dim=1)
         if int((g_map > 0).sum()) > 1:
             log.info("camserve: auto-located target layer %r (%s output %s)", name, layout,
-                     tuple(_out.shape))
+                     tuple(out.shape))
             return name
-    raise ValueError("auto-locate found no spatial layer the prediction depends on; pass target_layer")
+    raise LayerError(None, "auto-locate found no spatial layer the prediction depends on; pass "
+                           "target_layer")

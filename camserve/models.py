@@ -101,10 +101,13 @@ class ModelSpec:
     formats: tuple[str, ...] = DEFAULT_FORMATS
     max_response_size: Optional[int] = None
     max_option_length: Optional[int] = None
+    max_map_side: Optional[int] = None
+    max_row_work: Optional[int] = None
+    max_batch_work: Optional[int] = None
 
     KEYS = ("arch", "num_classes", "weights", "labels", "target_layer", "input_size", "mean", "std",
             "method", "topk", "max_pixels", "outputs", "layout", "formats", "max_response_size",
-            "max_option_length")
+            "max_option_length", "max_map_side", "max_row_work", "max_batch_work")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "ModelSpec":
@@ -116,7 +119,7 @@ class ModelSpec:
             >>> ModelSpec.from_config({"arch": "x:Y", "taget_layer": "layer4"})
             Traceback (most recent call last):
             ...
-            camserve.models.ConfigError: unknown key handler.taget_layer (did you mean 'target_layer'? known: arch, num_classes, weights, labels, target_layer, input_size, mean, std, method, topk, max_pixels, outputs, layout, formats, max_response_size, max_option_length)
+            camserve.models.ConfigError: unknown key handler.taget_layer (did you mean 'target_layer'? known: arch, num_classes, weights, labels, target_layer, input_size, mean, std, method, topk, max_pixels, outputs, layout, formats, max_response_size, max_option_length, max_map_side, max_row_work, max_batch_work)
         """
         if not isinstance(cfg, Mapping):
             raise ConfigError("missing handler block in model-config.yaml (expected a mapping "
@@ -160,7 +163,8 @@ class ModelSpec:
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise ConfigError(f"invalid value for handler.topk: {k!r} (a positive int)")
             spec.topk = k
-        for key in ("max_pixels", "max_response_size", "max_option_length"):
+        for key in ("max_pixels", "max_response_size", "max_option_length", "max_map_side",
+                    "max_row_work", "max_batch_work"):
             if cfg.get(key) is not None:
                 p = cfg[key]
                 if not isinstance(p, int) or isinstance(p, bool) or p < 1:
@@ -359,11 +363,91 @@ def count_classes(model: nn.Module, spec: ModelSpec, device: torch.device | str 
     return int(out.shape[1])
 
 
+def recalibrate_batchnorm(model: nn.Module, input_size: Sequence[int], steps: int = 4,
+                          batch: int = 8, seed: int = 0) -> nn.Module:
+    """Recompute BatchNorm running statistics of a randomly initialised ``model`` on random normal
+    input (cumulative averages, ``momentum=None``), then put it back in eval mode.
+
+    Freshly initialised MobileNetV3/EfficientNet have running stats (0, 1) that do not match their
+    activations, so their logits come out around 1e-10; with calibrated statistics every layer
+    sees unit-scale activations and numerical comparisons are meaningful.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        >>> bn = recalibrate_batchnorm(net, (16, 16))[1]
+        >>> net.training, bool(bn.running_var.ne(1).all()), bn.momentum
+        (False, True, 0.1)
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    saved = [(m, m.momentum) for m in bns]
+    gen = torch.Generator().manual_seed(seed)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        with torch.no_grad():
+            for _ in range(steps):
+                x = torch.randn(batch, 3, *[int(s) for s in input_size], generator=gen)
+                model(x.to(device))
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.eval()
+    return model
+
+
+def from_module(model: nn.Module, spec: ModelSpec, model_dir: Optional[str | Path] = None, *,
+                labels: Optional[Sequence[str]] = None,
+                device: Optional[str | torch.device] = None) -> LoadedModel:
+    """A :class:`LoadedModel` of a network already built: count its classes, take ``labels`` (or
+    the folder's, see :func:`load_labels`; indices as strings without ``model_dir``) and resolve
+    ``spec.target_layer`` or locate it on a blank input. Layer problems are :class:`ConfigError`
+    naming ``handler.target_layer``.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                     nn.Linear(4, 2)).eval()
+        >>> lm = from_module(net, ModelSpec(arch="tiny", input_size=(16, 16)), labels=["a", "b"])
+        >>> lm.layer, lm.num_classes
+        ('1', 2)
+    """
+    from .layers import LayerError, locate_layer, resolve_layer
+
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device)
+    n_cls = count_classes(model, spec, device)
+    if labels is not None:
+        if len(labels) != n_cls:
+            raise ConfigError(f"invalid value for handler.labels: {len(labels)} labels for a model "
+                              f"with {n_cls} classes")
+        names = [str(v) for v in labels]
+    elif model_dir is not None:
+        names = load_labels(spec, model_dir, n_cls)
+    else:
+        names = [str(i) for i in range(n_cls)]
+    try:
+        if spec.target_layer is not None:
+            layer = resolve_layer(model, spec.target_layer)[0]
+        else:
+            layer = locate_layer(model, torch.zeros(1, 3, *spec.input_size, device=device))
+    except LayerError as exc:
+        raise ConfigError(exc.message_for("handler.target_layer")) from None
+    return LoadedModel(model=model, spec=spec, labels=names, layer=layer, device=device)
+
+
 def load_model(spec: ModelSpec, model_dir: str | Path = ".", *, weights: Optional[str | Path] = None,
-               device: str | torch.device = "cpu") -> LoadedModel:
+               device: str | torch.device = "cpu", calibrate: bool = False) -> LoadedModel:
     """Build ``spec``'s model (see :func:`build_model`), count its classes, load its labels and
-    resolve or locate its target layer. Layer problems are :class:`ConfigError` naming
-    ``handler.target_layer``.
+    resolve or locate its target layer (:func:`from_module`). ``calibrate``: when no weights are
+    loaded (random init), recompute the BatchNorm statistics first
+    (:func:`recalibrate_batchnorm`), as tests, benchmarks and ``--arch`` exports want.
 
     Example::
 
@@ -373,23 +457,11 @@ def load_model(spec: ModelSpec, model_dir: str | Path = ".", *, weights: Optiona
         >>> lm.layer, lm.labels
         ('layer4', ['0', '1', '2'])
     """
-    from .layers import locate_layer, resolve_layer
-
     device = torch.device(device)
     model = build_model(spec, model_dir, device=device, weights=weights)
-    n_cls = count_classes(model, spec, device)
-    labels = load_labels(spec, model_dir, n_cls)
-    try:
-        if spec.target_layer is not None:
-            layer = resolve_layer(model, spec.target_layer)[0]
-        else:
-            layer = locate_layer(model, torch.zeros(1, 3, *spec.input_size, device=device))
-    except ValueError as exc:
-        msg = str(exc).replace("invalid value for target_layer", "invalid value for handler.target_layer")
-        if not msg.startswith("invalid value for handler.target_layer"):
-            msg = f"invalid value for handler.target_layer: {spec.target_layer!r} ({msg})"
-        raise ConfigError(msg) from None
-    return LoadedModel(model=model, spec=spec, labels=labels, layer=layer, device=device)
+    if calibrate and weights is None and spec.weights is None:
+        recalibrate_batchnorm(model, spec.input_size)
+    return from_module(model, spec, model_dir, device=device)
 
 
 def load_model_dir(model_dir: str | Path, *, weights: Optional[str | Path] = None,

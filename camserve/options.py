@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .errors import OptionError
 from .methods import available_methods
-from .models import ModelSpec, parse_outputs
+from .models import ConfigError, ModelSpec, parse_outputs
 from .records import TargetError, log_name, parse_int, resolve_targets, short_repr
 
 OPTION_KEYS: tuple[str, ...] = ("explain", "target", "topk", "method", "outputs")
@@ -35,6 +35,12 @@ FALSE_WORDS = frozenset({"false", "0", "no", "off", ""})
 #: TorchServe's default ``max_response_size`` (config.properties), in bytes
 TS_DEFAULT_MAX_RESPONSE_SIZE = 6_553_500
 DEFAULT_MAX_OPTION_LENGTH = 4096
+#: Long side of the maps made for an explanation (larger images get maps at this side).
+DEFAULT_MAX_MAP_SIDE = 2048
+#: Work budgets in megapixel-maps (one megapixel of one output of one target): see
+#: :func:`camserve.explain.plan_maps`.
+DEFAULT_MAX_ROW_WORK = 192
+DEFAULT_MAX_BATCH_WORK = 512
 
 
 @dataclass(frozen=True)
@@ -43,16 +49,35 @@ class ServingLimits:
 
     ``max_response_size``: bytes of one row's JSON answer (TorchServe's frontend drops a larger
     frame and the worker dies, so a larger answer is refused as 413 ``ResponseTooLarge``);
-    ``max_option_length``: characters (or bytes) of one option value as sent.
+    ``max_option_length``: characters (or bytes) of one option value as sent;
+    ``max_map_side``: the long side of the maps an explanation is made from (pixels);
+    ``max_row_work`` / ``max_batch_work``: the work one request / one batch may ask for, in
+    megapixel-maps (one megapixel of one map output — heatmap, bbox, overlay (counted 3 times: it
+    is RGB) — of one target; see :func:`camserve.explain.plan_maps`).
+
+    Example::
+
+        >>> from camserve.models import ModelSpec
+        >>> spec = ModelSpec.from_config({"arch": "x:Y", "max_row_work": 600})
+        >>> lim = ServingLimits.from_spec(spec, env={})
+        >>> lim.max_map_side, lim.max_row_work, lim.max_batch_work
+        (2048, 600, 600)
     """
 
     max_response_size: int = TS_DEFAULT_MAX_RESPONSE_SIZE
     max_option_length: int = DEFAULT_MAX_OPTION_LENGTH
+    max_map_side: int = DEFAULT_MAX_MAP_SIDE
+    max_row_work: int = DEFAULT_MAX_ROW_WORK
+    max_batch_work: int = DEFAULT_MAX_BATCH_WORK
 
     @classmethod
     def from_spec(cls, spec: Any, env: Optional[Mapping[str, str]] = None) -> "ServingLimits":
         """The limits of a :class:`camserve.models.ModelSpec` (``handler.max_response_size``,
-        ``handler.max_option_length``).
+        ``handler.max_option_length``, ``handler.max_map_side``, ``handler.max_row_work``,
+        ``handler.max_batch_work``).
+
+        A batch budget below the row budget is a :class:`camserve.models.ConfigError` when both
+        are configured; when only the row budget is, the batch budget is raised to it.
 
         ``max_response_size`` defaults to ``TS_MAX_RESPONSE_SIZE`` from ``env`` when set (the
         frontend's environment, which its workers inherit), else TorchServe's default 6553500.
@@ -62,9 +87,18 @@ class ServingLimits:
         env_size = parse_int(str(env.get("TS_MAX_RESPONSE_SIZE", "")))
         if env_size is not None and env_size > 0:
             size = env_size
+        row = getattr(spec, "max_row_work", None)
+        batch = getattr(spec, "max_batch_work", None)
+        if row is not None and batch is not None and batch < row:
+            raise ConfigError(f"invalid value for handler.max_batch_work: {batch} (at least "
+                              f"handler.max_row_work, {row})")
+        row = row or DEFAULT_MAX_ROW_WORK
         return cls(max_response_size=getattr(spec, "max_response_size", None) or size,
                    max_option_length=getattr(spec, "max_option_length", None)
-                   or DEFAULT_MAX_OPTION_LENGTH)
+                   or DEFAULT_MAX_OPTION_LENGTH,
+                   max_map_side=getattr(spec, "max_map_side", None) or DEFAULT_MAX_MAP_SIDE,
+                   max_row_work=row,
+                   max_batch_work=batch or max(row, DEFAULT_MAX_BATCH_WORK))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,13 @@ one row becomes that row's answer (400/413/422, or 500 ``InternalError`` with a 
 that the log carries next to the traceback) and its batch-mates get their 200. When the batched
 forward itself fails, the rows are retried one by one so the failure stays with the row that
 causes it. No answer is larger than ``max_response_size``: a row whose JSON would be is answered
-413 ``ResponseTooLarge``, naming what to drop.
+413 ``ResponseTooLarge``, naming what to drop (rendering stops as soon as that is known).
+
+Work is budgeted before any heavy work (:func:`camserve.explain.plan_maps`): from the pixel count
+in the image header (read before the pixels are decoded) and the request's targets and outputs,
+each row gets a :class:`camserve.explain.MapPlan` within ``max_row_work`` and what the batch's
+earlier rows left of ``max_batch_work``, or 413 ``WorkTooLarge``. A decoded image is kept only
+when an overlay is drawn on it, and then at the size the overlay is rendered at.
 
 Example::
 
@@ -31,9 +37,11 @@ Example::
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
+import warnings
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -46,8 +54,10 @@ from PIL import Image
 from .engine import CamEngine
 from .envelopes import extract_request
 from .errors import InternalError, InvalidImage, RequestError, ResponseTooLarge, from_image_error
-from .explain import BatchCams, batch_cams, batch_heatmaps, render_row, target_table
+from .explain import (MEGA, BatchCams, MapPlan, batch_cams, drop_hint, explanation_json,
+                      plan_maps, render_row, target_table)
 from .images import ImageError, decode_image, preprocess
+from .layers import LayerError
 from .methods import available_methods
 from .models import (ConfigError, LoadedModel, ModelSpec, load_model,
                      load_model_dir)
@@ -108,23 +118,30 @@ class BatchOutcome:
 
 @dataclass(frozen=True)
 class _Row:
-    """A request that parsed and decoded: its batch index, image, input tensor and options."""
+    """A request that parsed and decoded: its batch index, input tensor, options, map plan and
+    the image an overlay is drawn on (None when no overlay is asked for)."""
 
     index: int
-    image: Image.Image
     tensor: torch.Tensor
     options: RequestOptions
+    plan: MapPlan
+    image: Optional[Image.Image] = None
 
 
 class _CamView:
-    """One explain row's slice of a batch's CAMs: its ``count`` targets, maps and layer."""
+    """One explain row's slice of a batch's CAMs: its ``count`` targets and layer."""
 
-    def __init__(self, cams: BatchCams, slot: int, count: int,
-                 maps: Mapping[tuple[int, int], Any]) -> None:
+    def __init__(self, cams: BatchCams, slot: int, count: int) -> None:
         self.cams = cams.cams[slot, :count]
         self.targets = cams.targets[slot, :count].tolist()
-        self.maps = [maps.get((slot, q)) for q in range(count)]
         self.layer = cams.layer
+
+
+class _Work:
+    """What is left of one batch's work budget (pixels)."""
+
+    def __init__(self, pixels: int) -> None:
+        self.left = pixels
 
 
 _Forward = tuple[torch.Tensor, Optional[BatchCams], list[int]]
@@ -148,11 +165,17 @@ def internal_error(what: str) -> RowResult:
     return RowResult.error(err)
 
 
-def _drop_hint(options: RequestOptions) -> list[str]:
-    drop = [o for o in ("overlay", "raw", "heatmap") if o in options.outputs]
-    if options.targets and len(options.targets) > 1:
-        drop.append("targets")
-    return drop
+def header_size(data: bytes, formats: Sequence[str]) -> Optional[tuple[int, int]]:
+    """(W, H) as the image header declares it, read without decoding pixels; None when the
+    header cannot be read (decoding then gives the precise error)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=list(formats)) as img:
+                w, h = img.size
+        return (int(w), int(h)) if w > 0 and h > 0 else None
+    except Exception:  # any failure is decode_image's to name
+        return None
 
 
 class CamService:
@@ -203,6 +226,8 @@ class CamService:
         x = torch.zeros(1, 3, h, w, device=self.device)
         try:
             self.engine(x, method=self.spec.method)
+        except LayerError as exc:
+            raise ConfigError(exc.message_for("handler.target_layer")) from None
         except ValueError as exc:
             raise ConfigError(f"invalid value for handler.target_layer: "
                               f"{self.engine.layer_name!r} ({exc})") from None
@@ -218,7 +243,10 @@ class CamService:
                              "outputs": list(self.spec.outputs)},
                 "max_pixels": self.spec.max_pixels, "max_targets": MAX_TARGETS,
                 "max_response_size": self.limits.max_response_size,
-                "max_option_length": self.limits.max_option_length, "device": str(self.device)}
+                "max_option_length": self.limits.max_option_length,
+                "max_map_side": self.limits.max_map_side,
+                "max_row_work": self.limits.max_row_work,
+                "max_batch_work": self.limits.max_batch_work, "device": str(self.device)}
 
     # -- one batch ------------------------------------------------------------------------------
     def handle_batch(self, rows: Sequence[Any],
@@ -236,8 +264,9 @@ class CamService:
         stats = BatchStats(rows=len(rows))
         results: list[Optional[RowResult]] = [None] * len(rows)
         good: list[_Row] = []
+        work = _Work(self.limits.max_batch_work * MEGA)
         for i, (row, f) in enumerate(zip(rows, forced)):
-            prepared = self._prepare(i, row, f, len(rows))
+            prepared = self._prepare(i, row, f, len(rows), work)
             if isinstance(prepared, RowResult):
                 results[i] = prepared
             else:
@@ -257,15 +286,28 @@ class CamService:
         stats.error_rows = sum(r.status != 200 for r in results)
         stats.internal_errors = sum(r.status >= 500 for r in results)
 
-    def _prepare(self, index: int, row: Any, explain: bool, n: int) -> _Row | RowResult:
-        """Envelope, options, image -> a :class:`_Row`, or the row's error answer."""
+    def _prepare(self, index: int, row: Any, explain: bool, n: int,
+                 work: Optional[_Work] = None) -> _Row | RowResult:
+        """Envelope, options, work budget, image -> a :class:`_Row`, or the row's error answer.
+        The budget is checked from the header's size before decoding, and spent from the decoded
+        size."""
+        work = work or _Work(self.limits.max_batch_work * MEGA)
         try:
             raw = extract_request(row)
             opts = parse_options(raw.options, self.spec, self.labels, explain=explain,
                                  limits=self.limits)
+            declared = header_size(raw.data, self.spec.formats) if opts.explain else None
+            if declared is not None and declared[0] * declared[1] <= self.spec.max_pixels:
+                plan_maps(opts, declared, self.limits, work.left)  # 413 before decoding
             img = self._decode(raw.data)
+            plan = plan_maps(opts, img.size, self.limits, work.left)
+            work.left -= plan.work
             x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std)
-            return _Row(index, img, x, opts)
+            keep = None
+            if opts.explain and "overlay" in opts.outputs:
+                keep = img if not plan.scaled else img.resize(plan.render_size, Image.BILINEAR)
+            del img
+            return _Row(index, x, opts, plan, keep)
         except RequestError as exc:
             log.info("camserve: request %d of a batch of %d rejected: %s %s: %s", index, n,
                      exc.code, exc.type, exc.message)
@@ -323,8 +365,7 @@ class CamService:
         if cams is not None:
             opts = [rows[j].options for j in explain]
             counts = target_table(opts).counts
-            maps = batch_heatmaps(cams, counts, opts, [rows[j].image for j in explain])
-            views = {j: _CamView(cams, p, counts[p], maps) for p, j in enumerate(explain)}
+            views = {j: _CamView(cams, p, counts[p]) for p, j in enumerate(explain)}
             stats.explained_rows += len(explain)
             stats.maps += sum(counts)
         out = []
@@ -342,9 +383,10 @@ class CamService:
         preds = top_predictions(probs.tolist(), self.labels, row.options.topk)
         body: dict[str, Any] = {"predictions": [p.to_json() for p in preds]}
         if view is not None:
-            records = render_row(row.image, row.options, view.cams, view.targets, view.maps,
-                                 probs, self.labels, view.layer)
-            body["explanations"] = [e.to_json() for e in records]
+            records = render_row(row.image, row.options, view.cams, view.targets, probs,
+                                 self.labels, view.layer, plan=row.plan,
+                                 max_bytes=self.limits.max_response_size)
+            body["explanations"] = [explanation_json(e, row.plan) for e in records]
         return self._sized(RowResult(200, body), row.options)
 
     def _sized(self, result: RowResult, options: RequestOptions) -> RowResult:
@@ -352,6 +394,6 @@ class CamService:
         limit = self.limits.max_response_size
         if len(result.text) <= limit:
             return result
-        err = ResponseTooLarge(len(result.text), limit, _drop_hint(options))
+        err = ResponseTooLarge(len(result.text), limit, drop_hint(options))
         log.info("camserve: answer refused: %s", err.message)
         return RowResult.error(err)

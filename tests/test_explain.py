@@ -2,16 +2,22 @@
 complete Explanation records."""
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch import nn
 
 from camserve import CamEngine
 from camserve.engine import normalize_maps, to_uint8
-from camserve.explain import batch_cams, batch_heatmaps, render_row, target_table
+from camserve.explain import (MapPlan, batch_cams, explanation_json, plan_maps, render_row,
+                              row_maps, target_table)
+from camserve.errors import RequestError, ResponseTooLarge
 from camserve.methods import available_methods
-from camserve.options import RequestOptions
+from camserve.options import RequestOptions, ServingLimits
 from camserve.records import Explanation
 
 LABELS = ["circle", "square", "triangle", "star", "cross", "ring"]
@@ -79,9 +85,8 @@ def test_render_row_builds_complete_records():
     cams = torch.rand(2, 8, 8)
     img = Image.new("RGB", (40, 30), "blue")
     o = opts((1, 4), "layercam", ("heatmap", "overlay", "raw", "bbox"))
-    maps = [to_uint8(normalize_maps(c, (30, 40))).numpy() for c in cams]
     probs = torch.softmax(torch.arange(6.0), 0)
-    recs = render_row(img, o, cams, [1, 4], maps, probs, LABELS, "features")
+    recs = render_row(img, o, cams, [1, 4], probs, LABELS, "features")
     assert all(isinstance(r, Explanation) for r in recs)
     assert [(r.target, r.label, r.method, r.layer) for r in recs] == [
         (1, "square", "layercam", "features"), (4, "cross", "layercam", "features")]
@@ -90,16 +95,96 @@ def test_render_row_builds_complete_records():
     assert set(js) == {"target", "label", "score", "method", "layer", "width", "height", "bbox",
                        "heatmap", "overlay", "raw"}
     assert js["raw"]["shape"] == [8, 8] and (js["width"], js["height"]) == (40, 30)
-    only_raw = render_row(img, opts((1,), outputs=("raw",)), cams[:1], [1], [None], probs, LABELS, "f")
+    hm = to_uint8(normalize_maps(cams[1], (30, 40))).numpy()
+    png = np.asarray(Image.open(io.BytesIO(base64.b64decode(js_heat(recs[1])))))
+    np.testing.assert_array_equal(png, hm)  # maps made one at a time equal the direct ones
+    only_raw = render_row(img, opts((1,), outputs=("raw",)), cams[:1], [1], probs, LABELS, "f")
     assert set(only_raw[0].to_json()) == {"target", "label", "score", "method", "layer", "width",
                                           "height", "raw"}
 
 
-def test_batch_heatmaps_only_for_rows_that_need_maps():
-    cams = type("C", (), {})()
-    cams.cams = torch.rand(2, 2, 8, 8)
-    options = [opts((1, 2)), opts((0,), outputs=("raw",))]
-    imgs = [Image.new("RGB", (20, 10)), Image.new("RGB", (9, 9))]
-    maps = batch_heatmaps(cams, [2, 1], options, imgs)
-    assert sorted(maps) == [(0, 0), (0, 1)]
-    assert maps[(0, 1)].shape == (10, 20) and maps[(0, 1)].dtype == np.uint8
+def js_heat(rec: Explanation) -> str:
+    assert rec.heatmap is not None
+    return rec.heatmap
+
+
+def test_row_maps_chunks_equal_one_call():
+    cams = torch.rand(5, 6, 6)
+    want = [to_uint8(normalize_maps(c, (10, 20))).numpy() for c in cams]
+    for chunk in (1, 200, 400, 10 ** 6):
+        got = list(row_maps(cams, (20, 10), chunk_pixels=chunk))
+        assert len(got) == 5
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+
+
+LIMITS = ServingLimits(max_map_side=100, max_row_work=1, max_batch_work=2)
+
+
+def test_plan_small_image_is_exact_and_counts_targets_times_outputs():
+    p = plan_maps(opts((1, 2), outputs=("heatmap", "overlay", "bbox", "raw")), (80, 60), LIMITS)
+    assert p == MapPlan((80, 60), (80, 60), (80, 60), 2 * 5 * 80 * 60) and not p.scaled
+    assert plan_maps(opts(outputs=("raw",)), (5000, 5000), LIMITS).work == 0
+    predict = RequestOptions(False, None, 1, "gradcam", ("heatmap",))
+    assert plan_maps(predict, (5000, 5000), LIMITS).work == 0
+
+
+def test_plan_large_image_full_size_within_budget_else_scaled_else_413():
+    one = opts(None, outputs=("heatmap", "bbox"))
+    p = plan_maps(one, (400, 200), LIMITS)  # 80,000 + 5,000 pixels: full size
+    assert p.map_size == (100, 50) and p.render_size == (400, 200) and p.work == 85_000
+    p = plan_maps(opts((1, 2, 3), outputs=("heatmap", "overlay", "bbox")), (2000, 1000), LIMITS)
+    assert p.scaled and p.render_size == p.map_size == (100, 50) and p.work == 3 * 5 * 5000
+    with pytest.raises(RequestError) as e:
+        plan_maps(opts(tuple(range(6)) * 12, outputs=("heatmap", "overlay", "bbox")),
+                  (100, 100), LIMITS)
+    assert e.value.code == 413 and e.value.type == "WorkTooLarge"
+    assert "handler.max_row_work" in e.value.message and "fewer targets" in e.value.message
+    with pytest.raises(RequestError, match="left after the requests batched with it"):
+        plan_maps(one, (400, 200), LIMITS, available=1000)
+    assert plan_maps(one, (400, 200), LIMITS, available=12_000).scaled
+
+
+def test_render_scaled_plan_gives_small_pngs_and_bbox_in_original_pixels():
+    cam = torch.zeros(1, 8, 8)
+    cam[0, 2:4, 4:6] = 1.0
+    plan = MapPlan((800, 800), (80, 80), (80, 80), 1)
+    img = Image.new("RGB", (80, 80), "gray")
+    o = opts((1,), outputs=("heatmap", "overlay", "bbox"))
+    rec = render_row(img, o, cam, [1], torch.full((6,), 1 / 6), LABELS, "f", plan=plan)[0]
+    assert Image.open(io.BytesIO(base64.b64decode(rec.heatmap))).size == (80, 80)
+    assert Image.open(io.BytesIO(base64.b64decode(rec.overlay))).size == (80, 80)
+    exact = render_row(Image.new("RGB", (800, 800)), o, cam, [1], torch.full((6,), 1 / 6),
+                       LABELS, "f")[0]
+    x0, y0, x1, y1 = rec.bbox
+    e0, f0, e1, f1 = exact.bbox
+    assert abs(x0 - e0) <= 10 and abs(y0 - f0) <= 10 and abs(x1 - e1) <= 10 and abs(y1 - f1) <= 10
+    js = explanation_json(rec, plan)
+    assert (js["scaled"], js["map_width"], js["map_height"], js["width"]) == (True, 80, 80, 800)
+    assert "scaled" not in explanation_json(exact, MapPlan.exact((800, 800)))
+    big = MapPlan((800, 800), (80, 80), (800, 800), 1)  # PNGs upsampled to the original size
+    rec = render_row(Image.new("RGB", (800, 800)), o, cam, [1], torch.full((6,), 1 / 6), LABELS,
+                     "f", plan=big)[0]
+    assert Image.open(io.BytesIO(base64.b64decode(rec.overlay))).size == (800, 800)
+    assert "scaled" not in explanation_json(rec, big)
+
+
+def test_render_stops_once_the_answer_passes_its_byte_limit(monkeypatch):
+    import camserve.explain as explain
+
+    calls = []
+    real = explain.overlay_png
+
+    def counting(*a, **kw):
+        calls.append(kw.get("max_bytes"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(explain, "overlay_png", counting)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8), "RGB")
+    o = opts(tuple(range(6)), outputs=("overlay",))
+    with pytest.raises(ResponseTooLarge) as e:
+        render_row(img, o, torch.rand(6, 8, 8), list(range(6)), torch.full((6,), 1 / 6),
+                   LABELS, "f", max_bytes=200_000)
+    assert len(calls) == 1 and calls[0] == 150_000  # the first overlay alone passes the limit
+    assert "overlay" in e.value.message and e.value.size > 200_000

@@ -107,3 +107,28 @@ def test_labels_default_to_index_to_name(tmp_path):
     assert over.layer == "layer3" and over.spec.target_layer == "layer3"
     with pytest.raises(ConfigError, match=r"handler\.target_layer"):
         load_model_dir(tmp_path, overrides={"target_layer": "layer9"})
+
+
+def test_from_module_and_calibrated_random_model():
+    from torch import nn
+
+    from camserve.models import from_module, load_model, recalibrate_batchnorm
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 2)).eval()
+    lm = from_module(net, ModelSpec(arch="tiny", input_size=(16, 16)), labels=["a", "b"])
+    assert (lm.layer, lm.labels, lm.num_classes) == ("2", ["a", "b"], 2)
+    with pytest.raises(ConfigError, match="handler.labels: 3 labels for a model with 2 classes"):
+        from_module(net, ModelSpec(arch="tiny", input_size=(16, 16)), labels=["a", "b", "c"])
+    with pytest.raises(ConfigError, match=r"invalid value for handler\.target_layer: '9' \(no '9'"):
+        from_module(net, ModelSpec(arch="tiny", input_size=(16, 16), target_layer="9"))
+    bn = net[1]
+    recalibrate_batchnorm(net, (16, 16))
+    assert not net.training and bn.momentum == 0.1 and not torch.equal(bn.running_var, torch.ones(4))
+    spec = ModelSpec.from_config({"arch": "torchvision.models.mobilenet_v3_small", "num_classes": 3,
+                                  "input_size": 64, "target_layer": "features.12"})
+    raw = load_model(spec)
+    calibrated = load_model(spec, calibrate=True)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert calibrated.model(x).std() > 100 * raw.model(x).std()  # random BN stats: ~1e-10 logits

@@ -17,8 +17,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from export import batch_cam
-from export.batch_cam import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, JobConfig, UsageError, run_job
+from camserve.onnx import batch as batch_cam
+from camserve.onnx.batch import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, JobConfig, UsageError, run_job
 from camserve.onnx.ray import (CamBatchWorker, RayOptions, check_address, parse_actors, plan_job,
                                pool_size, ray_options)
 

@@ -401,6 +401,98 @@ def test_from_model_dir_reads_the_serving_limits(tmp_path, monkeypatch):
     assert svc.limits.max_response_size == 1234 and svc.spec.max_response_size == 1234
 
 
+
+# -- work budget ------------------------------------------------------------------------------------
+def gif(size: tuple[int, int]) -> bytes:
+    """A one-colour GIF: a few hundred bytes whatever the size it declares."""
+    buf = io.BytesIO()
+    Image.new("P", size, 1).save(buf, "GIF")
+    return buf.getvalue()
+
+
+ALL_OUTPUTS = "heatmap,overlay,raw,bbox"
+
+
+def test_work_over_the_row_budget_is_413_before_decoding(service, monkeypatch):
+    import camserve.serving as serving
+
+    decoded = []
+    real = serving.decode_image
+    monkeypatch.setattr(serving, "decode_image", lambda data, **kw: decoded.append(len(data))
+                        or real(data, **kw))
+    data = gif((6000, 6000))
+    assert len(data) < 30_000
+    rows = [{"data": data, "explain": "1", "outputs": ALL_OUTPUTS, "target": list(range(6)) * 2},
+            {"data": png(), "explain": "1"}]
+    out = service.handle_batch(rows)
+    assert [r.status for r in out.results] == [413, 200]
+    err = error_body(out.results[0])
+    assert err["type"] == "WorkTooLarge" and "handler.max_row_work" in err["message"]
+    assert "fewer targets" in err["message"] and "12 targets x (heatmap + 3 x overlay + bbox)" in err["message"]
+    assert decoded == [len(png())]  # the 36 MP GIF was never decoded
+
+
+def test_large_image_is_explained_at_the_capped_side_and_says_so():
+    svc = make_service(limits=ServingLimits(max_map_side=256, max_row_work=1))
+    data = png(size=(1200, 600), color=(20, 200, 20))
+    rows = [{"data": data, "explain": "1", "outputs": ALL_OUTPUTS, "target": "0,1"},
+            {"data": data, "explain": "1", "outputs": "heatmap,bbox"}]  # 0.72 + 0.03 MP: full
+    out = svc.handle_batch(rows)
+    assert [r.status for r in out.results] == [200, 200]
+    scaled = body_of(out.results[0])["explanations"]
+    for e in scaled:
+        assert (e["width"], e["height"]) == (1200, 600)
+        assert (e["scaled"], e["map_width"], e["map_height"]) == (True, 256, 128)
+        assert decode_png(e["heatmap"]).shape == (128, 256)
+        assert decode_png(e["overlay"]).shape == (128, 256, 3)
+        x0, y0, x1, y1 = e["bbox"]
+        assert 0 <= x0 < x1 <= 1200 and 0 <= y0 < y1 <= 600
+    full = body_of(out.results[1])["explanations"][0]
+    assert "scaled" not in full and "map_width" not in full
+    assert decode_png(full["heatmap"]).shape == (600, 1200)
+    small = body_of(svc.handle_batch([{"data": png(), "explain": "1",
+                                       "outputs": ALL_OUTPUTS}]).results[0])
+    assert set(small["explanations"][0]) == {"target", "label", "score", "method", "layer",
+                                             "width", "height", "bbox", "heatmap", "overlay",
+                                             "raw"}
+
+
+def test_batch_budget_scales_then_refuses_later_rows():
+    svc = make_service(limits=ServingLimits(max_map_side=500, max_row_work=1, max_batch_work=2))
+    data = png(size=(1200, 600), color=(20, 20, 200))
+    row = {"data": data, "explain": "1", "outputs": "heatmap,bbox"}  # full .845, capped .25 MP
+    out = svc.handle_batch([dict(row) for _ in range(5)] + [{"body": data}])
+    codes = [r.status for r in out.results]
+    assert codes == [200, 200, 200, 413, 413, 200], codes  # .845 + .845 + .25 (scaled)
+    scaled = [body_of(r)["explanations"][0].get("scaled", False) for r in out.results[:3]]
+    assert scaled == [False, False, True]
+    err = error_body(out.results[3])
+    assert err["type"] == "WorkTooLarge" and "handler.max_batch_work" in err["message"]
+    assert "send it again" in err["message"]
+    alone = svc.handle_batch([row]).results[0]  # the same request alone fits
+    assert alone.status == 200 and "scaled" not in body_of(alone)["explanations"][0]
+
+
+def test_budget_keys_are_read_from_the_handler_block(tmp_path, monkeypatch):
+    import yaml
+
+    from camserve.models import ConfigError
+
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump({"handler": {
+        "arch": "torchvision.models.resnet18", "num_classes": 3, "input_size": 64,
+        "target_layer": "layer4", "max_map_side": 1024, "max_row_work": 64}}))
+    svc = CamService.from_model_dir(tmp_path)
+    assert (svc.limits.max_map_side, svc.limits.max_row_work, svc.limits.max_batch_work) == \
+        (1024, 64, 512)
+    d = svc.describe()
+    assert (d["max_map_side"], d["max_row_work"], d["max_batch_work"]) == (1024, 64, 512)
+    with pytest.raises(ConfigError, match="handler.max_batch_work"):
+        CamService.from_model_dir(tmp_path, overrides={"max_batch_work": 32})
+    with pytest.raises(ConfigError, match="handler.max_map_side"):
+        CamService.from_model_dir(tmp_path, overrides={"max_map_side": 0})
+    with pytest.raises(ConfigError, match="did you mean 'max_row_work'"):
+        CamService.from_model_dir(tmp_path, overrides={"max_row_wrok": 3})
+
 poison_rows = st.one_of(
     st.binary(max_size=64).map(lambda b: {"body": b}),
     st.text(max_size=64).map(lambda t: {"body": t}),
@@ -429,3 +521,17 @@ def test_property_good_rows_stay_200_beside_any_poison(service, layout, forced):
         elif res.status != 200:
             assert 400 <= res.status < 500, res.to_json()[:300]
             error_body(res)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [0, 2])
+def test_worst_allowed_requests_in_a_fresh_process_within_memory_and_time(case):
+    """bench/worst_request.py's cases (36 MP x 8 targets x all outputs, scaled; 40 MP x 1 target x
+    all outputs, full size) in a fresh process on models/shapes: under 1.5 GB above idle, 30 s."""
+    from bench import worst_request
+
+    name, size, kind, targets, outputs, rows = worst_request.CASES[case][:6]
+    r = worst_request.run_case(size, kind, targets, outputs, rows)
+    assert r["statuses"] == [200], r
+    assert r["peak_above_idle_mb"] < 1536 and r["wall_s"] < 30, r
+    assert r["scaled"] == (case == 0), r

@@ -9,6 +9,8 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
+from camserve.models import recalibrate_batchnorm
+
 NUM_CLASSES = 10
 
 
@@ -26,7 +28,7 @@ class Arch:
         for m in model.modules():  # ViT zero-initialises its head: every gradient would be 0
             if isinstance(m, nn.Linear) and not m.weight.any():
                 nn.init.normal_(m.weight, std=0.02)
-        recalibrate_bn(model, self.size)
+        recalibrate_batchnorm(model, (self.size, self.size), steps=3, batch=4, seed=123)
         return model.to(dtype).eval()
 
     def input(self, batch: int, dtype: torch.dtype = torch.float64, seed: int = 1) -> torch.Tensor:
@@ -54,23 +56,6 @@ ARCHS: list[Arch] = [
 ]
 
 ARCH_BY_NAME = {a.name: a for a in ARCHS}
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, size: int, steps: int = 3) -> None:
-    """Give freshly initialised BatchNorm layers running statistics of random input, so that deep
-    random nets (MobileNetV3, EfficientNet) produce logits of a sane magnitude."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.train()
-    g = torch.Generator().manual_seed(123)
-    for _ in range(steps):
-        model(torch.randn(4, 3, size, size, generator=g))
-    model.eval()
 
 
 def reshape_for_reference(layout: Optional[str]):

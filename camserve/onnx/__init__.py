@@ -1,1 +1,14 @@
-"""The ONNX side of camserve: CAM graphs on onnxruntime, the batch job and its Ray Data runner."""
+"""camserve's ONNX side (the ``onnx`` extra: onnx, onnxruntime, onnxscript).
+
+* :mod:`.trace` — :class:`~camserve.onnx.trace.CamGraph` and its ``make_fx`` trace;
+* :mod:`.decompositions` — backward operations rewritten into exportable ones;
+* :mod:`.passes` — FX passes (out-of-place rewriting, constants to inputs);
+* :mod:`.translate` — FX graph -> ONNX (the one module using ``torch.onnx`` internals);
+* :mod:`.format` — the graph's inputs, outputs and metadata (:class:`~camserve.onnx.format.GraphMeta`);
+* :mod:`.verify` — the graph against :class:`camserve.CamEngine`;
+* :mod:`.session` — onnxruntime sessions;
+* :mod:`.export` — export + verify, ``python -m export.onnx_export``;
+* :mod:`.batch` — the offline batch job, ``python -m export.batch_cam``.
+
+Importing this package imports none of them (and neither onnx nor onnxruntime).
+"""

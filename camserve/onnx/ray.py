@@ -6,13 +6,13 @@
 ADDRESS is ``local`` (a private Ray on this machine, bound to 127.0.0.1, stopped at the end),
 ``auto`` (the cluster this machine belongs to, as ``ray start`` left it), ``HOST:PORT`` (a cluster's
 GCS address) or ``ray://HOST:PORT`` (Ray Client). Everything else is the local job's
-(:mod:`export.batch_cam`): the same inputs, the same names, the same ``results.jsonl`` lines (in
+(:mod:`camserve.onnx.batch`): the same inputs, the same names, the same ``results.jsonl`` lines (in
 completion order), ``errors.jsonl``, ``--resume``, exit statuses and summary line.
 
 The pipeline
 ------------
-1. The driver lists the inputs with the local job's own code (:func:`export.batch_cam.iter_inputs`,
-   the same :class:`~export.batch_cam.Item` paths and output names, the same ``--resume`` skip
+1. The driver lists the inputs with the local job's own code (:func:`camserve.onnx.batch.iter_inputs`,
+   the same :class:`~camserve.onnx.batch.Item` paths and output names, the same ``--resume`` skip
    list) and makes a dataset of small rows ``(id, path, name, abspath)``, one block per batch
    (:func:`build_dataset`): the images themselves never travel through the object store.
 2. ``map_batches`` runs :class:`CamBatchWorker`, a callable class in an actor pool. Each actor
@@ -66,10 +66,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from camserve.images import DEFAULT_MAX_PIXELS
-from export.batch_cam import (SAVE_KINDS, Decoded, Failed, Item, JobConfig,
-                              JobStats, Outputs, UsageError, _finish_image, _load,
-                              _resolve_target, _unique, iter_inputs)
-from export.onnx_export import CamMetadata, ort_session, read_cam_metadata
+from .batch import (SAVE_KINDS, Decoded, Failed, Item, JobConfig, JobStats, Outputs, UsageError,
+                    _finish_image, _load, _resolve_target, _unique, iter_inputs)
+from .format import GraphMeta
+from .session import ort_session
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +173,17 @@ class JobPlan:
     topk: int
     save: tuple[str, ...]
     max_pixels: int
-    meta: CamMetadata
+    meta: GraphMeta
 
 
 def plan_job(cfg: JobConfig) -> JobPlan:
-    """Check ``cfg`` as :func:`export.batch_cam.run_job` does (the same UsageErrors)."""
+    """Check ``cfg`` as :func:`camserve.onnx.batch.run_job` does (the same UsageErrors)."""
     if cfg.batch_size < 1:
         raise UsageError(f"invalid value for --batch-size: {cfg.batch_size} (allowed: 1 or more)")
     if not cfg.model.is_file():
         raise UsageError(f"invalid value for --model: {_cut(str(cfg.model))} does not exist")
     try:
-        meta = read_cam_metadata(cfg.model)
+        meta = GraphMeta.from_file(cfg.model)
     except ValueError as exc:
         raise UsageError(f"invalid value for --model: {exc}") from None
     method = cfg.method or meta.methods[0]
@@ -224,7 +224,7 @@ def actor_resources() -> tuple[int, bool]:
 
 
 def result_lines(items: Sequence[Item], sizes: Sequence[tuple[int, int]], logits: np.ndarray,
-                 target: int, topk: int, meta: CamMetadata, method: str) -> list[dict[str, Any]]:
+                 target: int, topk: int, meta: GraphMeta, method: str) -> list[dict[str, Any]]:
     """The results.jsonl lines of one session run, computed as the local job does (softmax and
     top-k in torch, in its key order), without ``files`` and with ``bbox`` None. ``target``: -1 for
     each image's top-1 class."""

@@ -13,9 +13,11 @@ from PIL import Image
 
 from camserve import CamEngine, heatmaps_at_sizes
 from camserve.images import load_image_file, preprocess
-from export import batch_cam
-from export.batch_cam import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, JobConfig, main, run_job
-from export.onnx_export import CamSource, export_cam_onnx, export_plain_onnx, read_cam_metadata
+from camserve.models import ModelSpec, from_module
+from camserve.onnx import batch as batch_cam
+from camserve.onnx.batch import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, JobConfig, main, run_job
+from camserve.onnx.export import export_cam_onnx, export_plain_onnx
+from camserve.onnx.format import GraphMeta
 
 LABELS = ["ant", "bee", "cat", "dog", "eel"]
 SIZE = (64, 64)
@@ -34,8 +36,9 @@ def model() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def graph(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = CamSource(model=model, arch="torchvision.models.resnet18", input_size=SIZE, mean=MEAN,
-                    std=STD, layer=LAYER, labels=list(LABELS), topk=3)
+    spec = ModelSpec(arch="torchvision.models.resnet18", input_size=SIZE, mean=MEAN, std=STD,
+                     target_layer=LAYER, topk=3)
+    src = from_module(model, spec, labels=LABELS)
     out = tmp_path_factory.mktemp("graph") / "r18.cam.onnx"
     export_cam_onnx(src, out, methods=("gradcam", "layercam"))
     return out
@@ -170,6 +173,24 @@ def test_explicit_target(graph: Path, images: dict[str, Path], model: torch.nn.M
     assert np.abs(raw - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1e-12)
 
 
+def test_target_labels_resolve_like_the_server(graph: Path, images: dict[str, Path],
+                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--target takes labels case-insensitively and indices, as the handler's target option does
+    (camserve.records.resolve_target); -1 is each image's top-1 class."""
+    for value, want in (("EEL", 4), ("Bee", 1), ("2", 2), ("-1", None)):
+        out = tmp_path / f"out-{value}"
+        assert main(["--model", str(graph), str(images["a"]), "--out", str(out), "--save", "none",
+                     "--target", value]) == EXIT_OK
+        [r] = _lines(out / "results.jsonl")
+        assert r["target"] == (r["topk"][0]["index"] if want is None else want)
+        assert r["label"] == LABELS[r["target"]]
+    for value, match in (("yak", "unknown label 'yak'"), ("5", "out of range"), ("-2", "out of range")):
+        assert main(["--model", str(graph), str(images["a"]), "--out", str(tmp_path / "x"),
+                     "--target", value]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "invalid value for --target" in err and match in err
+
+
 def test_list_file_input(graph: Path, images: dict[str, Path], tmp_path: Path) -> None:
     root = images["root"]
     listing = root / "todo.txt"
@@ -247,7 +268,7 @@ def test_usage_errors(graph: Path, images: dict[str, Path], tmp_path: Path, mode
 
 
 def test_decoding_window_is_bounded(graph: Path, tmp_path: Path) -> None:
-    meta = read_cam_metadata(graph)
+    meta = GraphMeta.from_file(graph)
     for i in range(40):
         _img(tmp_path / "many" / f"{i:03d}.png", (16, 16), i)
     items = batch_cam.iter_inputs([str(tmp_path / "many")])
@@ -271,10 +292,10 @@ def test_decoding_window_is_bounded(graph: Path, tmp_path: Path) -> None:
 
 
 def test_metadata_is_enough(graph: Path) -> None:
-    meta = read_cam_metadata(graph)
-    assert meta.labels == LABELS and meta.layer == LAYER
+    meta = GraphMeta.from_file(graph)
+    assert meta.labels == tuple(LABELS) and meta.layer == LAYER
     assert meta.input_size == SIZE and meta.mean == MEAN and meta.std == STD
-    assert meta.methods == ["gradcam", "layercam"]
+    assert meta.methods == ("gradcam", "layercam")
     assert meta.output_for("layercam") == "cam_layercam" and meta.output_for("GradCAM") == "cam"
 
 
@@ -285,10 +306,10 @@ def test_export_then_job_on_committed_samples_matches_the_handler(tmp_path: Path
     pytest.importorskip("ts", reason="TorchServe (the ts package) is not installed")
     import base64
 
-    from export import onnx_export
+    from export import onnx_export  # the thin entry point of the Makefile
     from tests.test_handler import load_handler_module, make_context, set_requests
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     model_dir, samples = root / "models" / "shapes", root / "models" / "shapes" / "samples"
     onnx_path, out = tmp_path / "shapes.cam.onnx", tmp_path / "job"
     assert onnx_export.main([str(model_dir), "--out", str(onnx_path)]) == 0

@@ -20,28 +20,25 @@ from torch import nn
 
 import camserve
 from camserve import CamEngine, available_methods
-from camserve.graph import (
-    _adaptive_avg_pool2d_grad,
-    _avg_pool2d_grad,
-    _conv_input_grad,
-    functionalize_inplace,
-    lift_constants,
-    method_output_name,
-    output_names,
-    trace_cam_graph,
-)
-from export.onnx_export import (
-    CamSource,
-    ExportError,
-    export_cam_onnx,
-    main,
-    ort_session,
-    read_cam_metadata,
-    relative_error,
-)
+from camserve.models import ModelSpec, from_module
+from camserve.onnx.decompositions import adaptive_avg_pool2d_grad, avg_pool2d_grad, conv_input_grad
+from camserve.onnx.export import ExportError, export_cam_onnx, main
+from camserve.onnx.format import GraphMeta, method_output_name, output_names
+from camserve.onnx.passes import functionalize_inplace, lift_constants
+from camserve.onnx.session import ort_session
+from camserve.onnx.trace import trace_cam_graph
+from camserve.onnx.verify import relative_error
 from tests.zoo import ARCHS, Arch
 
 TOL = 1e-4
+
+
+def loaded(model: nn.Module, *, arch: str, input_size: tuple[int, int], layer: str,
+           labels: list[str], layout: str | None = None, **spec: Any):
+    """A LoadedModel of an in-memory network (what a model folder gives)."""
+    return from_module(model, ModelSpec(arch=arch, input_size=input_size, target_layer=layer,
+                                        layout=layout, **spec), labels=labels)
+
 #: The zoo is heavy (28 exports, a minute each for DenseNet, ViT, Swin on one core): it runs in a
 #: pool of single-threaded worker processes, heaviest first, and each test checks its own case.
 HEAVY_FIRST = ["densenet121", "swin_t", "vit_b_16", "vgg11_bn", "resnet50", "convnext_tiny",
@@ -66,8 +63,8 @@ def _export_arch(job: tuple[str, str]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         row: dict[str, Any] = {"key": f"{name}-{layer}"}
         try:
-            src = CamSource(model=model, arch=name, input_size=(arch.size, arch.size), layer=layer,
-                            labels=[str(i) for i in range(10)], layout=arch.layout)
+            src = loaded(model, arch=name, input_size=(arch.size, arch.size), layer=layer,
+                         labels=[str(i) for i in range(10)], layout=arch.layout)
             path = Path(out_dir) / f"{name}-{layer}.onnx"
             info = export_cam_onnx(src, path, methods=("gradcam",), threads=1)
             probe = torch.randn(2, 3, arch.size, arch.size, generator=torch.Generator().manual_seed(9))
@@ -84,11 +81,17 @@ def _export_arch(job: tuple[str, str]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def zoo_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+def zoo_results(request: pytest.FixtureRequest,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     import multiprocessing as mp
 
     out = tmp_path_factory.mktemp("zoo")
-    names = sorted({a.name for a in ARCHS}, key=lambda n: HEAVY_FIRST.index(n)
+    # only the architectures of the selected tests (-k), all of them for the parity table
+    selected = {item.callspec.params["arch"].name for item in request.session.items
+                if item.name.startswith("test_zoo_graph_equals_engine[")}
+    if any(item.name == "test_print_parity_table" for item in request.session.items):
+        selected = {a.name for a in ARCHS}
+    names = sorted(selected, key=lambda n: HEAVY_FIRST.index(n)
                    if n in HEAVY_FIRST else len(HEAVY_FIRST))
     workers = max(1, min(4, os.cpu_count() or 1))
     results: dict[str, dict[str, Any]] = {}
@@ -108,6 +111,7 @@ def zoo_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 ZOO = [pytest.param(a, layer, id=f"{a.name}-{layer}") for a in ARCHS for layer in a.layers]
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("arch,layer", ZOO)
 def test_zoo_graph_equals_engine(arch: Arch, layer: str, zoo_results: dict[str, dict[str, Any]]) -> None:
     """Every output of the exported graph equals the engine's within 1e-4 (relative to the largest
@@ -125,6 +129,7 @@ def test_zoo_graph_equals_engine(arch: Arch, layer: str, zoo_results: dict[str, 
     assert row["logits_std"] > 1e-3  # a non-degenerate test model
 
 
+@pytest.mark.zoo
 def test_print_parity_table(zoo_results: dict[str, dict[str, Any]],
                             capsys: pytest.CaptureFixture[str]) -> None:
     """Not a check: prints the zoo's worst relative errors and times (visible with -s)."""
@@ -155,8 +160,8 @@ def r18() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def all_methods_graph(r18: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    src = CamSource(model=r18, arch="torchvision.models.resnet18", input_size=(64, 48), layer="layer3",
-                    labels=[f"c{i}" for i in range(7)], mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
+    src = loaded(r18, arch="torchvision.models.resnet18", input_size=(64, 48), layer="layer3",
+                 labels=[f"c{i}" for i in range(7)], mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
     path = tmp_path_factory.mktemp("g") / "all.onnx"
     info = export_cam_onnx(src, path, methods=available_methods())
     return path, info
@@ -189,7 +194,7 @@ def test_graph_inputs_outputs_and_metadata(all_methods_graph: tuple[Path, object
     assert meta["layer"] == "layer3"
     assert json.loads(meta["methods"]) == available_methods()
     assert json.loads(meta["cam_outputs"])["gradcam++"] == "cam_gradcampp"
-    parsed = read_cam_metadata(path)
+    parsed = GraphMeta.from_file(path)
     assert parsed.output_for("gradcam") == "cam" and parsed.input_size == (64, 48)
     # every method's map was compared with the engine during the export
     assert all(e <= TOL for case in info.errors.values() for e in case.values())
@@ -238,8 +243,7 @@ def test_torch_exporter_and_opset(tmp_path: Path) -> None:
     pass the same verification."""
     torch.manual_seed(0)
     model = TinyNet(4).eval()
-    src = CamSource(model=model, arch="TinyNet", input_size=(32, 32), layer="features.3",
-                    labels=list("abcd"))
+    src = loaded(model, arch="TinyNet", input_size=(32, 32), layer="features.3", labels=list("abcd"))
     info = export_cam_onnx(src, tmp_path / "t.onnx", exporter="torch")
     assert info.exporter == "torch" and info.errors["-1"]["cam"] <= TOL
     info = export_cam_onnx(src, tmp_path / "o.onnx", opset=20)
@@ -252,7 +256,8 @@ def test_torch_exporter_and_opset(tmp_path: Path) -> None:
 
 def test_training_mode_is_refused(tmp_path: Path) -> None:
     m = torchvision.models.resnet18(num_classes=3)  # train mode
-    src = CamSource(model=m, arch="resnet18", input_size=(32, 32), layer="layer4", labels=list("abc"))
+    src = loaded(m.eval(), arch="resnet18", input_size=(32, 32), layer="layer4", labels=list("abc"))
+    m.train()
     with pytest.raises((ValueError, ExportError), match="training mode"):
         export_cam_onnx(src, tmp_path / "x.onnx")
 
@@ -270,7 +275,7 @@ def test_conv_backward_is_transposed_conv(size: int, stride: int, padding: int, 
     y = F.conv2d(x, w, None, stride, padding, dilation, groups)
     gy = torch.randn(y.shape, generator=g)
     ref, = torch.autograd.grad(y, x, gy)
-    got, *_ = _conv_input_grad(gy, x.detach(), w, None, [stride] * 2, [padding] * 2, [dilation] * 2,
+    got, *_ = conv_input_grad(gy, x.detach(), w, None, [stride] * 2, [padding] * 2, [dilation] * 2,
                                False, [0, 0], groups, [True, False, False])
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     # the adjoint of a transposed convolution is a convolution
@@ -278,7 +283,7 @@ def test_conv_backward_is_transposed_conv(size: int, stride: int, padding: int, 
     yt = F.conv_transpose2d(xt, w, None, stride, padding, 0, groups, dilation)
     gyt = torch.randn(yt.shape, generator=g)
     ref_t, = torch.autograd.grad(yt, xt, gyt)
-    got_t, *_ = _conv_input_grad(gyt, xt.detach(), w, None, [stride] * 2, [padding] * 2,
+    got_t, *_ = conv_input_grad(gyt, xt.detach(), w, None, [stride] * 2, [padding] * 2,
                                  [dilation] * 2, True, [0, 0], groups, [True, False, False])
     torch.testing.assert_close(got_t, ref_t, rtol=1e-5, atol=1e-5)
 
@@ -290,7 +295,7 @@ def test_adaptive_avg_pool_backward(size_in: tuple[int, int], size_out: tuple[in
     y = F.adaptive_avg_pool2d(x, size_out)
     gy = torch.randn(y.shape)
     ref, = torch.autograd.grad(y, x, gy)
-    torch.testing.assert_close(_adaptive_avg_pool2d_grad(gy, x.detach()), ref)
+    torch.testing.assert_close(adaptive_avg_pool2d_grad(gy, x.detach()), ref)
 
 
 @pytest.mark.parametrize("kernel,stride,padding,ceil,include_pad,override", [
@@ -303,7 +308,7 @@ def test_avg_pool_backward(kernel: int, stride: int, padding: int, ceil: bool, i
     y = F.avg_pool2d(x, kernel, stride, padding, ceil, include_pad, override)
     gy = torch.randn(y.shape)
     ref, = torch.autograd.grad(y, x, gy)
-    got = _avg_pool2d_grad(gy, x.detach(), [kernel] * 2, [stride] * 2, [padding] * 2, ceil,
+    got = avg_pool2d_grad(gy, x.detach(), [kernel] * 2, [stride] * 2, [padding] * 2, ceil,
                            include_pad, override)
     torch.testing.assert_close(got, ref)
 
@@ -351,8 +356,8 @@ def test_cli_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     text = capsys.readouterr().out
     assert "layer layer3" in text and "cam_gradcampp" in text and "explicit" in text
-    meta = read_cam_metadata(out)
-    assert meta.arch == "torchvision.models.resnet18" and meta.labels == ["0", "1", "2", "3"]
+    meta = GraphMeta.from_file(out)
+    assert meta.arch == "torchvision.models.resnet18" and meta.labels == ("0", "1", "2", "3")
     assert meta.input_size == (48, 32)
 
 
@@ -397,19 +402,19 @@ def model_dir(tmp_path: Path) -> Path:
 def test_cli_model_dir(model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "store" / "tiny.cam.onnx"
     assert main([str(model_dir), "--out", str(out)]) == 0
-    meta = read_cam_metadata(out)
-    assert meta.labels == ["circle", "square", "star"]
+    meta = GraphMeta.from_file(out)
+    assert meta.labels == ("circle", "square", "star")
     assert meta.input_size == (40, 32) and meta.mean == (0.5, 0.5, 0.5)
-    assert meta.layer == "features.3" and meta.methods == ["hirescam"] and meta.topk == 2
+    assert meta.layer == "features.3" and meta.methods == ("hirescam",) and meta.topk == 2
     assert main([str(model_dir), "--layer", "features.5", "--methods", "gradcam,layercam",
                  "--out", str(out)]) == 0
-    assert read_cam_metadata(out).layer == "features.5"
+    assert GraphMeta.from_file(out).layer == "features.5"
 
 
 def test_cli_errors(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = str(tmp_path / "x.onnx")
     assert main([str(model_dir), "--layer", "features.9", "--out", out]) == 2
-    assert "invalid value for target_layer" in capsys.readouterr().err
+    assert "invalid value for handler.target_layer: 'features.9'" in capsys.readouterr().err
     assert main([str(model_dir), "--methods", "gradcam,magic", "--out", out]) == 2
     assert "known: gradcam" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere"), "--out", out]) == 2
@@ -424,3 +429,29 @@ def test_cli_errors(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([str(model_dir), "--tolerance", "0", "--out", out]) == 1
     err = capsys.readouterr().err
     assert "verification failed" in err and "relative error > 0" in err
+
+
+def test_folder_without_labels_key_exports_the_labels_it_serves(model_dir: Path, tmp_path: Path) -> None:
+    """No ``labels:`` key: the folder's index_to_name.json names the classes, as when serving."""
+    from camserve.models import load_model_dir
+
+    cfg = model_dir / "model-config.yaml"
+    cfg.write_text(cfg.read_text().replace("  labels: index_to_name.json\n", ""))
+    assert "labels" not in cfg.read_text()
+    served = load_model_dir(model_dir).labels
+    out = tmp_path / "nolabels.onnx"
+    assert main([str(model_dir), "--out", str(out), "--no-verify"]) == 0
+    assert list(GraphMeta.from_file(out).labels) == served == ["circle", "square", "star"]
+
+
+def test_arch_export_ignores_labels_of_the_working_folder(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from camserve.onnx.export import load_arch
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "index_to_name.json").write_text(json.dumps({"0": "x", "1": "y"}))
+    lm = load_arch("torchvision.models.resnet18", num_classes=2, input_size=32)
+    assert lm.labels == ["0", "1"]
+    lm = load_arch("torchvision.models.resnet18", num_classes=2, input_size=32,
+                   labels="index_to_name.json")
+    assert lm.labels == ["x", "y"]

@@ -1,0 +1,335 @@
+"""Export a classifier to an ONNX graph that computes Grad-CAM itself, and verify it.
+
+The graph
+---------
+Inputs:
+
+* ``input``  float32 (N, 3, H, W) — N dynamic, H and W the model's input size;
+* ``target`` int64 (N,) — the class to explain per row; a negative value (-1) means "the row's
+  top-1 class". It is optional: the graph stores ``[-1]`` as its default (an initializer that is
+  also a graph input), so a session run without it explains the top-1 class of every row, and a
+  (1,) tensor applies one target to every row.
+
+Outputs: ``logits`` (N, C); ``activations`` (N, K, h, w) of the target layer (NCHW, token or
+channels-last layers reshaped by :func:`camserve.layers.to_nchw`); ``gradients`` (N, K, h, w) =
+d logit[target] / d activations; ``cam`` (N, h, w), the raw map (post-ReLU, not normalised) of the
+first method (Grad-CAM by default); then ``cam_<method>`` per extra method, with ``+`` spelled ``p``
+(``gradcam++`` -> ``cam_gradcampp``).
+
+All of it is a trace of :class:`camserve.onnx.trace.CamGraph`, which runs the engine's own capture
+and CAM step (:func:`camserve.engine.cam_step`), so the graph computes what the TorchServe handler
+computes. ``metadata_props`` carry everything a consumer needs (:class:`camserve.onnx.format.GraphMeta`:
+the model's spec, labels, layer, methods, output names, camserve version): the ``.onnx`` file alone
+is enough downstream.
+
+Every export is checked: ``onnx.checker.check_model(full_check=True)`` and an onnxruntime run on a
+random batch of another size than the traced one, output by output against
+:class:`camserve.CamEngine` (relative error ``max|a-b| / max|b|`` <= 1e-4), with an explicit target,
+with -1, and without the ``target`` input (:func:`camserve.onnx.verify.verify_cam_onnx`).
+
+Command line::
+
+    python -m export.onnx_export models/shapes --out model_store/shapes.cam.onnx
+    python -m export.onnx_export --arch torchvision.models.resnet18 --num-classes 10 \\
+        --layer layer3 --input-size 128 --methods gradcam,gradcam++ --out /tmp/r18.cam.onnx
+
+Exit status: 0 exported and verified; 1 export or verification failed; 2 usage error.
+
+Example::
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from camserve.models import ModelSpec, from_module
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ...                     nn.Linear(4, 3)).eval()
+    >>> lm = from_module(net, ModelSpec(arch="tiny", target_layer="0", input_size=(16, 16)))
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     info = export_cam_onnx(lm, f"{d}/tiny.cam.onnx", methods=("gradcam", "layercam"))
+    ...     meta = GraphMeta.from_file(info.path)
+    >>> info.outputs, meta.layer, meta.labels
+    (['logits', 'activations', 'gradients', 'cam', 'cam_layercam'], '0', ('0', '1', '2'))
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import available_methods
+from ..models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ConfigError,
+    LoadedModel,
+    ModelSpec,
+    load_model,
+    load_model_dir,
+)
+from .format import INPUT_NAMES, GraphMeta, check_methods, output_names
+from .trace import frozen_parameters, trace_cam_graph, trace_model_graph
+from .translate import (
+    BASE_OPSET,
+    EXPORTERS,
+    OPTIMIZE_LEVELS,
+    ExportError,
+    check_model,
+    graph_to_onnx,
+    onnx_decompositions,
+    save_model,
+    timed,
+)
+from .verify import DEFAULT_TOLERANCE, TRACE_BATCH, VerificationError, verify_cam_onnx
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportError", "ExportInfo", "VerificationError", "export_cam_onnx", "export_plain_onnx",
+           "load_arch", "main"]
+
+
+def load_arch(arch: str, *, weights: Optional[str | Path] = None, num_classes: Optional[int] = None,
+              input_size: int | Sequence[int] = 224, layer: Optional[str] = None,
+              mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+              labels: Optional[str | Path] = None, layout: Optional[str] = None,
+              calibrate: bool = True) -> LoadedModel:
+    """A model without a folder, as the same :class:`~camserve.models.LoadedModel` a folder gives:
+    ``arch`` as in a config (``torchvision.models.resnet18``, ``package.module:Class``), a
+    state_dict file or random init (then, with ``calibrate``, the BatchNorm statistics are
+    recomputed on random input so the logits are not vanishingly small). ``labels``: an
+    ``index_to_name.json`` file (default: the class indices).
+
+    Example::
+
+        >>> lm = load_arch("torchvision.models.resnet18", num_classes=3, input_size=64)
+        >>> lm.layer, lm.labels, lm.spec.input_size
+        ('layer4', ['0', '1', '2'], (64, 64))
+    """
+    cfg: dict[str, Any] = {"arch": arch, "input_size": list(input_size) if not isinstance(input_size, int)
+                           else input_size, "mean": list(mean), "std": list(std)}
+    for key, value in (("num_classes", num_classes), ("layout", layout), ("target_layer", layer),
+                       ("labels", None if labels is None else str(labels))):
+        if value is not None:
+            cfg[key] = value
+    spec = ModelSpec.from_config(cfg)
+    loaded = load_model(spec, Path.cwd(), weights=weights, calibrate=calibrate)
+    if labels is None:  # no folder: an index_to_name.json in the working folder is not this model's
+        loaded = dataclasses.replace(loaded, labels=[str(i) for i in range(loaded.num_classes)])
+    return loaded
+
+
+# -- export -----------------------------------------------------------------------------------------
+
+def _set_target_default(model: Any) -> None:
+    """Make the ``target`` input optional: an initializer ``[-1]`` that is also a graph input (ORT
+    uses it when the input is not fed), with its own dimension name so that (1,) is accepted."""
+    import onnx_ir as ir
+
+    target = next(v for v in model.graph.inputs if v.name == "target")
+    target.shape = ir.Shape(["target_batch"])
+    target.const_value = ir.tensor(np.array([-1], dtype=np.int64), name="target")
+    model.graph.register_initializer(target)
+
+
+@dataclass
+class ExportInfo:
+    """What :func:`export_cam_onnx` did."""
+
+    path: Path
+    layer: str
+    methods: tuple[str, ...]
+    outputs: list[str]
+    exporter: str
+    seconds: float
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    redrawn: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def export_cam_onnx(loaded: LoadedModel, out: str | Path, *, methods: Sequence[str] = ("gradcam",),
+                    opset: int = BASE_OPSET, exporter: str = "auto", optimize: str = "basic",
+                    verify: bool = True, tolerance: float = DEFAULT_TOLERANCE,
+                    seed: int = 0, threads: Optional[int] = None) -> ExportInfo:
+    """Trace, translate, check and save the CAM graph of ``loaded`` (at ``loaded.layer``) to
+    ``out``, with its :class:`~camserve.onnx.format.GraphMeta` as metadata; with ``verify`` also
+    compare it with :class:`camserve.CamEngine` (:func:`~camserve.onnx.verify.verify_cam_onnx`,
+    raising VerificationError; ``threads``: onnxruntime intra-op threads for it)."""
+    if opset < BASE_OPSET:
+        raise ValueError(f"invalid value for opset: {opset} (allowed: {BASE_OPSET} or newer)")
+    methods = check_methods(methods)
+    meta = GraphMeta.from_loaded(loaded, methods)
+    spec, layer = meta.spec, meta.layer
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    example = torch.randn(TRACE_BATCH, 3, *spec.input_size, generator=gen)
+    outputs = output_names(methods)
+
+    def trace(onnx_ready: bool) -> torch.fx.GraphModule:
+        return trace_cam_graph(loaded.model, layer, example, methods, layout=spec.layout,  # type: ignore[arg-type]
+                               decompositions=onnx_decompositions() if onnx_ready else None,
+                               functional=onnx_ready)
+
+    target = torch.full((TRACE_BATCH,), -1, dtype=torch.long)
+    timings: dict[str, float] = {}
+    model, used = graph_to_onnx(trace, (example, target), INPUT_NAMES, outputs, exporter=exporter,
+                                optimize=optimize, opset=opset, timings=timings)
+    _set_target_default(model)
+    model.metadata_props.update(meta.to_props())
+    model.doc_string = (f"camserve CAM graph: {spec.arch}, layer {layer}, methods {', '.join(methods)}. "
+                        f"Inputs: input float32 (N,3,{spec.input_size[0]},{spec.input_size[1]}), "
+                        f"target int64 (N,) optional, negative = top-1. Outputs: {', '.join(outputs)}.")
+    with timed(timings, "save"):
+        out = save_model(model, out)
+    with timed(timings, "check"):
+        check_model(out)
+    info = ExportInfo(path=out, layer=layer, methods=methods, outputs=outputs, exporter=used,
+                      seconds=time.perf_counter() - t0, timings=timings)
+    log.info("exported %s (layer %s, %s exporter) in %.1fs", out, layer, used, info.seconds)
+    if verify:
+        with timed(timings, "verify"):
+            checked = verify_cam_onnx(out, loaded, layer=layer, methods=methods,
+                                      tolerance=tolerance, seed=seed + 1, threads=threads)
+        info.errors, info.redrawn = checked.errors, checked.redrawn
+    return info
+
+
+def export_plain_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], *,
+                      exporter: str = "auto", optimize: str = "basic",
+                      opset: int = BASE_OPSET) -> Path:
+    """The plain classifier (``input`` -> ``logits``) through the same trace and translation as the
+    CAM graph — the baseline the CAM graph's cost is measured against."""
+    example = torch.randn(TRACE_BATCH, 3, *[int(s) for s in input_size])
+
+    def trace(onnx_ready: bool) -> torch.fx.GraphModule:
+        with frozen_parameters(model):
+            return trace_model_graph(model, example,
+                                     decompositions=onnx_decompositions() if onnx_ready else None,
+                                     functional=onnx_ready)
+
+    onnx_model, _ = graph_to_onnx(trace, (example,), ("input",), ("logits",), exporter=exporter,
+                                  optimize=optimize, opset=opset)
+    path = save_model(onnx_model, out)
+    check_model(path)
+    return path
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export.onnx_export",
+        description="Export a classifier to an ONNX graph that outputs logits, the target layer's "
+                    "activations and gradients, and CAMs; then verify it against the PyTorch engine.",
+        epilog="Exit status: 0 exported and verified, 1 export or verification failed, 2 usage error.")
+    p.add_argument("model_dir", nargs="?", help="model folder with model-config.yaml (or use --arch)")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--arch", help="build this architecture instead of a model folder, e.g. "
+                                  "torchvision.models.resnet18 or package.module:Class")
+    p.add_argument("--weights", help="state_dict file (default: the folder's, or random init for --arch)")
+    p.add_argument("--num-classes", type=int, help="number of classes (--arch)")
+    p.add_argument("--input-size", help="H or H,W (--arch; default 224)")
+    p.add_argument("--mean", help="3 comma-separated numbers (--arch; default ImageNet)")
+    p.add_argument("--std", help="3 comma-separated numbers (--arch; default ImageNet)")
+    p.add_argument("--labels", help="index_to_name.json (--arch)")
+    p.add_argument("--layer", help="target layer, dotted module name (default: the config's, or "
+                                   "auto-located)")
+    p.add_argument("--layout", choices=["nchw", "nhwc", "tokens"], help="force the layer output layout")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated CAM methods, the first one is output 'cam' (default: the "
+                        f"config's method; known: {', '.join(available_methods())})")
+    p.add_argument("--opset", type=int, default=BASE_OPSET, help=f"ONNX opset (>= {BASE_OPSET})")
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto",
+                   help="fast (one trace), torch (torch.onnx.export) or auto (fast, then torch)")
+    p.add_argument("--optimize", choices=OPTIMIZE_LEVELS, default="basic",
+                   help="basic: constant folding and clean-up (default); full: also onnxscript's "
+                        "pattern rewrites and fusions (slow on large graphs)")
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="max relative error of the verification (default 1e-4)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _floats(text: str, what: str, parser: argparse.ArgumentParser) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        parser.error(f"invalid value for {what}: {text!r} (comma-separated numbers)")
+    return vals
+
+
+def _load(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LoadedModel:
+    """The model the command line names: a folder (:func:`camserve.models.load_model_dir`, with
+    ``--layer``/``--layout`` as overrides) or ``--arch`` (:func:`load_arch`)."""
+    if args.arch:
+        size: Any = 224
+        if args.input_size:
+            dims = [int(round(v)) for v in _floats(args.input_size, "--input-size", parser)]
+            size = dims[0] if len(dims) == 1 else dims
+        return load_arch(args.arch, weights=args.weights, num_classes=args.num_classes,
+                         input_size=size, layer=args.layer, labels=args.labels, layout=args.layout,
+                         mean=_floats(args.mean, "--mean", parser) if args.mean else IMAGENET_MEAN,
+                         std=_floats(args.std, "--std", parser) if args.std else IMAGENET_STD)
+    for opt in ("num_classes", "input_size", "mean", "std", "labels"):
+        if getattr(args, opt) is not None:
+            parser.error(f"--{opt.replace('_', '-')} is for --arch; a model folder's "
+                         f"model-config.yaml sets it")
+    return load_model_dir(args.model_dir, weights=args.weights,
+                          overrides={"target_layer": args.layer, "layout": args.layout})
+
+
+def _report(info: ExportInfo, arch: str, tolerance: float) -> None:
+    """What was written, and the verification table."""
+    size_mb = info.path.stat().st_size / 1e6
+    print(f"wrote {info.path} ({size_mb:.1f} MB) in {info.seconds:.1f}s: {arch}, layer "
+          f"{info.layer}, outputs {', '.join(info.outputs)} ({info.exporter} exporter)")
+    if info.errors:
+        print(f"verified against the PyTorch engine (relative error, tolerance {tolerance:g}):")
+        width = max(len(n) for n in info.outputs)
+        print(f"  {'output':<{width}}  " + "  ".join(f"{c:>9}" for c in info.errors))
+        for name in info.outputs:
+            print(f"  {name:<{width}}  " + "  ".join(f"{info.errors[c][name]:9.1e}" for c in info.errors))
+        if info.redrawn:
+            print(f"  ({info.redrawn} input rows were drawn again: their gradients sat on a "
+                  f"ReLU/max-pool switch where float32 rounding decides)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if bool(args.model_dir) == bool(args.arch):
+        parser.error("give either MODEL_DIR or --arch (not both)")
+    if args.opset < BASE_OPSET:
+        parser.error(f"invalid value for --opset: {args.opset} (allowed: {BASE_OPSET} or newer)")
+    try:
+        loaded = _load(args, parser)
+        methods = check_methods(args.methods.split(",") if args.methods else [loaded.spec.method])
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        info = export_cam_onnx(loaded, args.out, methods=methods, opset=args.opset,
+                               exporter=args.exporter, optimize=args.optimize,
+                               verify=not args.no_verify, tolerance=args.tolerance)
+    except VerificationError as exc:
+        print(f"error: verification failed: {exc}", file=sys.stderr)
+        return 1
+    except (ExportError, ValueError) as exc:
+        print(f"error: export failed: {exc}", file=sys.stderr)
+        return 1
+    _report(info, loaded.spec.arch, args.tolerance)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m camserve.onnx.export
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The CAM graph's file format: input and output names, and its metadata.
+
+Inputs: ``input`` float32 (N, 3, H, W) and ``target`` int64 (N,) or (1,), optional (default
+``[-1]``: each row's top-1 class). Outputs: ``logits``, ``activations``, ``gradients``, ``cam``
+(the first method's map), then ``cam_<method>`` per extra method (:func:`output_names`).
+
+The ``metadata_props`` are written from and read back into one description, :class:`GraphMeta`: the
+model's :class:`~camserve.models.ModelSpec` (what a consumer needs: arch, input size, mean, std,
+topk, ... and the target layer), the class labels, the methods, and the camserve version. Each key
+is spelled once, in :data:`SPEC_KEYS` / :data:`KEYS`; values are strings (lists and maps as JSON).
+
+Example::
+
+    >>> from camserve.models import ModelSpec
+    >>> meta = GraphMeta(ModelSpec(arch="net:Net", num_classes=2, target_layer="features",
+    ...                            input_size=(32, 32)), labels=("cat", "dog"),
+    ...                  methods=("gradcam", "gradcam++"))
+    >>> props = meta.to_props()
+    >>> props["layer"], props["cam_outputs"]
+    ('features', '{"gradcam": "cam", "gradcam++": "cam_gradcampp"}')
+    >>> GraphMeta.from_props(props) == meta
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from .. import __version__
+from ..methods import available_methods, get_method
+from ..models import ConfigError, ModelSpec
+
+#: Graph input names, in order.
+INPUT_NAMES: tuple[str, str] = ("input", "target")
+#: Names of the fixed outputs of a CAM graph, in order; ``cam_<method>`` outputs follow.
+BASE_OUTPUTS: tuple[str, ...] = ("logits", "activations", "gradients", "cam")
+#: The symbolic batch dimension's name.
+BATCH_DIM = "batch"
+
+#: ModelSpec field -> metadata key. ``weights`` and ``labels`` name files of a model folder and are
+#: not written (the labels themselves are, under ``labels``).
+SPEC_KEYS: dict[str, str] = {
+    "arch": "arch", "num_classes": "num_classes", "target_layer": "layer",
+    "input_size": "input_size", "mean": "mean", "std": "std", "method": "method", "topk": "topk",
+    "max_pixels": "max_pixels", "outputs": "outputs", "layout": "layout",
+}
+#: ModelSpec fields the graph does not record: files of a model folder (``weights``, ``labels``: the
+#: labels themselves are written) and the limits of the REST server.
+NOT_WRITTEN: tuple[str, ...] = ("weights", "labels", "formats", "max_response_size",
+                                "max_option_length", "max_map_side", "max_row_work", "max_batch_work")
+#: The other keys.
+KEYS: dict[str, str] = {"labels": "labels", "methods": "methods", "cam_outputs": "cam_outputs",
+                        "version": "camserve_version", "target": "target"}
+#: Keys a graph must have to be a camserve CAM graph.
+REQUIRED: tuple[str, ...] = ("arch", "layer", "input_size", "mean", "std", "labels", "methods",
+                             "cam_outputs")
+TARGET_DOC = "int64 (N,) or (1,); negative = top-1 class; optional, default [-1]"
+
+
+class GraphFormatError(ValueError):
+    """A file that is not a camserve CAM graph, or whose metadata is invalid; names the key."""
+
+
+def method_output_name(method: str) -> str:
+    """Graph output name for an extra CAM method: ``cam_`` + the method name with ``+`` spelled
+    ``p`` and any other character outside ``[A-Za-z0-9_]`` dropped (``gradcam++`` ->
+    ``cam_gradcampp``)."""
+    name = str(method).lower().replace("+", "p")
+    return "cam_" + re.sub(r"[^a-z0-9_]", "", name)
+
+
+def output_names(methods: Sequence[str]) -> list[str]:
+    """Output names of a CAM graph for ``methods`` (the first one is ``cam``).
+
+    Example::
+
+        >>> output_names(["hirescam", "gradcam++"])
+        ['logits', 'activations', 'gradients', 'cam', 'cam_gradcampp']
+    """
+    return list(BASE_OUTPUTS) + [method_output_name(m) for m in methods[1:]]
+
+
+def cam_outputs(methods: Sequence[str]) -> dict[str, str]:
+    """``{method: output name}`` of a graph with ``methods``."""
+    return {m: ("cam" if i == 0 else method_output_name(m)) for i, m in enumerate(methods)}
+
+
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """Validate and normalise a method list (lower case, no repeats, at least one)."""
+    out: list[str] = []
+    for m in methods:
+        key = str(m).strip().lower()
+        if not key:
+            continue
+        get_method(key)  # ValueError naming the known methods
+        if key not in out:
+            out.append(key)
+    if not out:
+        raise ValueError(f"invalid value for methods: {list(methods)!r} is empty "
+                         f"(known: {', '.join(available_methods())})")
+    names = [method_output_name(m) for m in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"invalid value for methods: {out!r} map to clashing output names {names}")
+    return tuple(out)
+
+
+def _encode(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(list(value) if isinstance(value, tuple)
+                                                           else value)
+
+
+@dataclass(frozen=True)
+class GraphMeta:
+    """What a CAM graph records about its model: ``spec`` (``target_layer`` is the graph's layer;
+    the fields of :data:`NOT_WRITTEN` are reset to their defaults), the class ``labels``, the ``methods`` (the first one is output
+    ``cam``) and the camserve ``version`` that wrote it."""
+
+    spec: ModelSpec
+    labels: tuple[str, ...]
+    methods: tuple[str, ...]
+    version: str = __version__
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
+        object.__setattr__(self, "methods", check_methods(self.methods))
+        if not self.spec.target_layer:
+            raise ValueError("invalid value for spec.target_layer: a CAM graph has a target layer")
+        if self.spec.num_classes is not None and self.spec.num_classes != len(self.labels):
+            raise ValueError(f"invalid value for labels: {len(self.labels)} labels for "
+                             f"{self.spec.num_classes} classes")
+        unwritten = {f: getattr(ModelSpec, f) for f in NOT_WRITTEN if hasattr(ModelSpec, f)}
+        object.__setattr__(self, "spec", dataclasses.replace(
+            self.spec, **unwritten, num_classes=len(self.labels)))
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, methods: Sequence[str], layer: Optional[str] = None) -> "GraphMeta":
+        """The description of ``loaded`` (a :class:`camserve.models.LoadedModel`) exported with
+        ``methods`` at ``layer`` (default: its layer)."""
+        spec = dataclasses.replace(loaded.spec, target_layer=layer or loaded.layer)
+        return cls(spec, tuple(loaded.labels), tuple(methods))
+
+    # -- what consumers read -----------------------------------------------------------------
+    @property
+    def layer(self) -> str:
+        """The target layer's dotted name."""
+        return str(self.spec.target_layer)
+
+    @property
+    def arch(self) -> str:
+        return self.spec.arch
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.spec.input_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.spec.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.spec.std
+
+    @property
+    def topk(self) -> int:
+        return self.spec.topk
+
+    @property
+    def max_pixels(self) -> int:
+        return self.spec.max_pixels
+
+    @property
+    def cam_outputs(self) -> dict[str, str]:
+        """``{method: output name}``."""
+        return cam_outputs(self.methods)
+
+    def output_for(self, method: str) -> str:
+        """Output name of ``method``'s map; ValueError naming the methods the graph has."""
+        key = str(method).lower()
+        if key not in self.cam_outputs:
+            raise ValueError(f"invalid value for method: {str(method)[:100]!r} is not in this graph "
+                             f"(available: {', '.join(self.methods)}; export with --methods)")
+        return self.cam_outputs[key]
+
+    # -- the metadata map ---------------------------------------------------------------------
+    def to_props(self) -> dict[str, str]:
+        """The ``metadata_props`` (all values strings; lists and maps as JSON)."""
+        props = {KEYS["version"]: self.version}
+        for f, key in SPEC_KEYS.items():
+            value = getattr(self.spec, f)
+            if value is not None:
+                props[key] = _encode(value)
+        props[KEYS["labels"]] = json.dumps(list(self.labels))
+        props[KEYS["methods"]] = json.dumps(list(self.methods))
+        props[KEYS["cam_outputs"]] = json.dumps(self.cam_outputs)
+        props[KEYS["target"]] = TARGET_DOC
+        return props
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str]) -> "GraphMeta":
+        """Parse a metadata map; :class:`GraphFormatError` naming a missing or invalid key. The
+        spec values are validated like a model config's."""
+        missing = [k for k in REQUIRED if k not in props]
+        if missing:
+            raise GraphFormatError(f"not a camserve CAM graph: metadata key {missing[0]!r} is "
+                                   f"missing (export the model with python -m export.onnx_export)")
+        cfg: dict[str, Any] = {}
+        key = ""
+        try:
+            for f, key in SPEC_KEYS.items():
+                if key in props:
+                    raw = props[key]
+                    cfg[f] = raw if f in ("arch", "target_layer", "method", "layout") else json.loads(raw)
+            key = KEYS["labels"]
+            labels = json.loads(props[key])
+            key = KEYS["methods"]
+            methods = json.loads(props[key])
+            key = KEYS["cam_outputs"]
+            outs = json.loads(props[key])
+            if not isinstance(labels, list) or not isinstance(methods, list) or not isinstance(outs, dict):
+                raise ValueError("labels and methods must be lists, cam_outputs a map")
+            key = "spec"
+            spec = ModelSpec.from_config(cfg)
+            key = KEYS["methods"]
+            meta = cls(spec, tuple(str(v) for v in labels), tuple(str(m) for m in methods),
+                       props.get(KEYS["version"], ""))
+        except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
+            raise GraphFormatError(f"not a camserve CAM graph: invalid metadata {key!r}: "
+                                   f"{str(exc)[:200]}") from None
+        if {str(k): str(v) for k, v in outs.items()} != meta.cam_outputs:
+            raise GraphFormatError("not a camserve CAM graph: invalid metadata 'cam_outputs' (does "
+                                   "not fit 'methods')")
+        return meta
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "GraphMeta":
+        """:meth:`from_props` of an ``.onnx`` file (reads the header, not the weights)."""
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        return cls.from_props({p.key: p.value for p in proto.metadata_props})
