@@ -2,7 +2,8 @@
 
     python -m export.batch_cam --model model_store/shapes.cam.onnx photos/ more.jpg list.txt \\
         --out cams/ [--batch-size 32] [--threads N] [--workers N] [--method gradcam] \\
-        [--save heatmap,overlay,npy] [--target CLASS] [--topk K] [--resume] [--device cpu|cuda]
+        [--save heatmap,overlay,npy] [--target CLASS] [--topk K] [--resume] [--device cpu|cuda] \\
+        [--metrics deletion,insertion,road_morf,avg_drop] [--metrics-steps 50] [--metrics-baseline mean]
 
 INPUT is an image file, a folder (searched recursively for image files: .jpg .jpeg .png .bmp .gif
 .webp .tif .tiff) or a text file (.txt, .lst, .list) with one path per line (blank lines and lines
@@ -27,12 +28,20 @@ Output layout, for an input ``photos/cats/a.jpg`` given as the folder ``photos``
     DIR/photos/cats/a.jpg.cam.npy       raw float32 map (h, w) from the graph     (--save npy)
     DIR/results.jsonl   one JSON line per image: path, name, width, height, topk [{index, label,
                         score}], target, label, score, bbox [x0, y0, x1, y1] (or null), method,
-                        layer, files
+                        layer, files (+ metrics {key: value} with --metrics)
     DIR/errors.jsonl    one JSON line per file that could not be read: path, type, reason
 
 A file given directly is named by its file name, a list entry by its path relative to the list's
 folder. Scores are softmax probabilities. ``--resume`` skips the paths already in results.jsonl (as
 written: run from the same folder with the same inputs) and retries the ones in errors.jsonl.
+
+Faithfulness audit (``--metrics``): each image's map is scored through the same session
+(:mod:`camserve.onnx.audit`, no PyTorch model needed) with any of the per-image keys of
+:mod:`camserve.metrics` (deletion, insertion, road_morf, road_lerf, avg_drop, avg_increase); the
+explained class is the line's ``target``. Each perturbation step is one session run of the batch:
+``--metrics deletion,insertion,road_morf,avg_drop`` costs 111 runs per image (1 reference + 50 +
+50 + 9 + 1) on top of the CAM run. The means over the images go to the summary line (images of
+this run only, with ``--resume``).
 
 Exit status: 0 every image succeeded; 3 some images failed (see errors.jsonl); 2 usage error (bad
 option, missing input, not a camserve CAM graph); 1 any other failure.
@@ -62,6 +71,8 @@ from ..engine import heatmaps_at_sizes
 from ..images import ImageError, load_image_file, preprocess
 from ..records import Prediction, TargetError, resolve_target, top_predictions
 from ..render import bbox_from_heatmap, heatmap_png, overlay_png
+from .audit import AUDIT_KEYS, BASELINES, MetricMeans, audit_batch, cost_help, format_means, \
+    parse_metric_keys, runs_per_image
 from .format import GraphMeta
 from .session import ort_session
 
@@ -344,6 +355,9 @@ class JobConfig:
     progress: Optional[bool] = None
     max_pixels: Optional[int] = None
     overlap: Optional[bool] = None
+    metrics: tuple[str, ...] = ()
+    metrics_steps: int = 50
+    metrics_baseline: str = "mean"
 
 
 @dataclass
@@ -356,6 +370,10 @@ class JobStats:
     seconds: float = 0.0
     session_seconds: float = 0.0
     providers: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    metrics_images: int = 0
+    metrics_seconds: float = 0.0
+    metrics_runs_per_image: int = 0
 
     @property
     def exit_status(self) -> int:
@@ -414,6 +432,7 @@ def run_job(cfg: JobConfig) -> JobStats:
     overlap = cfg.overlap if cfg.overlap is not None else (
         cfg.device == "cuda" or threads < default_threads())
     method = (cfg.method or meta.methods[0]).lower()
+    audit_keys = _check_metrics(cfg)
 
     missing = [a for a in cfg.inputs if not Path(a).exists()]
     if missing:
@@ -434,6 +453,12 @@ def run_job(cfg: JobConfig) -> JobStats:
     t0 = time.perf_counter()
     pending: deque[list[BatchResult]] = deque()
     counts: dict[str, int] = {}
+    means = MetricMeans()
+    if audit_keys:
+        stats.metrics_runs_per_image = runs_per_image(audit_keys, cfg.metrics_steps)
+        log.info("metrics %s: %d session runs per image (%s), %d steps, baseline %s",
+                 ",".join(audit_keys), stats.metrics_runs_per_image,
+                 cost_help(cfg.metrics_steps), cfg.metrics_steps, cfg.metrics_baseline)
 
     def drain(keep: int) -> None:
         while len(pending) > keep:
@@ -467,6 +492,16 @@ def run_job(cfg: JobConfig) -> JobStats:
                     line = _result_line(d, probs[j].tolist(), meta, topk, target, method)
                     fut = pool.submit(_finish_image, cfg.out, d, cams[j], cfg.save)
                     results.append(BatchResult(line, fut))
+                if audit_keys:
+                    ta = time.perf_counter()
+                    rows = audit_batch(sess, torch.from_numpy(x), cams,
+                                       [r.line["target"] for r in results], audit_keys,
+                                       steps=cfg.metrics_steps, baseline=cfg.metrics_baseline)
+                    stats.metrics_seconds += time.perf_counter() - ta
+                    for r, row in zip(results, rows):
+                        r.line["metrics"] = None if row is None else {
+                            k: round(v, 6) for k, v in row.items()}
+                    means.add(rows)
                 pending.append(results)
                 bar.update(len(batch))
                 batch.clear()
@@ -490,7 +525,26 @@ def run_job(cfg: JobConfig) -> JobStats:
     stats.ok, stats.failed = outputs.ok, outputs.failed
     stats.skipped = counts.get("skipped", 0)
     stats.seconds = time.perf_counter() - t0
+    stats.metrics, stats.metrics_images = means.means(), means.images
+    if audit_keys:
+        log.info("metrics of %d images in %.1f s: %s", means.images, stats.metrics_seconds,
+                 format_means(stats.metrics))
     return stats
+
+
+def _check_metrics(cfg: JobConfig) -> tuple[str, ...]:
+    """``cfg.metrics`` checked against :data:`camserve.onnx.audit.AUDIT_KEYS`, and its settings."""
+    bad = [k for k in cfg.metrics if k not in AUDIT_KEYS]
+    if bad:
+        raise UsageError(f"invalid value for --metrics: {bad[0][:100]!r} "
+                         f"(allowed: {', '.join(AUDIT_KEYS)}, all)")
+    if cfg.metrics_baseline not in BASELINES:
+        raise UsageError(f"invalid value for --metrics-baseline: {cfg.metrics_baseline[:100]!r} "
+                         f"(allowed: {', '.join(BASELINES)})")
+    if cfg.metrics and (isinstance(cfg.metrics_steps, bool) or not isinstance(cfg.metrics_steps, int)
+                        or cfg.metrics_steps < 1):
+        raise UsageError(f"invalid value for --metrics-steps: {cfg.metrics_steps!r} (allowed: 1 or more)")
+    return tuple(dict.fromkeys(cfg.metrics))
 
 
 # -- command line -------------------------------------------------------------------------------------
@@ -525,6 +579,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="decode while the session runs (default: when the session leaves CPUs "
                         "free, i.e. --device cuda or --threads below the CPU count)")
+    m = p.add_argument_group(
+        "faithfulness audit (camserve.onnx.audit)",
+        "Score each map through the graph itself: results.jsonl lines get \"metrics\": {key: value} "
+        "and the summary line their means. Cost, in session runs per image (each run covers the "
+        f"whole batch, as the CAM run): {cost_help()} (with --metrics-steps 50); ROAD also solves "
+        "a linear system per step. Example: deletion,insertion,road_morf,avg_drop = "
+        f"{runs_per_image(('deletion', 'insertion', 'road_morf', 'avg_drop'))} runs per image.")
+    m.add_argument("--metrics", metavar="KEYS",
+                   help=f"comma-separated: {', '.join(AUDIT_KEYS)}, or all (default: none)")
+    m.add_argument("--metrics-steps", type=int, default=50, metavar="N",
+                   help="deletion/insertion steps = session runs per image for each (default 50)")
+    m.add_argument("--metrics-baseline", choices=BASELINES, default="mean",
+                   help="what replaces removed pixels: each image's mean colour or its blur "
+                        "(default mean)")
     r = p.add_argument_group("Ray cluster (camserve.onnx.ray)")
     r.add_argument("--ray", metavar="ADDRESS", help="run on Ray: local (a private Ray, stopped at "
                    "the end), auto, HOST:PORT or ray://HOST:PORT; inputs, graph and DIR must be on "
@@ -553,6 +621,24 @@ def _parse_save(text: str) -> tuple[str, ...]:
     return tuple(kinds)
 
 
+def _parse_metrics(text: Optional[str]) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    try:
+        return parse_metric_keys(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _metrics_summary(stats: JobStats) -> str:
+    """The summary line's metrics part: means, images, cost (empty without --metrics)."""
+    if not stats.metrics_runs_per_image:
+        return ""
+    return (f"; metrics (mean of {stats.metrics_images} images, {stats.metrics_runs_per_image} "
+            f"session runs per image, {stats.metrics_seconds:.1f}s): "
+            f"{format_means(stats.metrics) or 'none'}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (0, 3, 2 or 1)."""
     args = _parser().parse_args(argv)
@@ -567,10 +653,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         batch_size=args.batch_size, threads=args.threads, workers=args.workers,
                         method=args.method, save=_parse_save(args.save), resume=args.resume,
                         device=args.device, target=args.target, topk=args.topk,
-                        progress=args.progress, overlap=args.overlap)
+                        progress=args.progress, overlap=args.overlap,
+                        metrics=_parse_metrics(args.metrics), metrics_steps=args.metrics_steps,
+                        metrics_baseline=args.metrics_baseline)
         from .ray import ray_options, run_ray_job  # imports ray itself only when it runs
 
         ray_opts = ray_options(args)  # None without --ray
+        if ray_opts is not None and cfg.metrics:
+            raise UsageError("--metrics does not run on Ray yet: run the job without --ray")
         stats = run_job(cfg) if ray_opts is None else run_ray_job(cfg, ray_opts, args.verbose)
     except KeyboardInterrupt:
         print("interrupted: run again with --resume to continue", file=sys.stderr)
@@ -585,7 +675,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_FAILURE
     rate = stats.ok / stats.seconds if stats.seconds > 0 else 0.0
     print(f"{stats.ok} images explained, {stats.failed} failed, {stats.skipped} skipped (resume) "
-          f"in {stats.seconds:.1f}s ({rate:.1f} images/s, {', '.join(stats.providers)}) -> {args.out}")
+          f"in {stats.seconds:.1f}s ({rate:.1f} images/s, {', '.join(stats.providers)}) -> {args.out}"
+          + _metrics_summary(stats))
     if stats.failed:
         print(f"see {args.out / ERRORS}", file=sys.stderr)
     return stats.exit_status

@@ -16,6 +16,7 @@ from camserve.images import load_image_file, preprocess
 from camserve.models import ModelSpec, from_module
 from camserve.onnx import batch as batch_cam
 from camserve.onnx.batch import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, JobConfig, main, run_job
+from camserve.onnx.batch import UsageError
 from camserve.onnx.export import export_cam_onnx, export_plain_onnx
 from camserve.onnx.format import GraphMeta
 
@@ -337,3 +338,75 @@ def test_export_then_job_on_committed_samples_matches_the_handler(tmp_path: Path
         assert job_map.shape == served.shape == (r["height"], r["width"])
         assert int(np.abs(job_map.astype(int) - served.astype(int)).max()) <= 1, name
         assert np.abs(np.array(r["bbox"]) - np.array(e["bbox"])).max() <= 1, name
+
+
+# -- --metrics: the faithfulness audit through the graph ----------------------------------------
+
+def test_metrics_flag_adds_per_image_metrics_and_their_means(graph: Path, images: dict[str, Path],
+                                                             tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    keys = ["deletion", "insertion", "road_morf", "avg_drop"]
+    code = main(["--model", str(graph), str(images["root"]), "--out", str(out), "--batch-size", "2",
+                 "--save", "none", "--metrics", ",".join(keys), "--metrics-steps", "5"])
+    assert code == EXIT_PARTIAL  # the three broken files; the five images get their metrics
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    results = _lines(out / "results.jsonl")
+    assert len(results) == 5
+    for r in results:
+        m = r["metrics"]
+        assert list(m) == keys, r["name"]
+        assert 0.0 <= m["deletion"] <= 1.0 and 0.0 <= m["insertion"] <= 1.0
+        assert -1.0 <= m["road_morf"] <= 1.0 and 0.0 <= m["avg_drop"] <= 100.0
+    # 1 reference + 5 + 5 steps + 9 ROAD percentiles + 1 confidence run
+    assert "metrics (mean of 5 images, 21 session runs per image" in summary
+    for k in keys:
+        mean = float(np.mean([r["metrics"][k] for r in results]))
+        shown = float(summary.split(f"{k}=")[1].split()[0])
+        assert abs(shown - mean) <= (0.006 if k == "avg_drop" else 6e-5), (k, shown, mean)
+
+
+def test_metrics_through_onnxruntime_equal_the_torch_model(graph: Path, images: dict[str, Path],
+                                                           model: torch.nn.Module) -> None:
+    """The graph's session is the audit's model: same numbers as the PyTorch model it came from."""
+    from camserve import metrics as M
+    from camserve.onnx.audit import audit_batch
+    from camserve.onnx.session import ort_session
+
+    sess = ort_session(graph, threads=1)
+    x = torch.stack([preprocess(load_image_file(images[k]), SIZE, MEAN, STD) for k in "ab"])
+    logits, cams = sess.run(["logits", "cam"], {"input": x.numpy()})
+    targets = torch.from_numpy(logits).argmax(1)
+    keys = ("deletion", "insertion", "avg_drop", "avg_increase")  # ROAD: the job test above
+    rows = audit_batch(sess, x, cams, targets, keys, steps=4)
+    ref = M.compute_metrics(model, x, torch.from_numpy(cams), targets, keys=keys, steps=4)
+    for k in keys:
+        got = torch.tensor([row[k] for row in rows], dtype=torch.float64)
+        torch.testing.assert_close(got, ref[k].double(), atol=1e-3 if k == "avg_drop" else 1e-4,
+                                   rtol=0, msg=k)
+
+
+def test_metrics_usage_errors_and_default_off(graph: Path, images: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--model", str(graph), str(images["a"]), "--out", str(tmp_path / "o"), "--save", "none"]
+    assert main(base + ["--metrics", "pointing_game"]) == EXIT_USAGE
+    assert "invalid value for --metrics: 'pointing_game' (allowed: deletion" in capsys.readouterr().err
+    assert main(base + ["--metrics", "deletion", "--metrics-steps", "0"]) == EXIT_USAGE
+    assert "--metrics-steps" in capsys.readouterr().err
+    assert main(base + ["--metrics", "deletion", "--ray", "local"]) == EXIT_USAGE
+    assert "--metrics does not run on Ray" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--metrics-baseline"):
+        run_job(JobConfig(model=graph, inputs=[str(images["a"])], out=tmp_path / "o",
+                          metrics=("deletion",), metrics_baseline="zero"))
+    # without --metrics: no "metrics" in the lines, nothing on the summary line
+    assert main(base) == EXIT_OK
+    assert "; metrics (" not in capsys.readouterr().out
+    assert all("metrics" not in r for r in _lines(tmp_path / "o" / "results.jsonl"))
+
+
+def test_metrics_help_states_the_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--metrics KEYS" in text and "deletion 50, insertion 50, road_morf 9, road_lerf 9" in text
+    assert "deletion,insertion,road_morf,avg_drop = 111 runs per image" in text
