@@ -536,7 +536,9 @@ _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLL
 
 def _open_folder(out_dir: Path, parts: Sequence[str]) -> int:
     """A descriptor of ``out_dir/parts...``, creating the folders, never through a symlink inside
-    ``out_dir`` (OSError ``ELOOP``/``ENOTDIR`` then)."""
+    ``out_dir`` (OSError ``ELOOP``/``ENOTDIR`` then). ``out_dir`` itself is the user's choice and
+    may be reached through links."""
+    os.makedirs(out_dir, exist_ok=True)
     fd = os.open(out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         for part in parts:
