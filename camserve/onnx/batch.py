@@ -510,20 +510,38 @@ def _decoded_stream(items: Iterable[Item], pool: ThreadPoolExecutor, window: int
                     budget: Optional[ByteBudget] = None,
                     max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Iterator[Outcome]:
     """Decode in ``pool`` with at most ``window`` images in flight and, with a ``budget``, no new
-    read while the bytes held are over it; yield outcomes in input order. ``pending`` (if given)
-    is the deque of in-flight decodes, for the caller to wait on or cancel."""
+    read while the bytes held are over it; yield outcomes in input order. A read is charged to the
+    budget when it is submitted (the tensor's size, plus for overlays the average copy so far,
+    or a 2048x1536 one), then corrected to what its outcome holds. ``pending`` (if given) is the
+    deque of in-flight decodes, for the caller to wait on or cancel."""
     pending = deque() if pending is None else pending
+    h, w = meta.input_size
+    tensor_bytes = 3 * int(h) * int(w) * 4
+    seen = {"n": 0, "bytes": 0}
 
-    def load(it: Item) -> Outcome:
+    def estimate() -> int:
+        if not keep_image:
+            return tensor_bytes
+        avg = seen["bytes"] // seen["n"] if seen["n"] else OVERLAY_MAX_SIDE * 1536 * 3
+        return tensor_bytes + avg
+
+    def load(it: Item, est: int) -> Outcome:
         out = _load(it, meta, keep_image, max_pixels, max_file_size)
-        if budget is not None and isinstance(out, Decoded):
-            budget.add(out.nbytes)
+        if budget is not None:
+            held = out.nbytes if isinstance(out, Decoded) else 0
+            budget.add(held - est)
+            if isinstance(out, Decoded) and keep_image:
+                seen["n"] += 1
+                seen["bytes"] += max(0, held - tensor_bytes)
         return out
 
     for it in items:
         while pending and (len(pending) >= window or (budget is not None and budget.over())):
             yield pending.popleft().result()
-        pending.append(pool.submit(load, it))
+        est = estimate() if budget is not None else 0
+        if budget is not None:
+            budget.add(est)
+        pending.append(pool.submit(load, it, est))
     while pending:
         yield pending.popleft().result()
 
