@@ -1290,6 +1290,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stats = run_job(cfg) if ray_opts is None else run_ray_job(cfg, ray_opts, args.verbose)
     except KeyboardInterrupt:
         print("interrupted: run again with --resume to continue", file=sys.stderr)
+        if argv is None:  # the program itself: its files are closed and its threads done, so
+            # skip the interpreter's teardown (about a second with torch and onnxruntime loaded)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -628,3 +628,145 @@ def test_overlay_drawn_from_a_bounded_copy(graph: Path, tmp_path: Path) -> None:
     [r] = _json_lines(out / "results.jsonl")
     assert Image.open(out / r["files"]["heatmap"]).size == (2600, 300)  # the original size
     assert Image.open(out / r["files"]["overlay"]).size == (2048, 236)  # long side 2048
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_within_2s_then_resume(graph: Path, tmp_path: Path) -> None:
+    """SIGINT to a real job mid-run: exit 130 within 2 s, whole lines only; --resume finishes."""
+    n = 400
+    for i in range(n):
+        _img(tmp_path / "photos" / f"{i:03d}.png", (120, 160), i)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "export.batch_cam", "--model", str(graph),
+           str(tmp_path / "photos"), "--out", str(out), "--batch-size", "2",
+           "--save", "heatmap,overlay"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end and proc.poll() is None:
+            if (out / "results.jsonl").exists() and (out / "results.jsonl").stat().st_size:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the job ended before Ctrl-C"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert took < 2.0, f"took {took:.2f}s to stop"
+    assert "run again with --resume" in stderr
+    text = (out / "results.jsonl").read_bytes()
+    assert text.endswith(b"\n")
+    done = [json.loads(line)["path"] for line in text.splitlines()]
+    assert len(done) == len(set(done)) < n
+    again = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == EXIT_OK, again.stderr[-2000:]
+    assert f"{n - len(done)} images explained, 0 failed, {len(done)} skipped" in again.stdout
+    paths = [r["path"] for r in _json_lines(out / "results.jsonl")]
+    assert len(paths) == len(set(paths)) == n
+    print(f"\nSIGINT after {len(done)}/{n} lines: exit 130 in {took:.2f}s")
+
+
+@pytest.mark.timeout(300)
+def test_hostile_folder_in_one_run(graph: Path, tmp_path: Path) -> None:
+    """Items 8-12 together: long and non-UTF-8 names, a FIFO, a symlink in the output folder
+    pointing outside it, the output folder inside the input folder, a binary list, a list with a
+    NUL entry and /dev/zero, a corrupt image, the hostile corpus; then a malformed middle line and
+    --resume. Exit 3, every good image explained, every bad item in errors.jsonl, nothing written
+    outside the output folder."""
+    from camserve.testing.hostile import hostile_corpus, write_corpus
+
+    limit = 4_000_000  # --max-pixels: keeps the corpus's big valid images fast
+    src = tmp_path / "in"
+    good = [_img(src / "a.png", (40, 50), 1), _img(src / "sub" / "b.jpg", (60, 30), 2)]
+    good.append(_img(src / ("L" * 245 + ".png"), (30, 30), 3))
+    good.append(_img(Path(os.fsdecode(os.fsencode(src) + b"/\xff\xfe-latin\xe9.png")), (30, 30), 4))
+    bad: dict[str, str] = {}  # path -> expected error type
+    os.mkfifo(src / "pipe.jpg")
+    bad[str(src / "pipe.jpg")] = "NotARegularFile"
+    jpeg = io.BytesIO()
+    Image.open(good[1]).save(jpeg, "JPEG")
+    (src / "corrupt.jpg").write_bytes(jpeg.getvalue()[:200])
+    bad[str(src / "corrupt.jpg")] = "InvalidImage"
+    write_corpus(src / "hostile")
+    corpus = hostile_corpus()
+    manifest = json.loads((src / "hostile" / "manifest.json").read_text())
+    (src / "hostile.txt").write_text("".join(f"hostile/{m['file']}\n" for m in manifest))
+    for m in manifest:
+        outcome = corpus[m["name"]].outcome(max_pixels=limit)
+        if outcome.type is not None:
+            bad[str(src / "hostile" / m["file"])] = outcome.type
+        else:
+            good.append(src / "hostile" / m["file"])
+    (src / "binary.txt").write_bytes((src / "a.png").read_bytes())
+    bad[str(src / "binary.txt")] = "InvalidList"
+    (src / "nul.txt").write_bytes(b"# entries\na.png\nbad\x00entry.png\n/dev/zero\nsub/b.jpg\n"
+                                  b"a.png\n" * 3)
+    bad["bad\x00entry.png"] = "InvalidListEntry"
+    bad["/dev/zero"] = "NotARegularFile"
+    # the output folder, inside the input folder, with links pointing out of it
+    out = src / "cams"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target.bin").write_bytes(b"precious")
+    (outside / "errs.txt").write_bytes(b"also precious")
+    (out / "in").mkdir(parents=True)
+    os.symlink(outside / "target.bin", out / "in" / "a.png.heatmap.png")
+    os.symlink(outside / "errs.txt", out / "errors.jsonl")
+
+    def snapshot() -> dict:
+        return {k: v for k, v in _tree(tmp_path).items() if not k.startswith("in/cams")}
+
+    before = snapshot()
+    args = ["--model", str(graph), str(src), str(src / "hostile.txt"), str(src / "binary.txt"),
+            str(src / "nul.txt"), "--out", str(out), "--batch-size", "4", "--max-pixels",
+            str(limit), "--save", "heatmap,overlay,npy"]
+    t0 = time.monotonic()
+    assert main(args) == EXIT_PARTIAL
+    seconds = time.monotonic() - t0
+    assert snapshot() == before  # nothing outside DIR written, the link targets intact
+    results = _json_lines(out / "results.jsonl")
+    errors = _json_lines(out / "errors.jsonl")
+    done = {r["path"] for r in results}
+    assert len(done) == len(results)
+    want_good = {str(p) for p in good}
+    assert want_good <= done  # every good image explained
+    # a.png and b.jpg are also listed in nul.txt (other paths, same files): explained again
+    assert done - want_good == {str(src / "a.png"), str(src / "sub" / "b.jpg")} - want_good
+    got_bad = {e["path"]: e["type"] for e in errors}
+    for path, typ in bad.items():
+        assert got_bad.get(path) == typ, (path, typ, got_bad.get(path))
+    assert set(got_bad) == set(bad)
+    assert not any(p.startswith(str(out)) for p in done | set(got_bad))  # DIR never listed
+    for r in results:
+        for rel in r["files"].values():
+            f = out / rel
+            assert f.is_file() and not f.is_symlink()
+            assert len(os.fsencode(f.name)) <= 255
+    assert not [p for p in out.rglob(".~*.tmp")]  # no temporary file left
+    # a malformed middle line, then --resume: valid lines after it are kept, nothing redone
+    lines = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "results.jsonl").write_bytes(b"".join(lines[:3]) + b"{oops\n" + b"".join(lines[3:]))
+    before = snapshot()
+    assert main(args + ["--resume"]) == EXIT_PARTIAL
+    assert snapshot() == before
+    after = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
+    assert after[:3] == lines[:3] and after[4:4 + len(lines) - 3] == lines[3:]
+    assert len(after) == len(lines) + 1  # nothing explained twice
+    assert {e["path"]: e["type"] for e in _json_lines(out / "errors.jsonl")} == got_bad
+    print(f"\nhostile run: {len(results)} explained, {len(errors)} errors in {seconds:.1f}s")
