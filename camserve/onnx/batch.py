@@ -597,6 +597,37 @@ def write_file(out_dir: Path, rel: str, data: bytes) -> None:
         os.close(dfd)
 
 
+#: pixels of full-resolution heatmaps made at the same time (upsampling, normalising, the box
+#: and the PNG take about 20 bytes per pixel): a 24 MP photo's map is made alone
+MAP_PIXELS_AT_ONCE = 16_000_000
+
+
+class PixelGate:
+    """Lets threads make full-resolution maps together while their pixels sum to at most
+    ``limit``; one map is always let through, however large."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._cond:
+            while self.in_use and self.in_use + pixels > self.limit:
+                self._cond.wait()
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= pixels
+                self._cond.notify_all()
+
+
+_MAP_GATE = PixelGate(MAP_PIXELS_AT_ONCE)
+
+
 @dataclass
 class BatchResult:
     """One image's results line, waiting for its heatmap, bbox and files."""
@@ -610,7 +641,14 @@ def _finish_image(out_dir: Path, d: Decoded, cam: np.ndarray,
     """Heatmap at the original size (:func:`camserve.heatmaps_at_sizes`, as the handler), its
     bounding box, and the chosen files of one image; returns ({kind: path under out_dir}, bbox).
     The overlay is drawn on the bounded copy (long side at most :data:`OVERLAY_MAX_SIDE`). Files
-    are written with :func:`write_file`. Runs in the pool, overlapped with the next session run."""
+    are written with :func:`write_file`. Maps of large images wait for each other
+    (:data:`MAP_PIXELS_AT_ONCE`). Runs in the pool, overlapped with the next session run."""
+    with _MAP_GATE.hold(d.size[0] * d.size[1]):
+        return _make_files(out_dir, d, cam, save)
+
+
+def _make_files(out_dir: Path, d: Decoded, cam: np.ndarray,
+                save: Sequence[str]) -> tuple[dict[str, str], Optional[list[int]]]:
     heatmap = heatmaps_at_sizes(torch.from_numpy(cam[None]), [d.size])[0]
     bbox = bbox_from_heatmap(heatmap)
     written: dict[str, str] = {}

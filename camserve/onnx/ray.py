@@ -235,7 +235,7 @@ class CamBatchWorker:
                 try:
                     lines[j], ok[j] = encode_line(line), True
                 except ValueError as exc:
-                    outcomes[j] = Failed(line_item(line), "InvalidOutput",
+                    outcomes[j] = Failed(_line_item(line), "InvalidOutput",
                                          f"the result is not valid JSON: {str(exc)[:100]}")
         for j, o in enumerate(outcomes):
             if isinstance(o, Failed):
@@ -247,7 +247,7 @@ class CamBatchWorker:
                 "seconds": np.full(len(ids), busy)}
 
 
-def line_item(line: dict[str, Any]) -> Item:
+def _line_item(line: dict[str, Any]) -> Item:
     return Item(str(line.get("path")), str(line.get("name")))
 
 
