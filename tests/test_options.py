@@ -144,9 +144,7 @@ option_maps = st.dictionaries(
     values, max_size=5)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(option_maps, st.booleans())
-def test_any_options_are_request_options_or_an_option_error(options, forced):
+def _check_options(options, forced) -> None:
     try:
         out = parse_options(options, spec_of(), LABELS, explain=forced)
     except OptionError as exc:
@@ -156,3 +154,16 @@ def test_any_options_are_request_options_or_an_option_error(options, forced):
     assert 1 <= out.topk <= len(LABELS) and out.method in available_methods()
     assert out.targets is None or all(0 <= t < len(LABELS) for t in out.targets)
     assert out.explain or not forced
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(option_maps, st.booleans())
+def test_any_options_are_request_options_or_an_option_error(options, forced):
+    _check_options(options, forced)
+
+
+@pytest.mark.slow
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(option_maps, st.booleans())
+def test_any_options_are_request_options_or_an_option_error_many(options, forced):
+    _check_options(options, forced)
