@@ -1,9 +1,10 @@
 """handler/gradcam_handler.py with a fake TorchServe context (no server).
 
-The handler is imported as a TorchServe worker imports it (:func:`camserve.testing.handler.load_handler`)
-and runs on :class:`camserve.testing.context.FakeContext`: per-row request headers, response status
-codes and content types, metrics to a recorder. One module-scoped handler over a random shapes
-folder serves most tests; a mixed batch is handled once and each of its contracts is its own test.
+The handler is imported as a TorchServe worker imports it
+(:func:`camserve.testing.handler.load_handler`) and runs on
+:class:`camserve.testing.context.FakeContext`: per-row request headers, response status codes and
+content types, metrics to a recorder. One module-scoped handler over a random shapes folder serves
+most tests; a mixed batch is handled once and each of its contracts is its own test.
 """
 from __future__ import annotations
 
