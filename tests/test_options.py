@@ -11,18 +11,13 @@ from hypothesis import strategies as st
 
 from camserve.errors import OptionError
 from camserve.methods import available_methods
-from camserve.models import ConfigError, ModelSpec
+from camserve.models import ConfigError
 from camserve.options import (MAX_TARGETS, TS_DEFAULT_MAX_RESPONSE_SIZE, RequestOptions,
                               ServingLimits, parse_options)
+from camserve.testing.nets import TINY_LABELS, tiny_spec
 
-LABELS = ["circle", "square", "triangle", "star", "cross", "ring"]
-
-
-def spec_of(**over) -> ModelSpec:
-    cfg = {"arch": "x:TinyNet", "num_classes": len(LABELS), "target_layer": "features",
-           "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "topk": 3}
-    cfg.update(over)
-    return ModelSpec.from_config(cfg)
+LABELS = list(TINY_LABELS)
+spec_of = tiny_spec
 
 
 def test_defaults_come_from_the_spec():

@@ -23,16 +23,10 @@ from camserve.methods import available_methods
 from camserve.models import LoadedModel, ModelSpec
 from camserve.options import ServingLimits
 from camserve.serving import BatchOutcome, CamService
-from camserve.testing.nets import TinyNet, frozen
+from camserve.testing.nets import TINY_LABELS, TinyNet, frozen, tiny_spec
 
-LABELS = ["circle", "square", "triangle", "star", "cross", "ring"]
-
-
-def spec_of(**over) -> ModelSpec:
-    cfg = {"arch": "x:TinyNet", "num_classes": len(LABELS), "target_layer": "features",
-           "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "topk": 3}
-    cfg.update(over)
-    return ModelSpec.from_config(cfg)
+LABELS = list(TINY_LABELS)
+spec_of = tiny_spec
 
 
 def make_service(spec: ModelSpec | None = None, limits: ServingLimits | None = None,
