@@ -24,7 +24,8 @@ from ts.utils.util import list_classes_from_module  # noqa: E402
 
 from camserve.models import ConfigError  # noqa: E402
 from camserve.testing.context import FakeContext  # noqa: E402
-from camserve.testing.handler import load_handler, load_handler_module  # noqa: E402
+from camserve.testing.handler import load_handler  # noqa: E402
+from camserve.testing.handler import load_handler_module as load_module  # noqa: E402
 from camserve.testing.nets import write_model_folder  # noqa: E402
 
 LABELS = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon"]
@@ -37,8 +38,8 @@ def model_dir(shapes_folder) -> Path:
 
 
 @pytest.fixture(scope="module")
-def make_context(model_dir):
-    """``make_context(folder=model_dir, *, headers=None, config=None, gpu=None) -> FakeContext``."""
+def new_context(model_dir):
+    """``new_context(folder=model_dir, *, headers=None, config=None, gpu=None) -> FakeContext``."""
     def make(folder: Path = model_dir, *, headers=None, config=None, gpu=None) -> FakeContext:
         kw: dict[str, Any] = {"model_name": "shapes", "gpu_id": gpu}
         if (Path(folder) / "model.py").is_file():
@@ -52,6 +53,21 @@ def make_context(model_dir):
     return make
 
 
+# Kept for tests/onnx/test_batch.py, which imports these three from here (their replacements:
+# camserve.testing.handler.load_handler_module(path), FakeContext(folder, model_file="model.py")
+# and FakeContext.set_requests).
+def load_handler_module():
+    return load_module(Path(__file__).resolve().parents[1] / "handler" / "gradcam_handler.py")
+
+
+def make_context(model_dir: Path) -> FakeContext:
+    return FakeContext(model_dir, model_name="shapes", model_file="model.py")
+
+
+def set_requests(ctx: FakeContext, headers: list[dict]) -> None:
+    ctx.set_requests(headers)
+
+
 def new_handler(handler_file: Path, ctx: FakeContext):
     """A freshly imported GradCamHandler, initialised with ``ctx``."""
     return load_handler(handler_file, ctx).instance
@@ -62,8 +78,8 @@ def uninitialised(handler_file: Path):
 
 
 @pytest.fixture(scope="module")
-def handler(handler_file, make_context):
-    return new_handler(handler_file, make_context())
+def handler(handler_file, new_context):
+    return new_handler(handler_file, new_context())
 
 
 def answers(handler, ctx: FakeContext, rows: list) -> list[dict]:
@@ -71,7 +87,7 @@ def answers(handler, ctx: FakeContext, rows: list) -> list[dict]:
 
 
 def test_module_defines_exactly_one_class(handler_file):
-    mod = load_handler_module(handler_file)
+    mod = load_module(handler_file)
     classes = list_classes_from_module(mod)
     assert [c.__name__ for c in classes] == ["GradCamHandler"]
 
@@ -93,9 +109,9 @@ def test_initialize_loads_the_archive_weights_not_a_fresh_init(handler, model_di
     torch.testing.assert_close(handler.service.model.state_dict()["fc.weight"], state["fc.weight"])
 
 
-def test_gpu_id_without_cuda_falls_back_to_cpu(handler_file, make_context, monkeypatch):
+def test_gpu_id_without_cuda_falls_back_to_cpu(handler_file, new_context, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    h = new_handler(handler_file, make_context(gpu=0))
+    h = new_handler(handler_file, new_context(gpu=0))
     assert h.device == torch.device("cpu")
 
 
@@ -106,7 +122,7 @@ MIXED_HEADERS = [{"explain": "True"}, {"explain": "False"}, {"explain": "False"}
 
 
 @pytest.fixture(scope="module")
-def mixed(handler, make_context, png) -> tuple[FakeContext, list[dict]]:
+def mixed(handler, new_context, png) -> tuple[FakeContext, list[dict]]:
     """Six rows as TorchServe presents them: /explanations (header), /predictions, a form with
     explain/target/method fields, a broken image, a JSON body with a bad topk, a JSON body asking
     for layercam raw maps."""
@@ -124,7 +140,7 @@ def mixed(handler, make_context, png) -> tuple[FakeContext, list[dict]]:
         {"body": {"data": b64(3), "explain": True, "topk": 99}},
         {"body": {"data": b64(4), "explain": True, "method": "layercam", "outputs": ["raw"]}},
     ]
-    ctx = make_context(headers=MIXED_HEADERS)
+    ctx = new_context(headers=MIXED_HEADERS)
     out = handler.handle(rows, ctx)
     assert len(out) == len(rows) and all(isinstance(o, str) for o in out)
     return ctx, [json.loads(o) for o in out]
@@ -182,19 +198,19 @@ def test_mixed_batch_metrics(mixed):
 
 # -- batches -------------------------------------------------------------------------------------
 
-def test_explain_is_decided_per_row_not_from_row_0(handler, make_context, png):
-    ctx = make_context(headers=[{"explain": "False"}, {"explain": "True"}, {"explain": "False"}])
+def test_explain_is_decided_per_row_not_from_row_0(handler, new_context, png):
+    ctx = new_context(headers=[{"explain": "False"}, {"explain": "True"}, {"explain": "False"}])
     out = answers(handler, ctx, [{"body": png(seed=i, size=(96, 96))} for i in range(3)])
     assert [("explanations" in b) for b in out] == [False, True, False]
 
 
-def test_rows_get_their_own_answers(handler, make_context, png, decode_png):
+def test_rows_get_their_own_answers(handler, new_context, png, decode_png):
     """Each row's answer is the one it gets alone (no mix-up inside a batch)."""
     imgs = [png(seed=10 + i, size=(96, 96)) for i in range(6)]
-    ctx = make_context(headers=[{"explain": "True"}] * 6)
+    ctx = new_context(headers=[{"explain": "True"}] * 6)
     batch = answers(handler, ctx, [{"body": d} for d in imgs])
     for d, b in zip(imgs, batch):
-        [alone] = answers(handler, make_context(headers=[{"explain": "True"}]), [{"body": d}])
+        [alone] = answers(handler, new_context(headers=[{"explain": "True"}]), [{"body": d}])
         assert_same_answer(alone, b, decode_png)
 
 
@@ -213,38 +229,38 @@ def assert_same_answer(a: dict, b: dict, decode_png) -> None:
         assert np.abs(np.subtract(ea["bbox"], eb["bbox"])).max() <= 1
 
 
-def test_predict_rows_under_inference_mode_and_cam_outside(handler, make_context, png):
+def test_predict_rows_under_inference_mode_and_cam_outside(handler, new_context, png):
     seen: list[bool] = []
     hook = handler.service.model.register_forward_pre_hook(
         lambda m, a: seen.append(torch.is_inference_mode_enabled()))
     rows = [{"body": png(seed=1, size=(96, 96))}, {"body": png(seed=2, size=(96, 96))}]
     try:
-        handler.handle(rows, make_context(headers=[{"explain": "False"}, {"explain": "False"}]))
-        handler.handle(rows, make_context(headers=[{"explain": "True"}, {"explain": "False"}]))
+        handler.handle(rows, new_context(headers=[{"explain": "False"}, {"explain": "False"}]))
+        handler.handle(rows, new_context(headers=[{"explain": "True"}, {"explain": "False"}]))
     finally:
         hook.remove()
     assert seen == [True, False]
 
 
-def test_worker_survives_a_batch_of_garbage(handler, make_context, png):
+def test_worker_survives_a_batch_of_garbage(handler, new_context, png):
     from PIL import Image
 
     huge = png(Image.new("1", (9000, 5000)))  # 45 Mpx, cheap to encode (1 bit per pixel)
     rows = [{"body": b""}, {"body": {"data": "!!"}}, {"body": [1]}, {"other": b"x"},
             {"body": huge}]
-    ctx = make_context(headers=[{}] * len(rows))
+    ctx = new_context(headers=[{}] * len(rows))
     out = answers(handler, ctx, rows)
     assert [s for s, _ in ctx.statuses()] == [400, 400, 400, 400, 413]
     assert out[4]["type"] == "ImageTooLarge"
 
 
-def test_a_bug_outside_the_row_guards_still_answers_every_row(handler, make_context, png,
+def test_a_bug_outside_the_row_guards_still_answers_every_row(handler, new_context, png,
                                                               monkeypatch):
     def broken(rows, force_explain=None):
         raise RuntimeError("bug")
 
     monkeypatch.setattr(handler.service, "handle_batch", broken)
-    ctx = make_context(headers=[{}, {}])
+    ctx = new_context(headers=[{}, {}])
     out = answers(handler, ctx, [{"body": png(seed=1)}, {"body": png(seed=2)}])
     assert [o["type"] for o in out] == ["InternalError"] * 2
     assert [s for s, _ in ctx.statuses()] == [500, 500]
@@ -253,7 +269,7 @@ def test_a_bug_outside_the_row_guards_still_answers_every_row(handler, make_cont
 
 # -- model folders and configs ---------------------------------------------------------------------
 
-def test_torchvision_arch_by_name(tmp_path, handler_file, make_context, png):
+def test_torchvision_arch_by_name(tmp_path, handler_file, new_context, png):
     import torchvision
 
     torch.manual_seed(0)
@@ -261,15 +277,15 @@ def test_torchvision_arch_by_name(tmp_path, handler_file, make_context, png):
         tmp_path / "r18", torchvision.models.resnet18(num_classes=len(LABELS)),
         {"arch": "torchvision.models.resnet18", "num_classes": len(LABELS),
          "weights": "weights.pt", "target_layer": "layer4", "input_size": 64}, labels=LABELS)
-    h = new_handler(handler_file, make_context(folder))
+    h = new_handler(handler_file, new_context(folder))
     assert h.service.engine.layer_name == "layer4" and h.service.labels == LABELS
-    [body] = answers(h, make_context(folder, headers=[{"explain": "True"}]),
+    [body] = answers(h, new_context(folder, headers=[{"explain": "True"}]),
                      [{"body": png(seed=1, size=(70, 50))}])
     assert (body["explanations"][0]["width"], body["explanations"][0]["height"]) == (70, 50)
 
 
-def test_auto_located_layer_when_config_leaves_it_out(handler_file, make_context, shapes_config):
-    h = new_handler(handler_file, make_context(config=shapes_config(target_layer=None)))
+def test_auto_located_layer_when_config_leaves_it_out(handler_file, new_context, shapes_config):
+    h = new_handler(handler_file, new_context(config=shapes_config(target_layer=None)))
     assert h.service.engine.layer_name  # found by the warm-up pass
 
 
@@ -288,12 +304,12 @@ def test_auto_located_layer_when_config_leaves_it_out(handler_file, make_context
     (None, {"target_layer": "pool"}, "handler.target_layer"),
     (None, {"taget_layer": "features"}, "taget_layer"),
 ])
-def test_bad_config_fails_initialize_naming_the_key(handler_file, make_context, shapes_config,
+def test_bad_config_fails_initialize_naming_the_key(handler_file, new_context, shapes_config,
                                                     whole, over, needle):
     h = uninitialised(handler_file)
     config = whole if whole is not None else shapes_config(**over)
     with pytest.raises(ConfigError) as ei:
-        h.initialize(make_context(config=config))
+        h.initialize(new_context(config=config))
     assert needle in str(ei.value)
     assert not h.initialized
 
@@ -304,10 +320,10 @@ def test_handle_before_initialize_is_an_error(handler_file):
 
 
 @pytest.fixture(scope="module")
-def limited(handler_file, make_context, shapes_config, png) -> tuple[Any, FakeContext, list[dict]]:
+def limited(handler_file, new_context, shapes_config, png) -> tuple[Any, FakeContext, list[dict]]:
     cfg = shapes_config(max_response_size=5000, max_option_length=64, outputs=["overlay"])
-    h = new_handler(handler_file, make_context(config=cfg))
-    ctx = make_context(headers=[{"explain": "True"}, {}, {}])
+    h = new_handler(handler_file, new_context(config=cfg))
+    ctx = new_context(headers=[{"explain": "True"}, {}, {}])
     out = answers(h, ctx, [{"body": png(seed=1, size=(300, 200))}, {"body": png(seed=2)},
                            {"data": png(seed=3), "method": "x" * 65}])
     return h, ctx, out
@@ -331,45 +347,45 @@ def test_an_option_over_max_option_length_is_422(limited):
 
 # -- describe --------------------------------------------------------------------------------------
 
-def test_customized_describe(handler, make_context):
-    [desc] = answers(handler, make_context(headers=[{"describe": "True"}]), [{}])
+def test_customized_describe(handler, new_context):
+    [desc] = answers(handler, new_context(headers=[{"describe": "True"}]), [{}])
     assert desc["labels"] == LABELS and desc["target_layer"] == "features"
     assert "gradcam" in desc["methods"] and desc["defaults"]["topk"] == 3
 
 
-def test_forged_describe_header_on_an_inference_row_is_answered_as_a_request(handler, make_context,
+def test_forged_describe_header_on_an_inference_row_is_answered_as_a_request(handler, new_context,
                                                                              png):
     # an inference row always has a parameter ("body"), so it is answered as a request
-    [out] = answers(handler, make_context(headers=[{"describe": "True"}]), [{"body": png(seed=1)}])
+    [out] = answers(handler, new_context(headers=[{"describe": "True"}]), [{"body": png(seed=1)}])
     assert "predictions" in out
 
 
-def test_forged_describe_header_on_row_0_of_a_batch_gets_one_answer_per_row(handler, make_context,
+def test_forged_describe_header_on_row_0_of_a_batch_gets_one_answer_per_row(handler, new_context,
                                                                             png):
-    ctx = make_context(headers=[{"describe": "True"}, {}, {"explain": "True"}])
+    ctx = new_context(headers=[{"describe": "True"}, {}, {"explain": "True"}])
     out = answers(handler, ctx, [{"body": png(seed=i)} for i in (1, 2, 3)])
     assert len(out) == 3 and all("predictions" in o for o in out)
 
 
 @pytest.mark.parametrize("ctype", ["multipart/form-data; boundary=x",
                                    "application/x-www-form-urlencoded"])
-def test_an_empty_form_with_describe_header_is_400_not_the_description(handler, make_context,
+def test_an_empty_form_with_describe_header_is_400_not_the_description(handler, new_context,
                                                                        ctype):
-    ctx = make_context(headers=[{"describe": "True", "Content-Type": ctype}])
+    ctx = new_context(headers=[{"describe": "True", "Content-Type": ctype}])
     [out] = answers(handler, ctx, [{}])
     assert out["code"] == 400 and ctx.get_response_status(0)[0] == 400
 
 
-def test_rows_without_parameters_in_a_batch_are_400_not_the_description(handler, make_context):
-    ctx = make_context(headers=[{"describe": "True"}, {"describe": "True"}])
+def test_rows_without_parameters_in_a_batch_are_400_not_the_description(handler, new_context):
+    ctx = new_context(headers=[{"describe": "True"}, {"describe": "True"}])
     assert [o["code"] for o in answers(handler, ctx, [{}, {}])] == [400, 400]
 
 
-def test_describe_header_rule(handler_file, make_context):
-    mod = load_handler_module(handler_file)
+def test_describe_header_rule(handler_file, new_context):
+    mod = load_module(handler_file)
 
     def ctx(*headers):
-        return make_context(headers=headers)
+        return new_context(headers=headers)
 
     assert mod.is_management_describe([{}], ctx({"describe": "True", "Accept": "*/*"}))
     assert not mod.is_management_describe([{}], ctx({"describe": "true"}))
@@ -378,9 +394,9 @@ def test_describe_header_rule(handler_file, make_context):
                                                      "content-type": "multipart/form-data"}))
 
 
-def test_explain_flags_come_from_each_row_header(handler_file, make_context):
-    mod = load_handler_module(handler_file)
-    ctx = make_context(headers=[{"explain": "True"}, {}, {"explain": "false"}])
+def test_explain_flags_come_from_each_row_header(handler_file, new_context):
+    mod = load_module(handler_file)
+    ctx = new_context(headers=[{"explain": "True"}, {}, {"explain": "false"}])
     assert mod.explain_flags(ctx, 3) == [True, False, False]
 
 
