@@ -238,6 +238,7 @@ def test_traced_graph_runs_in_pytorch(r18: nn.Module) -> None:
     assert consts and not [n for n in gm.graph.nodes if n.op == "get_attr"]
 
 
+@pytest.mark.slow
 def test_torch_exporter_and_opset(tmp_path: Path) -> None:
     """The public torch.onnx.export path (the fallback) and an opset conversion give graphs that
     pass the same verification."""
@@ -349,6 +350,7 @@ def test_functionalize_inplace() -> None:
 
 # -- the command line ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r18.onnx"
     code = main(["--arch", "torchvision.models.resnet18", "--num-classes", "4", "--layer", "layer3",
