@@ -12,6 +12,9 @@ Zoo sweeps: a test parametrized over the architectures of ``tests/zoo.py`` (an `
 is marked ``zoo`` here for every architecture but those in :data:`FAST_ARCHS` (resnet18), which
 stay in the fast tier; the test files need no per-case marks.
 
+Threads: the tests run torch with :data:`TEST_THREADS` (1) intra-op threads, and the processes they
+start inherit ``OMP_NUM_THREADS`` (unless it is set).
+
 Fixtures:
 
 * ``repo_root``, ``shapes_dir`` (models/shapes), ``shapes_samples``, ``handler_file``;
@@ -32,6 +35,7 @@ import functools
 import importlib.util
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -53,6 +57,14 @@ ZOO_TIMEOUT = 1800  # s: the first test of a zoo module may pay for exporting ev
 #: A test parametrized over the zoo architectures (tests/zoo.py) runs these in the fast tier and
 #: every other architecture in the ``zoo`` tier, so each contract keeps a fast instance.
 FAST_ARCHS = frozenset({"resnet18"})
+
+
+#: torch's intra-op threads in the test process, and ``OMP_NUM_THREADS`` of the processes the tests
+#: start unless it is set: on a small shared machine a pool of spinning threads about doubles the
+#: suite's CPU time (and its wall time) for no gain. ``CAMSERVE_TEST_THREADS`` changes it.
+TEST_THREADS = int(os.environ.get("CAMSERVE_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 
 
 def _zoo_arch(item: pytest.Item) -> Optional[str]:

@@ -399,16 +399,23 @@ def test_force_explain_needs_one_flag_per_row(service, png):
         service.handle_batch([{"body": png()}], [True, False])
 
 
-def test_from_model_dir_reads_the_serving_limits(tmp_path, monkeypatch):
+def tiny_folder_with(model_folder, **handler_keys):
+    """A TinyBNNet model folder (target ``features.3``) with ``handler_keys`` added to its block."""
     import yaml
 
-    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump({"handler": {
-        "arch": "torchvision.models.resnet18", "num_classes": 3, "input_size": 64,
-        "target_layer": "layer4"}}))
+    folder = model_folder()
+    cfg = yaml.safe_load((folder / "model-config.yaml").read_text())
+    cfg["handler"].update(handler_keys)
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    return folder
+
+
+def test_from_model_dir_reads_the_serving_limits(model_folder, monkeypatch):
+    folder = tiny_folder_with(model_folder)
     monkeypatch.delenv("TS_MAX_RESPONSE_SIZE", raising=False)
-    svc = CamService.from_model_dir(tmp_path)
-    assert svc.limits == ServingLimits() and svc.engine.layer_name == "layer4"
-    svc = CamService.from_model_dir(tmp_path, overrides={"max_response_size": 1234})
+    svc = CamService.from_model_dir(folder)
+    assert svc.limits == ServingLimits() and svc.engine.layer_name == "features.3"
+    svc = CamService.from_model_dir(folder, overrides={"max_response_size": 1234})
     assert svc.limits.max_response_size == 1234 and svc.spec.max_response_size == 1234
 
 
@@ -485,13 +492,8 @@ def test_batch_budget_scales_then_refuses_later_rows(png):
 
 
 @pytest.fixture()
-def budget_folder(tmp_path):
-    import yaml
-
-    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump({"handler": {
-        "arch": "torchvision.models.resnet18", "num_classes": 3, "input_size": 64,
-        "target_layer": "layer4", "max_map_side": 1024, "max_row_work": 64}}))
-    return tmp_path
+def budget_folder(model_folder):
+    return tiny_folder_with(model_folder, max_map_side=1024, max_row_work=64)
 
 
 def test_budget_keys_are_read_from_the_handler_block(budget_folder):
