@@ -335,7 +335,6 @@ def test_cost_is_the_forward_count():
     assert len(seen) == sum(M.cost(keys, steps=6, percentiles=(30, 70)).values())
 
 
-@pytest.mark.slow
 def test_batch_equals_row_by_row():
     model = _small_cnn(seed=3)
     g = torch.Generator().manual_seed(2)
@@ -349,7 +348,6 @@ def test_batch_equals_row_by_row():
         torch.testing.assert_close(batch[k], torch.cat([r[k] for r in rows]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
 def test_float64_and_float32_agree():
     g = torch.Generator().manual_seed(9)
     x, maps = torch.randn(3, 3, 16, 16, generator=g), torch.rand(3, 16, 16, generator=g)

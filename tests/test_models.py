@@ -109,7 +109,6 @@ def test_labels_default_to_index_to_name(tmp_path):
         load_model_dir(tmp_path, overrides={"target_layer": "layer9"})
 
 
-@pytest.mark.slow
 def test_from_module_and_calibrated_random_model():
     from torch import nn
 

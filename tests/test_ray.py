@@ -206,7 +206,6 @@ def test_pool_size() -> None:
         pool_size(RayOptions("auto", gpus_per_actor=1), {"CPU": 8.0})
 
 
-@pytest.mark.slow
 def test_cli_usage_errors(graph: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     img = _img(tmp_path / "x.png", (40, 40), 0)
     assert batch_cam.main(["--model", str(graph), str(img), "--out", str(tmp_path / "o"),
@@ -217,7 +216,6 @@ def test_cli_usage_errors(graph: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert "invalid value for --ray" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_worker_batch_equals_local_job(graph: Path, tmp_path: Path) -> None:
     """The actor's batch function, called in-process: the local job's lines, files and errors."""
     root = _folder(tmp_path / "photos", 5, (50, 60))

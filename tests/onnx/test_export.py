@@ -238,7 +238,6 @@ def test_traced_graph_runs_in_pytorch(r18: nn.Module) -> None:
     assert consts and not [n for n in gm.graph.nodes if n.op == "get_attr"]
 
 
-@pytest.mark.slow
 def test_torch_exporter_and_opset(tmp_path: Path) -> None:
     """The public torch.onnx.export path (the fallback) and an opset conversion give graphs that
     pass the same verification."""
