@@ -53,21 +53,6 @@ def new_context(model_dir):
     return make
 
 
-# Kept for tests/onnx/test_batch.py, which imports these three from here (their replacements:
-# camserve.testing.handler.load_handler_module(path), FakeContext(folder, model_file="model.py")
-# and FakeContext.set_requests).
-def load_handler_module():
-    return load_module(Path(__file__).resolve().parents[1] / "handler" / "gradcam_handler.py")
-
-
-def make_context(model_dir: Path) -> FakeContext:
-    return FakeContext(model_dir, model_name="shapes", model_file="model.py")
-
-
-def set_requests(ctx: FakeContext, headers: list[dict]) -> None:
-    ctx.set_requests(headers)
-
-
 def new_handler(handler_file: Path, ctx: FakeContext):
     """A freshly imported GradCamHandler, initialised with ``ctx``."""
     return load_handler(handler_file, ctx).instance

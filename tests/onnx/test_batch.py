@@ -311,8 +311,9 @@ def test_export_then_job_on_committed_samples_matches_the_handler(tmp_path: Path
     pytest.importorskip("ts", reason="TorchServe (the ts package) is not installed")
     import base64
 
+    from camserve.testing.context import FakeContext
+    from camserve.testing.handler import load_handler
     from export import onnx_export  # the thin entry point of the Makefile
-    from tests.test_handler import load_handler_module, make_context, set_requests
 
     root = Path(__file__).resolve().parents[2]
     model_dir, samples = root / "models" / "shapes", root / "models" / "shapes" / "samples"
@@ -324,11 +325,10 @@ def test_export_then_job_on_committed_samples_matches_the_handler(tmp_path: Path
     boxes = json.loads((samples / "boxes.json").read_text())
     assert set(rows) == set(boxes) and not (out / "errors.jsonl").read_text().strip()
 
-    handler = load_handler_module().GradCamHandler()
-    ctx = make_context(model_dir)
-    handler.initialize(ctx)
+    ctx = FakeContext(model_dir, model_name="shapes", model_file="model.py")
+    handler = load_handler(root / "handler" / "gradcam_handler.py", ctx).instance
     names = sorted(boxes)
-    set_requests(ctx, [{"explain": "True"}] * len(names))
+    ctx.set_requests([{"explain": "True"}] * len(names))
     answers = [json.loads(a) for a in handler.handle(
         [{"body": (samples / n).read_bytes()} for n in names], ctx)]
     for name, ans in zip(names, answers):
