@@ -19,7 +19,7 @@ it, through :func:`camserve.models.load_model_dir`. The CLI is thin, over :func:
 :func:`evaluate` and :func:`write_samples` (``make train``, ``make evaluate``, ``make samples``)::
 
     python -m tools.shapes train --out models/shapes            # writes weights.pt + labels
-    python -m tools.shapes evaluate --model models/shapes --seed 1234
+    python -m tools.shapes evaluate --model models/shapes --seed 1234  # + the CAM methods' faithfulness
     python -m tools.shapes samples --seed 7 --n 8 --out models/shapes/samples
 
 Example::
