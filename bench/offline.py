@@ -28,39 +28,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageDraw, ImageFilter
 
 from camserve import CamEngine, heatmaps_at_sizes
 from camserve.models import ModelSpec, from_module
 from camserve.onnx.batch import JobConfig, JobStats, default_threads, run_job
 from camserve.onnx.export import export_cam_onnx, export_plain_onnx
 from camserve.onnx.session import ort_session
+from camserve.testing.photos import write_photos
 
 SETTLE_S = 0.3
-
-
-def _photos(folder: Path, n: int, seed: int = 0) -> None:
-    """``n`` photo-like JPEGs: smooth colour gradients, a few shapes, sensor noise, blur."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        w, h = int(rng.integers(400, 641)), int(rng.integers(300, 481))
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        base = np.stack([(xx / w) * rng.uniform(60, 200), (yy / h) * rng.uniform(60, 200),
-                         np.full_like(xx, rng.uniform(30, 220))], axis=-1)
-        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for _ in range(int(rng.integers(2, 6))):
-            x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
-            box = [x0, y0, x0 + int(rng.integers(40, w // 2)), y0 + int(rng.integers(40, h // 2))]
-            fill = tuple(int(c) for c in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
-        arr = np.asarray(img.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.int16)
-        arr = np.clip(arr + rng.integers(-12, 13, arr.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(folder / f"img_{i:04d}.jpg", quality=90)
 
 
 def main() -> None:
@@ -148,7 +126,7 @@ def main() -> None:
 
     # -- part 2: the batch job end to end ------------------------------------------------------
     photos = work / "photos"
-    _photos(photos, args.images)
+    write_photos(photos, args.images)
     del plain_sess, cam_sess, gc
     job_sess = ort_session(cam_path, threads=threads, spinning=False)  # as the job configures it
 

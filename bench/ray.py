@@ -32,36 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the private Ray on loopback
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from camserve.onnx.ray import RayOptions, connect, disconnect, run_ray_job  # noqa: E402  (after the env)
-from camserve.onnx.batch import JobConfig, default_threads, run_job  # noqa: E402
-
-
-def _photos(folder: Path, n: int, seed: int = 0) -> None:
-    """``n`` photo-like JPEGs: colour gradients, a few shapes, noise."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        w, h = int(rng.integers(400, 641)), int(rng.integers(300, 481))
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        base = np.stack([(xx / w) * rng.uniform(60, 200), (yy / h) * rng.uniform(60, 200),
-                         np.full_like(xx, rng.uniform(30, 220))], axis=-1)
-        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for _ in range(int(rng.integers(2, 6))):
-            x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
-            box = [x0, y0, x0 + int(rng.integers(40, w // 2)), y0 + int(rng.integers(40, h // 2))]
-            draw.ellipse(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-        arr = np.asarray(img, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3))
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(folder / f"img_{i:04d}.jpg",
-                                                                     quality=90)
+from camserve.onnx.batch import JobConfig, default_threads, run_job  # noqa: E402  (after the env)
+from camserve.onnx.ray import RayOptions, connect, disconnect, run_ray_job  # noqa: E402
+from camserve.testing.photos import write_photos  # noqa: E402
 
 
 def main() -> None:
@@ -80,7 +58,7 @@ def main() -> None:
 
 def _run(args: argparse.Namespace, work: Path) -> None:
     photos = work / "photos"
-    _photos(photos, args.images)
+    write_photos(photos, args.images)
     graph = args.model
     if graph is None:
         graph = work / "shapes.cam.onnx"

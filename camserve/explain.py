@@ -41,7 +41,7 @@ Example::
     >>> plan_maps(many, (6000, 6000), lim)
     Traceback (most recent call last):
     ...
-    camserve.errors.RequestError: work too large: 12 targets x (heatmap + 3 x overlay + bbox) x 2048x2048 maps = 251.7 megapixel-maps exceeds the limit of 192 per request (handler.max_row_work); ask for fewer targets (option 'target') or fewer outputs (option 'outputs': drop overlay or heatmap or bbox)
+    camserve.errors.WorkTooLarge: work too large: 12 targets x (heatmap + 3 x overlay + bbox) x 2048x2048 maps = 251.7 megapixel-maps exceeds the limit of 192 per request (handler.max_row_work); ask for fewer targets (option 'target') or fewer outputs (option 'outputs': drop overlay or heatmap or bbox)
 """
 from __future__ import annotations
 

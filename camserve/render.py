@@ -171,9 +171,13 @@ def bbox_from_heatmap(heatmap: np.ndarray, threshold: float = 0.15) -> list[int]
         return None
     mask = hm >= max(1.0, threshold * peak)
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    k = 1
     if n > 1:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
-        mask = labels == int(sizes.argmax())
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+        k = int(sizes.argmax())
+    del mask
+    # the region's bounding slices: no index arrays the size of the map (a 24 MP map would need two
+    # int64 arrays of up to 192 MB each)
+    rows, cols = ndimage.find_objects(labels, max_label=k)[k - 1]
+    return [int(cols.start), int(rows.start), int(cols.stop), int(rows.stop)]

@@ -2,8 +2,8 @@
 onnxruntime. The command line of :func:`camserve.onnx.batch.main` (see that module for inputs,
 outputs and options).
 
-Exit status: 0 every image succeeded; 3 some images failed (see errors.jsonl); 2 usage error; 1 any
-other failure.
+Exit status: 0 every image succeeded; 3 some images failed (see errors.jsonl); 2 usage error;
+130 interrupted (Ctrl-C); 1 any other failure.
 """
 from __future__ import annotations
 

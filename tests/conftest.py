@@ -8,6 +8,13 @@ real TorchServe), ``train`` (runs a training job), ``slow`` (anything else over 
 may export the whole zoo inside its first test), :data:`FAST_TIMEOUT` for the rest, unless a test
 sets its own ``@pytest.mark.timeout``.
 
+Zoo sweeps: a test parametrized over the architectures of ``tests/zoo.py`` (an ``arch`` argument)
+is marked ``zoo`` here for every architecture but those in :data:`FAST_ARCHS` (resnet18), which
+stay in the fast tier; the test files need no per-case marks.
+
+Threads: the tests run torch with :data:`TEST_THREADS` (1) intra-op threads, and the processes they
+start inherit ``OMP_NUM_THREADS`` (unless it is set).
+
 Fixtures:
 
 * ``repo_root``, ``shapes_dir`` (models/shapes), ``shapes_samples``, ``handler_file``;
@@ -28,6 +35,7 @@ import functools
 import importlib.util
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -46,11 +54,40 @@ SHAPES_LABELS = ("circle", "square", "triangle", "star", "cross", "ring", "diamo
 TIERS = ("zoo", "torchserve", "train", "slow")
 FAST_TIMEOUT = 120  # s per test outside the heavy tiers (the whole fast tier runs in < 2 min)
 ZOO_TIMEOUT = 1800  # s: the first test of a zoo module may pay for exporting every architecture
+#: A test parametrized over the zoo architectures (tests/zoo.py) runs these in the fast tier and
+#: every other architecture in the ``zoo`` tier, so each contract keeps a fast instance.
+FAST_ARCHS = frozenset({"resnet18"})
 
 
+#: torch's intra-op threads in the test process, and ``OMP_NUM_THREADS`` of the processes the tests
+#: start unless it is set: on a small shared machine a pool of spinning threads about doubles the
+#: suite's CPU time (and its wall time) for no gain. ``CAMSERVE_TEST_THREADS`` changes it.
+TEST_THREADS = int(os.environ.get("CAMSERVE_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
+
+
+def _zoo_arch(item: pytest.Item) -> Optional[str]:
+    """The architecture a test is parametrized over (an ``arch`` argument holding a
+    :class:`tests.zoo.Arch` or the name of one), else None."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    arch = params.get("arch")
+    name = getattr(arch, "name", arch)
+    if isinstance(name, str):
+        from tests.zoo import ARCH_BY_NAME
+
+        return name if name in ARCH_BY_NAME else None
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the zoo marks below must count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Per-tier timeouts (see the module docstring); a test's own ``timeout`` mark wins."""
+    """Zoo sweeps and per-tier timeouts (see the module docstring); a test's own ``timeout``
+    mark wins."""
     for item in items:
+        arch = _zoo_arch(item)
+        if arch is not None and arch not in FAST_ARCHS:
+            item.add_marker(pytest.mark.zoo)
         if item.get_closest_marker("timeout") is not None:
             continue
         if item.get_closest_marker("zoo"):
@@ -243,16 +280,18 @@ def shapes_config() -> Callable[..., dict[str, Any]]:
     return lambda **over: {"batchSize": 8, "maxBatchDelay": 100, "handler": shapes_handler(**over)}
 
 
-@pytest.fixture()
-def shapes_folder(tmp_path: Path) -> Callable[..., Path]:
+@pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``shapes_folder(name="shapes", *, seed=0, config=None, **handler_over) -> Path``: a folder
     laid out like the extracted shapes archive (models/shapes/model.py, a randomly initialised
     ShapesNet's weights, labels, ``batchSize: 8``, ``maxBatchDelay: 100`` and
-    :func:`shapes_handler` with ``handler_over``)."""
+    :func:`shapes_handler` with ``handler_over``). Session-scoped, so module fixtures can share one
+    folder; every call writes a fresh folder (``<tmp>/<name>N/<name>``)."""
     def make(name: str = "shapes", *, seed: int = 0, config: Optional[Mapping[str, Any]] = None,
              **handler_over: Any) -> Path:
         top = {"batchSize": 8, "maxBatchDelay": 100, **dict(config or {})}
-        return write_model_folder(tmp_path / name, _shapes_net(seed), shapes_handler(**handler_over),
+        folder = tmp_path_factory.mktemp(name) / name
+        return write_model_folder(folder, _shapes_net(seed), shapes_handler(**handler_over),
                                   labels=SHAPES_LABELS, model_py=(SHAPES_DIR / "model.py").read_text(),
                                   config=top)
     return make

@@ -30,9 +30,6 @@ from camserve.client import ClientError
 from camserve.testing.torchserve import LocalTorchServe, archive
 from camserve.serving import CamService
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("CAMSERVE_E2E_MODEL_DIR", ROOT / "models" / "shapes"))
-SAMPLES = MODEL_DIR / "samples"
 BATCH_LOG = "camserve: batch of"
 POISON_MODEL = "shapes_poison"
 POISON_BATCH = 8
@@ -79,24 +76,41 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
-    missing = [str(MODEL_DIR / f) for f in ("weights.pt", "index_to_name.json", "model.py",
+def model_dir(shapes_dir) -> Path:
+    """The served model folder: models/shapes, or ``CAMSERVE_E2E_model_dir``."""
+    return Path(os.environ.get("CAMSERVE_E2E_model_dir", shapes_dir))
+
+
+@pytest.fixture(scope="module")
+def samples(model_dir) -> Path:
+    return model_dir / "samples"
+
+
+@pytest.fixture(scope="module")
+def sample_bytes(samples):
+    """``sample_bytes(name)``: the bytes of one committed sample image."""
+    return lambda name: (samples / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_dir, handler_file) -> Iterator[Server]:
+    missing = [str(model_dir / f) for f in ("weights.pt", "index_to_name.json", "model.py",
                                             "model-config.yaml", "samples/boxes.json")
-               if not (MODEL_DIR / f).is_file()]
+               if not (model_dir / f).is_file()]
     if missing:
         pytest.fail(f"the default model is incomplete: missing {', '.join(missing)} (make train, "
                     f"make samples)")
     home = tmp_path_factory.mktemp("torchserve")
-    config = yaml.safe_load((MODEL_DIR / "model-config.yaml").read_text())
+    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
     config.update(batchSize=8, maxBatchDelay=100)  # let 16 concurrent requests form batches
-    archive(home / "store", "shapes", str(ROOT / "handler" / "gradcam_handler.py"),
-            MODEL_DIR / "weights.pt", config, MODEL_DIR / "model.py",
-            [MODEL_DIR / "index_to_name.json"])
+    archive(home / "store", "shapes", str(handler_file),
+            model_dir / "weights.pt", config, model_dir / "model.py",
+            [model_dir / "index_to_name.json"])
     # the same model with a long batch delay: POISON_BATCH concurrent requests share one batch
     config.update(batchSize=POISON_BATCH, maxBatchDelay=5000)
-    archive(home / "store", POISON_MODEL, str(ROOT / "handler" / "gradcam_handler.py"),
-            MODEL_DIR / "weights.pt", config, MODEL_DIR / "model.py",
-            [MODEL_DIR / "index_to_name.json"])
+    archive(home / "store", POISON_MODEL, str(handler_file),
+            model_dir / "weights.pt", config, model_dir / "model.py",
+            [model_dir / "index_to_name.json"])
     ts = LocalTorchServe(home, ["shapes", POISON_MODEL], ready_timeout=240,
                          properties={"max_request_size": 20971520, "max_response_size": 52428800,
                                      "model_metrics_auto_detect": "true"})
@@ -112,22 +126,14 @@ def server(tmp_path_factory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def boxes() -> dict[str, dict]:
-    return json.loads((SAMPLES / "boxes.json").read_text())
+def boxes(samples) -> dict[str, dict]:
+    return json.loads((samples / "boxes.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def local() -> CamService:
+def local(model_dir) -> CamService:
     """The same model, in this process: the reference the server's answers must match."""
-    return CamService.from_model_dir(MODEL_DIR)
-
-
-def sample_bytes(name: str) -> bytes:
-    return (SAMPLES / name).read_bytes()
-
-
-def decode_png(text: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+    return CamService.from_model_dir(model_dir)
 
 
 def local_answer(local: CamService, data: bytes, explain: bool = True, **opts: Any) -> dict:
@@ -142,7 +148,7 @@ def assert_same_predictions(a: dict, b: dict) -> None:
         [p["score"] for p in b["predictions"]], abs=1e-4)
 
 
-def test_predictions_match_the_engine(server, boxes, local):
+def test_predictions_match_the_engine(server, boxes, local, sample_bytes):
     for name in sorted(boxes):
         data = sample_bytes(name)
         r = server.post("predictions/shapes", data=data)
@@ -153,7 +159,7 @@ def test_predictions_match_the_engine(server, boxes, local):
         assert_same_predictions(body, local_answer(local, data, explain=False))
 
 
-def test_explanations_point_into_the_true_boxes(server, boxes, local):
+def test_explanations_point_into_the_true_boxes(server, boxes, local, decode_png, sample_bytes):
     inside = 0
     for name, info in sorted(boxes.items()):
         data = sample_bytes(name)
@@ -179,7 +185,7 @@ def test_explanations_point_into_the_true_boxes(server, boxes, local):
     assert inside == len(boxes), f"heatmap peak inside the true box for {inside}/{len(boxes)} samples"
 
 
-def test_json_and_multipart_explain_on_predictions(server, boxes, local):
+def test_json_and_multipart_explain_on_predictions(server, boxes, local, decode_png, sample_bytes):
     name, info = sorted(boxes.items())[0]
     data = sample_bytes(name)
     doc = {"data": base64.b64encode(data).decode(), "explain": True, "target": info["label"],
@@ -209,13 +215,13 @@ def test_json_and_multipart_explain_on_predictions(server, boxes, local):
                       - decode_png(want["heatmap"]).astype(int)).max() <= 1
 
 
-def test_query_string_is_dropped_on_predictions(server, boxes):
+def test_query_string_is_dropped_on_predictions(server, boxes, sample_bytes):
     """TorchServe's frontend drops the query string of /predictions: use /explanations instead."""
     r = server.post("predictions/shapes?explain=true", data=sample_bytes(sorted(boxes)[0]))
     assert r.status_code == 200 and "explanations" not in r.json()
 
 
-def test_kserve_explain_routes(server, boxes):
+def test_kserve_explain_routes(server, boxes, sample_bytes):
     b64 = base64.b64encode(sample_bytes(sorted(boxes)[0])).decode()
     r = server.post("v1/models/shapes:explain", json={"instances": [{"data": b64}]})
     assert r.status_code == 200, r.text
@@ -240,7 +246,8 @@ def _concurrently(server: Server, jobs: list[tuple[str, dict]]) -> list[requests
         return list(ex.map(go, jobs))
 
 
-def test_16_concurrent_requests_are_batched_and_answered_in_order(server, boxes, local):
+def test_16_concurrent_requests_are_batched_and_answered_in_order(server, boxes, local, decode_png,
+                                                                  sample_bytes):
     names = sorted(boxes)
     order = sorted(range(len(names)), key=lambda i: (boxes[names[i]]["label"], i))
     picked = [names[i] for i in order]
@@ -267,7 +274,7 @@ def test_16_concurrent_requests_are_batched_and_answered_in_order(server, boxes,
     assert len(sizes) < 16, f"16 concurrent requests ran one by one: batches {sizes}"
 
 
-def test_a_corrupt_image_fails_alone_and_the_server_lives_on(server, boxes):
+def test_a_corrupt_image_fails_alone_and_the_server_lives_on(server, boxes, sample_bytes):
     names = sorted(boxes)[:7]
     good = [("explanations/shapes", {"data": sample_bytes(n)}) for n in names]
     corrupt = sample_bytes(names[0])[:150]  # a truncated PNG
@@ -294,7 +301,7 @@ def test_a_corrupt_image_fails_alone_and_the_server_lives_on(server, boxes):
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] == boxes[names[1]]["label"]
 
 
-def test_token_is_required(server, boxes):
+def test_token_is_required(server, boxes, sample_bytes):
     data = sample_bytes(sorted(boxes)[0])
     for headers in ({}, {"Authorization": "Bearer not-the-key"},
                     {"Authorization": f"Bearer {server.management_token}"}):
@@ -323,7 +330,7 @@ def test_oversize_image_is_413(server):
     ({"topk": "0"}, "invalid value for topk"),
     ({"outputs": "heatmap,svg"}, "invalid value for outputs"),
 ])
-def test_bad_options_are_422(server, boxes, opts, needle):
+def test_bad_options_are_422(server, boxes, opts, needle, sample_bytes):
     data = sample_bytes(sorted(boxes)[0])
     files = {"data": ("x.png", data, "image/png"), **{k: (None, v) for k, v in opts.items()}}
     r = server.post("explanations/shapes", files=files)
@@ -332,7 +339,7 @@ def test_bad_options_are_422(server, boxes, opts, needle):
     assert body["code"] == 422 and body["type"] == "InvalidOption" and needle in body["message"]
 
 
-def test_custom_metrics_reach_prometheus(server, boxes):
+def test_custom_metrics_reach_prometheus(server, boxes, sample_bytes):
     server.post("explanations/shapes", data=sample_bytes(sorted(boxes)[0]))
     text = requests.get(f"{server.metrics}/metrics", timeout=30).text
     for name in ("CamTime", "CamExplainedRows", "CamRequestErrors", "HandlerTime",
@@ -359,19 +366,19 @@ def test_body_over_max_request_size_is_refused_by_the_frontend(server):
     assert r.status_code == 413
 
 
-def test_client_cli_writes_the_overlay(server, boxes, tmp_path, capsys):
+def test_client_cli_writes_the_overlay(server, boxes, samples, tmp_path, capsys):
     from camserve.client import main as client_main
 
     name, info = sorted(boxes.items())[0]
     out = tmp_path / "overlay.png"
-    rc = client_main([str(SAMPLES / name), "--explain", "--target", info["label"], "--out", str(out),
+    rc = client_main([str(samples / name), "--explain", "--target", info["label"], "--out", str(out),
                       "--url", server.url, "--key-file", str(server.home / "key_file.json")])
     assert rc == 0
     printed = capsys.readouterr().out
     assert f"({info['label']}," in printed and "wrote" in printed
     img = Image.open(out)
-    assert img.mode == "RGB" and img.size == Image.open(SAMPLES / name).size
-    rc = client_main([str(SAMPLES / name), "--method", "bogus", "--url", server.url,
+    assert img.mode == "RGB" and img.size == Image.open(samples / name).size
+    rc = client_main([str(samples / name), "--method", "bogus", "--url", server.url,
                       "--key-file", str(server.home / "key_file.json")])
     assert rc == 1 and "HTTP 422" in capsys.readouterr().err
 
@@ -382,13 +389,6 @@ def worker_pids(server: Server, model: str) -> list[int]:
                      headers={"Authorization": f"Bearer {server.management_token}"})
     assert r.status_code == 200, r.text
     return sorted(int(w["pid"]) for w in r.json()[0]["workers"])
-
-
-def noise_png(side: int, seed: int = 0) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, "RGB").save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def _poison_jobs(good: list[bytes]) -> tuple[list[tuple[str, dict]], list[int | None]]:
@@ -411,7 +411,7 @@ def _poison_jobs(good: list[bytes]) -> tuple[list[tuple[str, dict]], list[int | 
     return jobs, [None, 422, None, 400, None, 422, None, 422]
 
 
-def test_poison_rows_share_a_batch_with_good_rows(server, boxes):
+def test_poison_rows_share_a_batch_with_good_rows(server, boxes, sample_bytes):
     names = sorted(boxes)
     good = [sample_bytes(n) for n in names[:4]]
     pids = worker_pids(server, POISON_MODEL)
@@ -434,9 +434,9 @@ def test_poison_rows_share_a_batch_with_good_rows(server, boxes):
     assert worker_pids(server, POISON_MODEL) == pids
 
 
-def test_an_oversized_answer_is_413_and_the_worker_lives(server, boxes):
+def test_an_oversized_answer_is_413_and_the_worker_lives(server, boxes, png, sample_bytes):
     pids = worker_pids(server, POISON_MODEL)
-    big = noise_png(1400)  # 8 overlays + heatmaps of ~2 MP noise: ~70 MB of JSON
+    big = png(seed=0, size=(1400, 1400), compress_level=1)  # 8 overlays + heatmaps of ~2 MP noise: ~70 MB of JSON
     every = ",".join(str(i) for i in range(8))
     jobs = [(f"explanations/{POISON_MODEL}", {"files": {
                 "data": ("big.png", big, "image/png"), "target": (None, every),
@@ -452,7 +452,7 @@ def test_an_oversized_answer_is_413_and_the_worker_lives(server, boxes):
     assert r.status_code == 200 and len(r.json()["explanations"]) == 1
 
 
-def test_forged_describe_header_on_the_inference_api(server, boxes):
+def test_forged_describe_header_on_the_inference_api(server, boxes, sample_bytes):
     r = server.post("predictions/shapes", data=sample_bytes(sorted(boxes)[0]),
                     headers={"describe": "True"})
     assert r.status_code == 200 and "predictions" in r.json() and "labels" not in r.json()

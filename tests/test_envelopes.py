@@ -6,39 +6,31 @@ result is a RawRequest or a camserve RequestError, never another exception.
 from __future__ import annotations
 
 import base64
-import io
 import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from camserve.envelopes import RawRequest, extract_request
 from camserve.errors import RequestError
 
 
-def png(size=(48, 40)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 30)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def test_raw_body_is_the_image():
+def test_raw_body_is_the_image(png):
     data = png()
     req = extract_request({"body": data})
     assert req.data == data and req.options == {}
     assert extract_request(bytearray(data)).data == data
 
 
-def test_multipart_fields_are_options():
+def test_multipart_fields_are_options(png):
     data = png()
     req = extract_request({"data": data, "explain": "true", "target": b"2"})
     assert req.data == data
     assert req.options == {"explain": "true", "target": b"2"}
 
 
-def test_json_body_with_base64():
+def test_json_body_with_base64(png):
     data = png()
     doc = {"data": base64.b64encode(data).decode(), "explain": True, "topk": 2}
     req = extract_request({"body": doc})
@@ -48,7 +40,7 @@ def test_json_body_with_base64():
     assert extract_request({"body": json.dumps(doc)}).data == data
 
 
-def test_base64_variants():
+def test_base64_variants(png):
     data = png()
     url = "data:image/png;base64," + base64.b64encode(data).decode()
     assert extract_request({"body": {"data": url}}).data == data
@@ -109,7 +101,7 @@ def test_field_names_are_escaped_and_cut_in_messages():
     assert "\n" not in ei.value.message and len(ei.value.message) < 1000
 
 
-def test_kserve_v1_and_v2_bodies():
+def test_kserve_v1_and_v2_bodies(png):
     data = png()
     b = base64.b64encode(data).decode()
     v1 = extract_request({"body": {"instances": [{"data": b, "target": 1}]}})
@@ -159,9 +151,16 @@ def _check(row) -> None:
     assert isinstance(out.options, dict)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows)
 def test_any_row_is_a_request_or_a_request_error(row):
+    _check(row)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows)
+def test_any_row_is_a_request_or_a_request_error_many(row):
     _check(row)
 
 

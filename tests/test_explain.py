@@ -2,14 +2,11 @@
 complete Explanation records."""
 from __future__ import annotations
 
-import base64
-import io
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from camserve import CamEngine
 from camserve.engine import normalize_maps, to_uint8
@@ -19,25 +16,9 @@ from camserve.errors import RequestError, ResponseTooLarge
 from camserve.methods import available_methods
 from camserve.options import RequestOptions, ServingLimits
 from camserve.records import Explanation
+from camserve.testing.nets import TinyNet
 
 LABELS = ["circle", "square", "triangle", "star", "cross", "ring"]
-
-
-class TinyNet(nn.Module):
-    """conv -> conv (the target, 8×8 for a 32×32 input) -> pool -> fc."""
-
-    def __init__(self, num_classes: int = len(LABELS)) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 16, 3, padding=1),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(torch.relu(self.features(x))).flatten(1))
 
 
 def opts(targets=None, method="gradcam", outputs=("heatmap", "bbox")) -> RequestOptions:
@@ -52,8 +33,7 @@ def test_target_table_pads_and_marks_top1():
 
 
 def test_engine_rows_match_a_sub_batch():
-    torch.manual_seed(1)
-    model = TinyNet().eval()
+    model = TinyNet(len(LABELS), seed=1).eval()
     eng = CamEngine(model, "features")
     x = torch.randn(5, 3, 32, 32)
     sub = eng(x[[1, 4]], targets=torch.tensor([[2, 3], [0, 5]]), method="gradcam++")
@@ -64,8 +44,7 @@ def test_engine_rows_match_a_sub_batch():
 
 
 def test_batch_cams_per_row_methods_equal_their_own_engine_call():
-    torch.manual_seed(2)
-    model = TinyNet().eval()
+    model = TinyNet(len(LABELS), seed=2).eval()
     eng = CamEngine(model, "features")
     x = torch.randn(4, 3, 32, 32)
     methods = available_methods()[:3]
@@ -80,7 +59,7 @@ def test_batch_cams_per_row_methods_equal_their_own_engine_call():
         torch.testing.assert_close(out.cams[p, 0], ref.cams[0], rtol=1e-4, atol=1e-6)
 
 
-def test_render_row_builds_complete_records():
+def test_render_row_builds_complete_records(decode_png):
     torch.manual_seed(3)
     cams = torch.rand(2, 8, 8)
     img = Image.new("RGB", (40, 30), "blue")
@@ -96,9 +75,15 @@ def test_render_row_builds_complete_records():
                        "heatmap", "overlay", "raw"}
     assert js["raw"]["shape"] == [8, 8] and (js["width"], js["height"]) == (40, 30)
     hm = to_uint8(normalize_maps(cams[1], (30, 40))).numpy()
-    png = np.asarray(Image.open(io.BytesIO(base64.b64decode(js_heat(recs[1])))))
-    np.testing.assert_array_equal(png, hm)  # maps made one at a time equal the direct ones
-    only_raw = render_row(img, opts((1,), outputs=("raw",)), cams[:1], [1], probs, LABELS, "f")
+    # maps made one at a time equal the direct ones
+    np.testing.assert_array_equal(decode_png(js_heat(recs[1])), hm)
+
+
+def test_render_row_gives_only_the_outputs_asked_for():
+    img = Image.new("RGB", (40, 30), "blue")
+    probs = torch.softmax(torch.arange(6.0), 0)
+    only_raw = render_row(img, opts((1,), outputs=("raw",)), torch.rand(1, 8, 8), [1], probs,
+                          LABELS, "f")
     assert set(only_raw[0].to_json()) == {"target", "label", "score", "method", "layer", "width",
                                           "height", "raw"}
 
@@ -129,43 +114,69 @@ def test_plan_small_image_is_exact_and_counts_targets_times_outputs():
     assert plan_maps(predict, (5000, 5000), LIMITS).work == 0
 
 
-def test_plan_large_image_full_size_within_budget_else_scaled_else_413():
-    one = opts(None, outputs=("heatmap", "bbox"))
-    p = plan_maps(one, (400, 200), LIMITS)  # 80,000 + 5,000 pixels: full size
+ONE = opts(None, outputs=("heatmap", "bbox"))
+
+
+def test_plan_large_image_within_budget_is_full_size():
+    p = plan_maps(ONE, (400, 200), LIMITS)  # 80,000 + 5,000 pixels: full size
     assert p.map_size == (100, 50) and p.render_size == (400, 200) and p.work == 85_000
+
+
+def test_plan_large_image_over_budget_is_scaled():
     p = plan_maps(opts((1, 2, 3), outputs=("heatmap", "overlay", "bbox")), (2000, 1000), LIMITS)
     assert p.scaled and p.render_size == p.map_size == (100, 50) and p.work == 3 * 5 * 5000
+
+
+def test_plan_over_the_row_budget_even_scaled_is_413():
     with pytest.raises(RequestError) as e:
         plan_maps(opts(tuple(range(6)) * 12, outputs=("heatmap", "overlay", "bbox")),
                   (100, 100), LIMITS)
     assert e.value.code == 413 and e.value.type == "WorkTooLarge"
     assert "handler.max_row_work" in e.value.message and "fewer targets" in e.value.message
+
+
+def test_plan_within_what_the_batch_left_scales_or_refuses():
     with pytest.raises(RequestError, match="left after the requests batched with it"):
-        plan_maps(one, (400, 200), LIMITS, available=1000)
-    assert plan_maps(one, (400, 200), LIMITS, available=12_000).scaled
+        plan_maps(ONE, (400, 200), LIMITS, available=1000)
+    assert plan_maps(ONE, (400, 200), LIMITS, available=12_000).scaled
 
 
-def test_render_scaled_plan_gives_small_pngs_and_bbox_in_original_pixels():
-    cam = torch.zeros(1, 8, 8)
-    cam[0, 2:4, 4:6] = 1.0
-    plan = MapPlan((800, 800), (80, 80), (80, 80), 1)
-    img = Image.new("RGB", (80, 80), "gray")
-    o = opts((1,), outputs=("heatmap", "overlay", "bbox"))
-    rec = render_row(img, o, cam, [1], torch.full((6,), 1 / 6), LABELS, "f", plan=plan)[0]
-    assert Image.open(io.BytesIO(base64.b64decode(rec.heatmap))).size == (80, 80)
-    assert Image.open(io.BytesIO(base64.b64decode(rec.overlay))).size == (80, 80)
-    exact = render_row(Image.new("RGB", (800, 800)), o, cam, [1], torch.full((6,), 1 / 6),
-                       LABELS, "f")[0]
+SPOT = torch.zeros(1, 8, 8)
+SPOT[0, 2:4, 4:6] = 1.0
+SCALED = MapPlan((800, 800), (80, 80), (80, 80), 1)
+MAPS = opts((1,), outputs=("heatmap", "overlay", "bbox"))
+
+
+def _render(img, plan=None):
+    return render_row(img, MAPS, SPOT, [1], torch.full((6,), 1 / 6), LABELS, "f", plan=plan)[0]
+
+
+def test_render_scaled_plan_gives_small_pngs(open_image):
+    rec = _render(Image.new("RGB", (80, 80), "gray"), SCALED)
+    assert open_image(rec.heatmap).size == (80, 80)
+    assert open_image(rec.overlay).size == (80, 80)
+
+
+def test_render_scaled_plan_gives_the_bbox_in_original_pixels():
+    rec = _render(Image.new("RGB", (80, 80), "gray"), SCALED)
+    exact = _render(Image.new("RGB", (800, 800)))
     x0, y0, x1, y1 = rec.bbox
     e0, f0, e1, f1 = exact.bbox
     assert abs(x0 - e0) <= 10 and abs(y0 - f0) <= 10 and abs(x1 - e1) <= 10 and abs(y1 - f1) <= 10
-    js = explanation_json(rec, plan)
+
+
+def test_scaled_explanations_say_so_and_exact_ones_do_not():
+    rec = _render(Image.new("RGB", (80, 80), "gray"), SCALED)
+    js = explanation_json(rec, SCALED)
     assert (js["scaled"], js["map_width"], js["map_height"], js["width"]) == (True, 80, 80, 800)
+    exact = _render(Image.new("RGB", (800, 800)))
     assert "scaled" not in explanation_json(exact, MapPlan.exact((800, 800)))
+
+
+def test_a_plan_may_upsample_small_maps_to_the_original_size(open_image):
     big = MapPlan((800, 800), (80, 80), (800, 800), 1)  # PNGs upsampled to the original size
-    rec = render_row(Image.new("RGB", (800, 800)), o, cam, [1], torch.full((6,), 1 / 6), LABELS,
-                     "f", plan=big)[0]
-    assert Image.open(io.BytesIO(base64.b64decode(rec.overlay))).size == (800, 800)
+    rec = _render(Image.new("RGB", (800, 800)), big)
+    assert open_image(rec.overlay).size == (800, 800)
     assert "scaled" not in explanation_json(rec, big)
 
 

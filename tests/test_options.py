@@ -11,18 +11,13 @@ from hypothesis import strategies as st
 
 from camserve.errors import OptionError
 from camserve.methods import available_methods
-from camserve.models import ConfigError, ModelSpec
+from camserve.models import ConfigError
 from camserve.options import (MAX_TARGETS, TS_DEFAULT_MAX_RESPONSE_SIZE, RequestOptions,
                               ServingLimits, parse_options)
+from camserve.testing.nets import TINY_LABELS, tiny_spec
 
-LABELS = ["circle", "square", "triangle", "star", "cross", "ring"]
-
-
-def spec_of(**over) -> ModelSpec:
-    cfg = {"arch": "x:TinyNet", "num_classes": len(LABELS), "target_layer": "features",
-           "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "topk": 3}
-    cfg.update(over)
-    return ModelSpec.from_config(cfg)
+LABELS = list(TINY_LABELS)
+spec_of = tiny_spec
 
 
 def test_defaults_come_from_the_spec():
@@ -144,9 +139,7 @@ option_maps = st.dictionaries(
     values, max_size=5)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(option_maps, st.booleans())
-def test_any_options_are_request_options_or_an_option_error(options, forced):
+def _check_options(options, forced) -> None:
     try:
         out = parse_options(options, spec_of(), LABELS, explain=forced)
     except OptionError as exc:
@@ -156,3 +149,16 @@ def test_any_options_are_request_options_or_an_option_error(options, forced):
     assert 1 <= out.topk <= len(LABELS) and out.method in available_methods()
     assert out.targets is None or all(0 <= t < len(LABELS) for t in out.targets)
     assert out.explain or not forced
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(option_maps, st.booleans())
+def test_any_options_are_request_options_or_an_option_error(options, forced):
+    _check_options(options, forced)
+
+
+@pytest.mark.slow
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(option_maps, st.booleans())
+def test_any_options_are_request_options_or_an_option_error_many(options, forced):
+    _check_options(options, forced)

@@ -1,9 +1,13 @@
 """pyproject.toml, the Makefile and .ci/run: the installed distribution is camserve alone, the core
-needs no extra, every console script names a ``main``, the test tiers are registered."""
+needs and imports no extra, every console script names a ``main``, the test tiers are registered."""
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = PROJECT["project"]["optional-dependencies"]
+EXTRA_MODULES = ("onnx", "onnxruntime", "onnxscript", "onnx_ir", "ts")
 
 
 def _name(requirement: str) -> str:
@@ -73,15 +78,29 @@ def test_install_stamp_depends_on_pyproject_and_installs_all() -> None:
     assert "$(STAMP): pyproject.toml" in make and "-e '.[all]'" in make
 
 
-# Files that still edit sys.path, each to move to camserve.testing; the test fails when one of
-# them no longer does (then remove it here), so the list can only shrink.
-SYS_PATH_PENDING = {
-    "tests/test_handler.py",  # its precision subprocess script imports test_handler
-}
-
-
 def test_no_sys_path_edits() -> None:
+    """Shared test tooling lives in camserve.testing; nothing patches sys.path."""
     offenders = {str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
                  if ".venv" not in p.parts and p.name != "test_packaging.py"
                  and re.search(r"sys\.path\.(insert|append)|sys\.path\s*(\[[^]]*\])?\s*[+]?=", p.read_text())}
-    assert offenders == SYS_PATH_PENDING
+    assert offenders == set()
+
+
+def _modules_after(imports: str) -> set[str]:
+    """The top-level names in sys.modules after ``import <imports>`` in a fresh interpreter."""
+    code = f"import json, sys; import {imports}; print(json.dumps(sorted(sys.modules)))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=str(ROOT), timeout=120, check=True).stdout
+    return {m.split(".")[0] for m in json.loads(out.strip().splitlines()[-1])}
+
+
+def test_core_imports_no_extras() -> None:
+    loaded = _modules_after("camserve, camserve.engine, camserve.serving")
+    assert "camserve" in loaded
+    assert not loaded & set(EXTRA_MODULES), f"the core imports extras: {sorted(loaded & set(EXTRA_MODULES))}"
+
+
+def test_onnx_package_import_is_light() -> None:
+    """``import camserve.onnx`` imports none of its modules (nor onnx/onnxruntime)."""
+    assert not _modules_after("camserve.onnx") & set(EXTRA_MODULES)

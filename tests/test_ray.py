@@ -391,3 +391,32 @@ def test_ctrl_c_then_resume(cluster: str, graph: Path, tmp_path: Path) -> None:
     assert len(paths) == len(set(paths)) == n
     assert {Path(e["path"]).name for e in _lines(out / "errors.jsonl")} == {"empty.png",
                                                                             "notes.jpg"}
+
+
+def test_one_plan_and_one_result_line_function() -> None:
+    """The Ray runner uses the local job's option check and results-line code, not copies."""
+    from camserve.onnx import ray as cam_ray
+
+    assert cam_ray.plan_job is batch_cam.plan_job
+    assert cam_ray.result_lines is batch_cam.result_lines
+    assert not hasattr(cam_ray, "JobPlan") or cam_ray.JobPlan is batch_cam.JobPlan
+
+
+def test_worker_keeps_non_utf8_names(graph: Path, tmp_path: Path) -> None:
+    """Names travel to the actors as file-system bytes: a name that is not UTF-8 is explained,
+    its line is valid UTF-8 JSON giving the original bytes back."""
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.png"
+    _img(Path(os.fsdecode(raw)), (40, 40), 0)
+    items = list(batch_cam.iter_inputs([str(tmp_path)]))
+    from camserve.onnx.ray import build_dataset  # noqa: F401  (the columns it builds are bytes)
+
+    worker = CamBatchWorker(plan_job(JobConfig(model=graph, inputs=[str(tmp_path)],
+                                               out=tmp_path / "out")))
+    rows = worker({"id": np.arange(1), "path": np.array([os.fsencode(items[0].path)], object),
+                   "name": np.array([os.fsencode(items[0].name)], object),
+                   "abspath": np.array([os.fsencode(os.path.abspath(items[0].path))], object)})
+    assert list(rows["ok"]) == [True]
+    line = rows["line"][0]
+    line.encode("utf-8")
+    assert os.fsencode(json.loads(line)["path"]) == raw
+    assert (tmp_path / "out" / json.loads(line)["files"]["heatmap"]).is_file()

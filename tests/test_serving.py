@@ -23,51 +23,15 @@ from camserve.methods import available_methods
 from camserve.models import LoadedModel, ModelSpec
 from camserve.options import ServingLimits
 from camserve.serving import BatchOutcome, CamService
+from camserve.testing.nets import TINY_LABELS, TinyNet, frozen, tiny_spec
 
-LABELS = ["circle", "square", "triangle", "star", "cross", "ring"]
-
-
-class TinyNet(nn.Module):
-    """conv -> conv (the target, 8×8 for a 32×32 input) -> pool -> fc."""
-
-    def __init__(self, num_classes: int = len(LABELS)) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 16, 3, padding=1),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(torch.relu(self.features(x))).flatten(1))
-
-
-def png(color=(200, 30, 30), size=(48, 40), fmt: str = "PNG", seed: int | None = None, **kw) -> bytes:
-    if seed is not None:
-        arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-        img = Image.fromarray(arr, "RGB")
-    else:
-        img = Image.new("RGB", size, color)
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def spec_of(**over) -> ModelSpec:
-    cfg = {"arch": "x:TinyNet", "num_classes": len(LABELS), "target_layer": "features",
-           "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "topk": 3}
-    cfg.update(over)
-    return ModelSpec.from_config(cfg)
+LABELS = list(TINY_LABELS)
+spec_of = tiny_spec
 
 
 def make_service(spec: ModelSpec | None = None, limits: ServingLimits | None = None,
                  model: nn.Module | None = None) -> CamService:
-    torch.manual_seed(0)
-    model = model or TinyNet().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = frozen(model or TinyNet(len(LABELS), seed=0))
     loaded = LoadedModel(model=model, spec=spec or spec_of(), labels=list(LABELS),
                          layer="features", device=torch.device("cpu"))
     return CamService(loaded, limits)
@@ -91,36 +55,42 @@ def direct_heatmap(svc: CamService, data: bytes, target: int, method: str) -> np
     return to_uint8(normalize_maps(res.cams[0], (img.height, img.width))).numpy()
 
 
-def decode_png(text: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
-
-
 def assert_maps_close(a: np.ndarray, b: np.ndarray) -> None:
     """uint8 maps equal up to one level (float noise between batch sizes)."""
     assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
-def test_mixed_batch_per_row_explain_targets_methods(service):
+@pytest.fixture(scope="module")
+def mixed(service, png):
+    """Five rows: predict only, a form asking for layercam on "star", a JSON body with targets and
+    all outputs (explained by its flag), a predict-only form with topk 2, a raw body explained by
+    its flag. Handled once; returns (images, outcome, bodies)."""
     imgs = [png(seed=i, size=(48 + 8 * i, 40)) for i in range(5)]
     rows = [
         {"body": imgs[0]},                                                    # predict only
         {"data": imgs[1], "explain": "true", "target": "star", "method": "layercam"},
         {"body": {"data": base64.b64encode(imgs[2]).decode(), "target": [1, 4],
-                  "outputs": "heatmap,raw,bbox,overlay"}},                    # explain via header
+                  "outputs": "heatmap,raw,bbox,overlay"}},                    # explain via flag
         {"data": imgs[3], "topk": "2"},                                       # predict only
-        {"body": imgs[4]},                                                    # explain via header
+        {"body": imgs[4]},                                                    # explain via flag
     ]
     outcome = service.handle_batch(rows, [False, False, True, False, True])
+    return imgs, outcome, [body_of(r) for r in outcome.results]
+
+
+def test_mixed_batch_rows_are_answered_and_explained_per_row(mixed):
+    _, outcome, bodies = mixed
     assert isinstance(outcome, BatchOutcome)
-    out = outcome.results
-    assert [r.status for r in out] == [200] * 5
-    bodies = [body_of(r) for r in out]
+    assert [r.status for r in outcome.results] == [200] * 5
     assert [("explanations" in b) for b in bodies] == [False, True, True, False, True]
     assert len(bodies[3]["predictions"]) == 2 and len(bodies[0]["predictions"]) == 3
 
-    # predictions equal the model's own softmax, row by row
+
+def test_predictions_equal_the_models_own_softmax(service, mixed):
     from camserve.images import decode_image, preprocess
+
+    imgs, _, bodies = mixed
     for data, b in zip(imgs, bodies):
         x = preprocess(decode_image(data), (32, 32), (0.5,) * 3, (0.25,) * 3)[None]
         probs = torch.softmax(service.engine.predict(x), 1)[0]
@@ -129,50 +99,64 @@ def test_mixed_batch_per_row_explain_targets_methods(service):
         assert [p["score"] for p in b["predictions"]] == pytest.approx(top.values.tolist(), abs=1e-5)
         assert [p["label"] for p in b["predictions"]] == [LABELS[i] for i in top.indices.tolist()]
 
+
+def test_target_label_and_method_from_form_fields(service, mixed, decode_png):
+    imgs, _, bodies = mixed
     e1 = bodies[1]["explanations"]
     assert [(e["target"], e["label"], e["method"]) for e in e1] == [(3, "star", "layercam")]
     assert set(e1[0]) == {"target", "label", "score", "method", "layer", "width", "height",
                           "heatmap", "bbox"}
     assert_maps_close(decode_png(e1[0]["heatmap"]),
-                                  direct_heatmap(service, imgs[1], 3, "layercam"))
+                      direct_heatmap(service, imgs[1], 3, "layercam"))
+
+
+def test_json_targets_and_all_outputs(service, mixed, decode_png):
+    imgs, _, bodies = mixed
     e2 = bodies[2]["explanations"]
     assert [(e["target"], e["method"]) for e in e2] == [(1, "gradcam"), (4, "gradcam")]
     for e in e2:
         assert set(e) >= {"heatmap", "overlay", "raw", "bbox"}
         assert e["raw"]["shape"] == [8, 8] and np.asarray(e["raw"]["data"]).shape == (8, 8)
         assert_maps_close(decode_png(e["heatmap"]),
-                                      direct_heatmap(service, imgs[2], e["target"], "gradcam"))
-        assert Image.open(io.BytesIO(base64.b64decode(e["overlay"]))).size == (64, 40)
+                          direct_heatmap(service, imgs[2], e["target"], "gradcam"))
+        assert decode_png(e["overlay"]).shape[:2] == (40, 64)
+
+
+def test_forced_explain_explains_the_top1_at_image_size(mixed, decode_png):
+    _, _, bodies = mixed
     e4 = bodies[4]["explanations"]
     top1 = bodies[4]["predictions"][0]
     assert [e["target"] for e in e4] == [top1["index"]]
     assert e4[0]["score"] == pytest.approx(top1["score"])
     assert (e4[0]["width"], e4[0]["height"]) == (80, 40) and e4[0]["layer"] == "features"
     assert decode_png(e4[0]["heatmap"]).shape == (40, 80)
+
+
+def test_mixed_batch_stats(mixed):
+    _, outcome, _ = mixed
     assert outcome.stats.explained_rows == 3 and outcome.stats.maps == 4
     assert outcome.stats.error_rows == 0 and outcome.stats.rows == 5
 
 
-def test_one_forward_per_batch(service):
+@pytest.mark.parametrize("layout", ["mixed", "predict_only", "k3_beside_k1"])
+def test_one_forward_per_batch(service, png, layout):
     calls = []
+    rows = [{"body": png(seed=i)} for i in range(4)]
+    flags = [True, False, False, True]
+    if layout == "predict_only":
+        flags = None
+    elif layout == "k3_beside_k1":
+        rows[1] = {"data": png(seed=9), "explain": "1", "target": [0, 1, 2]}
     h = service.model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     try:
-        rows = [{"body": png(seed=i)} for i in range(4)]
-        service.handle_batch(rows, [True, False, False, True])
-        assert calls == [4]
-        calls.clear()
-        service.handle_batch(rows)  # predict-only batch
-        assert calls == [4]
-        calls.clear()
-        rows[1] = {"data": png(seed=9), "explain": "1", "target": [0, 1, 2]}
-        service.handle_batch(rows, [True, False, False, True])  # K = 3 and K = 1 together
-        assert calls == [4]
+        service.handle_batch(rows, flags)
     finally:
         h.remove()
+    assert calls == [4]
     assert not service.model._forward_pre_hooks and not service.model.features._forward_hooks
 
 
-def test_explained_rows_match_a_batch_of_their_own(service):
+def test_explained_rows_match_a_batch_of_their_own(service, png, decode_png):
     a, b, c = png(seed=11), png(seed=12), png(seed=13)
     mixed = service.handle_batch([{"body": a}, {"body": b}, {"body": c}], [False, True, False]).results
     alone = service.handle_batch([{"body": b}], [True]).results
@@ -185,7 +169,8 @@ def test_explained_rows_match_a_batch_of_their_own(service):
     assert np.abs(diff).max() <= 1  # float noise between batch sizes may move a pixel one level
 
 
-def test_bad_rows_do_not_harm_batch_mates(service):
+@pytest.fixture(scope="module")
+def bad_rows(service, png):
     good = png(seed=3)
     truncated = png(seed=4, size=(64, 64))[:200]
     rows = [
@@ -198,22 +183,40 @@ def test_bad_rows_do_not_harm_batch_mates(service):
         {"body": {"data": "@@@"}},
         {"data": good, "explain": "true"},
     ]
-    outcome = service.handle_batch(rows)
-    out = outcome.results
+    return service.handle_batch(rows)
+
+
+def test_bad_rows_do_not_harm_batch_mates(bad_rows):
+    out = bad_rows.results
     assert [r.status for r in out] == [200, 400, 400, 400, 422, 422, 400, 200]
+    assert "explanations" in body_of(out[7]) and "explanations" not in body_of(out[0])
+    assert bad_rows.stats.error_rows == 6 and bad_rows.stats.internal_errors == 0
+
+
+def test_a_bad_image_says_its_size_and_the_allowed_formats(bad_rows):
+    out = bad_rows.results
     err = body_of(out[1])
     assert err["code"] == 400 and err["type"] == "InvalidImage"
     assert "12 bytes" in err["message"] and "allowed formats: JPEG, PNG" in err["message"]
+    assert out[1].phrase == "Bad Request"
+
+
+def test_empty_and_truncated_images_are_named(bad_rows):
+    out = bad_rows.results
     assert "empty" in body_of(out[2])["message"]
     assert "truncated" in body_of(out[3])["message"] or "corrupt" in body_of(out[3])["message"]
-    assert out[4].phrase == "Unprocessable Entity" and out[1].phrase == "Bad Request"
-    assert "explanations" in body_of(out[7]) and "explanations" not in body_of(out[0])
-    assert outcome.stats.error_rows == 6 and outcome.stats.internal_errors == 0
-    # a batch of only bad rows
-    assert [r.status for r in service.handle_batch([{"body": b"x"}, {"nothing": 1}]).results] == [400, 400]
 
 
-def test_pixel_limit_is_413_before_decoding():
+def test_a_bad_option_is_unprocessable(bad_rows):
+    assert bad_rows.results[4].phrase == "Unprocessable Entity"
+
+
+def test_a_batch_of_only_bad_rows(service):
+    out = service.handle_batch([{"body": b"x"}, {"nothing": 1}]).results
+    assert [r.status for r in out] == [400, 400]
+
+
+def test_pixel_limit_is_413_before_decoding(png):
     torch.manual_seed(0)
     svc = make_service(spec_of(max_pixels=100 * 100))
     out = svc.handle_batch([{"body": png(size=(101, 100))}, {"body": png(size=(100, 100))}]).results
@@ -222,7 +225,7 @@ def test_pixel_limit_is_413_before_decoding():
     assert out[0].phrase == "Request Entity Too Large" or out[0].phrase == "Content Too Large"
 
 
-def test_exif_orientation_gives_displayed_size(service):
+def test_exif_orientation_gives_displayed_size(service, decode_png):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90°: displayed 30 wide, 50 high
@@ -236,12 +239,12 @@ def test_exif_orientation_gives_displayed_size(service):
 
 @pytest.mark.parametrize("fmt, kw", [("JPEG", {}), ("WEBP", {}), ("BMP", {}), ("GIF", {}),
                                      ("TIFF", {})])
-def test_image_formats(service, fmt, kw):
+def test_image_formats(service, fmt, kw, png):
     [res] = service.handle_batch([{"body": png(seed=5, fmt=fmt, **kw)}], [True]).results
     assert res.status == 200 and len(body_of(res)["explanations"]) == 1
 
 
-def test_all_methods_in_one_batch(service):
+def test_all_methods_in_one_batch(service, png, decode_png):
     data = png(seed=21)
     methods = available_methods()
     rows = [{"data": data, "method": m, "target": 2} for m in methods]
@@ -271,7 +274,7 @@ def error_body(res) -> dict:
     return body
 
 
-def test_poison_rows_beside_good_rows(service, monkeypatch):
+def test_poison_rows_beside_good_rows(service, monkeypatch, png):
     import struct
 
     import camserve.serving as serving
@@ -313,7 +316,10 @@ def test_poison_rows_beside_good_rows(service, monkeypatch):
     assert out.stats.error_rows == 9 and out.stats.internal_errors == 0
 
 
-def test_a_bug_while_rendering_one_row_is_its_500(service, monkeypatch, caplog):
+@pytest.fixture()
+def broken_render(monkeypatch):
+    """render_row raises for hirescam rows (a bug) and layercam rows (request data in the
+    exception message)."""
     import camserve.serving as serving
 
     real = serving.render_row
@@ -326,6 +332,9 @@ def test_a_bug_while_rendering_one_row_is_its_500(service, monkeypatch, caplog):
         return real(image, options, *a, **kw)
 
     monkeypatch.setattr(serving, "render_row", render)
+
+
+def test_a_bug_while_rendering_one_row_is_its_500(service, broken_render, caplog, png):
     rows = [{"data": png(seed=1), "explain": "1"}, {"data": png(seed=2), "explain": "1",
                                                     "method": "hirescam"}, {"body": png(seed=3)}]
     with caplog.at_level("ERROR", logger="camserve.serving"):
@@ -338,8 +347,10 @@ def test_a_bug_while_rendering_one_row_is_its_500(service, monkeypatch, caplog):
     logged = [r.getMessage() for r in caplog.records if error_id in r.getMessage()]
     assert logged and "ZeroDivisionError: 'a bug'" in logged[0] and "render" in logged[0]
     assert out.stats.internal_errors == 1 and out.stats.error_rows == 1
+
+
+def test_a_logged_internal_error_cannot_forge_log_lines(service, broken_render, caplog, png):
     with caplog.at_level("ERROR", logger="camserve.serving"):
-        caplog.clear()
         out = service.handle_batch([{"data": png(seed=1), "explain": "1", "method": "layercam"}])
     assert out.results[0].status == 500
     text = "\n".join(r.getMessage() for r in caplog.records)
@@ -355,8 +366,8 @@ class PoisonNet(TinyNet):
         return super().forward(x)
 
 
-def test_a_failing_batched_pass_is_retried_row_by_row():
-    svc = make_service(model=PoisonNet().eval())
+def test_a_failing_batched_pass_is_retried_row_by_row(png):
+    svc = make_service(model=PoisonNet(len(LABELS), seed=0))
     white = png(color=(255, 255, 255))
     rows = [{"data": png(seed=1), "explain": "1"}, {"body": white}, {"body": png(seed=2)},
             {"data": white, "explain": "1"}, {"data": png(seed=4), "explain": "1", "target": "2,3"}]
@@ -368,7 +379,7 @@ def test_a_failing_batched_pass_is_retried_row_by_row():
     assert [e["target"] for e in a["explanations"]] == [e["target"] for e in b["explanations"]] == [2, 3]
 
 
-def test_an_answer_over_the_response_limit_is_413_naming_what_to_drop():
+def test_an_answer_over_the_response_limit_is_413_naming_what_to_drop(png):
     svc = make_service(limits=ServingLimits(max_response_size=60_000))
     big = png(seed=7, size=(200, 150))
     rows = [{"data": big, "explain": "1", "outputs": "overlay,heatmap,raw", "target": "0,1,2"},
@@ -383,21 +394,28 @@ def test_an_answer_over_the_response_limit_is_413_naming_what_to_drop():
     assert svc.describe()["max_response_size"] == 60_000
 
 
-def test_force_explain_needs_one_flag_per_row(service):
+def test_force_explain_needs_one_flag_per_row(service, png):
     with pytest.raises(ValueError, match="force_explain"):
         service.handle_batch([{"body": png()}], [True, False])
 
 
-def test_from_model_dir_reads_the_serving_limits(tmp_path, monkeypatch):
+def tiny_folder_with(model_folder, **handler_keys):
+    """A TinyBNNet model folder (target ``features.3``) with ``handler_keys`` added to its block."""
     import yaml
 
-    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump({"handler": {
-        "arch": "torchvision.models.resnet18", "num_classes": 3, "input_size": 64,
-        "target_layer": "layer4"}}))
+    folder = model_folder()
+    cfg = yaml.safe_load((folder / "model-config.yaml").read_text())
+    cfg["handler"].update(handler_keys)
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    return folder
+
+
+def test_from_model_dir_reads_the_serving_limits(model_folder, monkeypatch):
+    folder = tiny_folder_with(model_folder)
     monkeypatch.delenv("TS_MAX_RESPONSE_SIZE", raising=False)
-    svc = CamService.from_model_dir(tmp_path)
-    assert svc.limits == ServingLimits() and svc.engine.layer_name == "layer4"
-    svc = CamService.from_model_dir(tmp_path, overrides={"max_response_size": 1234})
+    svc = CamService.from_model_dir(folder)
+    assert svc.limits == ServingLimits() and svc.engine.layer_name == "features.3"
+    svc = CamService.from_model_dir(folder, overrides={"max_response_size": 1234})
     assert svc.limits.max_response_size == 1234 and svc.spec.max_response_size == 1234
 
 
@@ -413,7 +431,7 @@ def gif(size: tuple[int, int]) -> bytes:
 ALL_OUTPUTS = "heatmap,overlay,raw,bbox"
 
 
-def test_work_over_the_row_budget_is_413_before_decoding(service, monkeypatch):
+def test_work_over_the_row_budget_is_413_before_decoding(service, monkeypatch, png):
     import camserve.serving as serving
 
     decoded = []
@@ -432,7 +450,7 @@ def test_work_over_the_row_budget_is_413_before_decoding(service, monkeypatch):
     assert decoded == [len(png())]  # the 36 MP GIF was never decoded
 
 
-def test_large_image_is_explained_at_the_capped_side_and_says_so():
+def test_large_image_is_explained_at_the_capped_side_and_says_so(png, decode_png):
     svc = make_service(limits=ServingLimits(max_map_side=256, max_row_work=1))
     data = png(size=(1200, 600), color=(20, 200, 20))
     rows = [{"data": data, "explain": "1", "outputs": ALL_OUTPUTS, "target": "0,1"},
@@ -457,7 +475,7 @@ def test_large_image_is_explained_at_the_capped_side_and_says_so():
                                              "raw"}
 
 
-def test_batch_budget_scales_then_refuses_later_rows():
+def test_batch_budget_scales_then_refuses_later_rows(png):
     svc = make_service(limits=ServingLimits(max_map_side=500, max_row_work=1, max_batch_work=2))
     data = png(size=(1200, 600), color=(20, 20, 200))
     row = {"data": data, "explain": "1", "outputs": "heatmap,bbox"}  # full .845, capped .25 MP
@@ -473,25 +491,30 @@ def test_batch_budget_scales_then_refuses_later_rows():
     assert alone.status == 200 and "scaled" not in body_of(alone)["explanations"][0]
 
 
-def test_budget_keys_are_read_from_the_handler_block(tmp_path, monkeypatch):
-    import yaml
+@pytest.fixture()
+def budget_folder(model_folder):
+    return tiny_folder_with(model_folder, max_map_side=1024, max_row_work=64)
 
-    from camserve.models import ConfigError
 
-    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump({"handler": {
-        "arch": "torchvision.models.resnet18", "num_classes": 3, "input_size": 64,
-        "target_layer": "layer4", "max_map_side": 1024, "max_row_work": 64}}))
-    svc = CamService.from_model_dir(tmp_path)
+def test_budget_keys_are_read_from_the_handler_block(budget_folder):
+    svc = CamService.from_model_dir(budget_folder)
     assert (svc.limits.max_map_side, svc.limits.max_row_work, svc.limits.max_batch_work) == \
         (1024, 64, 512)
     d = svc.describe()
     assert (d["max_map_side"], d["max_row_work"], d["max_batch_work"]) == (1024, 64, 512)
-    with pytest.raises(ConfigError, match="handler.max_batch_work"):
-        CamService.from_model_dir(tmp_path, overrides={"max_batch_work": 32})
-    with pytest.raises(ConfigError, match="handler.max_map_side"):
-        CamService.from_model_dir(tmp_path, overrides={"max_map_side": 0})
-    with pytest.raises(ConfigError, match="did you mean 'max_row_work'"):
-        CamService.from_model_dir(tmp_path, overrides={"max_row_wrok": 3})
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"max_batch_work": 32}, "handler.max_batch_work"),
+    ({"max_map_side": 0}, "handler.max_map_side"),
+    ({"max_row_wrok": 3}, "did you mean 'max_row_work'"),
+])
+def test_bad_budget_keys_are_refused(budget_folder, over, needle):
+    from camserve.models import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        CamService.from_model_dir(budget_folder, overrides=over)
+
 
 poison_rows = st.one_of(
     st.binary(max_size=64).map(lambda b: {"body": b}),
@@ -505,12 +528,7 @@ poison_rows = st.one_of(
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
-@given(st.lists(st.one_of(st.just(None), poison_rows), min_size=1, max_size=6),
-       st.lists(st.booleans(), min_size=6, max_size=6))
-def test_property_good_rows_stay_200_beside_any_poison(service, layout, forced):
-    good = png(seed=40)
+def _good_rows_stay_200(service, good, layout, forced) -> None:
     rows = [{"body": good} if r is None else
             ({**r, "data": good} if r.get("data") == b"GOOD" else r) for r in layout]
     out = service.handle_batch(rows, forced[:len(rows)])
@@ -521,6 +539,25 @@ def test_property_good_rows_stay_200_beside_any_poison(service, layout, forced):
         elif res.status != 200:
             assert 400 <= res.status < 500, res.to_json()[:300]
             error_body(res)
+
+
+PROPERTY_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                               HealthCheck.function_scoped_fixture])
+POISON_LAYOUTS = (st.lists(st.one_of(st.just(None), poison_rows), min_size=1, max_size=6),
+                  st.lists(st.booleans(), min_size=6, max_size=6))
+
+
+@settings(max_examples=8, **PROPERTY_SETTINGS)
+@given(*POISON_LAYOUTS)
+def test_property_good_rows_stay_200_beside_any_poison(service, png, layout, forced):
+    _good_rows_stay_200(service, png(seed=40), layout, forced)
+
+
+@pytest.mark.slow
+@settings(max_examples=25, **PROPERTY_SETTINGS)
+@given(*POISON_LAYOUTS)
+def test_property_good_rows_stay_200_beside_any_poison_many(service, png, layout, forced):
+    _good_rows_stay_200(service, png(seed=40), layout, forced)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from camserve.methods import available_methods
 from camserve.models import ConfigError
 from tools import shapes
 from tools.shapes import CLASSES, IMAGE_SIZE, make_dataset, render_sample, rng_for
@@ -289,17 +290,111 @@ def test_pointing_hits_counts_the_peak_with_tolerance() -> None:
 
 @pytest.mark.slow
 def test_evaluate_cli_meets_the_thresholds(capsys) -> None:
-    assert shapes.main(["evaluate", "--model", str(MODEL_DIR), "--seed", "2026", "--n", "200"]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    metrics = json.loads(last)
-    assert set(metrics) == set(THRESHOLDS)
+    assert shapes.main(["evaluate", "--model", str(MODEL_DIR), "--seed", "2026", "--n", "200",
+                        "--metrics-n", "16", "--road-n", "2", "--steps", "10"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    metrics = json.loads(out[-1])
+    assert set(metrics) == set(THRESHOLDS) | {"metrics"}
     for key, low in THRESHOLDS.items():
         assert metrics[key] >= low, (key, metrics)
+    rows = metrics["metrics"]
+    assert list(rows) == available_methods() + ["random", "center"]
+    for row, values in rows.items():
+        assert list(values) == list(shapes.COMPARISON_KEYS), row
+        assert all(v is None if (row in ("random", "center") and k == "randomization_rank_corr")
+                   else isinstance(v, float) for k, v in values.items()), (row, values)
+    # the table precedes the JSON line: a header with the directions, then one line per row
+    head = next(i for i, line in enumerate(out) if line.startswith("method "))
+    assert "deletion ↓" in out[head] and "insertion ↑" in out[head]
+    assert "randomization_rank_corr ↓" in out[head] and "road_lerf ↑" in out[head]
+    assert [line.split()[0] for line in out[head + 1:-1]] == list(rows)
+    assert "first 16 single-object images, ROAD on the first 2" in out[head - 1]
 
 
 def test_evaluate_fails_for_an_untrained_model(shapes_folder) -> None:
     rep = shapes.evaluate(shapes_folder(seed=0), seed=1, n=48, n_pairs=24)
     assert rep.accuracy < 0.5 and rep.pointing_game_two_objects < 0.95
+    assert rep.comparison is None and set(rep.to_json()) == set(THRESHOLDS)
+
+
+# -- faithfulness comparison ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def comparison() -> "shapes.Comparison":
+    """The committed model compared on 16 evaluation images, 10 steps, no ROAD (seconds per
+    image: the slow CLI test covers it)."""
+    loaded = shapes.load_model(MODEL_DIR)
+    data = make_dataset(seed=77, n=16, stream="evaluate")
+    return shapes.compare_methods(loaded, data, n=16, road_n=0, steps=10, seed=77)
+
+
+@pytest.mark.slow
+def test_every_cam_method_beats_the_random_map_on_deletion_and_insertion(comparison) -> None:
+    v = comparison.values
+    for method in available_methods():
+        assert v[method]["deletion"] < v["random"]["deletion"], (method, v[method], v["random"])
+        assert v[method]["insertion"] > v["random"]["insertion"], (method, v[method], v["random"])
+
+
+@pytest.mark.slow
+def test_comparison_rows_keys_and_undefined_randomization(comparison) -> None:
+    v = comparison.values
+    assert list(v) == available_methods() + ["random", "center"]
+    no_road = [k for k in shapes.COMPARISON_KEYS if not k.startswith("road")]
+    assert all(list(row) == no_road for row in v.values())
+    assert v["random"]["randomization_rank_corr"] is None and v["center"]["randomization_rank_corr"] is None
+    for method in available_methods():
+        assert -1.0 <= v[method]["randomization_rank_corr"] <= 1.0
+        assert 0.0 <= v[method]["energy_in_box"] <= 1.0 and 0.0 <= v[method]["avg_drop"] <= 100.0
+    # Grad-CAM's maps depend on the classifier: re-initialising it decorrelates them
+    assert v["gradcam"]["randomization_rank_corr"] < 0.5
+    # the shape is where the evidence is: every method puts more mass in the box than the baselines
+    assert min(v[m]["energy_in_box"] for m in available_methods()) > max(
+        v["random"]["energy_in_box"], v["center"]["energy_in_box"])
+    assert comparison.n == 16 and comparison.road_n == 0 and comparison.steps == 10
+    assert comparison.cost["deletion"] == 10 and "road_morf" not in comparison.cost
+    assert json.loads(json.dumps(comparison.rounded())) == comparison.rounded()
+
+
+def test_comparison_table_marks_directions_best_rows_and_undefined_cells() -> None:
+    c = shapes.Comparison(n=1, road_n=0, steps=5, baseline="mean", cost={}, seconds=0.0, values={
+        "gradcam": {"deletion": 0.2, "insertion": 0.9, "avg_drop": 12.345, "randomization_rank_corr": 0.1},
+        "random": {"deletion": 0.5, "insertion": 0.3, "avg_drop": 50.0, "randomization_rank_corr": None}})
+    lines = c.table().splitlines()
+    assert lines[0].split() == ["method", "deletion", "↓", "insertion", "↑", "avg_drop", "↓",
+                                "randomization_rank_corr", "↓"]
+    assert lines[1].split() == ["gradcam", "0.2000*", "0.9000*", "12.35*", "0.1000*"]
+    assert lines[2].split() == ["random", "0.5000", "0.3000", "50.00", "-"]
+
+
+@pytest.mark.slow
+def test_comparison_perturbation_baseline_is_used() -> None:
+    loaded = shapes.load_model(MODEL_DIR)
+    data = make_dataset(seed=5, n=4, stream="evaluate")
+    mean = shapes.compare_methods(loaded, data, n=4, road_n=0, steps=4, methods=["gradcam"])
+    blur = shapes.compare_methods(loaded, data, n=4, road_n=0, steps=4, methods=["gradcam"],
+                                  baseline="blur")
+    assert mean.values["gradcam"]["deletion"] != blur.values["gradcam"]["deletion"]
+    assert mean.values["gradcam"]["energy_in_box"] == blur.values["gradcam"]["energy_in_box"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"metrics_n": 8, "road_n": 9}, "road_n"),
+    ({"metrics_n": 100}, "metrics_n"),
+    ({"metrics_n": -1}, "metrics_n"),
+    ({"metrics_n": 4, "baseline": "zero"}, "baseline"),
+])
+def test_evaluate_refuses_bad_comparison_settings(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        shapes.evaluate(MODEL_DIR, seed=1, n=48, **kwargs)
+
+
+def test_evaluate_cli_help_names_the_comparison_options(capsys) -> None:
+    with pytest.raises(SystemExit):
+        shapes.main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--metrics-n", "--road-n", "--steps", "--baseline"):
+        assert option in text
 
 
 @pytest.fixture(scope="module")

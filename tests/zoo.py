@@ -9,7 +9,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from camserve.models import recalibrate_batchnorm
+from camserve.testing.nets import calibrate_bn
 
 NUM_CLASSES = 10
 
@@ -28,7 +28,7 @@ class Arch:
         for m in model.modules():  # ViT zero-initialises its head: every gradient would be 0
             if isinstance(m, nn.Linear) and not m.weight.any():
                 nn.init.normal_(m.weight, std=0.02)
-        recalibrate_batchnorm(model, (self.size, self.size), steps=3, batch=4, seed=123)
+        calibrate_bn(model, self.size)  # 3 batches of 4, seed 123
         return model.to(dtype).eval()
 
     def input(self, batch: int, dtype: torch.dtype = torch.float64, seed: int = 1) -> torch.Tensor:

@@ -19,7 +19,7 @@ it, through :func:`camserve.models.load_model_dir`. The CLI is thin, over :func:
 :func:`evaluate` and :func:`write_samples` (``make train``, ``make evaluate``, ``make samples``)::
 
     python -m tools.shapes train --out models/shapes            # writes weights.pt + labels
-    python -m tools.shapes evaluate --model models/shapes --seed 1234
+    python -m tools.shapes evaluate --model models/shapes --seed 1234  # + the CAM methods' faithfulness
     python -m tools.shapes samples --seed 7 --n 8 --out models/shapes/samples
 
 Example::
@@ -59,6 +59,8 @@ IMAGE_SIZE = 96
 SUPERSAMPLE = 4
 STREAMS: tuple[str, ...] = ("train", "evaluate", "samples")
 POINTING_TOLERANCE = 3  # px: a heatmap peak this close to a box still counts as inside
+DEFAULT_METRICS_N = 64  # images of the faithfulness comparison in `evaluate` (CLI default)
+DEFAULT_ROAD_N = 8  # of which ROAD runs on the first ones (it costs seconds per image and row)
 
 Box = tuple[int, int, int, int]
 
@@ -602,11 +604,20 @@ class EvalReport:
     pointing_game_two_objects: float
     per_class: dict[str, tuple[float, float]]
     seconds: float
+    comparison: Optional["Comparison"] = None
 
     def metrics(self) -> dict[str, float]:
         """The three headline numbers, rounded to 4 digits."""
         return {"accuracy": round(self.accuracy, 4), "pointing_game": round(self.pointing_game, 4),
                 "pointing_game_two_objects": round(self.pointing_game_two_objects, 4)}
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`metrics` plus, when the comparison ran, ``"metrics": {row: {key: value}}``
+        (:meth:`Comparison.rounded`): the last line of ``python -m tools.shapes evaluate``."""
+        out: dict[str, Any] = dict(self.metrics())
+        if self.comparison is not None:
+            out["metrics"] = self.comparison.rounded()
+        return out
 
 
 def pointing_hits(heatmaps: "torch.Tensor", boxes: np.ndarray, tolerance: int) -> np.ndarray:
@@ -625,9 +636,183 @@ def pointing_hits(heatmaps: "torch.Tensor", boxes: np.ndarray, tolerance: int) -
     return inside.reshape(np.asarray(boxes).shape[:-1])
 
 
+#: The metric keys of the method comparison, in table order (see :mod:`camserve.metrics`).
+COMPARISON_KEYS: tuple[str, ...] = ("deletion", "insertion", "road_morf", "road_lerf", "avg_drop",
+                                    "avg_increase", "energy_in_box", "randomization_rank_corr")
+#: The two reference rows of the comparison: maps that know nothing of the model.
+BASELINE_ROWS: tuple[str, ...] = ("random", "center")
+#: Perturbation substrates of ``--baseline`` (what replaces the removed pixels).
+PERTURBATION_BASELINES: tuple[str, ...] = ("mean", "blur")
+_CHEAP_KEYS = ("deletion", "insertion", "avg_drop", "avg_increase", "energy_in_box")
+_ROAD_KEYS = ("road_morf", "road_lerf")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Faithfulness of each CAM method and of two baseline maps on the evaluation images.
+
+    ``values[row][key]``: the mean over the images of metric ``key`` (:data:`COMPARISON_KEYS`) for
+    ``row`` (a CAM method, ``random`` or ``center``); ``None`` where the metric is not defined
+    (``randomization_rank_corr`` of the baselines, which do not depend on the model). ``n``: images
+    for deletion, insertion, avg_drop, avg_increase, energy_in_box and the randomisation check;
+    ``road_n``: the first ``road_n`` of them for ROAD. ``cost``: forward passes per image and row
+    (:func:`camserve.metrics.cost`).
+    """
+
+    n: int
+    road_n: int
+    steps: int
+    baseline: str
+    values: dict[str, dict[str, Optional[float]]]
+    cost: dict[str, int]
+    seconds: float
+
+    def rounded(self, digits: int = 4) -> dict[str, dict[str, Optional[float]]]:
+        """``values`` rounded to ``digits`` (the JSON of ``evaluate``)."""
+        return {row: {k: None if v is None else round(v, digits) for k, v in vals.items()}
+                for row, vals in self.values.items()}
+
+    def table(self) -> str:
+        """The comparison as a text table: rows = methods then baselines, columns = metrics with
+        their direction (↓ lower is better, ↑ higher is better); ``*`` marks the best row of each
+        column, ``-`` a metric that is not defined for the row.
+
+        Example::
+
+            >>> c = Comparison(n=2, road_n=1, steps=10, baseline="mean", cost={},
+            ...                values={"gradcam": {"deletion": 0.1, "randomization_rank_corr": 0.2},
+            ...                        "random": {"deletion": 0.5, "randomization_rank_corr": None}},
+            ...                seconds=0.0)
+            >>> print(c.table())
+            method    deletion ↓  randomization_rank_corr ↓
+            gradcam      0.1000*                    0.2000*
+            random       0.5000                     -
+        """
+        from camserve.metrics import LOWER_IS_BETTER
+
+        keys = [k for k in COMPARISON_KEYS if any(k in v for v in self.values.values())]
+        best: dict[str, Optional[float]] = {}
+        for k in keys:
+            vals = [v[k] for v in self.values.values() if v.get(k) is not None]
+            best[k] = (min(vals) if k in LOWER_IS_BETTER else max(vals)) if vals else None
+        heads = [f"{k} {'↓' if k in LOWER_IS_BETTER else '↑'}" for k in keys]
+        width0 = max([len("method")] + [len(r) for r in self.values])
+        lines = ["  ".join([f"{'method':<{width0}}"] + heads).rstrip()]
+        for row, vals in self.values.items():
+            cells = [f"{row:<{width0}}"]
+            for k, head in zip(keys, heads):
+                v = vals.get(k)
+                text = "-" if v is None else (f"{v:.2f}" if k == "avg_drop" else f"{v:.4f}")
+                mark = "*" if v is not None and v == best[k] else " "
+                cells.append(f"{text:>{len(head) - 1}}{mark}" if v is not None else
+                             f"{text:>{len(head) - 1}} ")
+            lines.append("  ".join(cells).rstrip())
+        return "\n".join(lines)
+
+
+def _check_count(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"invalid value for {name}: {_cut(value)} (an int >= {lo})")
+
+
+def compare_methods(loaded: "LoadedModel", data: ShapesData, *, n: int = 64, road_n: int = 8,
+                    steps: int = 50, baseline: str = "mean", seed: int = 0,
+                    methods: Optional[Sequence[str]] = None, batch_size: int = 64) -> Comparison:
+    """Faithfulness metrics (:mod:`camserve.metrics`) of every CAM method and of the ``random``
+    and ``center`` maps on the first ``n`` single-object images of ``data``, the true class as
+    the target.
+
+    Protocols (targets = the true class; maps at the CAM's resolution, 12×12 for the default
+    model, upsampled bilinearly to the image by the metrics):
+
+    - rows: each method of :func:`camserve.methods.available_methods` (or ``methods``) through
+      :class:`camserve.CamEngine` on the config's target layer; ``random``: uniform noise at the
+      CAM's resolution (seeded by ``seed``), so that it differs from a CAM only by its order;
+      ``center``: a centred Gaussian (:func:`camserve.metrics.center_map`);
+    - deletion / insertion: ``steps`` steps, removed pixels replaced by ``baseline`` (``"mean"``:
+      the image's mean colour; ``"blur"``: a Gaussian blur of the image);
+    - ROAD (most and least relevant first, 9 percentiles 10..90, noisy linear imputation with
+      the same ROAD noise for every row, seeded by ``seed``) on the first ``road_n`` images only (ROAD costs seconds per
+      image);
+    - avg_drop / avg_increase (Grad-CAM++), energy_in_box (ground-truth box of the shape);
+    - randomization_rank_corr: Spearman correlation of each method's maps with those of a copy
+      whose top parameterised layer (the classifier) is re-initialised; ``None`` for the
+      baselines, which never look at the model.
+    """
+    import torch
+
+    from camserve import metrics as M
+    from camserve.engine import CamEngine
+    from camserve.methods import available_methods
+
+    _check_count("n", n, 1)
+    _check_count("road_n", road_n, 0)
+    _check_count("steps", steps, 1)
+    _check_count("batch_size", batch_size, 1)
+    if n > len(data):
+        raise ValueError(f"invalid value for n: {n} (at most the {len(data)} evaluation images)")
+    if road_n > n:
+        raise ValueError(f"invalid value for road_n: {road_n} (at most n = {n}: ROAD runs on the "
+                         f"first road_n of the n images)")
+    if baseline not in PERTURBATION_BASELINES:
+        raise ValueError(f"invalid value for baseline: {_cut(baseline)} "
+                         f"(allowed: {', '.join(PERTURBATION_BASELINES)})")
+    methods = list(available_methods() if methods is None else methods)
+    rows = methods + list(BASELINE_ROWS)
+    t0 = time.monotonic()
+    spec, model, layer = loaded.spec, loaded.model, loaded.layer
+    engine = CamEngine(model, layer)
+    map_gen = torch.Generator().manual_seed(seed)
+    settings = dict(steps=steps, baseline=baseline)
+    cost = M.cost(_CHEAP_KEYS + ("randomization_rank_corr",) + (_ROAD_KEYS if road_n else ()),
+                  steps=steps)
+    log.info("comparison: %d rows on %d images (ROAD on %d), %s; forward passes per image and row: "
+             "%s (randomization: +1 backward)", len(rows), n, road_n,
+             f"{steps} steps, baseline {baseline}", cost)
+
+    per_image: dict[str, dict[str, list["torch.Tensor"]]] = {r: {} for r in rows}
+    for i in range(0, n, batch_size):
+        j = min(i + batch_size, n)
+        x = preprocess_images(data.images[i:j], spec)
+        t = torch.from_numpy(data.labels[i:j, 0])
+        boxes = torch.from_numpy(data.boxes[i:j, 0])
+        road_rows = max(0, min(road_n, j) - i)
+        maps: dict[str, "torch.Tensor"] = {}
+        for name in methods:
+            maps[name] = engine(x, targets=t, method=name).cams
+        cam_size = tuple(next(iter(maps.values())).shape[-2:]) if maps else tuple(x.shape[-2:])
+        maps["random"] = M.random_map((j - i, *cam_size), map_gen)
+        maps["center"] = M.center_map((j - i, *cam_size))
+        for row in rows:
+            keys = _CHEAP_KEYS + (("randomization_rank_corr",) if row in methods else ())
+
+            def explain(m: "nn.Module", xx: "torch.Tensor", tt: "torch.Tensor",
+                        _method: str = row) -> "torch.Tensor":
+                return CamEngine(m, layer)(xx, targets=tt, method=_method).cams
+
+            out = M.compute_metrics(model, x, maps[row], t, keys=keys, boxes=boxes,
+                                    explain=explain if row in methods else None, **settings)
+            if road_rows:
+                out.update(M.compute_metrics(model, x[:road_rows], maps[row][:road_rows],
+                                             t[:road_rows], keys=_ROAD_KEYS,
+                                             generator=torch.Generator().manual_seed(seed + i)))
+            for k, v in out.items():
+                per_image[row].setdefault(k, []).append(v.detach().cpu())
+        log.info("comparison: %d/%d images, %.0f s", j, n, time.monotonic() - t0)
+
+    values: dict[str, dict[str, Optional[float]]] = {}
+    for row in rows:
+        got = {k: float(torch.cat(v).double().mean()) for k, v in per_image[row].items()}
+        values[row] = {k: got.get(k) for k in COMPARISON_KEYS
+                       if k not in _ROAD_KEYS or road_n > 0}
+    return Comparison(n=n, road_n=road_n, steps=steps, baseline=baseline, values=values,
+                      cost=cost, seconds=time.monotonic() - t0)
+
+
 def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, seed: int = 1234, *, n: int = 640,
              n_pairs: Optional[int] = None, tolerance: int = POINTING_TOLERANCE,
-             batch_size: int = 64) -> EvalReport:
+             batch_size: int = 64, metrics_n: int = 0, road_n: int = 0, steps: int = 50,
+             baseline: str = "mean") -> EvalReport:
     """Classify and explain fresh images of ``rng_for(seed, "evaluate")``: ``n`` single-object
     images (classes balanced) and ``n_pairs`` (default ``n // 2``) two-object images.
 
@@ -636,6 +821,10 @@ def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, seed: int = 1234, *, n: 
     taken at the image size (96×96). A peak counts as inside a box when it is at most
     ``tolerance`` px (default 3) outside it. Two-object images explain both classes at once
     (targets of shape (B, 2), one backward).
+
+    ``metrics_n`` > 0 adds the faithfulness comparison of every CAM method and the two baseline
+    maps (:func:`compare_methods`) on the first ``metrics_n`` single-object images, ROAD on the
+    first ``road_n`` of them, ``steps`` deletion/insertion steps and perturbation ``baseline``.
     """
     from camserve.engine import CamEngine
 
@@ -646,6 +835,16 @@ def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, seed: int = 1234, *, n: 
         raise ValueError(f"invalid value for n_pairs: {n_pairs!r} (a positive integer)")
     if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
         raise ValueError(f"invalid value for tolerance: {tolerance!r} (an int >= 0)")
+    _check_count("metrics_n", metrics_n, 0)
+    _check_count("road_n", road_n, 0)
+    if metrics_n > n:
+        raise ValueError(f"invalid value for metrics_n: {metrics_n} (at most n = {n})")
+    if road_n > metrics_n:
+        raise ValueError(f"invalid value for road_n: {road_n} (at most metrics_n = {metrics_n}: "
+                         f"ROAD runs on the first road_n of the metrics_n images)")
+    if baseline not in PERTURBATION_BASELINES:
+        raise ValueError(f"invalid value for baseline: {_cut(baseline)} "
+                         f"(allowed: {', '.join(PERTURBATION_BASELINES)})")
     import torch
 
     t0 = time.monotonic()
@@ -677,10 +876,14 @@ def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, seed: int = 1234, *, n: 
         sel = single.labels[:, 0] == k
         per_class[name] = (float(correct[sel].mean()) if sel.any() else float("nan"),
                            float(hit1[sel].mean()) if sel.any() else float("nan"))
+    comparison = None
+    if metrics_n:
+        comparison = compare_methods(loaded, single, n=metrics_n, road_n=road_n, steps=steps,
+                                     baseline=baseline, seed=int(seed), batch_size=batch_size)
     report = EvalReport(seed=int(seed), n_single=n, n_pairs=n_pairs, tolerance=tolerance,
                         accuracy=float(correct.mean()), pointing_game=float(hit1.mean()),
                         pointing_game_two_objects=float(hit2.mean()), per_class=per_class,
-                        seconds=time.monotonic() - t0)
+                        seconds=time.monotonic() - t0, comparison=comparison)
     log.info("evaluated %s on seed %d: %s", model_dir, seed, report.metrics())
     return report
 
@@ -708,6 +911,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, required=True)
     e.add_argument("--n", type=int, default=640, help="single-object images (pairs: n // 2)")
     e.add_argument("--tolerance", type=int, default=POINTING_TOLERANCE, help="px around a box")
+    e.add_argument("--metrics-n", type=int, default=DEFAULT_METRICS_N,
+                   help="single-object images for the faithfulness comparison of the CAM methods "
+                        "and the random/center maps (deletion, insertion, avg_drop, avg_increase, "
+                        "energy_in_box, randomization_rank_corr); 0 skips the comparison "
+                        "(default %(default)s)")
+    e.add_argument("--road-n", type=int, default=DEFAULT_ROAD_N,
+                   help="the first ROAD_N of those images also get ROAD (road_morf, road_lerf; "
+                        "seconds per image and row; default %(default)s)")
+    e.add_argument("--steps", type=int, default=50,
+                   help="deletion/insertion steps (forward passes per image; default %(default)s)")
+    e.add_argument("--baseline", choices=PERTURBATION_BASELINES, default="mean",
+                   help="what replaces removed pixels: the image's mean colour or a blur of it "
+                        "(default %(default)s)")
     e.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     s = sub.add_parser("samples", help="write single-object PNGs and boxes.json")
     s.add_argument("--seed", type=int, required=True)
@@ -739,7 +955,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for f in done.files:
                 print(f"wrote {f}")
             return 0
-        rep = evaluate(args.model, args.seed, n=args.n, tolerance=args.tolerance)
+        metrics_n = min(args.metrics_n, args.n)
+        rep = evaluate(args.model, args.seed, n=args.n, tolerance=args.tolerance,
+                       metrics_n=metrics_n, road_n=min(args.road_n, metrics_n),
+                       steps=args.steps, baseline=args.baseline)
         print(f"model {args.model}, seed {rep.seed}: {rep.n_single} single-object and "
               f"{rep.n_pairs} two-object images, pointing tolerance {rep.tolerance} px")
         for name, (acc, pg) in rep.per_class.items():
@@ -747,7 +966,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"accuracy {rep.accuracy:.4f}, pointing game {rep.pointing_game:.4f}, "
               f"two objects {rep.pointing_game_two_objects:.4f} ({2 * rep.n_pairs} maps), "
               f"{rep.seconds:.1f} s")
-        print(json.dumps(rep.metrics()))
+        if rep.comparison is not None:
+            c = rep.comparison
+            road = f", ROAD on the first {c.road_n}" if c.road_n else ", no ROAD"
+            print(f"faithfulness on the first {c.n} single-object images{road}; target = true "
+                  f"class; {c.steps} deletion/insertion steps, removed pixels -> {c.baseline}; "
+                  f"randomization: top layer re-initialised (not defined for the baselines); "
+                  f"{c.seconds:.1f} s")
+            print(c.table())
+        print(json.dumps(rep.to_json()))
         return 0
     except (ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@
 * :mod:`.session` — onnxruntime sessions;
 * :mod:`.export` — export + verify, ``python -m export.onnx_export``;
 * :mod:`.batch` — the offline batch job, ``python -m export.batch_cam``.
+* :mod:`.audit` — faithfulness metrics of the maps through the graph's session (``--metrics``).
 
 Importing this package imports none of them (and neither onnx nor onnxruntime).
 """

@@ -65,10 +65,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from camserve.images import DEFAULT_MAX_PIXELS
-from .batch import (SAVE_KINDS, Decoded, Failed, Item, JobConfig, JobStats, Outputs, UsageError,
-                    _finish_image, _load, _resolve_target, _unique, iter_inputs)
-from .format import GraphMeta
+from .batch import (Decoded, Failed, Item, JobConfig, JobPlan, JobStats, Outputs, UsageError,
+                    _load, _unique, check_session, encode_line, finish_image, iter_inputs,
+                    plan_job, result_lines, session_inputs)
 from .session import ort_session
 
 log = logging.getLogger(__name__)
@@ -159,58 +158,6 @@ def ray_options(args: argparse.Namespace) -> Optional[RayOptions]:
                       gpus_per_actor=float(gpus))
 
 
-# -- what the job will do (validated like the local job) ----------------------------------------------
-
-@dataclass(frozen=True)
-class JobPlan:
-    """The validated, resolved options the actors need (all picklable, all small)."""
-
-    model: str              # absolute path of the graph (every node must see it)
-    out: str                # absolute path of DIR
-    cam_output: str
-    method: str
-    target: int
-    topk: int
-    save: tuple[str, ...]
-    max_pixels: int
-    meta: GraphMeta
-
-
-def plan_job(cfg: JobConfig) -> JobPlan:
-    """Check ``cfg`` as :func:`camserve.onnx.batch.run_job` does (the same UsageErrors)."""
-    if cfg.batch_size < 1:
-        raise UsageError(f"invalid value for --batch-size: {cfg.batch_size} (allowed: 1 or more)")
-    if not cfg.model.is_file():
-        raise UsageError(f"invalid value for --model: {_cut(str(cfg.model))} does not exist")
-    try:
-        meta = GraphMeta.from_file(cfg.model)
-    except ValueError as exc:
-        raise UsageError(f"invalid value for --model: {exc}") from None
-    method = cfg.method or meta.methods[0]
-    try:
-        cam_output = meta.output_for(method)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    bad = [s for s in cfg.save if s not in SAVE_KINDS]
-    if bad:
-        raise UsageError(f"invalid value for --save: {_cut(bad[0])} (allowed: "
-                         f"{', '.join(SAVE_KINDS)})")
-    target = _resolve_target(cfg.target, meta.labels)
-    topk = min(cfg.topk or meta.topk, len(meta.labels))
-    if topk < 1:
-        raise UsageError(f"invalid value for --topk: {cfg.topk} (allowed: 1 or more)")
-    if not cfg.inputs:
-        raise UsageError("no INPUT given (image files, folders or .txt lists of paths)")
-    missing = [a for a in cfg.inputs if not Path(a).exists()]
-    if missing:
-        raise UsageError(f"invalid value for INPUT: {_cut(missing[0])} does not exist (expected "
-                         f"an image file, a folder or a .txt list of paths)")
-    return JobPlan(model=str(cfg.model.resolve()), out=str(cfg.out.resolve()),
-                   cam_output=cam_output, method=method.lower(), target=target, topk=topk,
-                   save=tuple(cfg.save),
-                   max_pixels=cfg.max_pixels or meta.max_pixels or DEFAULT_MAX_PIXELS, meta=meta)
-
-
 # -- the actor ----------------------------------------------------------------------------------------
 
 def actor_resources() -> tuple[int, bool]:
@@ -223,36 +170,16 @@ def actor_resources() -> tuple[int, bool]:
     return max(1, int(assigned.get("CPU", 1))), bool(ray.get_gpu_ids())
 
 
-def result_lines(items: Sequence[Item], sizes: Sequence[tuple[int, int]], logits: np.ndarray,
-                 target: int, topk: int, meta: GraphMeta, method: str) -> list[dict[str, Any]]:
-    """The results.jsonl lines of one session run, computed as the local job does (softmax and
-    top-k in torch, in its key order), without ``files`` and with ``bbox`` None. ``target``: -1 for
-    each image's top-1 class."""
-    import torch
-
-    probs = torch.softmax(torch.from_numpy(logits).float(), dim=1)
-    top_s, top_i = torch.topk(probs, topk, dim=1)
-    tgt = probs.argmax(dim=1) if target < 0 else torch.full((len(items),), target)
-    lines = []
-    for j, (item, size) in enumerate(zip(items, sizes)):
-        t = int(tgt[j])
-        lines.append({
-            "path": item.path, "name": item.name, "width": size[1], "height": size[0],
-            "topk": [{"index": int(i), "label": meta.labels[int(i)], "score": round(float(s), 6)}
-                     for s, i in zip(top_s[j], top_i[j])],
-            "target": t, "label": meta.labels[t], "score": round(float(probs[j, t]), 6),
-            "bbox": None, "method": method, "layer": meta.layer,
-        })
-    return lines
-
-
 class CamBatchWorker:
     """The callable class of ``map_batches``: one onnxruntime session per actor.
 
-    A batch is a dict of numpy columns ``id``, ``path``, ``name``, ``abspath``; the answer has one
-    row per input row: ``id``, ``ok`` (bool), ``line`` (the JSON text of its results.jsonl or
-    errors.jsonl line), ``provider`` (the session's) and ``seconds`` (its share of the batch's
-    time in the actor). Files go to ``plan.out`` from here, not through the driver.
+    A batch is a dict of numpy columns ``id``, ``path``, ``name``, ``abspath`` (the file-system
+    bytes of each name, ``os.fsencode``: names that are not UTF-8 travel losslessly); the answer
+    has one row per input row: ``id``, ``ok`` (bool), ``line`` (the JSON text of its results.jsonl
+    or errors.jsonl line, :func:`camserve.onnx.batch.encode_line`), ``provider`` (the session's)
+    and ``seconds`` (its share of the batch's time in the actor). Files go to ``plan.out`` from
+    here, not through the driver. The graph is checked against the session
+    (:func:`camserve.onnx.batch.check_session`) before any image.
     """
 
     def __init__(self, plan: JobPlan) -> None:
@@ -264,6 +191,8 @@ class CamBatchWorker:
         # no spinning: the decode/write threads need the CPUs between session runs
         self.sess = ort_session(plan.model, device="cuda" if gpu else "cpu", threads=self.threads,
                                 spinning=False)
+        check_session(plan.meta, session_inputs(self.sess), self.sess.get_outputs(),
+                      plan.target)
         self.provider = self.sess.get_providers()[0]
         self.in_name = self.sess.get_inputs()[0].name
         self.fetch = ["logits", plan.cam_output]
@@ -273,42 +202,58 @@ class CamBatchWorker:
 
     def _load(self, item: Item, abspath: str) -> Decoded | Failed:
         out = _load(Item(abspath, item.name), self.plan.meta, self.keep_image,
-                    self.plan.max_pixels)
+                    self.plan.max_pixels, self.plan.max_file_size)
         return dataclasses.replace(out, item=item)  # the path as listed, in every record
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         plan = self.plan
         ids = [int(v) for v in batch["id"]]
-        items = [Item(str(p), str(n)) for p, n in zip(batch["path"], batch["name"])]
-        outcomes = list(self.pool.map(self._load, items, [str(a) for a in batch["abspath"]]))
+        items = [Item(_text(p), _text(n)) for p, n in zip(batch["path"], batch["name"])]
+        outcomes = list(self.pool.map(self._load, items, [_text(a) for a in batch["abspath"]]))
         lines: list[str] = [""] * len(ids)
         ok = np.zeros(len(ids), dtype=bool)
         good = [j for j, o in enumerate(outcomes) if isinstance(o, Decoded)]
-        for j, o in enumerate(outcomes):
-            if isinstance(o, Failed):
-                lines[j] = json.dumps({"path": o.item.path, "type": o.type, "reason": o.reason},
-                                      ensure_ascii=False)
         if good:
             decoded: list[Decoded] = [outcomes[j] for j in good]  # type: ignore[misc]
             feed = {self.in_name: np.stack([d.tensor.numpy() for d in decoded])}
             if plan.target >= 0:
                 feed["target"] = np.full((len(decoded),), plan.target, dtype=np.int64)
             logits, cams = self.sess.run(self.fetch, feed)
-            base = result_lines([d.item for d in decoded], [d.size for d in decoded], logits,
+            base = result_lines([d.item for d in decoded], [d.size for d in decoded], logits, cams,
                                 plan.target, plan.topk, plan.meta, plan.method)
-            finished = list(self.pool.map(lambda k: _finish_image(Path(plan.out), decoded[k],
-                                                                  cams[k], plan.save),
-                                          range(len(decoded))))
+            todo = [k for k, line in enumerate(base) if not isinstance(line, Failed)]
+            finished = dict(zip(todo, self.pool.map(
+                lambda k: finish_image(Path(plan.out), decoded[k], cams[k], plan.save), todo)))
             for k, j in enumerate(good):
                 line = base[k]
-                line["files"], line["bbox"] = finished[k]
-                lines[j], ok[j] = json.dumps(line, ensure_ascii=False), True
+                done = finished.get(k)
+                if isinstance(line, Failed) or isinstance(done, Failed):
+                    outcomes[j] = line if isinstance(line, Failed) else done  # type: ignore[assignment]
+                    continue
+                line["files"], line["bbox"] = done
+                try:
+                    lines[j], ok[j] = encode_line(line), True
+                except ValueError as exc:
+                    outcomes[j] = Failed(_line_item(line), "InvalidOutput",
+                                         f"the result is not valid JSON: {str(exc)[:100]}")
+        for j, o in enumerate(outcomes):
+            if isinstance(o, Failed):
+                lines[j] = encode_line({"path": o.item.path, "type": o.type, "reason": o.reason})
         busy = (time.perf_counter() - t0) / max(1, len(ids))
         return {"id": np.asarray(ids, dtype=np.int64), "ok": ok,
                 "line": np.asarray(lines, dtype=object),
                 "provider": np.asarray([self.provider] * len(ids), dtype=object),
                 "seconds": np.full(len(ids), busy)}
+
+
+def _line_item(line: dict[str, Any]) -> Item:
+    return Item(str(line.get("path")), str(line.get("name")))
+
+
+def _text(value: Any) -> str:
+    """A name column's value as the job's string: bytes through ``os.fsdecode``."""
+    return os.fsdecode(value) if isinstance(value, (bytes, np.bytes_)) else str(value)
 
 
 # -- the driver ---------------------------------------------------------------------------------------
@@ -372,9 +317,10 @@ def build_dataset(items: Sequence[Item], plan: JobPlan, opts: RayOptions, batch_
 
     table = pa.table({
         "id": pa.array(range(len(items)), type=pa.int64()),
-        "path": [it.path for it in items],
-        "name": [it.name for it in items],
-        "abspath": [os.path.abspath(it.path) for it in items],
+        "path": pa.array([os.fsencode(it.path) for it in items], type=pa.binary()),
+        "name": pa.array([os.fsencode(it.name) for it in items], type=pa.binary()),
+        "abspath": pa.array([os.fsencode(os.path.abspath(it.path)) for it in items],
+                            type=pa.binary()),
     })
     blocks = [table.slice(i, batch_size) for i in range(0, len(items), batch_size)]
     # start the whole pool at once (a pool growing from its minimum loses the first batches'
@@ -437,8 +383,16 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False,
     started = False
     bar = None
     try:
-        items = list(_unique(iter_inputs(cfg.inputs), outputs.done, counts))
+        items = []
+        for it in _unique(iter_inputs(cfg.inputs, exclude=cfg.out), outputs.done, counts,
+                          reserved=outputs.names):
+            if it.error is not None:  # refused while listing: its error line, written here
+                outputs.error(Failed(it, *it.error))
+            else:
+                items.append(it)
+        outputs.flush()
         stats.skipped = counts.get("skipped", 0)
+        stats.malformed = outputs.malformed
         if items:
             started = connect(opts.address, verbose)
             if timings is not None:

@@ -4,6 +4,7 @@
 * :class:`TinyBNNet`: with BatchNorm and in-place ReLU; target ``features.3``; its source is
   self-contained (``import torch`` / ``from torch import nn``), so it can be written to a model
   folder's ``model.py`` (:func:`model_source`).
+* :func:`tiny_spec`: the ModelSpec that serves a six-class TinyNet (labels :data:`TINY_LABELS`).
 * :func:`calibrate_bn`: running statistics of random input for freshly initialised BatchNorm layers,
   so deep random nets (MobileNetV3, EfficientNet) give logits of a sane magnitude.
 * :func:`write_model_folder`: a model folder laid out like an extracted archive
@@ -23,10 +24,13 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from camserve.models import ModelSpec
 
 
 class TinyNet(nn.Module):
@@ -46,6 +50,28 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(torch.relu(self.features(x))).flatten(1))
+
+
+#: The labels a six-class :class:`TinyNet` serves in tests (:func:`tiny_spec`).
+TINY_LABELS = ("circle", "square", "triangle", "star", "cross", "ring")
+
+
+def tiny_spec(**over: Any) -> "ModelSpec":
+    """The :class:`camserve.models.ModelSpec` that serves a six-class :class:`TinyNet`: target
+    ``features``, 32×32 input, mean 0.5, std 0.25, topk 3; ``over`` replaces handler keys (and is
+    validated like a config file's ``handler:`` block).
+
+    Example::
+
+        >>> spec = tiny_spec(topk=2)
+        >>> spec.target_layer, spec.topk, spec.num_classes
+        ('features', 2, 6)
+    """
+    from camserve.models import ModelSpec
+
+    cfg = {"arch": "x:TinyNet", "num_classes": len(TINY_LABELS), "target_layer": "features",
+           "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "topk": 3, **over}
+    return ModelSpec.from_config(cfg)
 
 
 class TinyBNNet(nn.Module):

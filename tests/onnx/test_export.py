@@ -354,6 +354,7 @@ def test_functionalize_inplace() -> None:
 
 # -- the command line ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r18.onnx"
     code = main(["--arch", "torchvision.models.resnet18", "--num-classes", "4", "--layer", "layer3",
