@@ -16,7 +16,8 @@ A model folder (and a TorchServe archive, once extracted) holds ``model-config.y
       mean: [0.5, 0.5, 0.5]
       std: [0.25, 0.25, 0.25]
       interpolation: bilinear        # resize filter: nearest, bilinear, bicubic (optional)
-      crop: 0.875                    # centre-crop fraction (optional; none = resize the whole image)
+      crop: 0.875                    # the model's centre-crop fraction, recorded for reference: camserve
+                                     # explains the whole image (no crop), so maps cover all of it
       method: gradcam
       topk: 3
       max_pixels: 40000000

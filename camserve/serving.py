@@ -302,7 +302,8 @@ class CamService:
             img = self._decode(raw.data)
             plan = plan_maps(opts, img.size, self.limits, work.left)
             work.left -= plan.work
-            x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std)
+            x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std,
+                           interpolation=self.spec.interpolation)
             keep = None
             if opts.explain and "overlay" in opts.outputs:
                 keep = img if not plan.scaled else img.resize(plan.render_size, Image.BILINEAR)

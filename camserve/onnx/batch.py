@@ -463,7 +463,8 @@ def _load(item: Item, meta: GraphMeta, keep_image: bool, max_pixels: int,
         data = read_file(item.path, max_file_size)
         img = decode_image(data, max_pixels=max_pixels)
         del data
-        x = preprocess(img, meta.input_size, meta.mean, meta.std)
+        x = preprocess(img, meta.input_size, meta.mean, meta.std,
+                       interpolation=meta.spec.interpolation)
         size = (img.height, img.width)
         kept = _bounded_copy(img) if keep_image else None
         del img
