@@ -18,6 +18,8 @@ import pytest
 from PIL import Image
 
 from camserve.onnx import batch as batch_cam
+from camserve.onnx import inputs as batch_inputs
+from camserve.onnx import outputs as batch_outputs
 from camserve.onnx.batch import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, JobConfig, UsageError, run_job
 from camserve.onnx.ray import (CamBatchWorker, RayOptions, check_address, parse_actors, plan_job,
                                pool_size, ray_options)
@@ -223,7 +225,7 @@ def test_worker_batch_equals_local_job(graph: Path, tmp_path: Path) -> None:
     cfg = JobConfig(model=graph, inputs=[str(root)], out=local, batch_size=8,
                     save=("heatmap", "overlay", "npy"))
     assert run_job(cfg).exit_status == EXIT_PARTIAL
-    items = list(batch_cam.iter_inputs([str(root)]))
+    items = list(batch_inputs.iter_inputs([str(root)]))
     out = tmp_path / "ray"
     worker = CamBatchWorker(plan_job(JobConfig(model=graph, inputs=[str(root)], out=out,
                                                save=("heatmap", "overlay", "npy"))))
@@ -398,7 +400,7 @@ def test_one_plan_and_one_result_line_function() -> None:
     from camserve.onnx import ray as cam_ray
 
     assert cam_ray.plan_job is batch_cam.plan_job
-    assert cam_ray.result_lines is batch_cam.result_lines
+    assert cam_ray.result_lines is batch_outputs.result_lines
     assert not hasattr(cam_ray, "JobPlan") or cam_ray.JobPlan is batch_cam.JobPlan
 
 
@@ -407,7 +409,7 @@ def test_worker_keeps_non_utf8_names(graph: Path, tmp_path: Path) -> None:
     its line is valid UTF-8 JSON giving the original bytes back."""
     raw = os.fsencode(tmp_path) + b"/caf\xe9.png"
     _img(Path(os.fsdecode(raw)), (40, 40), 0)
-    items = list(batch_cam.iter_inputs([str(tmp_path)]))
+    items = list(batch_inputs.iter_inputs([str(tmp_path)]))
     from camserve.onnx.ray import build_dataset  # noqa: F401  (the columns it builds are bytes)
 
     worker = CamBatchWorker(plan_job(JobConfig(model=graph, inputs=[str(tmp_path)],

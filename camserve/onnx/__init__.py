@@ -8,7 +8,9 @@
 * :mod:`.verify` — the graph against :class:`camserve.CamEngine`;
 * :mod:`.session` — onnxruntime sessions;
 * :mod:`.export` — export + verify, ``python -m export.onnx_export``;
-* :mod:`.batch` — the offline batch job, ``python -m export.batch_cam``.
+* :mod:`.batch` — the offline batch job, ``python -m export.batch_cam``: its reading side
+  (:mod:`.inputs`: listing, bounded reads, decoding) and writing side (:mod:`.outputs`: safe
+  writes, results lines, ``results.jsonl``/``errors.jsonl`` and ``--resume``);
 * :mod:`.audit` — faithfulness metrics of the maps through the graph's session (``--metrics``).
 
 Importing this package imports none of them (and neither onnx nor onnxruntime).

@@ -11,8 +11,8 @@ completion order), ``errors.jsonl``, ``--resume``, exit statuses and summary lin
 
 The pipeline
 ------------
-1. The driver lists the inputs with the local job's own code (:func:`camserve.onnx.batch.iter_inputs`,
-   the same :class:`~camserve.onnx.batch.Item` paths and output names, the same ``--resume`` skip
+1. The driver lists the inputs with the local job's own code (:func:`camserve.onnx.inputs.iter_inputs`,
+   the same :class:`~camserve.onnx.inputs.Item` paths and output names, the same ``--resume`` skip
    list) and makes a dataset of small rows ``(id, path, name, abspath)``, one block per batch
    (:func:`build_dataset`): the images themselves never travel through the object store.
 2. ``map_batches`` runs :class:`CamBatchWorker`, a callable class in an actor pool. Each actor
@@ -65,9 +65,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .batch import (Decoded, Failed, Item, JobConfig, JobPlan, JobStats, Outputs, UsageError,
-                    _load, _unique, check_session, encode_line, finish_image, iter_inputs,
-                    plan_job, result_lines, session_inputs)
+from .batch import JobConfig, JobPlan, JobStats, check_session, plan_job, session_inputs
+from .inputs import Decoded, Failed, Item, UsageError, _load, _unique, iter_inputs
+from .outputs import Outputs, encode_line, finish_image, result_lines
 from .session import ort_session
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class CamBatchWorker:
     A batch is a dict of numpy columns ``id``, ``path``, ``name``, ``abspath`` (the file-system
     bytes of each name, ``os.fsencode``: names that are not UTF-8 travel losslessly); the answer
     has one row per input row: ``id``, ``ok`` (bool), ``line`` (the JSON text of its results.jsonl
-    or errors.jsonl line, :func:`camserve.onnx.batch.encode_line`), ``provider`` (the session's)
+    or errors.jsonl line, :func:`camserve.onnx.outputs.encode_line`), ``provider`` (the session's)
     and ``seconds`` (its share of the batch's time in the actor). Files go to ``plan.out`` from
     here, not through the driver. The graph is checked against the session
     (:func:`camserve.onnx.batch.check_session`) before any image.

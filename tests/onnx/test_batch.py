@@ -20,6 +20,8 @@ from camserve import CamEngine, heatmaps_at_sizes
 from camserve.images import load_image_file, preprocess
 from camserve.models import ModelSpec, from_module
 from camserve.onnx import batch as batch_cam
+from camserve.onnx import inputs as batch_inputs
+from camserve.onnx import outputs as batch_outputs
 from camserve.onnx.batch import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, JobConfig, main, run_job
 from camserve.onnx.export import export_cam_onnx, export_plain_onnx
 from camserve.onnx.format import GraphMeta
@@ -276,7 +278,7 @@ def test_decoding_window_is_bounded(graph: Path, tmp_path: Path) -> None:
     meta = GraphMeta.from_file(graph)
     for i in range(40):
         _img(tmp_path / "many" / f"{i:03d}.png", (16, 16), i)
-    items = batch_cam.iter_inputs([str(tmp_path / "many")])
+    items = batch_inputs.iter_inputs([str(tmp_path / "many")])
     pulled = 0
 
     def counting():
@@ -289,7 +291,7 @@ def test_decoding_window_is_bounded(graph: Path, tmp_path: Path) -> None:
 
     with ThreadPoolExecutor(4) as pool:
         seen = 0
-        for outcome in batch_cam._decoded_stream(counting(), pool, 6, meta, False, 10**6):
+        for outcome in batch_inputs._decoded_stream(counting(), pool, 6, meta, False, 10**6):
             seen += 1
             assert pulled - seen <= 6  # never more than the window ahead of the consumer
             assert outcome.image is None  # images are dropped unless overlays are asked for
@@ -395,8 +397,8 @@ def test_long_and_non_utf8_names(graph: Path, tmp_path: Path) -> None:
     assert last.endswith(".png") and "~" in last and len(last.encode()) <= 200
     assert all((out / rel).is_file() for rel in long["files"].values())
     # the same name twice gives the same shortening; another long name another one
-    assert batch_cam._short_component(long_name) == last
-    assert batch_cam._short_component("y" * 240 + ".png") != last
+    assert batch_inputs._short_component(long_name) == last
+    assert batch_inputs._short_component("y" * 240 + ".png") != last
 
 
 def test_special_and_huge_files_are_refused(graph: Path, tmp_path: Path) -> None:
@@ -420,32 +422,32 @@ def test_special_and_huge_files_are_refused(graph: Path, tmp_path: Path) -> None
     assert errors["zero"]["type"] == "NotARegularFile"
     assert errors["big.png"]["type"] == "FileTooLarge"
     assert len(_json_lines(out / "results.jsonl")) == 1  # good.png, listed twice, done once
-    with pytest.raises(batch_cam._Refused):
-        batch_cam.read_file(big, max_size=10)
+    with pytest.raises(batch_inputs._Refused):
+        batch_inputs.read_file(big, max_size=10)
 
 
 def test_bounded_read_stops_at_the_limit(tmp_path: Path) -> None:
     f = tmp_path / "f.bin"
     f.write_bytes(b"a" * 1000)
-    assert batch_cam.read_file(f, 1000) == b"a" * 1000
-    with pytest.raises(batch_cam._Refused, match="1000 bytes"):
-        batch_cam.read_file(f, 999)
+    assert batch_inputs.read_file(f, 1000) == b"a" * 1000
+    with pytest.raises(batch_inputs._Refused, match="1000 bytes"):
+        batch_inputs.read_file(f, 999)
 
 
 def test_list_files_binary_and_nul_entries(tmp_path: Path) -> None:
     good = _img(tmp_path / "a.png", (20, 20), 1)
     text = tmp_path / "list.txt"
     text.write_bytes(b"# a list\n" + bytes(good) + b"\nbad\x00name.png\n" + b"b.png\n" * 5)
-    items = list(batch_cam.iter_inputs([str(text)]))
+    items = list(batch_inputs.iter_inputs([str(text)]))
     assert [it.error is None for it in items] == [True, False] + [True] * 5
     assert items[1].error[0] == "InvalidListEntry" and "NUL" in items[1].error[1]
     binary = tmp_path / "bin.txt"
     binary.write_bytes(good.read_bytes())
-    [item] = batch_cam.iter_inputs([str(binary)])
+    [item] = batch_inputs.iter_inputs([str(binary)])
     assert item.error[0] == "InvalidList"
-    assert not batch_cam._is_binary("é.jpg\nà.png\n".encode() * 50)
-    assert not batch_cam._is_binary(b"caf\xe9.jpg\n" * 50)  # Latin-1 names are still text
-    assert batch_cam._is_binary(np.random.default_rng(0).bytes(8192))
+    assert not batch_inputs._is_binary("é.jpg\nà.png\n".encode() * 50)
+    assert not batch_inputs._is_binary(b"caf\xe9.jpg\n" * 50)  # Latin-1 names are still text
+    assert batch_inputs._is_binary(np.random.default_rng(0).bytes(8192))
 
 
 def test_output_folder_inside_input_and_symlinks(graph: Path, tmp_path: Path) -> None:
@@ -579,13 +581,13 @@ def test_edited_graph_metadata_is_refused_before_any_image(graph: Path, images: 
 
 def test_non_finite_scores_are_error_records(tmp_path: Path) -> None:
     meta = _meta()
-    items = [batch_cam.Item("a.png", "a.png"), batch_cam.Item("b.png", "b.png")]
+    items = [batch_inputs.Item("a.png", "a.png"), batch_inputs.Item("b.png", "b.png")]
     logits = np.array([[1, 2, 3, 4, 5], [np.nan, 0, 0, 0, 0]], np.float32)
     cams = np.ones((2, 4, 4), np.float32)
-    good, bad = batch_cam.result_lines(items, [(10, 10)] * 2, logits, cams, -1, 3, meta, "gradcam")
-    assert isinstance(good, dict) and isinstance(bad, batch_cam.Failed)
+    good, bad = batch_outputs.result_lines(items, [(10, 10)] * 2, logits, cams, -1, 3, meta, "gradcam")
+    assert isinstance(good, dict) and isinstance(bad, batch_inputs.Failed)
     assert bad.type == "InvalidOutput"
-    outputs = batch_cam.Outputs(tmp_path, resume=False)
+    outputs = batch_outputs.Outputs(tmp_path, resume=False)
     assert outputs.result({**good, "score": float("nan")}) is False  # never a bare NaN
     outputs.close()
     [err] = _json_lines(tmp_path / "errors.jsonl")
@@ -598,10 +600,10 @@ def test_window_is_bounded_in_bytes(graph: Path, tmp_path: Path) -> None:
     for i in range(30):
         _img(tmp_path / "many" / f"{i:03d}.png", (64, 64), i)
     per_image = 3 * 64 * 64 * 4  # one preprocessed tensor
-    budget = batch_cam.ByteBudget(4 * per_image)
+    budget = batch_inputs.ByteBudget(4 * per_image)
     from concurrent.futures import ThreadPoolExecutor
 
-    items = batch_cam.iter_inputs([str(tmp_path / "many")])
+    items = batch_inputs.iter_inputs([str(tmp_path / "many")])
     pulled = seen = 0
 
     def counting():
@@ -611,7 +613,7 @@ def test_window_is_bounded_in_bytes(graph: Path, tmp_path: Path) -> None:
             yield it
 
     with ThreadPoolExecutor(4) as pool:
-        for outcome in batch_cam._decoded_stream(counting(), pool, 100, meta, False, 10**6,
+        for outcome in batch_inputs._decoded_stream(counting(), pool, 100, meta, False, 10**6,
                                                  budget=budget):
             seen += 1
             time.sleep(0.01)  # a slow consumer: the decodes run ahead until the budget stops them

@@ -1,0 +1,406 @@
+"""The writing side of the batch job: artefacts written to a temporary name and renamed without
+following links, results lines (one function for the local job and the Ray runner), and
+``results.jsonl``/``errors.jsonl`` appended with whole lines only, read back by ``--resume``.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import logging
+import os
+import secrets
+import signal
+import stat
+import threading
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..engine import heatmaps_at_sizes
+from ..records import Prediction, top_predictions
+from ..render import bbox_from_heatmap, heatmap_png, overlay_png
+from .format import GraphMeta
+from .inputs import Decoded, Failed, Item, UsageError, _cut, _internal, _os_reason
+
+
+log = logging.getLogger("camserve.onnx.batch")
+
+#: file suffix of each artefact, appended to the item's output name
+SAVE_SUFFIXES: dict[str, str] = {"heatmap": ".heatmap.png", "overlay": ".overlay.png",
+                                 "npy": ".cam.npy"}
+RESULTS, ERRORS = "results.jsonl", "errors.jsonl"
+#: a results.jsonl line longer than this is malformed (skipped by --resume)
+MAX_RESULT_LINE_BYTES = 2**20
+
+
+
+# -- outputs ------------------------------------------------------------------------------------------
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | \
+    getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_folder(out_dir: Path, parts: Sequence[str]) -> int:
+    """A descriptor of ``out_dir/parts...``, creating the folders, never through a symlink inside
+    ``out_dir`` (OSError ``ELOOP``/``ENOTDIR`` then). ``out_dir`` itself is the user's choice and
+    may be reached through links."""
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in parts:
+            try:
+                os.mkdir(part, 0o777, dir_fd=fd)
+            except FileExistsError:
+                pass
+            nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_file(out_dir: Path, rel: str, data: bytes) -> None:
+    """Write ``data`` to ``out_dir/rel`` atomically: a new temporary file in the same folder
+    (``O_CREAT|O_EXCL|O_NOFOLLOW``), then ``os.replace``, which replaces an existing symlink
+    itself, never its target. Folders are created without following symlinks."""
+    parts = rel.split("/")
+    dfd = _open_folder(out_dir, parts[:-1])
+    try:
+        tmp = f".~{secrets.token_hex(8)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(dfd)
+
+
+#: pixels of full-resolution heatmaps made at the same time (upsampling, normalising, the box
+#: and the PNG take about 20 bytes per pixel): a 24 MP photo's map is made alone
+MAP_PIXELS_AT_ONCE = 16_000_000
+
+
+class PixelGate:
+    """Lets threads make full-resolution maps together while their pixels sum to at most
+    ``limit``; one map is always let through, however large."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._cond:
+            while self.in_use and self.in_use + pixels > self.limit:
+                self._cond.wait()
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= pixels
+                self._cond.notify_all()
+
+
+_MAP_GATE = PixelGate(MAP_PIXELS_AT_ONCE)
+
+
+@dataclass
+class BatchResult:
+    """One image's results line, waiting for its heatmap, bbox and files."""
+
+    line: dict[str, Any]
+    files: Future[tuple[dict[str, str], Optional[list[int]]]]
+
+
+def _finish_image(out_dir: Path, d: Decoded, cam: np.ndarray,
+                  save: Sequence[str]) -> tuple[dict[str, str], Optional[list[int]]]:
+    """Heatmap at the original size (:func:`camserve.heatmaps_at_sizes`, as the handler), its
+    bounding box, and the chosen files of one image; returns ({kind: path under out_dir}, bbox).
+    The overlay is drawn on the bounded copy (long side at most :data:`camserve.onnx.inputs.OVERLAY_MAX_SIDE`). Files
+    are written with :func:`write_file`. Maps of large images wait for each other
+    (:data:`MAP_PIXELS_AT_ONCE`). Runs in the pool, overlapped with the next session run."""
+    with _MAP_GATE.hold(d.size[0] * d.size[1]):
+        return _make_files(out_dir, d, cam, save)
+
+
+def _make_files(out_dir: Path, d: Decoded, cam: np.ndarray,
+                save: Sequence[str]) -> tuple[dict[str, str], Optional[list[int]]]:
+    heatmap = heatmaps_at_sizes(torch.from_numpy(cam[None]), [d.size])[0]
+    bbox = bbox_from_heatmap(heatmap)
+    written: dict[str, str] = {}
+    for kind in save:
+        rel = d.item.name + SAVE_SUFFIXES[kind]
+        if kind == "heatmap":
+            data = heatmap_png(heatmap)
+        elif kind == "overlay":
+            if d.image is None:
+                raise RuntimeError(f"{_cut(d.item.path)}: the decoded image was not kept for its "
+                                   f"overlay")
+            small = heatmap
+            if d.image.size != (heatmap.shape[1], heatmap.shape[0]):
+                small = np.asarray(Image.fromarray(heatmap, "L").resize(d.image.size,
+                                                                        Image.BILINEAR))
+            data = overlay_png(d.image, small)
+        else:
+            buf = io.BytesIO()
+            np.save(buf, cam.astype(np.float32, copy=False))
+            data = buf.getvalue()
+        write_file(out_dir, rel, data)
+        written[kind] = rel
+    return written, bbox
+
+
+def finish_image(out_dir: Path, d: Decoded, cam: np.ndarray,
+                 save: Sequence[str]) -> Union[tuple[dict[str, str], Optional[list[int]]], Failed]:
+    """:func:`_finish_image`, with a failure (a name the filesystem refuses, a symlinked output
+    folder, a full disk, ...) returned as this item's :class:`Failed` record."""
+    try:
+        return _finish_image(out_dir, d, cam, save)
+    except OSError as exc:
+        what = "name too long for the filesystem" if exc.errno == errno.ENAMETOOLONG else (
+            "a symlink or non-folder in the output path" if exc.errno in (errno.ELOOP,
+                                                                           errno.ENOTDIR)
+            else _os_reason(exc))
+        return Failed(d.item, "UnwritableOutput", f"cannot write {_cut(d.item.name)}: {what}")
+    except MemoryError:
+        return Failed(d.item, "OutOfMemory", "not enough memory to make this image's files")
+    except Exception as exc:
+        return _internal(d.item, exc)
+
+
+def probabilities(logits: np.ndarray) -> torch.Tensor:
+    """Softmax of a session's logits (float32, per row)."""
+    return torch.softmax(torch.from_numpy(np.asarray(logits)).float(), dim=1)
+
+
+def result_lines(items: Sequence[Item], sizes: Sequence[tuple[int, int]], logits: np.ndarray,
+                 cams: Optional[np.ndarray], target: int, topk: int, meta: GraphMeta,
+                 method: str) -> list[Union[dict[str, Any], Failed]]:
+    """The results.jsonl lines of one session run (bbox and files are filled in when each heatmap
+    is done): the :class:`camserve.records.Prediction` records of the top-k and of the explained
+    class (``target`` -1: each image's top-1). An image whose scores or map are not finite gets a
+    :class:`Failed` record instead (``InvalidOutput``). Shared by the local job and the Ray
+    actors."""
+    probs = probabilities(logits)
+    out: list[Union[dict[str, Any], Failed]] = []
+    for j, (item, size) in enumerate(zip(items, sizes)):
+        row = probs[j]
+        if not bool(torch.isfinite(row).all()):
+            out.append(Failed(item, "InvalidOutput", "the graph returned non-finite scores (NaN "
+                                                     "or infinity) for this image"))
+            continue
+        if cams is not None and not bool(np.isfinite(cams[j]).all()):
+            out.append(Failed(item, "InvalidOutput", "the graph returned a non-finite CAM (NaN "
+                                                     "or infinity) for this image"))
+            continue
+        values = row.tolist()
+        preds = top_predictions(values, meta.labels, topk)
+        t = preds[0].index if target < 0 else target
+        explained = Prediction(t, meta.labels[t], float(values[t])).to_json()
+        out.append({"path": item.path, "name": item.name, "width": size[1], "height": size[0],
+                    "topk": [p.to_json() for p in preds], "target": explained["index"],
+                    "label": explained["label"], "score": explained["score"], "bbox": None,
+                    "method": method, "layer": meta.layer})
+    return out
+
+
+def encode_line(obj: dict[str, Any]) -> str:
+    """One JSON line (without the newline), always valid UTF-8 JSON: ``allow_nan=False`` (a NaN
+    raises ValueError instead of writing invalid JSON); non-ASCII text is written as is, except in
+    a line holding a name that is not UTF-8 (undecodable bytes kept as surrogates, see
+    :class:`Item`): that line is written with every non-ASCII character ``\\uXXXX``-escaped, and
+    ``os.fsencode(json.loads(line)["path"])`` gives the original bytes back.
+
+    Example::
+
+        >>> encode_line({"path": "caf\u00e9.jpg"})
+        '{"path": "caf\u00e9.jpg"}'
+        >>> encode_line({"path": os.fsdecode(b"caf\\xe9.jpg")})
+        '{"path": "caf\\\\udce9.jpg"}'
+    """
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, allow_nan=False)
+    return text
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Hold back SIGINT while whole lines are written (the main thread only): a Ctrl-C that comes
+    in between raises KeyboardInterrupt when the lines are out, so results.jsonl never ends in a
+    torn line because of it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    except (ValueError, OSError):  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if got:
+        raise KeyboardInterrupt
+
+
+def _open_out(path: Path, append: bool) -> BinaryIO:
+    """results.jsonl / errors.jsonl opened without following a symlink: a symlink (or other
+    non-file) at that name is removed and a new file made when starting over, refused on resume."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if append:
+            raise UsageError(f"invalid output folder: {_cut(str(path))} is not a regular file (a "
+                             f"symlink?); --resume refuses to append to it")
+        log.warning("%s is not a regular file (a symlink?): replacing it with a new file", path)
+        os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= os.O_APPEND if append else os.O_TRUNC
+    return os.fdopen(os.open(path, flags, 0o644), "ab" if append else "wb")
+
+
+class Outputs:
+    """results.jsonl and errors.jsonl: lines collected, then written (whole lines, Ctrl-C held
+    back meanwhile) and flushed per batch. On resume, ``done`` holds the paths and ``names`` the
+    output names already in results.jsonl (the names stay reserved: a new input with the same
+    relative name gets ``name~2``)."""
+
+    def __init__(self, out_dir: Path, resume: bool) -> None:
+        self.out_dir = out_dir
+        self.done: set[str] = set()
+        self.names: set[str] = set()
+        self.malformed = 0
+        out_dir.mkdir(parents=True, exist_ok=True)
+        res_path, err_path = out_dir / RESULTS, out_dir / ERRORS
+        if resume:
+            self.done, self.names, self.malformed = _read_done(res_path)
+        elif res_path.exists() and res_path.stat().st_size:
+            log.warning("%s exists and --resume was not given: starting over", res_path)
+        self.results = _open_out(res_path, append=resume)
+        self.errors = _open_out(err_path, append=False)  # failures are retried on resume
+        self._results: list[str] = []
+        self._errors: list[str] = []
+        self.ok = 0
+        self.failed = 0
+
+    def result(self, line: dict[str, Any]) -> bool:
+        """Queue one results line; a line that is not valid JSON (a NaN) becomes an error record
+        instead (False)."""
+        try:
+            text = encode_line(line)
+        except ValueError as exc:
+            self.error(Failed(Item(str(line.get("path")), str(line.get("name"))), "InvalidOutput",
+                              f"the result is not valid JSON: {_cut(str(exc))}"))
+            return False
+        self._results.append(text + "\n")
+        self.ok += 1
+        return True
+
+    def error(self, f: Failed) -> None:
+        self._errors.append(encode_line({"path": f.item.path, "type": f.type,
+                                         "reason": f.reason}) + "\n")
+        self.failed += 1
+
+    def flush(self) -> None:
+        with _deferred_interrupt():
+            for fh, lines in ((self.results, self._results), (self.errors, self._errors)):
+                if lines:
+                    fh.write("".join(lines).encode("utf-8"))
+                    lines.clear()
+                fh.flush()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.results.close()
+            self.errors.close()
+
+
+def _read_lines(fh: BinaryIO, limit: int) -> Iterator[tuple[bytes, bool]]:
+    """``(line, whole)`` of a binary file, each at most ``limit`` bytes read into memory: a longer
+    line is returned cut, with ``whole`` False. The last line may lack its newline."""
+    while True:
+        raw = fh.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            rest = raw
+            while rest and not rest.endswith(b"\n"):
+                rest = fh.readline(65536)
+            yield raw[:limit], False
+            continue
+        yield raw, True
+
+
+def _read_done(path: Path) -> tuple[set[str], set[str], int]:
+    """(paths, output names, malformed lines) of results.jsonl. Malformed lines (not JSON, no
+    string ``path``, over :data:`MAX_RESULT_LINE_BYTES`) are skipped and counted, and stay in the
+    file; only a torn last line (no newline: an interrupted write) is cut off."""
+    done: set[str] = set()
+    names: set[str] = set()
+    malformed = 0
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return done, names, malformed
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"invalid output folder: {_cut(str(path))} is not a regular file (a "
+                         f"symlink?); --resume refuses to read it")
+    end = 0
+    torn = False
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        for raw, whole in _read_lines(fh, MAX_RESULT_LINE_BYTES):
+            if whole and not raw.endswith(b"\n"):
+                torn = True
+                break
+            end = fh.tell()
+            try:
+                line = json.loads(raw) if whole else None
+            except ValueError:
+                line = None
+            if not isinstance(line, dict) or not isinstance(line.get("path"), str):
+                malformed += 1
+                continue
+            done.add(line["path"])
+            if isinstance(line.get("name"), str):
+                names.add(line["name"])
+    if malformed:
+        log.warning("%s: skipped %d malformed line(s); their images are done again", path,
+                    malformed)
+    if torn:
+        log.warning("%s: dropping an incomplete last line (interrupted run)", path)
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.ftruncate(fd, end)
+        finally:
+            os.close(fd)
+    return done, names, malformed
+
