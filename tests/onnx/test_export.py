@@ -28,6 +28,7 @@ from camserve.onnx.passes import functionalize_inplace, lift_constants
 from camserve.onnx.session import ort_session
 from camserve.onnx.trace import trace_cam_graph
 from camserve.onnx.verify import DEFAULT_FACTOR, VerificationError, allowed_error, relative_error, verify_cam_onnx
+from camserve.testing.nets import TinyBNNet
 from tests.zoo import ARCHS, Arch
 
 TOL = 1e-4
@@ -247,7 +248,7 @@ def test_torch_exporter_and_opset(tmp_path: Path) -> None:
     """The public torch.onnx.export path (the fallback) and an opset conversion give graphs that
     pass the same verification."""
     torch.manual_seed(0)
-    model = TinyNet(4).eval()
+    model = TinyBNNet(4).eval()
     src = loaded(model, arch="TinyNet", input_size=(32, 32), layer="features.3", labels=list("abcd"))
     info = export_cam_onnx(src, tmp_path / "t.onnx", exporter="torch")
     assert info.exporter == "torch" and info.errors["-1"]["cam"] <= TOL
@@ -367,31 +368,17 @@ def test_cli_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert meta.input_size == (48, 32)
 
 
-class TinyNet(nn.Module):
-    """A small CNN for the model-folder and exporter tests (its source is written to model.py)."""
-
-    def __init__(self, num_classes: int = 3) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(inplace=True))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
 @pytest.fixture()
 def model_dir(tmp_path: Path) -> Path:
     d = tmp_path / "tiny"
     d.mkdir()
-    (d / "model.py").write_text("import torch\nfrom torch import nn\n\n\n" + inspect.getsource(TinyNet))
+    (d / "model.py").write_text("import torch\nfrom torch import nn\n\n\n" + inspect.getsource(TinyBNNet))
     torch.manual_seed(1)
-    torch.save(TinyNet(3).state_dict(), d / "weights.pt")
+    torch.save(TinyBNNet(3).state_dict(), d / "weights.pt")
     (d / "index_to_name.json").write_text(json.dumps({"0": "circle", "1": "square", "2": "star"}))
     (d / "model-config.yaml").write_text(textwrap.dedent("""\
         handler:
-          arch: model:TinyNet
+          arch: model:TinyBNNet
           num_classes: 3
           weights: weights.pt
           labels: index_to_name.json
