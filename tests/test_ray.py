@@ -246,6 +246,94 @@ def test_worker_batch_equals_local_job(graph: Path, tmp_path: Path) -> None:
             assert (out / rel).read_bytes() == (local / rel).read_bytes()
 
 
+def _rows_of(items: list) -> dict[str, np.ndarray]:
+    return {"id": np.arange(len(items)), "path": np.array([i.path for i in items], object),
+            "name": np.array([i.name for i in items], object),
+            "abspath": np.array([os.path.abspath(i.path) for i in items], object)}
+
+
+def test_worker_metrics_equal_local_job(graph: Path, tmp_path: Path) -> None:
+    """``--metrics`` in the actor's batch function: computed through the actor's session, the
+    lines' ``"metrics"`` exactly the local job's for the same batch, the unrounded values in the
+    ``metrics`` column, nothing for error rows."""
+    root = _folder(tmp_path / "photos", 4, (50, 60))
+    keys = ("deletion", "avg_drop")
+    local = tmp_path / "local"
+    stats = run_job(JobConfig(model=graph, inputs=[str(root)], out=local, batch_size=8,
+                              save=(), metrics=keys, metrics_steps=5))
+    assert stats.exit_status == EXIT_PARTIAL and stats.metrics_images == 4
+    items = list(batch_inputs.iter_inputs([str(root)]))
+    plan = plan_job(JobConfig(model=graph, inputs=[str(root)], out=tmp_path / "ray", save=(),
+                              metrics=keys, metrics_steps=5))
+    assert (plan.metrics, plan.metrics_steps, plan.metrics_baseline) == (keys, 5, "mean")
+    worker = CamBatchWorker(plan)
+    calls = []
+    run = worker.sess.run
+    worker.sess.run = lambda fetch, feed: calls.append(list(fetch)) or run(fetch, feed)
+    rows = worker(_rows_of(items))
+    # one CAM run, then the audit through the same session: 1 reference + 5 steps + 1 confidence
+    assert calls[0] == ["logits", plan.cam_output] and len(calls) == 1 + 7
+    got = {r["path"]: r for r in (json.loads(t) for t, ok in zip(rows["line"], rows["ok"]) if ok)}
+    theirs = {r["path"]: r for r in _lines(local / "results.jsonl")}
+    assert got == theirs and len(got) == 4
+    assert all(list(r["metrics"]) == list(keys) for r in got.values())
+    raw = [json.loads(m) if ok else m for m, ok in zip(rows["metrics"], rows["ok"])]
+    assert [m for m, ok in zip(raw, rows["ok"]) if not ok] == ["", ""]
+    for m, text, ok in zip(raw, rows["line"], rows["ok"]):
+        if ok:
+            assert {k: round(v, 6) for k, v in m.items()} == json.loads(text)["metrics"]
+    assert rows["metrics_seconds"].sum() > 0
+    # without --metrics: no "metrics" key, an empty column
+    plain = CamBatchWorker(plan_job(JobConfig(model=graph, inputs=[str(root)], out=tmp_path / "p",
+                                              save=())))(_rows_of(items))
+    assert all("metrics" not in json.loads(t) for t in plain["line"])
+    assert list(plain["metrics"]) == [""] * len(items)
+
+
+def test_driver_means_each_written_line_once(tmp_path: Path) -> None:
+    """The driver averages the metrics of the lines it writes with the local job's MetricMeans:
+    a retried batch's rows (same ids) count once, error rows not at all."""
+    from camserve.onnx import ray as cam_ray
+    from camserve.onnx.audit import MetricMeans
+
+    assert cam_ray.MetricMeans is MetricMeans  # one accumulator, not a copy
+    items = [batch_inputs.Item(f"{n}.png", f"{n}.png") for n in "abc"]
+
+    def block(ids: list[int], values: list[float | None]) -> dict[str, np.ndarray]:
+        ok = [v is not None for v in values]
+        lines = [json.dumps({"path": f"{'abc'[i]}.png", "name": f"{'abc'[i]}.png",
+                             "metrics": {"deletion": round(v, 6)}}) if v is not None
+                 else json.dumps({"path": f"{'abc'[i]}.png", "type": "InvalidImage",
+                                  "reason": "corrupt"}) for i, v in zip(ids, values)]
+        raw = [json.dumps({"deletion": v}) if v is not None else "" for v in values]
+        return {"id": np.array(ids), "ok": np.array(ok), "line": np.array(lines, object),
+                "provider": np.array(["CPUExecutionProvider"] * len(ids), object),
+                "seconds": np.full(len(ids), 0.1), "metrics": np.array(raw, object),
+                "metrics_seconds": np.full(len(ids), 0.5)}
+
+    class Dataset:
+        def iter_batches(self, **kw: object) -> Iterator[dict[str, np.ndarray]]:
+            yield block([0, 1], [0.1234567, None])
+            yield block([0, 1], [0.1234567, None])  # a retried batch
+            yield block([2], [0.3])
+
+    outputs = batch_outputs.Outputs(tmp_path, False)
+    stats, means = batch_cam.JobStats(), MetricMeans()
+
+    class Bar:
+        def update(self, n: int) -> None:
+            pass
+
+    try:
+        cam_ray._drain(Dataset(), items, outputs, Bar(), time.perf_counter(), None, stats, means)
+    finally:
+        outputs.close()
+    assert means.images == 2
+    assert means.means() == {"deletion": (0.1234567 + 0.3) / 2}  # unrounded, as the local job
+    assert stats.metrics_seconds == pytest.approx(1.5)
+    assert len(_lines(tmp_path / "results.jsonl")) == 2
+
+
 # -- a real two-node cluster on loopback --------------------------------------------------------------
 
 @pytest.mark.slow
@@ -286,6 +374,36 @@ def test_same_as_local_job(cluster: str, graph: Path, tmp_path: Path) -> None:
     assert errs == sorted(_lines(local / "errors.jsonl"), key=lambda r: r["path"])
     assert {Path(e["path"]).name for e in errs} == {"empty.png", "notes.jpg"}
     print(f"\n{exact}/{len(mine)} result lines identical to the local job's")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_metrics_same_as_local_job(cluster: str, graph: Path, tmp_path: Path) -> None:
+    """``--ray`` with ``--metrics deletion,avg_drop``: every line's metrics and the summary's means
+    are the local job's on the same images (within 1e-5)."""
+    root = _folder(tmp_path / "photos", 8, (70, 90), corrupt=False)
+    local, out = tmp_path / "local", tmp_path / "ray"
+    flags = ["--batch-size", "4", "--save", "none", "--metrics", "deletion,avg_drop",
+             "--metrics-steps", "10"]
+    ref = subprocess.run([sys.executable, "-m", "export.batch_cam", "--model", str(graph),
+                          str(root), "--out", str(local), *flags], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == EXIT_OK, ref.stderr[-2000:]
+    res = _job(graph, [root], out, cluster, *flags, "--actors", "2")
+    assert res.returncode == EXIT_OK, res.stderr[-2000:]
+    assert "8 images explained, 0 failed" in res.stdout
+    assert "metrics (mean of 8 images, 12 session runs per image" in res.stdout
+    mine = {r["path"]: r["metrics"] for r in _lines(out / "results.jsonl")}
+    theirs = {r["path"]: r["metrics"] for r in _lines(local / "results.jsonl")}
+    assert sorted(mine) == sorted(theirs) and len(mine) == 8
+    for path, m in mine.items():
+        assert list(m) == ["deletion", "avg_drop"], path
+        for k in m:
+            assert abs(m[k] - theirs[path][k]) <= 1e-5, (path, k, m[k], theirs[path][k])
+    means = [line.split("): ", 1)[1].strip() for line in (res.stdout, ref.stdout)]
+    for key in ("deletion", "avg_drop"):
+        a, b = (float(text.split(f"{key}=")[1].split()[0]) for text in means)
+        assert abs(a - b) <= (0.01 if key == "avg_drop" else 1e-4), (key, a, b)
 
 
 def _close(a: dict, b: dict) -> bool:

@@ -49,7 +49,8 @@ Faithfulness audit (``--metrics``): each image's map is scored through the same 
 explained class is the line's ``target``. Each perturbation step is one session run of the batch:
 ``--metrics deletion,insertion,road_morf,avg_drop`` costs 111 runs per image (1 reference + 50 +
 50 + 9 + 1) on top of the CAM run. The means over the images go to the summary line (images of
-this run only, with ``--resume``). Not on Ray yet (``--ray`` with ``--metrics`` is refused).
+this run only, with ``--resume``). With ``--ray`` each actor scores its batches with its own
+session (:func:`audit_lines`, the same code) and the driver takes the means of the lines it writes.
 
 Exit status: 0 every image succeeded; 3 some images failed (see errors.jsonl); 2 usage error (bad
 option, missing input, not a camserve CAM graph, graph metadata that does not fit the graph);
@@ -249,6 +250,38 @@ class JobPlan:
     meta: GraphMeta
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     window_bytes: int = DEFAULT_WINDOW_BYTES
+    metrics: tuple[str, ...] = ()   # --metrics keys, in order, each once; () = no audit
+    metrics_steps: int = 50
+    metrics_baseline: str = "mean"
+
+
+def audit_lines(sess: Any, x: np.ndarray, cams: np.ndarray, lines: Sequence[dict[str, Any]],
+                keys: Sequence[str], *, steps: int, baseline: str
+                ) -> list[Optional[dict[str, float]]]:
+    """``--metrics`` for one batch: :func:`camserve.onnx.audit.audit_batch` through ``sess`` on
+    the preprocessed images ``x`` and their raw maps ``cams``, each line's ``target`` explained.
+    Sets each line's ``"metrics"`` (values rounded to 6 decimals, ``None`` where the image's
+    metrics failed) and returns the unrounded rows, for :class:`~camserve.onnx.audit.MetricMeans`.
+    The one implementation of the local job and the Ray actors.
+
+    Example (a stand-in session whose class 0 reads the red of the image's top half)::
+
+        >>> class Session:
+        ...     def run(self, fetch, feed):
+        ...         red_top = feed["input"][:, 0, :4].mean(axis=(1, 2))
+        ...         return [np.stack([20 * (red_top - 0.75), 0 * red_top], axis=1)]
+        >>> x = np.zeros((1, 3, 8, 8), np.float32); x[:, 0, :4] = 1.0
+        >>> cams = np.zeros((1, 4, 4), np.float32); cams[:, :2] = 1.0
+        >>> lines = [{"path": "a.png", "target": 0}]
+        >>> rows = audit_lines(Session(), x, cams, lines, ("avg_drop",), steps=4, baseline="mean")
+        >>> lines[0]["metrics"] == {"avg_drop": round(rows[0]["avg_drop"], 6)}
+        True
+    """
+    rows = audit_batch(sess, torch.from_numpy(np.ascontiguousarray(x)), cams,
+                       [line["target"] for line in lines], keys, steps=steps, baseline=baseline)
+    for line, row in zip(lines, rows):
+        line["metrics"] = None if row is None else {k: round(v, 6) for k, v in row.items()}
+    return rows
 
 
 def plan_job(cfg: JobConfig) -> JobPlan:
@@ -303,7 +336,9 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     return JobPlan(model=str(cfg.model.resolve()), out=str(cfg.out.resolve()),
                    cam_output=cam_output, method=method.lower(), target=target, topk=topk,
                    save=tuple(cfg.save), max_pixels=max_pixels, meta=meta,
-                   max_file_size=cfg.max_file_size, window_bytes=cfg.window_bytes)
+                   max_file_size=cfg.max_file_size, window_bytes=cfg.window_bytes,
+                   metrics=tuple(dict.fromkeys(cfg.metrics)), metrics_steps=cfg.metrics_steps,
+                   metrics_baseline=cfg.metrics_baseline)
 
 
 def run_job(cfg: JobConfig) -> JobStats:
@@ -336,13 +371,9 @@ def run_job(cfg: JobConfig) -> JobStats:
     t0 = time.perf_counter()
     pending: deque[list[BatchResult]] = deque()
     counts: dict[str, int] = {}
-    audit_keys = tuple(dict.fromkeys(cfg.metrics))
+    audit_keys = plan.metrics
     means = MetricMeans()
-    if audit_keys:
-        stats.metrics_runs_per_image = runs_per_image(audit_keys, cfg.metrics_steps)
-        log.info("metrics %s: %d session runs per image (%s), %d steps, baseline %s",
-                 ",".join(audit_keys), stats.metrics_runs_per_image,
-                 cost_help(cfg.metrics_steps), cfg.metrics_steps, cfg.metrics_baseline)
+    start_metrics(plan, stats)
 
     def drain(keep: int) -> None:
         while len(pending) > keep:
@@ -400,13 +431,10 @@ def run_job(cfg: JobConfig) -> JobStats:
                 results.append(BatchResult(line, pool.submit(finish, d, cams[j])))
             if audit_keys and kept:
                 ta = time.perf_counter()
-                rows = audit_batch(sess, torch.from_numpy(x[kept]), cams[kept],
-                                   [r.line["target"] for r in results], audit_keys,
-                                   steps=cfg.metrics_steps, baseline=cfg.metrics_baseline)
+                rows = audit_lines(sess, x[kept], cams[kept], [r.line for r in results],
+                                   audit_keys, steps=plan.metrics_steps,
+                                   baseline=plan.metrics_baseline)
                 stats.metrics_seconds += time.perf_counter() - ta
-                for r, row in zip(results, rows):
-                    r.line["metrics"] = None if row is None else {
-                        k: round(v, 6) for k, v in row.items()}
                 means.add(rows)
             pending.append(results)
             bar.update(len(batch))
@@ -438,11 +466,28 @@ def run_job(cfg: JobConfig) -> JobStats:
     stats.skipped = counts.get("skipped", 0)
     stats.seconds = time.perf_counter() - t0
     stats.peak_window_bytes = budget.peak
+    end_metrics(plan, stats, means)
+    return stats
+
+
+def start_metrics(plan: JobPlan, stats: JobStats) -> None:
+    """``stats.metrics_runs_per_image`` of the plan's ``--metrics`` (0 without), logged with its
+    cost; the local job's and the Ray runner's."""
+    if not plan.metrics:
+        return
+    stats.metrics_runs_per_image = runs_per_image(plan.metrics, plan.metrics_steps)
+    log.info("metrics %s: %d session runs per image (%s), %d steps, baseline %s",
+             ",".join(plan.metrics), stats.metrics_runs_per_image,
+             cost_help(plan.metrics_steps), plan.metrics_steps, plan.metrics_baseline)
+
+
+def end_metrics(plan: JobPlan, stats: JobStats, means: MetricMeans) -> None:
+    """The means of ``means`` into ``stats`` (the summary line's), logged; the local job's and
+    the Ray runner's."""
     stats.metrics, stats.metrics_images = means.means(), means.images
-    if audit_keys:
+    if plan.metrics:
         log.info("metrics of %d images in %.1f s: %s", means.images, stats.metrics_seconds,
                  format_means(stats.metrics))
-    return stats
 
 
 def _check_metrics(cfg: JobConfig) -> None:
@@ -590,8 +635,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .ray import ray_options, run_ray_job  # imports ray itself only when it runs
 
         ray_opts = ray_options(args)  # None without --ray
-        if ray_opts is not None and cfg.metrics:
-            raise UsageError("--metrics does not run on Ray yet: run the job without --ray")
         stats = run_job(cfg) if ray_opts is None else run_ray_job(cfg, ray_opts, args.verbose)
     except KeyboardInterrupt:
         print("interrupted: run again with --resume to continue", file=sys.stderr)

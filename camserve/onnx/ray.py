@@ -28,6 +28,10 @@ The pipeline
    ``materialize``) and appends each block's lines to DIR/results.jsonl as it arrives, flushed per
    block; a row whose ``id`` was already written is dropped, so a retried batch never duplicates a
    line.
+4. ``--metrics``: the actor scores its batch after the CAM run, through its own session, with the
+   local job's code (:func:`camserve.onnx.batch.audit_lines`: the same ``"metrics"`` in the
+   lines); each row also carries the unrounded values, and the driver averages those of the lines
+   it writes with the local job's :class:`~camserve.onnx.audit.MetricMeans` for the summary line.
 
 Fault tolerance: the actor pool is created with ``max_restarts=-1`` (a dead actor process is
 replaced, on any node) and ``max_task_retries`` (default 3: the batches it held are run again on
@@ -65,7 +69,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .batch import JobConfig, JobPlan, JobStats, check_session, plan_job, session_inputs
+from .audit import MetricMeans
+from .batch import (JobConfig, JobPlan, JobStats, audit_lines, check_session, end_metrics,
+                    plan_job, session_inputs, start_metrics)
 from .inputs import Decoded, Failed, Item, UsageError, _load, _unique, iter_inputs
 from .outputs import Outputs, encode_line, finish_image, result_lines
 from .session import ort_session
@@ -176,8 +182,11 @@ class CamBatchWorker:
     A batch is a dict of numpy columns ``id``, ``path``, ``name``, ``abspath`` (the file-system
     bytes of each name, ``os.fsencode``: names that are not UTF-8 travel losslessly); the answer
     has one row per input row: ``id``, ``ok`` (bool), ``line`` (the JSON text of its results.jsonl
-    or errors.jsonl line, :func:`camserve.onnx.outputs.encode_line`), ``provider`` (the session's)
-    and ``seconds`` (its share of the batch's time in the actor). Files go to ``plan.out`` from
+    or errors.jsonl line, :func:`camserve.onnx.outputs.encode_line`), ``provider`` (the session's),
+    ``seconds`` (its share of the batch's time in the actor), ``metrics`` (with ``plan.metrics``:
+    the JSON text of the line's unrounded metrics, ``null`` where they failed; ``""`` for error rows
+    and without ``--metrics``) and ``metrics_seconds`` (its share of the batch's metrics time).
+    Files go to ``plan.out`` from
     here, not through the driver. The graph is checked against the session
     (:func:`camserve.onnx.batch.check_session`) before any image.
     """
@@ -212,17 +221,27 @@ class CamBatchWorker:
         items = [Item(_text(p), _text(n)) for p, n in zip(batch["path"], batch["name"])]
         outcomes = list(self.pool.map(self._load, items, [_text(a) for a in batch["abspath"]]))
         lines: list[str] = [""] * len(ids)
+        raw: list[str] = [""] * len(ids)
+        audit_s = 0.0
         ok = np.zeros(len(ids), dtype=bool)
         good = [j for j, o in enumerate(outcomes) if isinstance(o, Decoded)]
         if good:
             decoded: list[Decoded] = [outcomes[j] for j in good]  # type: ignore[misc]
-            feed = {self.in_name: np.stack([d.tensor.numpy() for d in decoded])}
+            x = np.stack([d.tensor.numpy() for d in decoded])
+            feed = {self.in_name: x}
             if plan.target >= 0:
                 feed["target"] = np.full((len(decoded),), plan.target, dtype=np.int64)
             logits, cams = self.sess.run(self.fetch, feed)
             base = result_lines([d.item for d in decoded], [d.size for d in decoded], logits, cams,
                                 plan.target, plan.topk, plan.meta, plan.method)
             todo = [k for k, line in enumerate(base) if not isinstance(line, Failed)]
+            rows: dict[int, Any] = {}
+            if plan.metrics and todo:  # the local job's audit, through this actor's session
+                ta = time.perf_counter()
+                rows = dict(zip(todo, audit_lines(
+                    self.sess, x[todo], cams[todo], [base[k] for k in todo], plan.metrics,
+                    steps=plan.metrics_steps, baseline=plan.metrics_baseline)))
+                audit_s = time.perf_counter() - ta
             finished = dict(zip(todo, self.pool.map(
                 lambda k: finish_image(Path(plan.out), decoded[k], cams[k], plan.save), todo)))
             for k, j in enumerate(good):
@@ -234,6 +253,8 @@ class CamBatchWorker:
                 line["files"], line["bbox"] = done
                 try:
                     lines[j], ok[j] = encode_line(line), True
+                    if k in rows:
+                        raw[j] = json.dumps(rows[k])
                 except ValueError as exc:
                     outcomes[j] = Failed(_line_item(line), "InvalidOutput",
                                          f"the result is not valid JSON: {str(exc)[:100]}")
@@ -244,7 +265,9 @@ class CamBatchWorker:
         return {"id": np.asarray(ids, dtype=np.int64), "ok": ok,
                 "line": np.asarray(lines, dtype=object),
                 "provider": np.asarray([self.provider] * len(ids), dtype=object),
-                "seconds": np.full(len(ids), busy)}
+                "seconds": np.full(len(ids), busy),
+                "metrics": np.asarray(raw, dtype=object),
+                "metrics_seconds": np.full(len(ids), audit_s / max(1, len(ids)))}
 
 
 def _line_item(line: dict[str, Any]) -> Item:
@@ -379,6 +402,8 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False,
     outputs = Outputs(cfg.out, cfg.resume)  # after everything that can fail on bad options
     counts: dict[str, int] = {}
     stats = JobStats()
+    means = MetricMeans()
+    start_metrics(plan, stats)
     t0 = time.perf_counter()
     started = False
     bar = None
@@ -408,7 +433,7 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False,
             show = (os.isatty(2) if cfg.progress is None else cfg.progress)
             bar = tqdm(total=len(items), unit="img", disable=not show, dynamic_ncols=True,
                        smoothing=0.1)
-            stats.providers = _drain(ds, items, outputs, bar, t0, timings)
+            stats.providers = _drain(ds, items, outputs, bar, t0, timings, stats, means)
     except KeyboardInterrupt:
         log.warning("interrupted: %d images written to %s; run again with --resume to continue",
                     outputs.ok, outputs.out_dir / "results.jsonl")
@@ -428,20 +453,24 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False,
             disconnect()
     stats.ok, stats.failed = outputs.ok, outputs.failed
     stats.seconds = time.perf_counter() - t0
+    end_metrics(plan, stats, means)
     return stats
 
 
 def _drain(ds: Any, items: Sequence[Item], outputs: Outputs, bar: Any, t0: float,
-           timings: Optional[dict[str, float]]) -> list[str]:
-    """Append the result rows of ``ds`` as they stream in, each id once; the providers seen."""
+           timings: Optional[dict[str, float]], stats: JobStats, means: MetricMeans) -> list[str]:
+    """Append the result rows of ``ds`` as they stream in, each id once; the providers seen.
+    The metrics of each written line go to ``means`` (the local job's accumulator) and their
+    actor time to ``stats.metrics_seconds``."""
     written: set[int] = set()
     providers: list[str] = []
     duplicates = 0
     for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         new = 0
         busy = 0.0
-        for i, ok, text, provider, seconds in zip(block["id"], block["ok"], block["line"],
-                                                  block["provider"], block["seconds"]):
+        for i, ok, text, provider, seconds, raw, audit_s in zip(
+                block["id"], block["ok"], block["line"], block["provider"], block["seconds"],
+                block["metrics"], block["metrics_seconds"]):
             i = int(i)
             if i in written:
                 duplicates += 1
@@ -451,8 +480,10 @@ def _drain(ds: Any, items: Sequence[Item], outputs: Outputs, bar: Any, t0: float
             busy += float(seconds)
             if provider not in providers:
                 providers.append(str(provider))
+            stats.metrics_seconds += float(audit_s)
             if ok:
-                outputs.result(json.loads(text))
+                if outputs.result(json.loads(text)) and raw:
+                    means.add([json.loads(raw)])
             else:
                 err = json.loads(text)
                 outputs.error(Failed(items[i], str(err["type"]), str(err["reason"])))
