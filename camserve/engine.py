@@ -73,9 +73,9 @@ def normalize_maps(maps: torch.Tensor, size: Optional[tuple[int, int]] = None) -
         flat = F.interpolate(flat, size=tuple(int(s) for s in size), mode="bilinear",
                              align_corners=False)
     lo = flat.amin(dim=(-2, -1), keepdim=True)
-    flat = flat - lo
+    flat = flat - lo  # a new tensor: the in-place division below never touches the caller's maps
     span = flat.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
-    flat = flat / span
+    flat = flat.div_(span) if not flat.requires_grad else flat / span
     return flat.reshape(*lead, *flat.shape[-2:])
 
 
@@ -87,7 +87,7 @@ def to_uint8(maps: torch.Tensor) -> torch.Tensor:
         >>> to_uint8(torch.tensor([0.0, 0.5, 1.0, 2.0])).tolist()
         [0, 128, 255, 255]
     """
-    return (maps.clamp(0, 1) * 255.0).round_().to(torch.uint8)
+    return maps.clamp(0, 1).mul_(255.0).round_().to(torch.uint8)  # one float temporary, not two
 
 
 def heatmaps_at_sizes(cams: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list["np.ndarray"]:
