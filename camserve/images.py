@@ -37,7 +37,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -189,7 +189,8 @@ def _too_large(w: int, h: int, max_pixels: int, fmt: str) -> ImageError:
 
 
 def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 formats: str | Iterable[str] = DEFAULT_FORMATS) -> Image.Image:
+                 formats: str | Iterable[str] = DEFAULT_FORMATS,
+                 before_load: Optional[Callable[[int, int], None]] = None) -> Image.Image:
     """Decode image bytes to an 8-bit RGB :class:`PIL.Image.Image` with EXIF orientation applied.
 
     Only the plugins of ``formats`` (see :func:`check_formats`; default :data:`DEFAULT_FORMATS`)
@@ -203,6 +204,10 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT
       ``struct.error``, ``NotImplementedError``, ``MemoryError``, ...).
     * 413 ``ImageTooLarge``: more than ``max_pixels`` pixels, checked from the header before any
       pixel is decoded.
+
+    ``before_load(width, height)``, when given, runs once the header's size has passed the pixel
+    check and before any pixel is decoded: a caller's own budget check (what it raises propagates
+    unchanged).
 
     EXIF metadata that cannot be read, and orientation values other than 1..8, are ignored (the
     pixels are still good). ``ValueError`` (not ImageError) only for a bad ``formats`` or
@@ -237,6 +242,8 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT
                 raise ImageError(f"not an image: {fmt} declares an empty size {w}x{h} ({n} bytes)")
             if w * h > max_pixels:
                 raise _too_large(w, h, max_pixels, fmt)
+            if before_load is not None:
+                before_load(w, h)
             try:
                 img.load()  # the frame open() settled on: the first (GIF, WebP, TIFF, MPO, ...)
             except ImageError:

@@ -37,16 +37,14 @@ Example::
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import sys
-import warnings
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -163,19 +161,6 @@ def internal_error(what: str) -> RowResult:
     err = InternalError.new()
     log.error("camserve: internal error %s while %s\n%s", err.error_id, what, safe_traceback())
     return RowResult.error(err)
-
-
-def header_size(data: bytes, formats: Sequence[str]) -> Optional[tuple[int, int]]:
-    """(W, H) as the image header declares it, read without decoding pixels; None when the
-    header cannot be read (decoding then gives the precise error)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data), formats=list(formats)) as img:
-                w, h = img.size
-        return (int(w), int(h)) if w > 0 and h > 0 else None
-    except Exception:  # any failure is decode_image's to name
-        return None
 
 
 class CamService:
@@ -296,10 +281,10 @@ class CamService:
             raw = extract_request(row)
             opts = parse_options(raw.options, self.spec, self.labels, explain=explain,
                                  limits=self.limits)
-            declared = header_size(raw.data, self.spec.formats) if opts.explain else None
-            if declared is not None and declared[0] * declared[1] <= self.spec.max_pixels:
-                plan_maps(opts, declared, self.limits, work.left)  # 413 before decoding
-            img = self._decode(raw.data)
+            # 413 from the header's size, before any pixel is decoded
+            budget = ((lambda w, h: plan_maps(opts, (w, h), self.limits, work.left))
+                      if opts.explain else None)
+            img = self._decode(raw.data, budget)
             plan = plan_maps(opts, img.size, self.limits, work.left)
             work.left -= plan.work
             x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std,
@@ -316,12 +301,17 @@ class CamService:
         except Exception:
             return internal_error(f"preparing request {index} of a batch of {n}")
 
-    def _decode(self, data: bytes) -> Image.Image:
-        """Image bytes -> RGB image; any decoder failure is this row's 400 (or 413)."""
+    def _decode(self, data: bytes,
+                before_load: Optional[Callable[[int, int], None]] = None) -> Image.Image:
+        """Image bytes -> RGB image; any decoder failure is this row's 400 (or 413).
+        ``before_load``: see :func:`camserve.images.decode_image` (its RequestError passes)."""
         try:
-            return decode_image(data, max_pixels=self.spec.max_pixels, formats=self.spec.formats)
+            return decode_image(data, max_pixels=self.spec.max_pixels, formats=self.spec.formats,
+                                before_load=before_load)
         except ImageError as exc:
             raise from_image_error(exc) from None
+        except RequestError:
+            raise
         except Exception as exc:  # a decoder bug on crafted data (MemoryError included)
             raise InvalidImage(f"not an image: the decoder failed ({type(exc).__name__}; "
                                f"{len(data)} bytes)") from None
