@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import concurrent.futures as cf
 import os
 import platform
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +32,7 @@ import torch
 import yaml
 
 from camserve.kserve import LocalPredictor
+from camserve.testing.load import closed_loop
 from camserve.testing.torchserve import LocalTorchServe, archive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,37 +42,12 @@ SHAPES = ROOT / "models" / "shapes"
 
 def load(url: str, bodies: list[dict], total: int, clients: int,
          headers: dict[str, str]) -> tuple[float, list[float], int]:
-    """``clients`` threads send ``total`` requests; (seconds, latencies, errors)."""
-    counter = iter(range(total))
-    lock = threading.Lock()
-    lat: list[float] = []
-    errors = 0
-    barrier = threading.Barrier(clients + 1)
+    """``clients`` threads send ``total`` explain requests; (seconds, latencies, errors)."""
+    def send(sess: requests.Session, i: int) -> bool:
+        r = sess.post(url, json=bodies[i % len(bodies)], headers=headers, timeout=600)
+        return r.status_code == 200 and "explanations" in r.text
 
-    def worker() -> None:
-        nonlocal errors
-        sess = requests.Session()
-        barrier.wait()
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            t0 = time.perf_counter()
-            r = sess.post(url, json=bodies[i % len(bodies)], headers=headers, timeout=600)
-            ok = r.status_code == 200 and "explanations" in r.text
-            dt = time.perf_counter() - t0
-            with lock:
-                lat.append(dt)
-                errors += not ok
-
-    with cf.ThreadPoolExecutor(clients) as ex:
-        futs = [ex.submit(worker) for _ in range(clients)]
-        barrier.wait()
-        t0 = time.perf_counter()
-        for f in futs:
-            f.result()
-    return time.perf_counter() - t0, lat, errors
+    return closed_loop(total, clients, send, requests.Session)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -18,15 +18,12 @@ req/s and p50/p99 latency, explain/predict as a ratio, and camserve explain vs t
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import io
 import os
 import platform
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -37,6 +34,7 @@ import torch
 import yaml
 from PIL import Image
 
+from camserve.testing.load import closed_loop
 from camserve.testing.torchserve import LocalTorchServe, archive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,36 +111,15 @@ def synthetic_jpegs(n: int, size: tuple[int, int]) -> list[bytes]:
 def run_load(ts: LocalTorchServe, model: str, route: str, images: list[bytes], total: int,
              clients: int) -> Result:
     """``clients`` threads send ``total`` requests in all (bounded), each waiting for its answer."""
-    counter = iter(range(total))
-    lock = threading.Lock()
-    lat: list[float] = []
-    errors = 0
-    barrier = threading.Barrier(clients)
+    headers = {"Authorization": f"Bearer {ts.token}"}
 
-    def worker() -> None:
-        nonlocal errors
-        sess = requests.Session()
-        headers = {"Authorization": f"Bearer {ts.token}"}
-        barrier.wait()
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            t0 = time.perf_counter()
-            r = sess.post(f"{ts.url}/{route}/{model}", data=images[i % len(images)],
-                          headers=headers, timeout=600)
-            dt = time.perf_counter() - t0
-            with lock:
-                lat.append(dt)
-                if r.status_code != 200:
-                    errors += 1
+    def send(sess: requests.Session, i: int) -> bool:
+        r = sess.post(f"{ts.url}/{route}/{model}", data=images[i % len(images)], headers=headers,
+                      timeout=600)
+        return r.status_code == 200
 
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(clients) as ex:
-        for f in [ex.submit(worker) for _ in range(clients)]:
-            f.result()
-    return Result(model, route, total, time.perf_counter() - t0, lat, errors)
+    seconds, lat, errors = closed_loop(total, clients, send, requests.Session)
+    return Result(model, route, total, seconds, lat, errors)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
