@@ -42,6 +42,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from .records import short_repr
+
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +88,6 @@ class ImageError(ValueError):
         self.type = type
 
 
-def _cut(value: object, limit: int = 100) -> str:
-    """``repr`` of ``value`` cut to about ``limit`` characters (for echoing configuration)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
 
 def check_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
     """Validate an allow-list of image formats and return it normalised (upper case, unique, in order).
@@ -119,7 +116,7 @@ def check_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
                              f"got {type(formats).__name__}") from None
     for item in items:
         if not isinstance(item, str):
-            raise ValueError(f"image format names must be strings, got {_cut(item)}")
+            raise ValueError(f"image format names must be strings, got {short_repr(item)}")
     return _check_formats(tuple(items))  # type: ignore[arg-type]
 
 
@@ -132,7 +129,7 @@ def _check_formats(items: tuple[str, ...]) -> tuple[str, ...]:
             continue
         if name not in KNOWN_FORMATS:
             allowed = ", ".join(sorted(KNOWN_FORMATS))
-            raise ValueError(f"unknown image format {_cut(item.strip())} in formats; allowed: {allowed}")
+            raise ValueError(f"unknown image format {short_repr(item.strip())} in formats; allowed: {allowed}")
         if name not in Image.OPEN:
             Image.init()
             if name not in Image.OPEN:
@@ -222,7 +219,7 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT
     """
     allowed = check_formats(formats)
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
-        raise ValueError(f"max_pixels must be a positive integer, got {_cut(max_pixels)}")
+        raise ValueError(f"max_pixels must be a positive integer, got {short_repr(max_pixels)}")
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     if not isinstance(data, bytes):

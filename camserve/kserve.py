@@ -58,6 +58,8 @@ from pathlib import Path
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
+from .records import short_repr
+
 if TYPE_CHECKING:  # torch and the core load when the model does (see CamModel.__setstate__)
     from .serving import BatchStats, CamService, RowResult
 
@@ -98,10 +100,6 @@ def _request_error(message: str, code: int = 400, type: str = "InvalidRequest") 
 
     return AnswerError(code, RequestError(message, code, type).to_body())
 
-
-def _cut(value: Any, n: int = 100) -> str:
-    text = repr(value)
-    return text if len(text) <= n else text[:n] + "..."
 
 
 def _check_count(n: int, limit: int, what: str) -> None:
@@ -163,10 +161,10 @@ def rows_from_v2(request: Any, max_instances: int = DEFAULT_MAX_INSTANCES) -> li
     if names != [DATA_INPUT]:
         raise _request_error(f"invalid value for inputs: expected exactly one input named "
                              f"'{DATA_INPUT}' (BYTES, one base64 image per element), got "
-                             f"{_cut(names)}")
+                             f"{short_repr(names)}")
     inp = inputs[0]
     if inp.datatype != "BYTES":
-        raise _request_error(f"invalid value for inputs[0].datatype: {_cut(inp.datatype)} "
+        raise _request_error(f"invalid value for inputs[0].datatype: {short_repr(inp.datatype)} "
                              f"(allowed: BYTES)")
     data = inp.data
     if hasattr(data, "tolist"):

@@ -57,6 +57,8 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from .records import short_repr
+
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -87,10 +89,6 @@ BLUR_KERNEL = 11
 BLUR_SIGMA = 5.0
 
 
-
-def _cut(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 100 else text[:97] + "..."
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,10 +146,10 @@ def resolve_targets(model_fn: ModelFn, x: torch.Tensor, targets: TargetsArg = No
             t = t.expand(b)
         if t.shape != (b,) or t.is_floating_point() or t.dtype == torch.bool:
             raise ValueError(f"invalid value for targets: expected {b} class indices, got "
-                             f"{_cut(targets)}")
+                             f"{short_repr(targets)}")
         t = t.long()
         if bool(((t < 0) | (t >= c)).any()):
-            raise ValueError(f"invalid value for targets: {_cut(t.tolist())} (class indices 0..{c - 1})")
+            raise ValueError(f"invalid value for targets: {short_repr(t.tolist())} (class indices 0..{c - 1})")
     return t, _prob(logits, t)
 
 
@@ -221,7 +219,7 @@ def baseline_image(x: torch.Tensor, baseline: Baseline = "mean") -> torch.Tensor
             return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
         if baseline == "blur":
             return gaussian_blur(x)
-        raise ValueError(f"invalid value for baseline: {_cut(baseline)} "
+        raise ValueError(f"invalid value for baseline: {short_repr(baseline)} "
                          f"(allowed: 'mean', 'blur', a number or a tensor)")
     if isinstance(baseline, torch.Tensor):
         try:
@@ -231,7 +229,7 @@ def baseline_image(x: torch.Tensor, baseline: Baseline = "mean") -> torch.Tensor
                              f"broadcast to {tuple(x.shape)}") from exc
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool) and math.isfinite(baseline):
         return torch.full_like(x, float(baseline))
-    raise ValueError(f"invalid value for baseline: {_cut(baseline)} "
+    raise ValueError(f"invalid value for baseline: {short_repr(baseline)} "
                      f"(allowed: 'mean', 'blur', a number or a tensor)")
 
 
@@ -298,7 +296,7 @@ def _curve(model_fn: ModelFn, x: torch.Tensor, maps: torch.Tensor, targets: Targ
            steps: int, baseline: Baseline, insert: bool,
            reference: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Curve:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"invalid value for steps: {_cut(steps)} (an int >= 1)")
+        raise ValueError(f"invalid value for steps: {short_repr(steps)} (an int >= 1)")
     m = resize_maps(maps, x)
     t, p0 = _reference(model_fn, x, targets, reference)
     base = baseline_image(x, baseline)
@@ -539,9 +537,9 @@ def road_masks(maps: torch.Tensor, percent: float, order: str) -> torch.Tensor:
         18
     """
     if order not in ("morf", "lerf"):
-        raise ValueError(f"invalid value for order: {_cut(order)} (allowed: 'morf', 'lerf')")
+        raise ValueError(f"invalid value for order: {short_repr(order)} (allowed: 'morf', 'lerf')")
     if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent < 100:
-        raise ValueError(f"invalid value for percentile: {_cut(percent)} (0 < p < 100)")
+        raise ValueError(f"invalid value for percentile: {short_repr(percent)} (0 < p < 100)")
     n = maps.shape[-2] * maps.shape[-1]
     k = math.floor((n - 1) * percent / 100) + 1
     return relevance_rank(maps if order == "morf" else -maps) < k
@@ -738,7 +736,7 @@ def pointing_game(maps: torch.Tensor, boxes: object, tolerance: int = 0) -> torc
     if maps.dim() != 3:
         raise ValueError(f"invalid value for maps: expected (B, H, W), got {tuple(maps.shape)}")
     if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
-        raise ValueError(f"invalid value for tolerance: {_cut(tolerance)} (an int >= 0)")
+        raise ValueError(f"invalid value for tolerance: {short_repr(tolerance)} (an int >= 0)")
     b, h, w = maps.shape
     bx = _boxes(boxes, b, maps.device)
     peak = maps.reshape(b, -1).argmax(dim=1)
@@ -823,7 +821,7 @@ def randomize_top_layers(model: nn.Module, top_k: int, *, seed: int = 0) -> nn.M
         raise TypeError(f"invalid value for model: expected an nn.Module, got {type(model).__name__}")
     names = parameterised_layers(model)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= len(names):
-        raise ValueError(f"invalid value for top_k: {_cut(top_k)} (0..{len(names)}, the model's "
+        raise ValueError(f"invalid value for top_k: {short_repr(top_k)} (0..{len(names)}, the model's "
                          f"parameterised layers)")
     clone = copy.deepcopy(model)
     modules = dict(clone.named_modules())
@@ -903,7 +901,7 @@ def _check_keys(keys: Iterable[str]) -> tuple[str, ...]:
     for k in keys:
         k = k.strip() if isinstance(k, str) else k
         if k not in METRIC_KEYS:
-            raise ValueError(f"unknown metric key {_cut(k)} (allowed: {', '.join(METRIC_KEYS)})")
+            raise ValueError(f"unknown metric key {short_repr(k)} (allowed: {', '.join(METRIC_KEYS)})")
         if k not in out:
             out.append(k)
     if not out:

@@ -49,6 +49,7 @@ from torch import nn
 
 from .images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, check_formats
 from .methods import available_methods
+from .records import short_repr
 
 if TYPE_CHECKING:
     from .sources import SourceDefaults
@@ -142,30 +143,30 @@ class ModelSpec:
                               "with at least 'arch')")
         for key in cfg:
             if key not in cls.KEYS:
-                raise ConfigError(unknown_key_message(f"handler.{_short(key)}", str(key), cls.KEYS))
+                raise ConfigError(unknown_key_message(f"handler.{str(key)[:100]}", str(key), cls.KEYS))
         arch = cfg.get("arch")
         if not isinstance(arch, str) or not arch.strip():
-            raise ConfigError(f"invalid value for handler.arch: {_short(arch)!r} (expected "
+            raise ConfigError(f"invalid value for handler.arch: {short_repr(arch)} (expected "
                               f"'timm:<name>', 'hf:<subfolder>', 'torchvision.models.<name>', "
                               f"'file:Class' or 'package.module:Class')")
         spec = cls(arch=arch.strip(), given=frozenset(str(k) for k in cfg if cfg[k] is not None))
         if cfg.get("arch_args") is not None:
             aa = cfg["arch_args"]
             if not isinstance(aa, Mapping) or not all(isinstance(k, str) for k in aa):
-                raise ConfigError(f"invalid value for handler.arch_args: {_short(aa)!r} (expected a "
+                raise ConfigError(f"invalid value for handler.arch_args: {short_repr(aa)} (expected a "
                                   f"mapping of constructor keyword arguments)")
             spec.arch_args = dict(aa)
         if cfg.get("interpolation") is not None:
             it = str(cfg["interpolation"]).lower()
             if it not in cls.INTERPOLATIONS:
                 raise ConfigError(f"invalid value for handler.interpolation: "
-                                  f"{_short(cfg['interpolation'])!r} (known: "
+                                  f"{short_repr(cfg['interpolation'])} (known: "
                                   f"{', '.join(cls.INTERPOLATIONS)})")
             spec.interpolation = it
         if cfg.get("crop") is not None:
             c = cfg["crop"]
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
-                raise ConfigError(f"invalid value for handler.crop: {_short(c)!r} (a fraction in "
+                raise ConfigError(f"invalid value for handler.crop: {short_repr(c)} (a fraction in "
                                   f"(0, 1])")
             spec.crop = float(c)
         if cfg.get("num_classes") is not None:
@@ -204,7 +205,7 @@ class ModelSpec:
             if cfg.get(key) is not None:
                 p = cfg[key]
                 if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-                    raise ConfigError(f"invalid value for handler.{key}: {_short(p)!r} (a positive int)")
+                    raise ConfigError(f"invalid value for handler.{key}: {short_repr(p)} (a positive int)")
                 setattr(spec, key, p)
         if cfg.get("formats") is not None:
             try:
@@ -215,11 +216,6 @@ class ModelSpec:
             spec.outputs = parse_outputs(cfg["outputs"], key="handler.outputs", exc=ConfigError)
         return spec
 
-
-def _short(value: Any, limit: int = 100) -> str:
-    """``repr``-free text of a user value cut to ``limit`` characters (for messages)."""
-    text = str(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def unknown_key_message(where: str, key: str, known: Sequence[str]) -> str:
@@ -343,7 +339,7 @@ def load_labels(spec: ModelSpec, model_dir: str | Path, num_classes: int,
             try:
                 i = int(k)
             except ValueError:
-                raise ConfigError(f"invalid value for handler.labels: key {_short(k)!r} is not an "
+                raise ConfigError(f"invalid value for handler.labels: key {short_repr(k)} is not an "
                                   f"index") from None
             if 0 <= i < num_classes:
                 labels[i] = str(v[-1]) if isinstance(v, list) and v else str(v)
@@ -386,7 +382,7 @@ def count_classes(model: nn.Module, spec: ModelSpec, device: torch.device | str 
         try:
             out = logits_of(out)
         except TypeError as e:
-            raise ConfigError(f"invalid value for handler.arch: {_short(spec.arch)!r}: {e}") from None
+            raise ConfigError(f"invalid value for handler.arch: {short_repr(spec.arch)}: {e}") from None
         ensure_logits(model, force=True)
     if out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -518,7 +514,7 @@ def load_model_dir(model_dir: str | Path, *, weights: Optional[str | Path] = Non
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise ConfigError(f"invalid value for model folder: {_short(model_dir)!r} is not a folder")
+        raise ConfigError(f"invalid value for model folder: {short_repr(model_dir)} is not a folder")
     cfg = load_model_config(model_dir).get("handler")
     if overrides:
         if not isinstance(cfg, Mapping):

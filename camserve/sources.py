@@ -41,6 +41,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .records import short_repr
+
 log = logging.getLogger(__name__)
 
 ARCH_FORMS = ("'timm:<name>'", "'hf:<subfolder>'", "'torchvision.models.<name>'", "'file:Class'",
@@ -59,10 +61,6 @@ class SourceError(ValueError):
         super().__init__(f"invalid value for handler.{key}: {message}")
         self.key = key
 
-
-def _short(value: Any, limit: int = 100) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass
@@ -102,7 +100,7 @@ def logits_of(output: Any) -> torch.Tensor:
         if "logits" in output and isinstance(output["logits"], torch.Tensor):
             return output["logits"]
         raise TypeError(f"model output is a mapping without a 'logits' tensor (keys: "
-                        f"{_short(list(output)[:8])})")
+                        f"{short_repr(list(output)[:8])})")
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
@@ -180,7 +178,7 @@ def _import_class(arch: str, model_dir: Path) -> Any:
         unique = f"camserve_model_{abs(hash(str(file.resolve())))}"
         spec = importlib.util.spec_from_file_location(unique, file)
         if spec is None or spec.loader is None:
-            raise SourceError("arch", f"{_short(arch)} (cannot load {file})")
+            raise SourceError("arch", f"{short_repr(arch)} (cannot load {file})")
         module = importlib.util.module_from_spec(spec)
         sys.modules[unique] = module
         spec.loader.exec_module(module)
@@ -188,12 +186,12 @@ def _import_class(arch: str, model_dir: Path) -> Any:
         try:
             module = importlib.import_module(mod_name)
         except ImportError as e:
-            raise SourceError("arch", f"{_short(arch)} (no file {file.name} in {model_dir} and no "
+            raise SourceError("arch", f"{short_repr(arch)} (no file {file.name} in {model_dir} and no "
                                       f"importable module {mod_name!r}: {e})") from None
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise SourceError("arch", f"{_short(arch)} ({mod_name} has no {attr!r})") from None
+        raise SourceError("arch", f"{short_repr(arch)} ({mod_name} has no {attr!r})") from None
 
 
 def _size_pair(value: Any) -> Optional[tuple[int, int]]:
@@ -236,7 +234,7 @@ def _build_timm(name: str, num_classes: Optional[int], arch_args: Mapping[str, A
                                   f"{', '.join(close) or 'resnet50, vit_base_patch16_224'})") from None
     except TypeError as e:
         raise SourceError("arch_args", f"timm model {name[:80]!r} cannot be built with "
-                                       f"{_short(dict(kwargs))}: {str(e)[:160]}") from None
+                                       f"{short_repr(dict(kwargs))}: {str(e)[:160]}") from None
     cfg = resolve_data_config({}, model=model)
     size = _size_pair(cfg.get("input_size"))
     img = arch_args.get("img_size")  # the size the model was built for wins over pretrained_cfg's
@@ -312,7 +310,7 @@ def _torchvision_builder(arch: str) -> Any:
         return tvm.get_model_builder(name)
     except ValueError:
         known = ", ".join(sorted(tvm.list_models(module=tvm))[:8])
-        raise SourceError("arch", f"{_short(arch)} (unknown torchvision model {name[:60]!r}; e.g. "
+        raise SourceError("arch", f"{short_repr(arch)} (unknown torchvision model {name[:60]!r}; e.g. "
                                   f"{known}, ...)") from None
 
 
@@ -334,7 +332,7 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
         ((176, 176), 'bicubic', torch.Size([1, 4]))
     """
     if not isinstance(arch, str) or not arch.strip():
-        raise SourceError("arch", f"{_short(arch)} (expected {', '.join(ARCH_FORMS)})")
+        raise SourceError("arch", f"{short_repr(arch)} (expected {', '.join(ARCH_FORMS)})")
     arch = arch.strip()
     model_dir = Path(model_dir)
     arch_args = dict(arch_args or {})
@@ -354,15 +352,15 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
             ctor = _torchvision_builder(arch)
             kwargs.setdefault("weights", None)
         else:
-            raise SourceError("arch", f"{_short(arch)} (expected {', '.join(ARCH_FORMS)})")
+            raise SourceError("arch", f"{short_repr(arch)} (expected {', '.join(ARCH_FORMS)})")
         try:
             model = ctor(**kwargs)
         except TypeError as e:
-            raise SourceError("arch_args", f"{_short(arch)} cannot be built with {_short(kwargs)}: "
+            raise SourceError("arch_args", f"{short_repr(arch)} cannot be built with {short_repr(kwargs)}: "
                                            f"{str(e)[:160]}") from None
         defaults = SourceDefaults()
     if not isinstance(model, nn.Module):
-        raise SourceError("arch", f"{_short(arch)} did not build an nn.Module")
+        raise SourceError("arch", f"{short_repr(arch)} did not build an nn.Module")
     model.eval()
     if input_size is not None and not arch.startswith("hf:"):
         ensure_logits(model, torch.zeros(1, 3, *(int(v) for v in input_size)))

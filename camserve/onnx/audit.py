@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .. import metrics as M
+from ..records import short_repr
 from .format import BASE_OUTPUTS, INPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,6 @@ AUDIT_KEYS: tuple[str, ...] = M.PER_IMAGE_KEYS
 #: Perturbation substrates: each image's mean colour, or a Gaussian blur of it.
 BASELINES: tuple[str, ...] = ("mean", "blur")
 
-
-def _cut(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def parse_metric_keys(text: str) -> tuple[str, ...]:
@@ -73,7 +70,7 @@ def parse_metric_keys(text: str) -> tuple[str, ...]:
             keys.extend(k2 for k2 in AUDIT_KEYS if k2 not in keys)
             continue
         if k not in AUDIT_KEYS:
-            raise ValueError(f"invalid value for --metrics: {_cut(part.strip())} "
+            raise ValueError(f"invalid value for --metrics: {short_repr(part.strip())} "
                              f"(allowed: {', '.join(AUDIT_KEYS)}, all)")
         if k not in keys:
             keys.append(k)
@@ -136,12 +133,12 @@ def audit_batch(session: Any, x: torch.Tensor, cams: Any, targets: Sequence[int]
     keys = tuple(keys)
     bad = [k for k in keys if k not in AUDIT_KEYS]
     if bad or not keys:
-        raise ValueError(f"invalid value for keys: {_cut(bad[0] if bad else keys)} "
+        raise ValueError(f"invalid value for keys: {short_repr(bad[0] if bad else keys)} "
                          f"(allowed: {', '.join(AUDIT_KEYS)})")
     if baseline not in BASELINES:
-        raise ValueError(f"invalid value for baseline: {_cut(baseline)} (allowed: {', '.join(BASELINES)})")
+        raise ValueError(f"invalid value for baseline: {short_repr(baseline)} (allowed: {', '.join(BASELINES)})")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"invalid value for steps: {_cut(steps)} (an int >= 1)")
+        raise ValueError(f"invalid value for steps: {short_repr(steps)} (an int >= 1)")
     model_fn = session_model_fn(session)
     maps = torch.as_tensor(np.asarray(cams) if not isinstance(cams, torch.Tensor) else cams)
     maps = maps.to(torch.float32)
@@ -158,17 +155,17 @@ def audit_batch(session: Any, x: torch.Tensor, cams: Any, targets: Sequence[int]
         return list(score(slice(0, b)))
     except Exception as exc:  # noqa: BLE001 - retried image by image below; each failure is logged
         if b == 1:
-            log.warning("metrics failed for an image: %s: %s", type(exc).__name__, _cut(str(exc)))
+            log.warning("metrics failed for an image: %s: %s", type(exc).__name__, short_repr(str(exc)))
             return [None]
         log.warning("metrics failed for a batch of %d (%s: %s); retrying image by image", b,
-                    type(exc).__name__, _cut(str(exc)))
+                    type(exc).__name__, short_repr(str(exc)))
     rows: list[Optional[dict[str, float]]] = []
     for i in range(b):
         try:
             rows.append(score(slice(i, i + 1))[0])
         except Exception as exc:  # noqa: BLE001 - this image gets no metrics; the others go on
             log.warning("metrics failed for image %d of the batch: %s: %s", i, type(exc).__name__,
-                        _cut(str(exc)))
+                        short_repr(str(exc)))
             rows.append(None)
     return rows
 

@@ -78,11 +78,11 @@ import torch
 from tqdm import tqdm
 
 from ..images import DEFAULT_MAX_PIXELS
-from ..records import TargetError, resolve_target
+from ..records import TargetError, resolve_target, short_repr
 from .audit import AUDIT_KEYS, BASELINES, MetricMeans, audit_batch, cost_help, format_means, \
     parse_metric_keys, runs_per_image
 from .format import GraphMeta
-from .inputs import (DEFAULT_MAX_FILE_SIZE, ByteBudget, Decoded, Failed, Outcome, UsageError, _cut,
+from .inputs import (DEFAULT_MAX_FILE_SIZE, ByteBudget, Decoded, Failed, Outcome, UsageError,
                      _decoded_stream, _unique, iter_inputs)
 from .outputs import ERRORS, BatchResult, Outputs, finish_image, result_lines
 from .session import ort_session
@@ -177,7 +177,7 @@ def check_meta(meta: GraphMeta) -> None:
     input size within 8..4096, labels and layer name of at most :data:`MAX_LABEL_CHARS`
     characters. UsageError naming the key and what is allowed."""
     def bad(key: str, value: Any, allowed: str) -> UsageError:
-        return UsageError(f"invalid value for --model: graph metadata {key!r} is {_cut(value)} "
+        return UsageError(f"invalid value for --model: graph metadata {key!r} is {short_repr(value)} "
                           f"(allowed: {allowed})")
 
     if not all(math.isfinite(v) for v in meta.mean):
@@ -208,10 +208,10 @@ def check_session(meta: GraphMeta, inputs: Sequence[Any], outputs: Sequence[Any]
     outs = {o.name: list(o.shape or []) for o in outputs}
     first = inputs[0] if inputs else None
     if first is None or first.name != "input":
-        raise bad(f"its first input is {_cut(getattr(first, 'name', None))}, expected 'input'")
+        raise bad(f"its first input is {short_repr(getattr(first, 'name', None))}, expected 'input'")
     shape = ins["input"]
     if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
-        raise bad(f"input 'input' has shape {_cut(shape)}, expected (N, 3, H, W)")
+        raise bad(f"input 'input' has shape {short_repr(shape)}, expected (N, 3, H, W)")
     static = [d for d in shape[2:] if isinstance(d, int)]
     if len(static) == 2 and tuple(shape[2:]) != tuple(meta.input_size):
         raise bad(f"metadata input_size {list(meta.input_size)} but the graph's input is "
@@ -295,9 +295,9 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     for opt, v in (("max-file-size", cfg.max_file_size), ("window-bytes", cfg.window_bytes),
                    ("max-pixels", cfg.max_pixels)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise UsageError(f"invalid value for --{opt}: {_cut(v)} (allowed: 1 or more)")
+            raise UsageError(f"invalid value for --{opt}: {short_repr(v)} (allowed: 1 or more)")
     if not cfg.model.is_file():
-        raise UsageError(f"invalid value for --model: {_cut(str(cfg.model))} does not exist")
+        raise UsageError(f"invalid value for --model: {short_repr(str(cfg.model))} does not exist")
     try:
         meta = GraphMeta.from_file(cfg.model)
     except ValueError as exc:
@@ -313,7 +313,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
         raise UsageError(str(exc)) from None
     bad = [s for s in cfg.save if s not in SAVE_KINDS]
     if bad:
-        raise UsageError(f"invalid value for --save: {_cut(bad[0])} (allowed: "
+        raise UsageError(f"invalid value for --save: {short_repr(bad[0])} (allowed: "
                          f"{', '.join(SAVE_KINDS)})")
     target = _resolve_target(cfg.target, meta.labels)
     topk = min(cfg.topk or meta.topk, len(meta.labels))
@@ -323,7 +323,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
         raise UsageError("no INPUT given (image files, folders or .txt lists of paths)")
     missing = [a for a in cfg.inputs if not os.path.lexists(a)]
     if missing:
-        raise UsageError(f"invalid value for INPUT: {_cut(missing[0])} does not exist (expected "
+        raise UsageError(f"invalid value for INPUT: {short_repr(missing[0])} does not exist (expected "
                          f"an image file, a folder or a .txt list of paths)")
     _check_metrics(cfg)
     if cfg.max_pixels is not None:
@@ -494,14 +494,14 @@ def _check_metrics(cfg: JobConfig) -> None:
     """``cfg.metrics`` checked against :data:`camserve.onnx.audit.AUDIT_KEYS`, and its settings."""
     bad = [k for k in cfg.metrics if k not in AUDIT_KEYS]
     if bad:
-        raise UsageError(f"invalid value for --metrics: {_cut(bad[0])} "
+        raise UsageError(f"invalid value for --metrics: {short_repr(bad[0])} "
                          f"(allowed: {', '.join(AUDIT_KEYS)}, all)")
     if cfg.metrics_baseline not in BASELINES:
-        raise UsageError(f"invalid value for --metrics-baseline: {_cut(cfg.metrics_baseline)} "
+        raise UsageError(f"invalid value for --metrics-baseline: {short_repr(cfg.metrics_baseline)} "
                          f"(allowed: {', '.join(BASELINES)})")
     steps = cfg.metrics_steps
     if cfg.metrics and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise UsageError(f"invalid value for --metrics-steps: {_cut(steps)} (allowed: 1 or more)")
+        raise UsageError(f"invalid value for --metrics-steps: {short_repr(steps)} (allowed: 1 or more)")
 
 
 # -- command line -------------------------------------------------------------------------------------
@@ -577,7 +577,7 @@ def _parse_bytes(text: str) -> int:
     """``1234``, ``64K``, ``64M``, ``2G`` (powers of 1024) -> a positive int."""
     m = re.fullmatch(r"\s*([0-9]{1,15})\s*([kKmMgG]?)[iI]?[bB]?\s*", text)
     if not m or int(m.group(1)) < 1:
-        raise argparse.ArgumentTypeError(f"{_cut(text)} (allowed: a positive number of bytes, "
+        raise argparse.ArgumentTypeError(f"{short_repr(text)} (allowed: a positive number of bytes, "
                                          f"optionally with K, M or G)")
     return int(m.group(1)) * 1024 ** " KMG".index((m.group(2) or " ").upper())
 

@@ -16,12 +16,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
 
 from ..images import ImageError, decode_image, preprocess
+from ..records import short_repr
 from .format import GraphMeta
 
 
@@ -47,11 +48,6 @@ _HASH_CHARS = 12
 class UsageError(ValueError):
     """A command-line value that is not allowed (exit status 2)."""
 
-
-def _cut(value: Any, limit: int = 100) -> str:
-    """``repr`` of ``value`` cut to about ``limit`` characters (for echoing user values)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 
@@ -165,7 +161,7 @@ def iter_inputs(inputs: Sequence[str], exclude: Optional[Path] = None) -> Iterat
             if os.path.lexists(p):  # a dangling link: its own error record
                 yield Item(str(p), _safe_name([p.name]))
                 continue
-            raise UsageError(f"invalid value for INPUT: {_cut(arg)} does not exist (expected an "
+            raise UsageError(f"invalid value for INPUT: {short_repr(arg)} does not exist (expected an "
                              f"image file, a folder or a .txt list of paths)") from None
         if stat.S_ISDIR(st.st_mode):
             if _same_file(st, skip):
@@ -228,7 +224,7 @@ def _iter_list(list_file: Path) -> Iterator[Item]:
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the line
                     raw = f.readline(65536)
                 yield Item(f"{where}:{lineno}", "", (
-                    "InvalidListEntry", f"{_cut(where)} line {lineno}: longer than "
+                    "InvalidListEntry", f"{short_repr(where)} line {lineno}: longer than "
                                         f"{MAX_LIST_ENTRY_BYTES} bytes"))
                 continue
             entry = raw.strip()
@@ -237,7 +233,7 @@ def _iter_list(list_file: Path) -> Iterator[Item]:
             text = os.fsdecode(entry)
             if b"\x00" in entry:
                 yield Item(text, "", ("InvalidListEntry",
-                                      f"{_cut(where)} line {lineno}: a NUL byte in the path"))
+                                      f"{short_repr(where)} line {lineno}: a NUL byte in the path"))
                 continue
             p = Path(text)
             full = p if p.is_absolute() else folder / p
@@ -406,7 +402,7 @@ def _internal(item: Item, exc: BaseException) -> Failed:
     """An unexpected exception while handling one item: its error record, with a short id that
     also names the traceback in the log."""
     eid = uuid.uuid4().hex[:8]
-    log.warning("internal error %s on %s", eid, _cut(item.path), exc_info=exc)
+    log.warning("internal error %s on %s", eid, short_repr(item.path), exc_info=exc)
     return Failed(item, "InternalError", f"internal error {eid}: {type(exc).__name__}")
 
 

@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 
 from ..engine import heatmaps_at_sizes
-from ..records import Prediction, top_predictions
+from ..records import Prediction, short_repr, top_predictions
 from ..render import bbox_from_heatmap, heatmap_png, overlay_png
 from .format import GraphMeta
-from .inputs import Decoded, Failed, Item, UsageError, _cut, _internal, _os_reason
+from .inputs import Decoded, Failed, Item, UsageError, _internal, _os_reason
 
 
 log = logging.getLogger("camserve.onnx.batch")
@@ -153,7 +153,7 @@ def _make_files(out_dir: Path, d: Decoded, cam: np.ndarray,
             data = heatmap_png(heatmap)
         elif kind == "overlay":
             if d.image is None:
-                raise RuntimeError(f"{_cut(d.item.path)}: the decoded image was not kept for its "
+                raise RuntimeError(f"{short_repr(d.item.path)}: the decoded image was not kept for its "
                                    f"overlay")
             small = heatmap
             if d.image.size != (heatmap.shape[1], heatmap.shape[0]):
@@ -180,7 +180,7 @@ def finish_image(out_dir: Path, d: Decoded, cam: np.ndarray,
             "a symlink or non-folder in the output path" if exc.errno in (errno.ELOOP,
                                                                            errno.ENOTDIR)
             else _os_reason(exc))
-        return Failed(d.item, "UnwritableOutput", f"cannot write {_cut(d.item.name)}: {what}")
+        return Failed(d.item, "UnwritableOutput", f"cannot write {short_repr(d.item.name)}: {what}")
     except MemoryError:
         return Failed(d.item, "OutOfMemory", "not enough memory to make this image's files")
     except Exception as exc:
@@ -276,7 +276,7 @@ def _open_out(path: Path, append: bool) -> BinaryIO:
         st = None
     if st is not None and not stat.S_ISREG(st.st_mode):
         if append:
-            raise UsageError(f"invalid output folder: {_cut(str(path))} is not a regular file (a "
+            raise UsageError(f"invalid output folder: {short_repr(str(path))} is not a regular file (a "
                              f"symlink?); --resume refuses to append to it")
         log.warning("%s is not a regular file (a symlink?): replacing it with a new file", path)
         os.unlink(path)
@@ -316,7 +316,7 @@ class Outputs:
             text = encode_line(line)
         except ValueError as exc:
             self.error(Failed(Item(str(line.get("path")), str(line.get("name"))), "InvalidOutput",
-                              f"the result is not valid JSON: {_cut(str(exc))}"))
+                              f"the result is not valid JSON: {short_repr(str(exc))}"))
             return False
         self._results.append(text + "\n")
         self.ok += 1
@@ -371,7 +371,7 @@ def _read_done(path: Path) -> tuple[set[str], set[str], int]:
     except FileNotFoundError:
         return done, names, malformed
     if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"invalid output folder: {_cut(str(path))} is not a regular file (a "
+        raise UsageError(f"invalid output folder: {short_repr(str(path))} is not a regular file (a "
                          f"symlink?); --resume refuses to read it")
     end = 0
     torn = False

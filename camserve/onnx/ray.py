@@ -69,6 +69,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..records import short_repr
 from .audit import MetricMeans
 from .batch import (JobConfig, JobPlan, JobStats, audit_lines, check_session, end_metrics,
                     plan_job, session_inputs, start_metrics)
@@ -87,10 +88,6 @@ TASKS_IN_FLIGHT_PER_ACTOR = 2
 WAIT_FOR_MIN_ACTORS_S = 600
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
-
-def _cut(value: Any, limit: int = 100) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # -- options ------------------------------------------------------------------------------------------
@@ -117,7 +114,7 @@ def check_address(text: str) -> str:
     host, sep, port = rest.rpartition(":")
     if sep and host and "/" not in host and port.isdigit() and 0 < int(port) < 65536:
         return value
-    raise UsageError(f"invalid value for --ray: {_cut(text)} (allowed: local, auto, HOST:PORT or "
+    raise UsageError(f"invalid value for --ray: {short_repr(text)} (allowed: local, auto, HOST:PORT or "
                      f"ray://HOST:PORT)")
 
 
@@ -132,7 +129,7 @@ def parse_actors(text: str) -> tuple[int, int]:
     if len(nums) == 1:
         nums = nums * 2
     if len(nums) != 2 or nums[0] < 1 or nums[1] < nums[0]:
-        raise UsageError(f"invalid value for --actors: {_cut(text)} (allowed: N or MIN,MAX with "
+        raise UsageError(f"invalid value for --actors: {short_repr(text)} (allowed: N or MIN,MAX with "
                          f"1 <= MIN <= MAX)")
     return nums[0], nums[1]
 
@@ -380,8 +377,8 @@ def connect(address: str, verbose: bool = False) -> bool:
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise RayJobError(f"cannot connect to the Ray cluster at {_cut(address)}: "
-                          f"{_cut(str(exc), 300)}") from None
+        raise RayJobError(f"cannot connect to the Ray cluster at {short_repr(address)}: "
+                          f"{short_repr(str(exc), 300)}") from None
     return True
 
 
@@ -443,7 +440,7 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False,
     except Exception as exc:
         if type(exc).__module__.startswith("ray"):
             raise RayJobError(f"the Ray pipeline failed: {type(exc).__name__}: "
-                              f"{_cut(str(exc), 500)}") from exc
+                              f"{short_repr(str(exc), 500)}") from exc
         raise
     finally:
         if bar is not None:
