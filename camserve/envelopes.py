@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import InvalidImage, RequestError
-from .records import log_name
+from .parsing import log_name
 
 DATA_KEYS: tuple[str, ...] = ("data", "body")
 #: at most this many user-supplied field names are listed in a message

@@ -32,7 +32,6 @@ Example::
 """
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import warnings
@@ -42,7 +41,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from .records import short_repr
+from .parsing import parse_choices, short_repr
 
 
 log = logging.getLogger(__name__)
@@ -92,10 +91,10 @@ class ImageError(ValueError):
 def check_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
     """Validate an allow-list of image formats and return it normalised (upper case, unique, in order).
 
-    ``formats`` is an iterable of names as Pillow's ``Image.format`` spells them (case-insensitive)
-    or one comma-separated string (a config value such as ``handler.formats: "jpeg, png"``).
-    Unknown names, names this Pillow build cannot open, and an empty list raise ``ValueError``
-    naming the allowed ones.
+    ``formats`` is a list of names as Pillow's ``Image.format`` spells them (case-insensitive) or
+    one comma-separated string (a config value such as ``handler.formats: "jpeg, png"``). Unknown
+    names, names this Pillow build cannot open, and an empty list raise ``ValueError`` naming the
+    allowed ones (:func:`camserve.parsing.parse_choices`).
 
     Example::
 
@@ -104,43 +103,21 @@ def check_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
         >>> check_formats(["JPEG", "EPS"])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: unknown image format 'EPS' in formats; allowed: AVIF, BLP, BMP, ...
+        ValueError: invalid value for formats: 'EPS' (allowed: AVIF, BLP, BMP, ...
     """
-    if isinstance(formats, str):
-        items: list[object] = list(formats.split(","))
-    else:
-        try:
-            items = list(formats)
-        except TypeError:
-            raise ValueError(f"formats must be a list of format names or a comma-separated string, "
-                             f"got {type(formats).__name__}") from None
-    for item in items:
-        if not isinstance(item, str):
-            raise ValueError(f"image format names must be strings, got {short_repr(item)}")
-    return _check_formats(tuple(items))  # type: ignore[arg-type]
-
-
-@functools.lru_cache(maxsize=64)
-def _check_formats(items: tuple[str, ...]) -> tuple[str, ...]:
-    out: list[str] = []
-    for item in items:
-        name = item.strip().upper()
-        if not name:
-            continue
-        if name not in KNOWN_FORMATS:
-            allowed = ", ".join(sorted(KNOWN_FORMATS))
-            raise ValueError(f"unknown image format {short_repr(item.strip())} in formats; allowed: {allowed}")
-        if name not in Image.OPEN:
-            Image.init()
-            if name not in Image.OPEN:
-                raise ValueError(f"image format {name} cannot be decoded by this Pillow build "
-                                 f"(plugin missing); available: "
-                                 f"{', '.join(sorted(KNOWN_FORMATS & set(Image.OPEN)))}")
-        if name not in out:
-            out.append(name)
-    if not out:
-        raise ValueError(f"formats is empty; name at least one of: {', '.join(DEFAULT_FORMATS)}")
-    return tuple(out)
+    if isinstance(formats, (set, frozenset)) or (not isinstance(formats, (str, list, tuple))
+                                                  and isinstance(formats, Iterable)):
+        formats = tuple(formats)
+    names = parse_choices(formats, sorted(KNOWN_FORMATS), key="formats", normalize=str.upper)
+    missing = [n for n in names if n not in Image.OPEN]
+    if missing:
+        Image.init()
+        missing = [n for n in missing if n not in Image.OPEN]
+    if missing:
+        raise ValueError(f"invalid value for formats: image format {missing[0]} cannot be decoded "
+                         f"by this Pillow build (plugin missing); available: "
+                         f"{', '.join(sorted(KNOWN_FORMATS & set(Image.OPEN)))}")
+    return names
 
 
 def detect_format(data: bytes) -> str | None:

@@ -58,7 +58,7 @@ from pathlib import Path
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
-from .records import short_repr
+from .parsing import short_repr
 
 if TYPE_CHECKING:  # torch and the core load when the model does (see CamModel.__setstate__)
     from .serving import BatchStats, CamService, RowResult

@@ -57,7 +57,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from .records import short_repr
+from .parsing import parse_choices, short_repr
 
 from torch import nn
 
@@ -894,19 +894,10 @@ def randomization_rank_corr(model: nn.Module, x: torch.Tensor, targets: TargetsA
 # front door
 
 
-def _check_keys(keys: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(keys, str):
-        keys = [k for k in keys.split(",") if k.strip()]
-    out = []
-    for k in keys:
-        k = k.strip() if isinstance(k, str) else k
-        if k not in METRIC_KEYS:
-            raise ValueError(f"unknown metric key {short_repr(k)} (allowed: {', '.join(METRIC_KEYS)})")
-        if k not in out:
-            out.append(k)
-    if not out:
-        raise ValueError(f"invalid value for keys: empty (allowed: {', '.join(METRIC_KEYS)})")
-    return tuple(out)
+def check_keys(keys: Iterable[str]) -> tuple[str, ...]:
+    """Metric keys (a list or a comma-separated string) checked against :data:`METRIC_KEYS`."""
+    return parse_choices(keys if isinstance(keys, str) else list(keys), METRIC_KEYS, key="keys",
+                         normalize=str.strip)
 
 
 def cost(keys: Iterable[str], *, steps: int = DEFAULT_STEPS,
@@ -924,7 +915,7 @@ def cost(keys: Iterable[str], *, steps: int = DEFAULT_STEPS,
         >>> c, sum(c.values())
         ({'reference': 1, 'deletion': 20, 'road_morf': 9, 'avg_drop': 1, 'avg_increase': 0, 'pointing_game': 0}, 31)
     """
-    ks = _check_keys(keys)
+    ks = check_keys(keys)
     out: dict[str, int] = {}
     if any(k in _REFERENCE_KEYS for k in ks):
         out["reference"] = 1
@@ -973,7 +964,7 @@ def compute_metrics(model_fn: ModelFn, x: torch.Tensor, maps: torch.Tensor, targ
         >>> list(out), out["road_morf"].shape
         (['road_morf', 'pointing_game'], torch.Size([2]))
     """
-    ks = _check_keys(keys)
+    ks = check_keys(keys)
     m = resize_maps(maps, x)
     if any(k in BOX_KEYS for k in ks) and boxes is None:
         raise ValueError(f"invalid value for boxes: None, but {', '.join(k for k in ks if k in BOX_KEYS)} "

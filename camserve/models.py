@@ -49,7 +49,7 @@ from torch import nn
 
 from .images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, check_formats
 from .methods import available_methods
-from .records import short_repr
+from .parsing import MAX_INPUT_SIDE, MIN_INPUT_SIDE, parse_choices, short_repr
 
 if TYPE_CHECKING:
     from .sources import SourceDefaults
@@ -86,8 +86,9 @@ def _size(value: Any) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise ConfigError(f"invalid value for handler.input_size: {value!r} "
                           f"(expected an int or [H, W])") from None
-    if h < 8 or w < 8 or h > 4096 or w > 4096:
-        raise ConfigError(f"invalid value for handler.input_size: {value!r} (allowed: 8..4096)")
+    if not (MIN_INPUT_SIDE <= h <= MAX_INPUT_SIDE and MIN_INPUT_SIDE <= w <= MAX_INPUT_SIDE):
+        raise ConfigError(f"invalid value for handler.input_size: {short_repr(value)} (allowed: "
+                          f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE} per side)")
     return h, w
 
 
@@ -213,7 +214,8 @@ class ModelSpec:
             except ValueError as exc:
                 raise ConfigError(f"invalid value for handler.formats: {exc}") from None
         if "outputs" in cfg:
-            spec.outputs = parse_outputs(cfg["outputs"], key="handler.outputs", exc=ConfigError)
+            spec.outputs = parse_choices(cfg["outputs"], OUTPUT_KINDS, key="handler.outputs",
+                                         exc=ConfigError)
         return spec
 
 
@@ -223,25 +225,6 @@ def unknown_key_message(where: str, key: str, known: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown key {where} ({hint}known: {', '.join(known)})"
-
-
-def parse_outputs(value: Any, key: str = "outputs", exc: type[Exception] = ValueError) -> tuple[str, ...]:
-    """``"heatmap,bbox"`` or a list -> a tuple of known output kinds (order kept, no repeats)."""
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
-        raise exc(f"invalid value for {key}: {value!r} (allowed: {', '.join(OUTPUT_KINDS)})")
-    out: list[str] = []
-    for item in items:
-        name = str(item).strip().lower()
-        if not name:
-            continue
-        if name not in OUTPUT_KINDS:
-            raise exc(f"invalid value for {key}: {item!r} (allowed: {', '.join(OUTPUT_KINDS)})")
-        if name not in out:
-            out.append(name)
-    if not out:
-        raise exc(f"invalid value for {key}: {value!r} is empty (allowed: {', '.join(OUTPUT_KINDS)})")
-    return tuple(out)
 
 
 def load_model_config(model_dir: str | Path, name: str = "model-config.yaml") -> dict[str, Any]:

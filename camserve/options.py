@@ -4,8 +4,8 @@ Options: ``explain`` (true/false), ``target`` (class index, label, or a list of 
 ``method`` (a registered CAM method), ``outputs`` (a subset of heatmap, overlay, raw, bbox).
 Unknown options, bad values, over-long strings: :class:`camserve.errors.OptionError` (422),
 never another exception. Integers are parsed strictly (ASCII digits, one optional sign, at most
-18 digits: :func:`camserve.records.parse_int`); targets resolve through the one resolver,
-:func:`camserve.records.resolve_targets`.
+18 digits: :func:`camserve.parsing.parse_int`); targets are parsed by the one target parser,
+:func:`camserve.records.parse_targets`.
 
 Example::
 
@@ -24,8 +24,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .errors import OptionError
 from .methods import available_methods
-from .models import ConfigError, ModelSpec, parse_outputs
-from .records import TargetError, log_name, parse_int, resolve_targets, short_repr
+from .models import OUTPUT_KINDS, ConfigError, ModelSpec
+from .parsing import log_name, parse_choices, parse_int, short_repr
+from .records import TargetError, parse_targets
 
 OPTION_KEYS: tuple[str, ...] = ("explain", "target", "topk", "method", "outputs")
 MAX_TARGETS = 16
@@ -163,14 +164,7 @@ def _parse_outputs(value: Any) -> tuple[str, ...]:
         except (ValueError, RecursionError):
             raise OptionError(f"invalid value for outputs: {short_repr(value)} is not a JSON "
                               f"list") from None
-    if isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value):
-        raise OptionError(f"invalid value for outputs: {short_repr(value)} (a list of names)")
-    try:
-        return parse_outputs(value, key="outputs", exc=OptionError)
-    except OptionError as exc:  # parse_outputs echoes the value: cut it
-        raise OptionError(exc.message if len(exc.message) < 300 else
-                          f"invalid value for outputs: {short_repr(value)} (allowed: heatmap, "
-                          f"overlay, raw, bbox)") from None
+    return parse_choices(value, OUTPUT_KINDS, key="outputs", exc=OptionError)
 
 
 def check_keys(options: Mapping[Any, Any]) -> None:
@@ -194,7 +188,7 @@ def parse_options(options: Mapping[Any, Any], spec: ModelSpec, labels: Sequence[
     if not explain and "explain" in opts:
         explain = _parse_bool(opts["explain"])
     try:
-        targets = resolve_targets(opts.get("target"), labels, max_targets=MAX_TARGETS)
+        targets = parse_targets(opts.get("target"), labels, max_targets=MAX_TARGETS)
     except TargetError as exc:
         raise OptionError(str(exc)) from None
     topk = _parse_topk(opts["topk"], n) if "topk" in opts else min(spec.topk, n)

@@ -1,10 +1,10 @@
-"""The records camserve answers with, and the one target resolver: shared by the serving path (the
+"""The records camserve answers with, and the one target parser: shared by the serving path (the
 TorchServe handler, KServe) and the offline batch job, so both speak the same JSON.
 
 * :class:`Prediction` — one class of a top-k list: ``{"index", "label", "score"}``;
 * :class:`Explanation` — one map: ``{"target", "label", "score", "method", "layer", "width",
   "height"}`` plus the outputs that were asked for (``bbox``, ``heatmap``, ``overlay``, ``raw``);
-* :func:`resolve_targets` — what a client may write as a target: a class index, a label (exact,
+* :func:`parse_targets` — what a client may write as a target: a class index, a label (exact,
   then case-insensitive), or a list of them; ``-1`` (the top-1 class) where the caller allows it.
 
 Integers are parsed strictly: ASCII digits with at most one leading sign and a bounded length, so
@@ -12,7 +12,7 @@ Integers are parsed strictly: ASCII digits with at most one leading sign and a b
 
 Example::
 
-    >>> resolve_targets("Dog, 0", ["cat", "dog"])
+    >>> parse_targets("Dog, 0", ["cat", "dog"])
     (1, 0)
     >>> Prediction(1, "dog", 0.9123456).to_json()
     {'index': 1, 'label': 'dog', 'score': 0.912346}
@@ -20,64 +20,16 @@ Example::
 from __future__ import annotations
 
 import json
-import re
-import reprlib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-#: An integer as a client may write it: optional sign, ASCII digits, at most 18 of them.
-_INT = re.compile(r"[+-]?[0-9]{1,18}")
-#: Echoed values are cut to this many characters.
-ECHO_LIMIT = 100
+from .parsing import parse_int, short_repr
+
 SCORE_DIGITS = 6
 
 
 class TargetError(ValueError):
     """A target that names no class; the message says what is allowed."""
-
-
-def _bounded_repr(limit: int) -> reprlib.Repr:
-    r = reprlib.Repr()
-    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 8, 8, 8, 8
-    r.maxstring = r.maxother = r.maxlong = 2 * limit
-    return r
-
-
-def short_repr(value: Any, limit: int = ECHO_LIMIT) -> str:
-    """``repr(value)`` cut to ``limit`` characters (error messages never echo unbounded input).
-
-    Never builds the repr of a huge value and never recurses deeply: containers are shown a few
-    levels and items deep (a list nested thousands deep is fine). Newlines and other control
-    characters come out escaped, so a value cannot forge a log line::
-
-        >>> short_repr("x" * 500, 12)
-        "'xxxxxxxx..."
-        >>> short_repr([[[[[[1]]]]]])
-        '[[[[...]]]]'
-    """
-    if isinstance(value, (str, bytes, bytearray)):
-        text = repr(value[: 4 * limit])  # repr of a huge value is never built
-    elif isinstance(value, (int, float, bool)) or value is None:
-        text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else \
-            f"<int of {len(str(abs(value))) if value.bit_length() < 10000 else 'many'} digits>"
-    else:
-        try:
-            text = _bounded_repr(limit).repr(value)
-        except Exception:  # a foreign object whose __repr__ fails
-            text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def log_name(value: Any, limit: int = 60) -> str:
-    """A user-supplied name (JSON key, form field) safe for logs and messages: ``repr``-escaped
-    (no raw newline or control character) and cut to ``limit`` characters."""
-    return short_repr(value if isinstance(value, str) else str(type(value).__name__), limit)
-
-
-def parse_int(text: str) -> Optional[int]:
-    """``text`` as an integer when it is one (ASCII, optional sign, at most 18 digits), else None."""
-    s = text.strip()
-    return int(s) if _INT.fullmatch(s) else None
 
 
 def round_score(p: float) -> float:
@@ -147,7 +99,7 @@ def _known(labels: Sequence[str]) -> str:
     return shown + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
 
 
-def resolve_target(item: Any, labels: Sequence[str], *, allow_top1: bool = False,
+def parse_target(item: Any, labels: Sequence[str], *, allow_top1: bool = False,
                    what: str = "target") -> int:
     """One target -> a class index. ``item``: an int, a string holding an int, or a label (exact
     match first, then case-insensitive). ``-1`` means "the top-1 class" when ``allow_top1``."""
@@ -179,7 +131,7 @@ def resolve_target(item: Any, labels: Sequence[str], *, allow_top1: bool = False
     raise TargetError(f"invalid value for {what}: {short_repr(item)} ({allowed}, or a label)")
 
 
-def resolve_targets(value: Any, labels: Sequence[str], *, max_targets: int = 16,
+def parse_targets(value: Any, labels: Sequence[str], *, max_targets: int = 16,
                     allow_top1: bool = False, what: str = "target") -> Optional[tuple[int, ...]]:
     """A target option -> class indices, or None (no target: the top-1 class).
 
@@ -206,4 +158,4 @@ def resolve_targets(value: Any, labels: Sequence[str], *, max_targets: int = 16,
     if len(items) > max_targets:
         raise TargetError(f"invalid value for {what}: {len(items)} targets (at most {max_targets} "
                           f"per request)")
-    return tuple(resolve_target(item, labels, allow_top1=allow_top1, what=what) for item in items)
+    return tuple(parse_target(item, labels, allow_top1=allow_top1, what=what) for item in items)

@@ -38,6 +38,7 @@ import yaml
 from torch import nn
 
 from .families import FamilyError, LayerChoice, choose_layer
+from .parsing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from .sources import SourceError, build_from_source, load_state, logits_of
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,9 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise ScaffoldError(f"--input-size {text[:40]!r}: expected H or H,W (integers)") from None
     if len(parts) == 1:
         parts = parts * 2
-    if len(parts) != 2 or not all(8 <= p <= 4096 for p in parts):
-        raise ScaffoldError(f"--input-size {text[:40]!r}: expected H or H,W within 8..4096")
+    if len(parts) != 2 or not all(MIN_INPUT_SIDE <= p <= MAX_INPUT_SIDE for p in parts):
+        raise ScaffoldError(f"--input-size {text[:40]!r}: expected H or H,W within "
+                            f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}")
     return parts[0], parts[1]
 
 

@@ -61,7 +61,8 @@ from .models import (ConfigError, LoadedModel, ModelSpec, load_model,
                      load_model_dir)
 from .options import (MAX_TARGETS, OPTION_KEYS, RequestOptions, ServingLimits,
                       parse_options)
-from .records import short_repr, top_predictions
+from .parsing import short_repr
+from .records import top_predictions
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .records import short_repr
+from .parsing import short_repr
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from camserve.models import ConfigError, ModelSpec, build_model, load_labels, parse_outputs
+from camserve.models import ConfigError, ModelSpec, build_model, load_labels
 
 
 @pytest.mark.parametrize("cfg,key", [
@@ -84,10 +84,10 @@ def test_bad_arch(tmp_path, arch, match):
         build_model(ModelSpec.from_config({"arch": arch}), tmp_path)
 
 
-def test_parse_outputs():
-    assert parse_outputs("heatmap, raw") == ("heatmap", "raw")
-    with pytest.raises(ValueError, match="allowed: heatmap, overlay, raw, bbox"):
-        parse_outputs("png")
+def test_outputs_key():
+    assert ModelSpec.from_config({"arch": "x:Y", "outputs": "heatmap, raw"}).outputs == ("heatmap", "raw")
+    with pytest.raises(ConfigError, match="handler.outputs: 'png' .allowed: heatmap, overlay, raw, bbox"):
+        ModelSpec.from_config({"arch": "x:Y", "outputs": "png"})
 
 
 def test_unknown_handler_key_is_refused_with_the_closest_key():

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from camserve.records import (Explanation, Prediction, TargetError, parse_int, resolve_target,
-                              resolve_targets, short_repr, top_predictions)
+from camserve.records import (Explanation, Prediction, TargetError, parse_target, parse_targets,
+                              top_predictions)
 
 LABELS = ["cat", "Dog", "bird"]
 
@@ -16,7 +16,7 @@ LABELS = ["cat", "Dog", "bird"]
     ("cat,bird", (0, 2)), ("[0, \"Dog\"]", (0, 1)), ([2, "cat"], (2, 0)),
 ])
 def test_resolve_targets(value, expected):
-    assert resolve_targets(value, LABELS) == expected
+    assert parse_targets(value, LABELS) == expected
 
 
 @pytest.mark.parametrize("value,match", [
@@ -27,19 +27,19 @@ def test_resolve_targets(value, expected):
 ])
 def test_resolve_targets_refuses(value, match):
     with pytest.raises(TargetError, match=match) as info:
-        resolve_targets(value, LABELS)
+        parse_targets(value, LABELS)
     assert len(str(info.value)) < 400  # never echoes unbounded input
 
 
 def test_top1_only_where_allowed():
-    assert resolve_target("-1", LABELS, allow_top1=True) == -1
+    assert parse_target("-1", LABELS, allow_top1=True) == -1
     with pytest.raises(TargetError):
-        resolve_target("-1", LABELS)
+        parse_target("-1", LABELS)
 
 
 def test_exact_label_wins_over_case_insensitive():
-    assert resolve_target("dog", ["Dog", "dog"]) == 1
-    assert resolve_target("DOG", ["Dog", "dog"]) == 0
+    assert parse_target("dog", ["Dog", "dog"]) == 1
+    assert parse_target("DOG", ["Dog", "dog"]) == 0
 
 
 @settings(max_examples=300, deadline=None)
@@ -48,17 +48,10 @@ def test_exact_label_wins_over_case_insensitive():
                  st.none(), st.booleans(), st.floats()))
 def test_resolve_targets_total(value):
     try:
-        out = resolve_targets(value, LABELS)
+        out = parse_targets(value, LABELS)
     except TargetError:
         return
     assert out is None or all(0 <= i < len(LABELS) for i in out)
-
-
-@given(st.text(max_size=40))
-def test_parse_int_is_strict(text):
-    n = parse_int(text)
-    if n is not None:
-        assert text.strip().lstrip("+-").isascii() and abs(n) < 10 ** 18
 
 
 def test_records_json():
@@ -68,29 +61,3 @@ def test_records_json():
                            "layer": "layer4", "width": 40, "height": 30, "bbox": None}
     assert "bbox" not in Explanation(1, "Dog", 0.5, "gradcam", "layer4", 40, 30).to_json()
     assert [p.index for p in top_predictions([0.1, 0.6, 0.3], LABELS, 2)] == [1, 2]
-    assert len(short_repr("x" * 10_000)) <= 100
-
-
-def test_short_repr_never_recurses_or_builds_huge_reprs():
-    deep: list = []
-    for _ in range(100_000):
-        deep = [deep]
-    assert short_repr(deep) == "[[[[...]]]]"
-    assert short_repr({"k": {"k": {"k": {"k": 1}}}}).count("{") <= 4
-    assert short_repr(10 ** 5000) == "<int of many digits>" and short_repr(7) == "7"
-    assert len(short_repr("x" * 10_000_000)) == 100
-
-    class Bad:
-        def __repr__(self):
-            raise RuntimeError("no")
-
-    assert short_repr([Bad()]).startswith("[<Bad instance")  # a failing __repr__ is not raised
-
-
-def test_log_name_escapes_control_characters():
-    from camserve.records import log_name
-
-    forged = "key\n2026-11-28 12:00:00 INFO forged line\r" + "k" * 500
-    out = log_name(forged)
-    assert "\n" not in out and "\r" not in out and "\\n" in out and len(out) <= 60
-    assert log_name(3) == "'int'"

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import metrics as M
-from ..records import short_repr
+from ..parsing import parse_choices, short_repr
 from .format import BASE_OUTPUTS, INPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -61,22 +61,7 @@ def parse_metric_keys(text: str) -> tuple[str, ...]:
         ...
         ValueError: invalid value for --metrics: 'pointing_game' (allowed: deletion, insertion, road_morf, road_lerf, avg_drop, avg_increase, all)
     """
-    keys: list[str] = []
-    for part in str(text).split(","):
-        k = part.strip().lower()
-        if not k:
-            continue
-        if k == "all":
-            keys.extend(k2 for k2 in AUDIT_KEYS if k2 not in keys)
-            continue
-        if k not in AUDIT_KEYS:
-            raise ValueError(f"invalid value for --metrics: {short_repr(part.strip())} "
-                             f"(allowed: {', '.join(AUDIT_KEYS)}, all)")
-        if k not in keys:
-            keys.append(k)
-    if not keys:
-        raise ValueError(f"invalid value for --metrics: empty (allowed: {', '.join(AUDIT_KEYS)}, all)")
-    return tuple(keys)
+    return parse_choices(str(text), AUDIT_KEYS, key="--metrics", groups={"all": AUDIT_KEYS})
 
 
 def runs_per_image(keys: Iterable[str], steps: int = M.DEFAULT_STEPS) -> int:

@@ -78,7 +78,8 @@ import torch
 from tqdm import tqdm
 
 from ..images import DEFAULT_MAX_PIXELS
-from ..records import TargetError, resolve_target, short_repr
+from ..parsing import MAX_INPUT_SIDE, MIN_INPUT_SIDE, parse_choices, short_repr
+from ..records import TargetError, parse_target
 from .audit import AUDIT_KEYS, BASELINES, MetricMeans, audit_batch, cost_help, format_means, \
     parse_metric_keys, runs_per_image
 from .format import GraphMeta
@@ -159,11 +160,11 @@ def default_threads() -> int:
 
 def _resolve_target(value: Optional[str], labels: Sequence[str]) -> int:
     """``--target`` as a class index, -1 (each image's top-1 class) when not given; labels match
-    as on the server (exact, then case-insensitive: :func:`camserve.records.resolve_target`)."""
+    as on the server (exact, then case-insensitive: :func:`camserve.records.parse_target`)."""
     if value is None:
         return -1
     try:
-        return resolve_target(value, labels, allow_top1=True, what="--target")
+        return parse_target(value, labels, allow_top1=True, what="--target")
     except TargetError as exc:
         raise UsageError(str(exc)) from None
 
@@ -174,7 +175,7 @@ MAX_LABEL_CHARS = 1024
 
 def check_meta(meta: GraphMeta) -> None:
     """The graph's metadata within sane bounds, before any image: finite mean, finite std > 0,
-    input size within 8..4096, labels and layer name of at most :data:`MAX_LABEL_CHARS`
+    input size within :data:`camserve.parsing.MAX_INPUT_SIDE`, labels and layer name of at most :data:`MAX_LABEL_CHARS`
     characters. UsageError naming the key and what is allowed."""
     def bad(key: str, value: Any, allowed: str) -> UsageError:
         return UsageError(f"invalid value for --model: graph metadata {key!r} is {short_repr(value)} "
@@ -185,8 +186,8 @@ def check_meta(meta: GraphMeta) -> None:
     if not all(math.isfinite(v) and v > 0 for v in meta.std):
         raise bad("std", meta.std, "3 finite numbers > 0")
     h, w = meta.input_size
-    if not (8 <= h <= 4096 and 8 <= w <= 4096):
-        raise bad("input_size", meta.input_size, "8..4096 per side")
+    if not (MIN_INPUT_SIDE <= h <= MAX_INPUT_SIDE and MIN_INPUT_SIDE <= w <= MAX_INPUT_SIDE):
+        raise bad("input_size", meta.input_size, f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE} per side")
     long = [v for v in (*meta.labels, meta.layer) if len(v) > MAX_LABEL_CHARS]
     if long:
         raise bad("labels", long[0], f"labels and layer of at most {MAX_LABEL_CHARS} characters")
@@ -583,17 +584,8 @@ def _parse_bytes(text: str) -> int:
 
 
 def _parse_save(text: str) -> tuple[str, ...]:
-    kinds: list[str] = []
-    for part in text.split(","):
-        k = part.strip().lower()
-        if not k or k == "none":
-            continue
-        if k not in SAVE_KINDS:
-            raise UsageError(f"invalid value for --save: {part.strip()!r} (allowed: "
-                             f"{', '.join(SAVE_KINDS)}, none)")
-        if k not in kinds:
-            kinds.append(k)
-    return tuple(kinds)
+    return parse_choices(text, SAVE_KINDS, key="--save", exc=UsageError, skip=("none",),
+                         empty_ok=True)
 
 
 def _parse_metrics(text: Optional[str]) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from ..images import ImageError, decode_image, preprocess
-from ..records import short_repr
+from ..parsing import short_repr
 from .format import GraphMeta
 
 

@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from ..engine import heatmaps_at_sizes
-from ..records import Prediction, short_repr, top_predictions
+from ..parsing import short_repr
+from ..records import Prediction, top_predictions
 from ..render import bbox_from_heatmap, heatmap_png, overlay_png
 from .format import GraphMeta
 from .inputs import Decoded, Failed, Item, UsageError, _internal, _os_reason

@@ -69,7 +69,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..records import short_repr
+from ..parsing import short_repr
 from .audit import MetricMeans
 from .batch import (JobConfig, JobPlan, JobStats, audit_lines, check_session, end_metrics,
                     plan_job, session_inputs, start_metrics)

@@ -183,7 +183,7 @@ def test_explicit_target(graph: Path, images: dict[str, Path], model: torch.nn.M
 def test_target_labels_resolve_like_the_server(graph: Path, images: dict[str, Path],
                                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--target takes labels case-insensitively and indices, as the handler's target option does
-    (camserve.records.resolve_target); -1 is each image's top-1 class."""
+    (camserve.records.parse_target); -1 is each image's top-1 class."""
     for value, want in (("EEL", 4), ("Bee", 1), ("2", 2), ("-1", None)):
         out = tmp_path / f"out-{value}"
         assert main(["--model", str(graph), str(images["a"]), "--out", str(out), "--save", "none",
