@@ -1,12 +1,14 @@
 """Batched explanation in stages with plain data between them.
 
-1. :func:`target_table` — each explain row's targets as one (R, K) table (``-1``: the row's top-1
-   class; shorter lists padded with their first entry) plus the real count per row;
-2. :func:`batch_cams` — one forward over the whole batch, gradients only for the explain rows,
-   the most common method from the engine and the other methods recomputed from the same
-   activations and gradients -> :class:`BatchCams`;
-3. :func:`render_row` — one row's :class:`camserve.records.Explanation` records, complete (score
-   included), with the outputs it asked for (bbox, heatmap PNG, overlay PNG, raw CAM). Its uint8
+1. :func:`batch_cams` — one forward over the whole batch; the explain rows' targets come from
+   their task (:meth:`camserve.tasks.Task.request_targets`: what each request asked for, or the
+   task's default, read from the same forward's output) as one
+   :class:`camserve.tasks.TargetBatch`; gradients only for the explain rows, each row by its own
+   method (rows sharing a gradient method share the backward) -> :class:`BatchCams`;
+2. :func:`render_row` — one row's :class:`camserve.records.Explanation` records, complete (label
+   and score as the task shows them, :class:`camserve.tasks.Shown`), with the outputs it asked for
+   (bbox, heatmap PNG, overlay PNG — with the target's box drawn where the task has one — raw
+   CAM). Its uint8
    maps are made one at a time (:func:`row_maps`, small maps a few at a time) at the size its
    :class:`MapPlan` says, so memory does not grow with the batch, the targets or the image.
 
@@ -20,24 +22,15 @@ CAM is at the target layer's resolution and costs nothing here (the response siz
 
 Example::
 
-    >>> import torch
-    >>> from camserve.options import RequestOptions
-    >>> o = RequestOptions(explain=True, targets=(2, 0), topk=1, method="gradcam",
-    ...                    outputs=("bbox",))
-    >>> t = target_table([o, RequestOptions(True, None, 1, "gradcam", ("bbox",))])
-    >>> t.table.tolist(), t.counts
-    ([[2, 0], [-1, -1]], (2, 1))
-    >>> t.resolve(torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])).tolist()
-    [[2, 0], [0, 0]]
-    >>> from camserve.options import ServingLimits
+    >>> from camserve.options import RequestOptions, ServingLimits
     >>> lim = ServingLimits(max_map_side=2048, max_row_work=192, max_batch_work=512)
-    >>> o = RequestOptions(True, (1, 2, 3), 1, "gradcam", ("heatmap", "overlay", "bbox"))
+    >>> o = RequestOptions(True, (1, 2, 3), 1, "gradcam", ("heatmap", "overlay", "bbox"), maps=3)
     >>> p = plan_maps(o, (6000, 6000), lim)
     >>> p.map_size, p.render_size, p.scaled, round(p.work / 1e6, 1)
     ((2048, 2048), (2048, 2048), True, 62.9)
     >>> plan_maps(o, (640, 480), lim).scaled
     False
-    >>> many = RequestOptions(True, tuple(range(12)), 1, "gradcam", o.outputs)
+    >>> many = RequestOptions(True, tuple(range(12)), 1, "gradcam", o.outputs, maps=12)
     >>> plan_maps(many, (6000, 6000), lim)
     Traceback (most recent call last):
     ...
@@ -47,7 +40,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -57,9 +49,9 @@ from PIL import Image
 
 from .engine import CamEngine, heatmaps_at_sizes
 from .errors import RequestError, ResponseTooLarge, WorkTooLarge
-from .methods import get_method
 from .options import RequestOptions, ServingLimits
 from .records import Explanation
+from .tasks import Geometry, Shown, TargetBatch
 from .render import (OutputTooLarge, b64, bbox_from_heatmap, capped_size, heatmap_png,
                      overlay_png, resize_map, scale_box)
 
@@ -122,7 +114,7 @@ def plan_maps(options: RequestOptions, size: tuple[int, int], limits: ServingLim
     outs = [o for o in ("heatmap", "overlay", "bbox") if o in options.outputs]
     if not options.explain or not outs:
         return MapPlan((w, h), cap, (w, h), 0)
-    t = len(options.targets) if options.targets else 1
+    t = max(1, options.maps)
     n_png = sum(OUTPUT_WEIGHTS[o] for o in outs if o in PNG_OUTPUTS)
     n_box = int("bbox" in outs)
     m = cap[0] * cap[1]
@@ -159,68 +151,36 @@ def drop_hint(options: RequestOptions) -> list[str]:
 
 
 @dataclass(frozen=True)
-class TargetTable:
-    """Targets of the explain rows: ``table`` (R, K) long, ``-1`` = top-1; ``counts`` per row."""
-
-    table: torch.Tensor
-    counts: tuple[int, ...]
-
-    @property
-    def k(self) -> int:
-        """Targets per row in the table (the largest count)."""
-        return int(self.table.shape[1])
-
-    def resolve(self, logits: torch.Tensor) -> torch.Tensor:
-        """The table with ``-1`` replaced by each row's top-1 class (``logits``: (R, classes))."""
-        top1 = logits.argmax(dim=1, keepdim=True).expand(-1, self.k)
-        t = self.table.to(logits.device)
-        return torch.where(t < 0, top1, t)
-
-
-def target_table(options: Sequence[RequestOptions]) -> TargetTable:
-    """One row per explain request (see the module docstring)."""
-    lists = [list(o.targets) if o.targets else [-1] for o in options]
-    k = max(len(t) for t in lists)
-    rows = [t + [t[0]] * (k - len(t)) for t in lists]
-    return TargetTable(torch.tensor(rows, dtype=torch.long), tuple(len(t) for t in lists))
-
-
-@dataclass(frozen=True)
 class BatchCams:
-    """CAMs of the explain rows: ``cams`` (R, K, h, w) raw, ``targets`` (R, K) on the host,
-    ``logits`` of the whole batch (B, classes), the target ``layer``."""
+    """CAMs of the explain rows: ``cams`` (R, K, h, w) raw, ``targets`` their
+    :class:`camserve.tasks.TargetBatch` (``count`` real targets per row), ``output`` the task's
+    output of the whole batch (detached), the target ``layer``."""
 
     cams: torch.Tensor
-    targets: torch.Tensor
-    logits: torch.Tensor
+    targets: TargetBatch
+    output: Any
     layer: str
 
-
-def _recompute_methods(cams: torch.Tensor, A: torch.Tensor, G: torch.Tensor,
-                       methods: Sequence[str], main: str) -> torch.Tensor:
-    """Rows whose method is not ``main`` get their CAMs from their own method (same A and G)."""
-    if all(m == main for m in methods):
-        return cams
-    cams = cams.clone()
-    for m in set(methods) - {main}:
-        sel = torch.tensor([i for i, mm in enumerate(methods) if mm == m], device=cams.device)
-        cams[sel] = get_method(m)(A[sel], G[sel]).to(cams.dtype)
-    return cams
+    @property
+    def logits(self) -> torch.Tensor:
+        """The output when it is a tensor (classification, multilabel)."""
+        return self.output
 
 
 def batch_cams(engine: CamEngine, x: torch.Tensor, rows: Sequence[int],
-               options: Sequence[RequestOptions], table: TargetTable) -> BatchCams:
-    """One engine call over batch ``x`` explaining ``rows`` (their ``options`` and ``table``)."""
-    methods = [o.method for o in options]
-    main = Counter(methods).most_common(1)[0][0]
-    k = table.k
-    res = engine(x, targets=lambda lg: table.resolve(lg) if k > 1 else table.resolve(lg)[:, 0],
-                 method=main, rows=list(rows))
-    cams = res.cams if k > 1 else res.cams[:, None]
-    G = res.gradients if k > 1 else res.gradients[:, None]
-    cams = _recompute_methods(cams, res.activations[:, None], G, methods, main)
-    targets = (res.targets if k > 1 else res.targets[:, None]).cpu()
-    return BatchCams(cams=cams, targets=targets, logits=res.logits, layer=res.layer)
+               options: Sequence[RequestOptions], geometry: Sequence[Geometry]) -> BatchCams:
+    """One engine call over batch ``x`` explaining ``rows`` (their ``options`` and image
+    ``geometry``): targets from the task, one method per row."""
+    task = engine.task
+
+    def targets(out: Any) -> TargetBatch:
+        return task.request_targets(out, [o.task for o in options], geometry,
+                                    [o.topk for o in options])
+
+    res = engine(x, targets=targets, method=[o.method for o in options], rows=list(rows))
+    tb = res.target_batch
+    cams = res.cams if res.cams.dim() == 4 else res.cams[:, None]
+    return BatchCams(cams=cams, targets=tb.to("cpu"), output=res.output, layer=res.layer)
 
 
 def row_maps(cams: torch.Tensor, map_size: tuple[int, int],
@@ -272,15 +232,14 @@ class _ByteBudget:
 
 
 def render_row(image: Optional[Image.Image], options: RequestOptions, cams: torch.Tensor,
-               targets: Sequence[int], probs: torch.Tensor, labels: Sequence[str], layer: str, *,
-               plan: Optional[MapPlan] = None,
+               shown: Sequence[Shown], layer: str, *, plan: Optional[MapPlan] = None,
                max_bytes: Optional[int] = None) -> list[Explanation]:
-    """One row's explanations: ``cams`` (K, h, w) raw, ``targets`` per map, ``probs`` the row's
-    class probabilities; ``plan`` the sizes (default: everything at ``image``'s size); ``image``
-    the picture an overlay is drawn on (any size: it is resized to the PNG size; needed only for
-    ``overlay``). Maps are made one at a time and dropped after use; the bbox is in original
-    pixels. ``max_bytes``: the answer's byte limit; rendering stops with 413
-    ``ResponseTooLarge`` as soon as the images pass it."""
+    """One row's explanations: ``cams`` (K, h, w) raw, ``shown`` how each target is shown (class,
+    label, score, and a box in original pixels that the overlay draws); ``plan`` the sizes
+    (default: everything at ``image``'s size); ``image`` the picture an overlay is drawn on (any
+    size: it is resized to the PNG size; needed only for ``overlay``). Maps are made one at a time
+    and dropped after use; the bbox is in original pixels. ``max_bytes``: the answer's byte limit;
+    rendering stops with 413 ``ResponseTooLarge`` as soon as the images pass it."""
     if plan is None:
         if image is None:
             raise ValueError("invalid value for plan: needed when there is no image")
@@ -293,8 +252,7 @@ def render_row(image: Optional[Image.Image], options: RequestOptions, cams: torc
                                             else itertools.repeat(None))
     budget = _ByteBudget(max_bytes, options)
     records = []
-    for cam, cls, hm in zip(cams, targets, maps):
-        cls = int(cls)
+    for cam, show, hm in zip(cams, shown, maps):
         bbox = heat = over = raw = None
         if hm is not None:
             if "bbox" in outs:
@@ -304,14 +262,18 @@ def render_row(image: Optional[Image.Image], options: RequestOptions, cams: torc
                 if "heatmap" in outs:
                     heat = budget.png_b64(lambda cap: heatmap_png(big, cap))
                 if "overlay" in outs:
-                    over = budget.png_b64(lambda cap: overlay_png(image, big, max_bytes=cap))
+                    box = None if show.box is None else [
+                        v * plan.render_size[i % 2] / plan.size[i % 2]
+                        for i, v in enumerate(show.box)]
+                    over = budget.png_b64(lambda cap: overlay_png(image, big, max_bytes=cap,
+                                                                  box=box))
                 del big
         del hm
         if "raw" in outs:
             raw = _raw(cam)
             budget.add(len(json.dumps(raw["data"], separators=(",", ":"))))
         records.append(Explanation(
-            target=cls, label=labels[cls], score=float(probs[cls]), method=options.method,
+            target=show.index, label=show.label, score=show.score, method=options.method,
             layer=layer, width=plan.size[0], height=plan.size[1], bbox=bbox, heatmap=heat,
             overlay=over, raw=raw, with_bbox="bbox" in outs))
     return records

@@ -50,6 +50,7 @@ from torch import nn
 from .images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, check_formats
 from .methods import available_methods
 from .parsing import MAX_INPUT_SIDE, MIN_INPUT_SIDE, parse_choices, short_repr
+from .tasks import TaskError, available_tasks, get_task, make_task, task_config_keys
 
 if TYPE_CHECKING:
     from .sources import SourceDefaults
@@ -118,13 +119,18 @@ class ModelSpec:
     arch_args: dict[str, Any] = field(default_factory=dict)
     interpolation: Optional[str] = None
     crop: Optional[float] = None
+    #: what the output means (:mod:`camserve.tasks`)
+    task: str = "classification"
+    #: the task's own ``handler:`` keys (e.g. ``threshold``), validated by the task
+    task_settings: dict[str, Any] = field(default_factory=dict)
     #: the keys the config set (the model's own preprocessing defaults fill in the others)
     given: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
 
-    KEYS = ("arch", "num_classes", "weights", "labels", "target_layer", "input_size", "mean", "std",
-            "method", "topk", "max_pixels", "outputs", "layout", "formats", "max_response_size",
-            "max_option_length", "max_map_side", "max_row_work", "max_batch_work", "arch_args",
-            "interpolation", "crop")
+    BASE_KEYS = ("arch", "num_classes", "weights", "labels", "target_layer", "input_size", "mean",
+                 "std", "method", "topk", "max_pixels", "outputs", "layout", "formats",
+                 "max_response_size", "max_option_length", "max_map_side", "max_row_work",
+                 "max_batch_work", "arch_args", "interpolation", "crop", "task")
+    KEYS = BASE_KEYS + task_config_keys()
     INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
     @classmethod
@@ -137,7 +143,7 @@ class ModelSpec:
             >>> ModelSpec.from_config({"arch": "x:Y", "taget_layer": "layer4"})
             Traceback (most recent call last):
             ...
-            camserve.models.ConfigError: unknown key handler.taget_layer (did you mean 'target_layer'? known: arch, num_classes, weights, labels, target_layer, input_size, mean, std, method, topk, max_pixels, outputs, layout, formats, max_response_size, max_option_length, max_map_side, max_row_work, max_batch_work, arch_args, interpolation, crop)
+            camserve.models.ConfigError: unknown key handler.taget_layer (did you mean 'target_layer'? known: arch, num_classes, weights, labels, target_layer, ...)
         """
         if not isinstance(cfg, Mapping):
             raise ConfigError("missing handler block in model-config.yaml (expected a mapping "
@@ -151,6 +157,24 @@ class ModelSpec:
                               f"'timm:<name>', 'hf:<subfolder>', 'torchvision.models.<name>', "
                               f"'file:Class' or 'package.module:Class')")
         spec = cls(arch=arch.strip(), given=frozenset(str(k) for k in cfg if cfg[k] is not None))
+        if cfg.get("task") is not None:
+            try:
+                task_cls = get_task(cfg["task"]) if isinstance(cfg["task"], str) else get_task("")
+            except TaskError:
+                raise ConfigError(f"invalid value for handler.task: {short_repr(cfg['task'])} "
+                                  f"(known: {', '.join(available_tasks())})") from None
+            spec.task = task_cls.name
+        own = get_task(spec.task).config_keys
+        for key in task_config_keys():
+            if cfg.get(key) is not None:
+                if key not in own:
+                    raise ConfigError(f"invalid value for handler.{key}: it is a key of another task "
+                                      f"(task {spec.task} takes: {', '.join(own) or 'none'})")
+                spec.task_settings[key] = cfg[key]
+        try:
+            make_task(spec.task, (), spec.task_settings)  # the task validates its own keys
+        except TaskError as exc:
+            raise ConfigError(str(exc)) from None
         if cfg.get("arch_args") is not None:
             aa = cfg["arch_args"]
             if not isinstance(aa, Mapping) or not all(isinstance(k, str) for k in aa):
@@ -354,13 +378,21 @@ class LoadedModel:
 
 
 def count_classes(model: nn.Module, spec: ModelSpec, device: torch.device | str = "cpu") -> int:
-    """Width of the logits of ``model`` on a blank input of ``spec.input_size``. A model whose
-    output is not a tensor (a tuple, a mapping, an output object with ``logits``) is made to
-    return its logits from now on (:func:`camserve.sources.ensure_logits`), for every consumer."""
+    """Width of the logits of ``model`` on a blank input of ``spec.input_size`` (for tasks whose
+    output is not one logit vector per row, the task counts its labels:
+    :meth:`camserve.tasks.Task.count_labels`). A classifier whose output is not a tensor (a
+    tuple, a mapping, an output object with ``logits``) is made to return its logits from now on
+    (:func:`camserve.sources.ensure_logits`), for every consumer."""
     from .sources import ensure_logits, logits_of
 
+    task_cls = get_task(spec.task)
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, *spec.input_size, device=device))
+    if not task_cls.logits_output:
+        try:
+            return int(task_cls.count_labels(model, out))
+        except TaskError as exc:
+            raise ConfigError(f"invalid value for handler.arch: {short_repr(spec.arch)}: {exc}") from None
     if not isinstance(out, torch.Tensor):
         try:
             out = logits_of(out)

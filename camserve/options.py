@@ -26,8 +26,11 @@ from .errors import OptionError
 from .methods import available_methods
 from .models import OUTPUT_KINDS, ConfigError, ModelSpec
 from .parsing import log_name, parse_choices, parse_int, short_repr
-from .records import TargetError, parse_targets
+from .tasks import Classification, ClassOptions, Task
 
+#: options every task takes; a task adds its own (:func:`option_keys`)
+COMMON_KEYS: tuple[str, ...] = ("explain", "topk", "method", "outputs")
+#: the options of a classifier
 OPTION_KEYS: tuple[str, ...] = ("explain", "target", "topk", "method", "outputs")
 MAX_TARGETS = 16
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
@@ -104,13 +107,22 @@ class ServingLimits:
 
 @dataclass(frozen=True)
 class RequestOptions:
-    """Validated options of one request. ``targets`` None means the top-1 prediction."""
+    """Validated options of one request. ``targets`` the class targets when the task has them
+    (None: the task's default, e.g. the top-1 prediction); ``maps`` at most how many maps the
+    request asks for (the work budget's count); ``task`` the task's own parsed options."""
 
     explain: bool
     targets: Optional[tuple[int, ...]]
     topk: int
     method: str
     outputs: tuple[str, ...]
+    maps: int = 1
+    task: Any = None
+
+    def __post_init__(self) -> None:
+        if self.task is None:  # built by hand for a classifier: its class targets are the task's
+            object.__setattr__(self, "task", ClassOptions(self.targets))
+            object.__setattr__(self, "maps", max(self.maps, len(self.targets or ())))
 
 
 def _text(name: str, value: Any, limit: int) -> Any:
@@ -167,32 +179,44 @@ def _parse_outputs(value: Any) -> tuple[str, ...]:
     return parse_choices(value, OUTPUT_KINDS, key="outputs", exc=OptionError)
 
 
-def check_keys(options: Mapping[Any, Any]) -> None:
+def option_keys(task: Optional[Task] = None) -> tuple[str, ...]:
+    """The option names a request may carry: the common ones and the task's
+    (:attr:`camserve.tasks.Task.option_keys`; default: classification's)."""
+    extra = task.option_keys if task is not None else ("target",)
+    return COMMON_KEYS[:1] + tuple(k for k in extra if k not in COMMON_KEYS) + COMMON_KEYS[1:]
+
+
+def check_keys(options: Mapping[Any, Any], task: Optional[Task] = None) -> None:
     """Refuse unknown option names (422), naming the first one, escaped and cut."""
-    unknown = [k for k in options if k not in OPTION_KEYS]
+    keys = option_keys(task)
+    unknown = [k for k in options if k not in keys]
     if unknown:
         raise OptionError(f"unknown option {log_name(unknown[0])} (allowed: "
-                          f"{', '.join(OPTION_KEYS)}; the image goes in 'data' or the body)")
+                          f"{', '.join(keys)}; the image goes in 'data' or the body)")
 
 
 def parse_options(options: Mapping[Any, Any], spec: ModelSpec, labels: Sequence[str], *,
-                  explain: bool = False, limits: ServingLimits = ServingLimits()) -> RequestOptions:
+                  explain: bool = False, limits: ServingLimits = ServingLimits(),
+                  task: Optional[Task] = None) -> RequestOptions:
     """Validate one request's options against the model; :class:`OptionError` (422) otherwise.
 
     ``explain``: True forces explaining (TorchServe's ``/explanations`` route, KServe's
-    ``:explain``); otherwise the ``explain`` option decides.
+    ``:explain``); otherwise the ``explain`` option decides. ``task``: the model's task, which
+    parses its own options (targets, thresholds, regions, boxes, references); default:
+    classification over ``labels``.
     """
-    check_keys(options)
+    if task is None:
+        task = Classification(labels)
+    check_keys(options, task)
     opts = {k: _text(k, v, limits.max_option_length) for k, v in options.items() if v is not None}
     n = len(labels)
     if not explain and "explain" in opts:
         explain = _parse_bool(opts["explain"])
-    try:
-        targets = parse_targets(opts.get("target"), labels, max_targets=MAX_TARGETS)
-    except TargetError as exc:
-        raise OptionError(str(exc)) from None
+    parsed = task.parse_options({k: v for k, v in opts.items() if k in task.option_keys},
+                                max_targets=MAX_TARGETS)
     topk = _parse_topk(opts["topk"], n) if "topk" in opts else min(spec.topk, n)
     method = _parse_method(opts["method"]) if "method" in opts else spec.method
     outputs = _parse_outputs(opts["outputs"]) if "outputs" in opts else spec.outputs
-    return RequestOptions(explain=explain, targets=targets, topk=topk, method=method,
-                          outputs=outputs)
+    return RequestOptions(explain=explain, targets=getattr(parsed, "targets", None), topk=topk,
+                          method=method, outputs=outputs, maps=task.max_targets(parsed),
+                          task=parsed)

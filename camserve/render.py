@@ -23,10 +23,10 @@ from __future__ import annotations
 import base64
 import io
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 
@@ -155,10 +155,34 @@ def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5) -> Imag
     return out
 
 
+def draw_box(img: Image.Image, box: Sequence[float], width: Optional[int] = None) -> Image.Image:
+    """``img`` with the outline of ``box`` (``x0, y0, x1, y1`` in its pixels, x1/y1 exclusive)
+    drawn in white over black, so it shows on any map; the line is about 0.4 % of the long side
+    (at least 1 px). Drawn in place; returns ``img``.
+
+    Example::
+
+        >>> im = draw_box(Image.new("RGB", (20, 10)), (2, 2, 12, 8), width=1)
+        >>> im.getpixel((2, 5)), im.getpixel((6, 5))
+        ((255, 255, 255), (0, 0, 0))
+    """
+    w = width or max(1, round(0.004 * max(img.size)))
+    x0, y0, x1, y1 = (float(v) for v in box)
+    draw = ImageDraw.Draw(img)
+    outer = [x0 - w, y0 - w, x1 - 1 + w, y1 - 1 + w]
+    draw.rectangle(outer, outline=(0, 0, 0), width=w)
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(255, 255, 255), width=w)
+    return img
+
+
 def overlay_png(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5,
-                max_bytes: Optional[int] = None) -> bytes:
-    """PNG bytes of :func:`overlay` (``max_bytes``: see :func:`png_bytes`)."""
-    return png_bytes(overlay(image, heatmap, alpha), max_bytes)
+                max_bytes: Optional[int] = None, box: Optional[Sequence[float]] = None) -> bytes:
+    """PNG bytes of :func:`overlay` (``max_bytes``: see :func:`png_bytes`), with ``box`` (in the
+    heatmap's pixels) drawn when given (:func:`draw_box`)."""
+    img = overlay(image, heatmap, alpha)
+    if box is not None:
+        draw_box(img, box)
+    return png_bytes(img, max_bytes)
 
 
 def bbox_from_heatmap(heatmap: np.ndarray, threshold: float = 0.15) -> list[int] | None:

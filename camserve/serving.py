@@ -53,16 +53,15 @@ from .engine import CamEngine
 from .envelopes import extract_request
 from .errors import InternalError, InvalidImage, RequestError, ResponseTooLarge, from_image_error
 from .explain import (MEGA, BatchCams, MapPlan, batch_cams, drop_hint, explanation_json,
-                      plan_maps, render_row, target_table)
+                      plan_maps, render_row)
 from .images import ImageError, decode_image, preprocess
 from .layers import LayerError
 from .methods import available_methods
 from .models import (ConfigError, LoadedModel, ModelSpec, load_model,
                      load_model_dir)
-from .options import (MAX_TARGETS, OPTION_KEYS, RequestOptions, ServingLimits,
-                      parse_options)
+from .options import MAX_TARGETS, RequestOptions, ServingLimits, option_keys, parse_options
 from .parsing import short_repr
-from .records import top_predictions
+from .tasks import Geometry, make_task
 
 log = logging.getLogger(__name__)
 
@@ -117,22 +116,26 @@ class BatchOutcome:
 
 @dataclass(frozen=True)
 class _Row:
-    """A request that parsed and decoded: its batch index, input tensor, options, map plan and
-    the image an overlay is drawn on (None when no overlay is asked for)."""
+    """A request that parsed and decoded: its batch index, input tensor, options, map plan, its
+    geometry (image size, input size) and the image an overlay is drawn on (None when no overlay
+    is asked for)."""
 
     index: int
     tensor: torch.Tensor
     options: RequestOptions
     plan: MapPlan
+    geometry: Geometry
     image: Optional[Image.Image] = None
 
 
 class _CamView:
-    """One explain row's slice of a batch's CAMs: its ``count`` targets and layer."""
+    """One explain row's slice of a batch's CAMs: its real targets, their maps, its layer."""
 
-    def __init__(self, cams: BatchCams, slot: int, count: int) -> None:
+    def __init__(self, cams: BatchCams, slot: int) -> None:
+        count = cams.targets.count[slot]
         self.cams = cams.cams[slot, :count]
-        self.targets = cams.targets[slot, :count].tolist()
+        self.targets = cams.targets
+        self.slot = slot
         self.layer = cams.layer
 
 
@@ -143,7 +146,7 @@ class _Work:
         self.left = pixels
 
 
-_Forward = tuple[torch.Tensor, Optional[BatchCams], list[int]]
+_Forward = tuple[Any, Optional[BatchCams], list[int]]
 
 
 def safe_traceback() -> str:
@@ -180,11 +183,13 @@ class CamService:
         self.num_classes = loaded.num_classes
         self.device = torch.device(loaded.device)
         self.limits = limits or ServingLimits.from_spec(self.spec)
+        self.task = make_task(self.spec.task, self.labels, self.spec.task_settings)
         self.engine = CamEngine(self.model, loaded.layer, layout=self.spec.layout,  # type: ignore[arg-type]
-                                reshape=loaded.reshape)
+                                reshape=loaded.reshape, task=self.task)
         self.warm_up()
-        log.info("camserve: serving %s (%d classes, layer %r, input %s) on %s", self.spec.arch,
-                 self.num_classes, self.engine.layer_name, self.spec.input_size, self.device)
+        log.info("camserve: serving %s (%s, %d classes, layer %r, input %s) on %s", self.spec.arch,
+                 self.task.name, self.num_classes, self.engine.layer_name, self.spec.input_size,
+                 self.device)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, *, weights: Optional[str | Path] = None,
@@ -223,7 +228,8 @@ class CamService:
         """What the model serves and which options it takes (TorchServe's customized describe)."""
         return {"arch": self.spec.arch, "num_classes": self.num_classes, "labels": self.labels,
                 "target_layer": self.engine.layer_name, "input_size": list(self.spec.input_size),
-                "methods": available_methods(), "options": list(OPTION_KEYS),
+                "task": self.task.name, "methods": available_methods(),
+                "options": list(option_keys(self.task)),
                 "defaults": {"method": self.spec.method,
                              "topk": min(self.spec.topk, self.num_classes),
                              "outputs": list(self.spec.outputs)},
@@ -281,7 +287,7 @@ class CamService:
         try:
             raw = extract_request(row)
             opts = parse_options(raw.options, self.spec, self.labels, explain=explain,
-                                 limits=self.limits)
+                                 limits=self.limits, task=self.task)
             # 413 from the header's size, before any pixel is decoded
             budget = ((lambda w, h: plan_maps(opts, (w, h), self.limits, work.left))
                       if opts.explain else None)
@@ -293,8 +299,9 @@ class CamService:
             keep = None
             if opts.explain and "overlay" in opts.outputs:
                 keep = img if not plan.scaled else img.resize(plan.render_size, Image.BILINEAR)
+            geometry = Geometry(img.size, tuple(self.spec.input_size))  # type: ignore[arg-type]
             del img
-            return _Row(index, x, opts, plan, keep)
+            return _Row(index, x, opts, plan, geometry, keep)
         except RequestError as exc:
             log.info("camserve: request %d of a batch of %d rejected: %s %s: %s", index, n,
                      exc.code, exc.type, exc.message)
@@ -345,40 +352,40 @@ class CamService:
             return self.engine.predict(x), None, explain
         t_cam = time.perf_counter()
         cams = batch_cams(self.engine, x, explain, [rows[j].options for j in explain],
-                          target_table([rows[j].options for j in explain]))
+                          [rows[j].geometry for j in explain])
         stats.cam_ms += (time.perf_counter() - t_cam) * 1000.0
-        return cams.logits, cams, explain
+        return cams.output, cams, explain
 
     def _run(self, rows: list[_Row], stats: BatchStats) -> list[RowResult]:
         """One batched pass over decoded ``rows``; rendering failures stay with their row."""
-        logits, cams, explain = self._forward(rows, stats)
-        probs = torch.softmax(logits.detach().float(), dim=1).cpu()
+        output, cams, explain = self._forward(rows, stats)
+        output = self.task.to_host(output)
         views: dict[int, _CamView] = {}
         if cams is not None:
-            opts = [rows[j].options for j in explain]
-            counts = target_table(opts).counts
-            views = {j: _CamView(cams, p, counts[p]) for p, j in enumerate(explain)}
+            views = {j: _CamView(cams, p) for p, j in enumerate(explain)}
             stats.explained_rows += len(explain)
-            stats.maps += sum(counts)
+            stats.maps += sum(cams.targets.count)
         out = []
         for j, row in enumerate(rows):
             try:
-                out.append(self._answer(row, probs[j], views.get(j)))
+                out.append(self._answer(row, self.task.row(output, j), views.get(j)))
             except RequestError as exc:
                 out.append(RowResult.error(exc))
             except Exception:
                 out.append(internal_error(f"rendering request {row.index}"))
         return out
 
-    def _answer(self, row: _Row, probs: torch.Tensor, view: Optional["_CamView"]) -> RowResult:
-        """One row's 200 answer (predictions, and explanations when it explains), size-checked."""
-        preds = top_predictions(probs.tolist(), self.labels, row.options.topk)
-        body: dict[str, Any] = {"predictions": [p.to_json() for p in preds]}
+    def _answer(self, row: _Row, out_row: Any, view: Optional["_CamView"]) -> RowResult:
+        """One row's 200 answer (the task's predictions, and explanations when it explains),
+        size-checked."""
+        explanations = None
         if view is not None:
-            records = render_row(row.image, row.options, view.cams, view.targets, probs,
-                                 self.labels, view.layer, plan=row.plan,
-                                 max_bytes=self.limits.max_response_size)
-            body["explanations"] = [explanation_json(e, row.plan) for e in records]
+            shown = self.task.shown(out_row, view.targets, view.slot, row.geometry)
+            records = render_row(row.image, row.options, view.cams, shown, view.layer,
+                                 plan=row.plan, max_bytes=self.limits.max_response_size)
+            explanations = [explanation_json(e, row.plan) for e in records]
+        body = self.task.answer(out_row, row.options.task, row.options.topk, row.geometry,
+                                explanations)
         return self._sized(RowResult(200, body), row.options)
 
     def _sized(self, result: RowResult, options: RequestOptions) -> RowResult:

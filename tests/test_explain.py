@@ -1,5 +1,5 @@
-"""camserve.explain: target table, batch CAMs (one forward, per-row methods), rendering into
-complete Explanation records."""
+"""camserve.explain: batch CAMs (one forward, targets from the task, per-row methods), rendering
+into complete Explanation records."""
 from __future__ import annotations
 
 
@@ -11,11 +11,12 @@ from PIL import Image
 from camserve import CamEngine
 from camserve.engine import normalize_maps, to_uint8
 from camserve.explain import (MapPlan, batch_cams, explanation_json, plan_maps, render_row,
-                              row_maps, target_table)
+                              row_maps)
 from camserve.errors import RequestError, ResponseTooLarge
 from camserve.methods import available_methods
 from camserve.options import RequestOptions, ServingLimits
 from camserve.records import Explanation
+from camserve.tasks import Classification, Geometry, Shown
 from camserve.testing.nets import TinyNet
 
 LABELS = ["circle", "square", "triangle", "star", "cross", "ring"]
@@ -25,11 +26,19 @@ def opts(targets=None, method="gradcam", outputs=("heatmap", "bbox")) -> Request
     return RequestOptions(explain=True, targets=targets, topk=3, method=method, outputs=outputs)
 
 
-def test_target_table_pads_and_marks_top1():
-    t = target_table([opts((1, 4, 2)), opts(None), opts((5,))])
-    assert t.table.tolist() == [[1, 4, 2], [-1, -1, -1], [5, 5, 5]] and t.counts == (3, 1, 1)
+def shown(targets, probs) -> list[Shown]:
+    return [Shown(i, LABELS[i], float(probs[i])) for i in targets]
+
+
+GEOM = Geometry((32, 32), (32, 32))
+
+
+def test_request_targets_pad_and_take_the_top1():
+    task = Classification(LABELS)
     logits = torch.tensor([[0.0] * 6, [0, 0, 0, 9, 0, 0], [0.0] * 6])
-    assert t.resolve(logits).tolist() == [[1, 4, 2], [3, 3, 3], [5, 5, 5]]
+    t = task.request_targets(logits, [o.task for o in (opts((1, 4, 2)), opts(None), opts((5,)))],
+                             [GEOM] * 3, [3] * 3)
+    assert t.index.tolist() == [[1, 4, 2], [3, 3, 3], [5, 5, 5]] and t.count == (3, 1, 1)
 
 
 def test_engine_rows_match_a_sub_batch():
@@ -50,12 +59,13 @@ def test_batch_cams_per_row_methods_equal_their_own_engine_call():
     methods = available_methods()[:3]
     options = [opts((2, 1), methods[0]), opts(None, methods[1]), opts((3,), methods[2])]
     rows = [0, 2, 3]
-    out = batch_cams(eng, x, rows, options, target_table(options))
+    out = batch_cams(eng, x, rows, options, [GEOM] * 3)
     assert out.cams.shape[:2] == (3, 2) and out.logits.shape == (4, len(LABELS))
     top1 = int(out.logits[2].argmax())
-    assert out.targets.tolist() == [[2, 1], [top1, top1], [3, 3]]
+    assert out.targets.index.tolist() == [[2, 1], [top1, top1], [3, 3]]
+    assert out.targets.count == (2, 1, 1)
     for p, (r, o) in enumerate(zip(rows, options)):
-        ref = eng(x[r:r + 1], targets=[out.targets[p, 0].item()], method=o.method)
+        ref = eng(x[r:r + 1], targets=[out.targets.index[p, 0].item()], method=o.method)
         torch.testing.assert_close(out.cams[p, 0], ref.cams[0], rtol=1e-4, atol=1e-6)
 
 
@@ -65,7 +75,7 @@ def test_render_row_builds_complete_records(decode_png):
     img = Image.new("RGB", (40, 30), "blue")
     o = opts((1, 4), "layercam", ("heatmap", "overlay", "raw", "bbox"))
     probs = torch.softmax(torch.arange(6.0), 0)
-    recs = render_row(img, o, cams, [1, 4], probs, LABELS, "features")
+    recs = render_row(img, o, cams, shown([1, 4], probs), "features")
     assert all(isinstance(r, Explanation) for r in recs)
     assert [(r.target, r.label, r.method, r.layer) for r in recs] == [
         (1, "square", "layercam", "features"), (4, "cross", "layercam", "features")]
@@ -82,8 +92,8 @@ def test_render_row_builds_complete_records(decode_png):
 def test_render_row_gives_only_the_outputs_asked_for():
     img = Image.new("RGB", (40, 30), "blue")
     probs = torch.softmax(torch.arange(6.0), 0)
-    only_raw = render_row(img, opts((1,), outputs=("raw",)), torch.rand(1, 8, 8), [1], probs,
-                          LABELS, "f")
+    only_raw = render_row(img, opts((1,), outputs=("raw",)), torch.rand(1, 8, 8),
+                          shown([1], probs), "f")
     assert set(only_raw[0].to_json()) == {"target", "label", "score", "method", "layer", "width",
                                           "height", "raw"}
 
@@ -148,7 +158,7 @@ MAPS = opts((1,), outputs=("heatmap", "overlay", "bbox"))
 
 
 def _render(img, plan=None):
-    return render_row(img, MAPS, SPOT, [1], torch.full((6,), 1 / 6), LABELS, "f", plan=plan)[0]
+    return render_row(img, MAPS, SPOT, shown([1], torch.full((6,), 1 / 6)), "f", plan=plan)[0]
 
 
 def test_render_scaled_plan_gives_small_pngs(open_image):
@@ -195,7 +205,7 @@ def test_render_stops_once_the_answer_passes_its_byte_limit(monkeypatch):
     img = Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8), "RGB")
     o = opts(tuple(range(6)), outputs=("overlay",))
     with pytest.raises(ResponseTooLarge) as e:
-        render_row(img, o, torch.rand(6, 8, 8), list(range(6)), torch.full((6,), 1 / 6),
-                   LABELS, "f", max_bytes=200_000)
+        render_row(img, o, torch.rand(6, 8, 8), shown(range(6), torch.full((6,), 1 / 6)), "f",
+                   max_bytes=200_000)
     assert len(calls) == 1 and calls[0] == 150_000  # the first overlay alone passes the limit
     assert "overlay" in e.value.message and e.value.size > 200_000

@@ -47,7 +47,8 @@ SPEC_KEYS: dict[str, str] = {
     "arch": "arch", "num_classes": "num_classes", "target_layer": "layer",
     "input_size": "input_size", "mean": "mean", "std": "std", "method": "method", "topk": "topk",
     "max_pixels": "max_pixels", "outputs": "outputs", "layout": "layout",
-    "arch_args": "arch_args", "interpolation": "interpolation", "crop": "crop",
+    "arch_args": "arch_args", "interpolation": "interpolation", "crop": "crop", "task": "task",
+    "task_settings": "task_settings",
 }
 #: Spec fields written even when unset (JSON ``null``), so every graph has the key.
 ALWAYS_WRITTEN: tuple[str, ...] = ("interpolation", "crop")
@@ -103,12 +104,14 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
         key = str(m).strip().lower()
         if not key:
             continue
-        get_method(key)  # ValueError naming the known methods
+        if not get_method(key).exportable:  # get_method: ValueError naming the known methods
+            raise ValueError(f"invalid value for methods: {key!r} cannot be computed inside the "
+                             f"graph (graph methods: {', '.join(available_methods(exportable=True))})")
         if key not in out:
             out.append(key)
     if not out:
         raise ValueError(f"invalid value for methods: {list(methods)!r} is empty "
-                         f"(known: {', '.join(available_methods())})")
+                         f"(known: {', '.join(available_methods(exportable=True))})")
     names = [method_output_name(m) for m in out]
     if len(set(names)) != len(names):
         raise ValueError(f"invalid value for methods: {out!r} map to clashing output names {names}")
@@ -239,8 +242,15 @@ class GraphMeta:
                     raw = props[key]
                     if f == "interpolation":  # a plain string, or null when unset
                         cfg[f] = None if raw == "null" else raw
+                    elif f == "task_settings":  # the task's own handler keys, as a map
+                        settings = json.loads(raw)
+                        if not isinstance(settings, dict):
+                            raise ValueError("task_settings must be a map")
+                        cfg.update({str(k): v for k, v in settings.items()
+                                    if str(k) not in ModelSpec.BASE_KEYS})
                     else:
-                        cfg[f] = raw if f in ("arch", "target_layer", "method", "layout") else json.loads(raw)
+                        cfg[f] = raw if f in ("arch", "target_layer", "method", "layout", "task") \
+                            else json.loads(raw)
             key = KEYS["labels"]
             labels = json.loads(props[key])
             key = KEYS["methods"]

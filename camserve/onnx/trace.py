@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..engine import cam_step, check_logits
+from ..engine import cam_step
 from ..layers import Layout, LayerSpec, Reshape, capture_layer, nchw_converter, resolve_layer
 from ..sources import logits_of
 from ..methods import get_method
@@ -89,10 +89,11 @@ class CamGraph(nn.Module):
         with _contiguous_outputs(self.model), \
                 capture_layer(self.model, self._layer_name, "track-grad") as cap:
             logits = logits_of(self.model(x))
-        check_logits(logits, self._layer_name)
+        if logits.dim() != 2:
+            raise ValueError("the model must return logits of shape (B, classes)")
         top1 = logits.detach().argmax(dim=1)
         t = torch.where(target < 0, top1, target.to(top1.dtype))
-        step = cam_step(logits, cap.output, t, self._fns, self._to_nchw)
+        step = cam_step(logits.gather(1, t[:, None])[:, 0], cap.output, self._fns, self._to_nchw)
         return (logits.detach(), step.activations, step.gradients, *step.cams)
 
 

@@ -166,7 +166,7 @@ def all_methods_graph(r18: nn.Module, tmp_path_factory: pytest.TempPathFactory) 
     src = loaded(r18, arch="torchvision.models.resnet18", input_size=(64, 48), layer="layer3",
                  labels=[f"c{i}" for i in range(7)], mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
     path = tmp_path_factory.mktemp("g") / "all.onnx"
-    info = export_cam_onnx(src, path, methods=available_methods())
+    info = export_cam_onnx(src, path, methods=available_methods(exportable=True))
     return path, info
 
 
@@ -185,7 +185,7 @@ def test_graph_inputs_outputs_and_metadata(all_methods_graph: tuple[Path, object
     outs = [o.name for o in proto.graph.output]
     assert outs == ["logits", "activations", "gradients", "cam", "cam_gradcampp", "cam_hirescam",
                     "cam_xgradcam", "cam_layercam"]
-    assert outs == output_names(available_methods())
+    assert outs == output_names(available_methods(exportable=True))
     for o in proto.graph.output:
         assert o.type.tensor_type.shape.dim[0].dim_param == "batch"
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -195,7 +195,7 @@ def test_graph_inputs_outputs_and_metadata(all_methods_graph: tuple[Path, object
     assert json.loads(meta["mean"]) == pytest.approx([0.1, 0.2, 0.3])
     assert json.loads(meta["std"]) == pytest.approx([0.5, 0.6, 0.7])
     assert meta["layer"] == "layer3"
-    assert json.loads(meta["methods"]) == available_methods()
+    assert json.loads(meta["methods"]) == available_methods(exportable=True)
     assert json.loads(meta["cam_outputs"])["gradcam++"] == "cam_gradcampp"
     parsed = GraphMeta.from_file(path)
     assert parsed.output_for("gradcam") == "cam" and parsed.input_size == (64, 48)
