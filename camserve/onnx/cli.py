@@ -258,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as exc:  # report it and exit 1; the traceback with -v
+    except Exception as exc:  # any other failure: reported, the traceback with -v
         if args.verbose:
             traceback.print_exc()
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
