@@ -269,13 +269,7 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False,
     started = False
     bar = None
     try:
-        items = []
-        for it in list_items(cfg, outputs, counts):
-            if it.error is not None:  # refused while listing: its error line, written here
-                outputs.error(Failed(it, *it.error))
-            else:
-                items.append(it)
-        outputs.flush()
+        items = _listed(cfg, outputs, counts)
         stats.skipped = counts.get("skipped", 0)
         stats.malformed = outputs.malformed
         if items:
@@ -309,6 +303,19 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions, verbose: bool = False,
         if started:
             disconnect()
     return finish_stats(plan, stats, outputs, means, t0)
+
+
+def _listed(cfg: JobConfig, outputs: Outputs, counts: dict[str, int]) -> list[Item]:
+    """The job's items (:func:`camserve.onnx.job.list_items`); those refused while listing get
+    their error lines here, on the driver."""
+    items = []
+    for it in list_items(cfg, outputs, counts):
+        if it.error is not None:
+            outputs.error(Failed(it, *it.error))
+        else:
+            items.append(it)
+    outputs.flush()
+    return items
 
 
 def _drain(ds: Any, items: Sequence[Item], outputs: Outputs, bar: Any, t0: float,

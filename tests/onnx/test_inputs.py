@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import pytest
@@ -15,24 +16,32 @@ from camserve.onnx.format import GraphMeta
 from .conftest import photo
 
 
+class _Pulled:
+    """An iterator over ``items`` that counts how many were taken from it (``pulled``)."""
+
+    def __init__(self, items: Iterable[batch_inputs.Item]) -> None:
+        self._items = iter(items)
+        self.pulled = 0
+
+    def __iter__(self) -> Iterator[batch_inputs.Item]:
+        return self
+
+    def __next__(self) -> batch_inputs.Item:
+        item = next(self._items)
+        self.pulled += 1
+        return item
+
+
 def test_decoding_window_is_bounded(graph: Path, tmp_path: Path) -> None:
     meta = GraphMeta.from_file(graph)
     for i in range(40):
         photo(tmp_path / "many" / f"{i:03d}.png", (16, 16), i)
-    items = batch_inputs.iter_inputs([str(tmp_path / "many")])
-    pulled = 0
-
-    def counting():
-        nonlocal pulled
-        for it in items:
-            pulled += 1
-            yield it
-
+    items = _Pulled(batch_inputs.iter_inputs([str(tmp_path / "many")]))
     with ThreadPoolExecutor(4) as pool:
         seen = 0
-        for outcome in batch_inputs.decoded_stream(counting(), pool, 6, meta, False, 10**6):
+        for outcome in batch_inputs.decoded_stream(items, pool, 6, meta, False, 10**6):
             seen += 1
-            assert pulled - seen <= 6  # never more than the window ahead of the consumer
+            assert items.pulled - seen <= 6  # never more than the window ahead of the consumer
             assert outcome.image is None  # images are dropped unless overlays are asked for
     assert seen == 40
 
@@ -68,21 +77,14 @@ def test_window_is_bounded_in_bytes(graph: Path, tmp_path: Path) -> None:
         photo(tmp_path / "many" / f"{i:03d}.png", (64, 64), i)
     per_image = 3 * 64 * 64 * 4  # one preprocessed tensor
     budget = batch_inputs.ByteBudget(4 * per_image)
-    items = batch_inputs.iter_inputs([str(tmp_path / "many")])
-    pulled = seen = 0
-
-    def counting():
-        nonlocal pulled
-        for it in items:
-            pulled += 1
-            yield it
-
+    items = _Pulled(batch_inputs.iter_inputs([str(tmp_path / "many")]))
+    seen = 0
     with ThreadPoolExecutor(4) as pool:
-        for outcome in batch_inputs.decoded_stream(counting(), pool, 100, meta, False, 10**6,
-                                                 budget=budget):
+        for outcome in batch_inputs.decoded_stream(items, pool, 100, meta, False, 10**6,
+                                                   budget=budget):
             seen += 1
             time.sleep(0.01)  # a slow consumer: the decodes run ahead until the budget stops them
-            assert pulled - seen <= 4 + 1  # the count window (100) alone would allow 100
+            assert items.pulled - seen <= 4 + 1  # the count window (100) alone would allow 100
             budget.release(outcome.nbytes)  # written
     assert seen == 30 and budget.peak <= 5 * per_image and budget.held == 0
 
