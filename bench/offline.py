@@ -33,9 +33,10 @@ import torchvision
 
 from camserve import CamEngine, heatmaps_at_sizes
 from camserve.models import ModelSpec, from_module
-from camserve.onnx.batch import JobConfig, JobStats, default_threads, run_job
+from camserve.onnx.batch import run_job
 from camserve.onnx.export import export_cam_onnx, export_plain_onnx
-from camserve.onnx.session import ort_session
+from camserve.onnx.job import BatchExplainer, JobConfig, JobStats, plan_job
+from camserve.onnx.session import available_cpus, ort_session
 from camserve.testing.photos import write_photos
 
 SETTLE_S = 0.3
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="onnxruntime and torch intra-op threads (0: all CPUs)")
     args = ap.parse_args()
-    threads = args.threads or default_threads()
+    threads = args.threads or available_cpus()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
@@ -128,7 +129,8 @@ def main() -> None:
     photos = work / "photos"
     write_photos(photos, args.images)
     del plain_sess, cam_sess, gc
-    job_sess = ort_session(cam_path, threads=threads, spinning=False)  # as the job configures it
+    job_cfg = JobConfig(model=cam_path, inputs=[str(photos)], out=work / "bare")
+    job_sess = BatchExplainer.open(plan_job(job_cfg), device="cpu", threads=threads).sess  # the job's
 
     def bare_rate() -> float:
         """images/s of the bare session (the job's settings) on preprocessed tensors."""

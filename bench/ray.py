@@ -37,8 +37,10 @@ ROOT = HERE.parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the private Ray on loopback
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from camserve.onnx.batch import JobConfig, default_threads, run_job  # noqa: E402  (after the env)
+from camserve.onnx.batch import run_job  # noqa: E402  (after the env)
+from camserve.onnx.job import JobConfig  # noqa: E402
 from camserve.onnx.ray import RayOptions, connect, disconnect, run_ray_job  # noqa: E402
+from camserve.onnx.session import available_cpus  # noqa: E402
 from camserve.testing.photos import write_photos  # noqa: E402
 
 
@@ -64,7 +66,7 @@ def _run(args: argparse.Namespace, work: Path) -> None:
         graph = work / "shapes.cam.onnx"
         subprocess.run([sys.executable, "-m", "export.onnx_export", str(ROOT / "models/shapes"),
                         "--out", str(graph)], cwd=ROOT, check=True, capture_output=True)
-    cpus = default_threads()
+    cpus = available_cpus()
     t0 = time.perf_counter()
     connect("local")  # the warm runs reuse it; the cold runs start their own
     print(f"{args.images} JPEGs, graph {graph.name}, batch {args.batch_size}, {cpus} CPUs; "

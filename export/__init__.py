@@ -1,4 +1,4 @@
 """Command-line entry points of camserve's ONNX side (thin wrappers; the code is in
 :mod:`camserve.onnx`): ``python -m export.onnx_export`` (:mod:`camserve.onnx.export`) and
-``python -m export.batch_cam`` (:mod:`camserve.onnx.batch`).
+``python -m export.batch_cam`` (:mod:`camserve.onnx.cli`).
 """

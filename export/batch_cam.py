@@ -1,15 +1,11 @@
-"""``python -m export.batch_cam``: explain folders (or lists) of images with a camserve CAM graph on
-onnxruntime. The command line of :func:`camserve.onnx.batch.main` (see that module for inputs,
-outputs and options).
-
-Exit status: 0 every image succeeded; 3 some images failed (see errors.jsonl); 2 usage error;
-130 interrupted (Ctrl-C); 1 any other failure.
+"""``python -m export.batch_cam``: the batch job's command line (:func:`camserve.onnx.cli.main`,
+installed as ``camserve-batch``), kept here for ``make batch``. The manual: docs/batch.md.
 """
 from __future__ import annotations
 
 import sys
 
-from camserve.onnx.batch import main
+from camserve.onnx.cli import main
 
 __all__ = ["main"]
 

@@ -1,8 +1,8 @@
 """The reading side of the batch job: listing inputs (files, folders, ``.txt`` lists), output names,
-bounded reads of regular files only, and decoding into model inputs.
+bounded reads of regular files only, and decoding into model inputs (:func:`decoded_stream`).
 
 Every problem with one input is an :class:`Item` error or a :class:`Failed` record, never an
-exception that stops the job (see :mod:`camserve.onnx.batch`).
+exception that stops the job. The rules (what is refused, how names are made): docs/batch.md.
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ _HASH_CHARS = 12
 
 
 class UsageError(ValueError):
-    """A command-line value that is not allowed (exit status 2)."""
+    """An option, input or graph the job refuses before any image: its usage error
+    (docs/batch.md)."""
 
 
 
@@ -201,11 +202,11 @@ def _iter_list(list_file: Path) -> Iterator[Item]:
     where = str(list_file)
     try:
         fh = _open_regular(list_file)
-    except _Refused as exc:
+    except Refused as exc:
         yield Item(where, "", (exc.type, f"list file: {exc.reason}"))
         return
     except OSError as exc:
-        yield Item(where, "", ("UnreadableFile", f"cannot read list file: {_os_reason(exc)}"))
+        yield Item(where, "", ("UnreadableFile", f"cannot read list file: {os_reason(exc)}"))
         return
     with os.fdopen(fh, "rb") as f:
         head = f.read(8192)
@@ -241,7 +242,7 @@ def _iter_list(list_file: Path) -> Iterator[Item]:
             yield Item(str(full), _safe_name(list(parts)))
 
 
-def _unique(items: Iterable[Item], skip: set[str], counts: dict[str, int],
+def unique_items(items: Iterable[Item], skip: set[str], counts: dict[str, int],
             reserved: Iterable[str] = ()) -> Iterator[Item]:
     """Drop repeated paths and paths in ``skip`` (counted in ``counts["skipped"]``); make clashing
     output names unique (``name~2``), also against ``reserved`` (the names of a resumed run's
@@ -269,7 +270,7 @@ def _unique(items: Iterable[Item], skip: set[str], counts: dict[str, int],
 
 # -- reading files ------------------------------------------------------------------------------------
 
-class _Refused(Exception):
+class Refused(Exception):
     """A file refused before or while reading it: ``type`` and ``reason`` of its error record."""
 
     def __init__(self, type: str, reason: str) -> None:
@@ -282,18 +283,18 @@ _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a ch
           stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder", stat.S_IFLNK: "a symlink"}
 
 
-def _os_reason(exc: OSError) -> str:
+def os_reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
 def _open_regular(path: str | Path) -> int:
-    """A read-only descriptor of a regular file: refused (:class:`_Refused`) without opening it
+    """A read-only descriptor of a regular file: refused (:class:`Refused`) without opening it
     when ``stat`` says it is anything else (a FIFO would block, a device never ends), and checked
     again with ``fstat`` on the descriptor (opened with ``O_NONBLOCK``: a file swapped for a FIFO
     in between cannot block the open)."""
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
-        raise _Refused("NotARegularFile", f"not a regular file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'special')}); "
+        raise Refused("NotARegularFile", f"not a regular file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'special')}); "
                                           f"only regular files are read")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | \
         getattr(os, "O_NOCTTY", 0)
@@ -301,7 +302,7 @@ def _open_regular(path: str | Path) -> int:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise _Refused("NotARegularFile", "not a regular file (it changed while opening); only "
+            raise Refused("NotARegularFile", "not a regular file (it changed while opening); only "
                                               "regular files are read")
     except BaseException:
         os.close(fd)
@@ -311,12 +312,12 @@ def _open_regular(path: str | Path) -> int:
 
 def read_file(path: str | Path, max_size: int = DEFAULT_MAX_FILE_SIZE) -> bytes:
     """The bytes of a regular file of at most ``max_size`` bytes, read with a bounded read.
-    :class:`_Refused` for a special file or a larger one; OSError when it cannot be read."""
+    :class:`Refused` for a special file or a larger one; OSError when it cannot be read."""
     fd = _open_regular(path)
     try:
         size = os.fstat(fd).st_size
         if size > max_size:
-            raise _Refused("FileTooLarge", f"file too large: {size} bytes (the limit is {max_size} "
+            raise Refused("FileTooLarge", f"file too large: {size} bytes (the limit is {max_size} "
                                            f"bytes; raise it with --max-file-size)")
         chunks, total = [], 0
         while True:
@@ -326,7 +327,7 @@ def read_file(path: str | Path, max_size: int = DEFAULT_MAX_FILE_SIZE) -> bytes:
             chunks.append(chunk)
             total += len(chunk)
             if total > max_size:  # it grew while being read
-                raise _Refused("FileTooLarge", f"file too large: more than {max_size} bytes (the "
+                raise Refused("FileTooLarge", f"file too large: more than {max_size} bytes (the "
                                                f"limit; raise it with --max-file-size)")
         return b"".join(chunks)
     finally:
@@ -355,6 +356,10 @@ class Failed:
     type: str
     reason: str
 
+    def record(self) -> dict[str, str]:
+        """Its errors.jsonl line: ``{"path", "type", "reason"}``."""
+        return {"path": self.item.path, "type": self.type, "reason": self.reason}
+
 
 Outcome = Union[Decoded, Failed]
 
@@ -368,7 +373,7 @@ def _bounded_copy(img: Image.Image, side: int = OVERLAY_MAX_SIDE) -> Image.Image
     return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
 
 
-def _load(item: Item, meta: GraphMeta, keep_image: bool, max_pixels: int,
+def load_item(item: Item, meta: GraphMeta, keep_image: bool, max_pixels: int,
           max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Outcome:
     """Read, decode and preprocess one file; every failure is a :class:`Failed` (never raises)."""
     if item.error is not None:
@@ -386,21 +391,21 @@ def _load(item: Item, meta: GraphMeta, keep_image: bool, max_pixels: int,
         if kept is not None:
             nbytes += kept.width * kept.height * 3
         return Decoded(item, x, size, kept, nbytes)
-    except _Refused as exc:
+    except Refused as exc:
         return Failed(item, exc.type, exc.reason)
     except ImageError as exc:
         return Failed(item, exc.type, str(exc))
     except OSError as exc:
-        return Failed(item, "UnreadableFile", f"cannot read file: {_os_reason(exc)}")
+        return Failed(item, "UnreadableFile", f"cannot read file: {os_reason(exc)}")
     except MemoryError:
         return Failed(item, "OutOfMemory", "not enough memory to decode this file")
     except Exception as exc:  # a bug or a decoder surprise: this item's error, the job goes on
-        return _internal(item, exc)
+        return internal_error(item, exc)
 
 
-def _internal(item: Item, exc: BaseException) -> Failed:
-    """An unexpected exception while handling one item: its error record, with a short id that
-    also names the traceback in the log."""
+def internal_error(item: Item, exc: BaseException) -> Failed:
+    """An unexpected exception while handling one item (a bug or a decoder surprise): its error
+    record, with a short id that also names the traceback in the log."""
     eid = uuid.uuid4().hex[:8]
     log.warning("internal error %s on %s", eid, short_repr(item.path), exc_info=exc)
     return Failed(item, "InternalError", f"internal error {eid}: {type(exc).__name__}")
@@ -430,44 +435,62 @@ class ByteBudget:
         return self.held >= self.limit
 
 
-def _decoded_stream(items: Iterable[Item], pool: ThreadPoolExecutor, window: int, meta: GraphMeta,
-                    keep_image: bool, max_pixels: int,
-                    pending: Optional[deque[Future[Outcome]]] = None,
-                    budget: Optional[ByteBudget] = None,
-                    max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Iterator[Outcome]:
-    """Decode in ``pool`` with at most ``window`` images in flight and, with a ``budget``, no new
-    read while the bytes held are over it; yield outcomes in input order. A read is charged to the
-    budget when it is submitted (the tensor's size, plus for overlays the average copy so far,
-    or a 2048x1536 one), then corrected to what its outcome holds. ``pending`` (if given) is the
-    deque of in-flight decodes, for the caller to wait on or cancel."""
-    pending = deque() if pending is None else pending
-    h, w = meta.input_size
-    tensor_bytes = 3 * int(h) * int(w) * 4
-    seen = {"n": 0, "bytes": 0}
+class _ChargedLoad:
+    """:func:`load_item` with each read charged to a :class:`ByteBudget`: when it is submitted
+    (:meth:`estimate`: the tensor's size, plus for overlays the mean copy so far, or a 2048x1536
+    one before any), then corrected to what its outcome holds. Without a budget, a plain
+    :func:`load_item`."""
 
-    def estimate() -> int:
-        if not keep_image:
-            return tensor_bytes
-        avg = seen["bytes"] // seen["n"] if seen["n"] else OVERLAY_MAX_SIDE * 1536 * 3
-        return tensor_bytes + avg
+    def __init__(self, meta: GraphMeta, keep_image: bool, max_pixels: int, max_file_size: int,
+                 budget: Optional[ByteBudget]) -> None:
+        self.meta, self.keep_image, self.budget = meta, keep_image, budget
+        self.max_pixels, self.max_file_size = max_pixels, max_file_size
+        h, w = meta.input_size
+        self.tensor_bytes = 3 * int(h) * int(w) * 4
+        self._copies = 0        # overlay copies decoded so far
+        self._copy_bytes = 0    # and their bytes
+        self._lock = threading.Lock()
 
-    def load(it: Item, est: int) -> Outcome:
-        out = _load(it, meta, keep_image, max_pixels, max_file_size)
-        if budget is not None:
+    def estimate(self) -> int:
+        """Bytes to charge for a read about to be submitted (0 without a budget)."""
+        if self.budget is None:
+            return 0
+        if not self.keep_image:
+            return self.tensor_bytes
+        with self._lock:
+            avg = self._copy_bytes // self._copies if self._copies else OVERLAY_MAX_SIDE * 1536 * 3
+        return self.tensor_bytes + avg
+
+    def __call__(self, item: Item, charged: int) -> Outcome:
+        out = load_item(item, self.meta, self.keep_image, self.max_pixels, self.max_file_size)
+        if self.budget is not None:
             held = out.nbytes if isinstance(out, Decoded) else 0
-            budget.add(held - est)
-            if isinstance(out, Decoded) and keep_image:
-                seen["n"] += 1
-                seen["bytes"] += max(0, held - tensor_bytes)
+            self.budget.add(held - charged)
+            if isinstance(out, Decoded) and self.keep_image:
+                with self._lock:
+                    self._copies += 1
+                    self._copy_bytes += max(0, held - self.tensor_bytes)
         return out
 
+
+def decoded_stream(items: Iterable[Item], pool: ThreadPoolExecutor, window: int, meta: GraphMeta,
+                   keep_image: bool, max_pixels: int,
+                   pending: Optional[deque[Future[Outcome]]] = None,
+                   budget: Optional[ByteBudget] = None,
+                   max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Iterator[Outcome]:
+    """Decode in ``pool`` with at most ``window`` images in flight and, with a ``budget``, no new
+    read while the bytes held are over it; yield outcomes in input order. Each read is charged to
+    the budget when it is submitted and corrected when it is done (:class:`_ChargedLoad`).
+    ``pending`` (if given) is the deque of in-flight decodes, for the caller to wait on or
+    cancel."""
+    pending = deque() if pending is None else pending
+    load = _ChargedLoad(meta, keep_image, max_pixels, max_file_size, budget)
     for it in items:
         while pending and (len(pending) >= window or (budget is not None and budget.over())):
             yield pending.popleft().result()
-        est = estimate() if budget is not None else 0
+        charged = load.estimate()
         if budget is not None:
-            budget.add(est)
-        pending.append(pool.submit(load, it, est))
+            budget.add(charged)
+        pending.append(pool.submit(load, it, charged))
     while pending:
         yield pending.popleft().result()
-

@@ -1,6 +1,7 @@
-"""The writing side of the batch job: artefacts written to a temporary name and renamed without
-following links, results lines (one function for the local job and the Ray runner), and
-``results.jsonl``/``errors.jsonl`` appended with whole lines only, read back by ``--resume``.
+"""The writing side of the batch job: each image's artefacts (heatmap at the original size, bbox,
+files written to a temporary name and renamed without following links: :func:`finish_image`), and
+``results.jsonl``/``errors.jsonl`` appended with whole lines only, read back by ``--resume``
+(:class:`Outputs`). The output layout and its safety rules: docs/batch.md.
 """
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ import secrets
 import signal
 import stat
 import threading
-from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
 
@@ -25,10 +24,8 @@ from PIL import Image
 
 from ..engine import heatmaps_at_sizes
 from ..parsing import short_repr
-from ..records import Prediction, top_predictions
 from ..render import bbox_from_heatmap, heatmap_png, overlay_png
-from .format import GraphMeta
-from .inputs import Decoded, Failed, Item, UsageError, _internal, _os_reason
+from .inputs import Decoded, Failed, Item, UsageError, internal_error, os_reason
 
 
 log = logging.getLogger("camserve.onnx.batch")
@@ -124,14 +121,6 @@ class PixelGate:
 _MAP_GATE = PixelGate(MAP_PIXELS_AT_ONCE)
 
 
-@dataclass
-class BatchResult:
-    """One image's results line, waiting for its heatmap, bbox and files."""
-
-    line: dict[str, Any]
-    files: Future[tuple[dict[str, str], Optional[list[int]]]]
-
-
 def _finish_image(out_dir: Path, d: Decoded, cam: np.ndarray,
                   save: Sequence[str]) -> tuple[dict[str, str], Optional[list[int]]]:
     """Heatmap at the original size (:func:`camserve.heatmaps_at_sizes`, as the handler), its
@@ -180,48 +169,12 @@ def finish_image(out_dir: Path, d: Decoded, cam: np.ndarray,
         what = "name too long for the filesystem" if exc.errno == errno.ENAMETOOLONG else (
             "a symlink or non-folder in the output path" if exc.errno in (errno.ELOOP,
                                                                            errno.ENOTDIR)
-            else _os_reason(exc))
+            else os_reason(exc))
         return Failed(d.item, "UnwritableOutput", f"cannot write {short_repr(d.item.name)}: {what}")
     except MemoryError:
         return Failed(d.item, "OutOfMemory", "not enough memory to make this image's files")
     except Exception as exc:
-        return _internal(d.item, exc)
-
-
-def probabilities(logits: np.ndarray) -> torch.Tensor:
-    """Softmax of a session's logits (float32, per row)."""
-    return torch.softmax(torch.from_numpy(np.asarray(logits)).float(), dim=1)
-
-
-def result_lines(items: Sequence[Item], sizes: Sequence[tuple[int, int]], logits: np.ndarray,
-                 cams: Optional[np.ndarray], target: int, topk: int, meta: GraphMeta,
-                 method: str) -> list[Union[dict[str, Any], Failed]]:
-    """The results.jsonl lines of one session run (bbox and files are filled in when each heatmap
-    is done): the :class:`camserve.records.Prediction` records of the top-k and of the explained
-    class (``target`` -1: each image's top-1). An image whose scores or map are not finite gets a
-    :class:`Failed` record instead (``InvalidOutput``). Shared by the local job and the Ray
-    actors."""
-    probs = probabilities(logits)
-    out: list[Union[dict[str, Any], Failed]] = []
-    for j, (item, size) in enumerate(zip(items, sizes)):
-        row = probs[j]
-        if not bool(torch.isfinite(row).all()):
-            out.append(Failed(item, "InvalidOutput", "the graph returned non-finite scores (NaN "
-                                                     "or infinity) for this image"))
-            continue
-        if cams is not None and not bool(np.isfinite(cams[j]).all()):
-            out.append(Failed(item, "InvalidOutput", "the graph returned a non-finite CAM (NaN "
-                                                     "or infinity) for this image"))
-            continue
-        values = row.tolist()
-        preds = top_predictions(values, meta.labels, topk)
-        t = preds[0].index if target < 0 else target
-        explained = Prediction(t, meta.labels[t], float(values[t])).to_json()
-        out.append({"path": item.path, "name": item.name, "width": size[1], "height": size[0],
-                    "topk": [p.to_json() for p in preds], "target": explained["index"],
-                    "label": explained["label"], "score": explained["score"], "bbox": None,
-                    "method": method, "layer": meta.layer})
-    return out
+        return internal_error(d.item, exc)
 
 
 def encode_line(obj: dict[str, Any]) -> str:
@@ -244,6 +197,16 @@ def encode_line(obj: dict[str, Any]) -> str:
     except UnicodeEncodeError:
         text = json.dumps(obj, ensure_ascii=True, allow_nan=False)
     return text
+
+
+def encode_result(line: dict[str, Any]) -> Union[str, Failed]:
+    """A results line as JSON text (:func:`encode_line`), or, for a line that is not valid JSON
+    (a NaN), its image's :class:`Failed` record (``InvalidOutput``)."""
+    try:
+        return encode_line(line)
+    except ValueError as exc:
+        return Failed(Item(str(line.get("path")), str(line.get("name"))), "InvalidOutput",
+                      f"the result is not valid JSON: {short_repr(str(exc))}")
 
 
 @contextmanager
@@ -313,19 +276,16 @@ class Outputs:
     def result(self, line: dict[str, Any]) -> bool:
         """Queue one results line; a line that is not valid JSON (a NaN) becomes an error record
         instead (False)."""
-        try:
-            text = encode_line(line)
-        except ValueError as exc:
-            self.error(Failed(Item(str(line.get("path")), str(line.get("name"))), "InvalidOutput",
-                              f"the result is not valid JSON: {short_repr(str(exc))}"))
+        text = encode_result(line)
+        if isinstance(text, Failed):
+            self.error(text)
             return False
         self._results.append(text + "\n")
         self.ok += 1
         return True
 
     def error(self, f: Failed) -> None:
-        self._errors.append(encode_line({"path": f.item.path, "type": f.type,
-                                         "reason": f.reason}) + "\n")
+        self._errors.append(encode_line(f.record()) + "\n")
         self.failed += 1
 
     def flush(self) -> None:

@@ -1,8 +1,8 @@
-"""The batch job on Ray (camserve.onnx.ray): option parsing and the actor's batch function without a
-cluster, then real jobs on a real two-node local Ray cluster bound to 127.0.0.1 (marked slow)."""
+"""The batch job's Ray runner (camserve.onnx.ray): the pool size and the actor's batch function
+without a cluster, then real jobs on a real two-node local Ray cluster bound to 127.0.0.1 (marked
+slow)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -10,68 +10,37 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import psutil
 import pytest
 from PIL import Image
 
-from camserve.onnx import batch as batch_cam
-from camserve.onnx import inputs as batch_inputs
-from camserve.onnx import outputs as batch_outputs
-from camserve.onnx.batch import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, JobConfig, UsageError, run_job
-from camserve.onnx.ray import (CamBatchWorker, RayOptions, check_address, parse_actors, plan_job,
-                               pool_size, ray_options)
+from camserve.onnx.batch import run_job
+from camserve.onnx.inputs import Item, UsageError, iter_inputs
+from camserve.onnx.job import EXIT_OK, EXIT_PARTIAL, JobConfig, JobStats, plan_job
+from camserve.onnx.outputs import Outputs
+from camserve.onnx.ray import CamBatchWorker, RayOptions, pool_size
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import RAY_ENV, ROOT, job_env, photo
+
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+JsonLines = Callable[[Path], list[dict]]
 
 
-# -- fixtures -----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def graph(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model's CAM graph, exported once per session."""
-    out = tmp_path_factory.mktemp("graph") / "shapes.cam.onnx"
-    subprocess.run([sys.executable, "-m", "export.onnx_export", str(ROOT / "models" / "shapes"),
-                    "--out", str(out)], cwd=ROOT, env=_env(), check=True, capture_output=True,
-                   timeout=300)
-    return out
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, **RAY_ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
-
-
-def _img(path: Path, size: tuple[int, int], seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    h, w = size
-    base = rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
-    y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
-    base[y0:y0 + h // 3, x0:x0 + w // 3] += rng.integers(100, 200, 3).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(base).save(path)
-    return path
-
+# -- helpers ------------------------------------------------------------------------------------------
 
 def _folder(root: Path, n: int, size: tuple[int, int], corrupt: bool = True) -> Path:
     """``n`` images (half PNG, half JPEG, in two subfolders), plus two corrupt files."""
     for i in range(n):
         sub = "a" if i % 2 else "b/c"
-        _img(root / sub / f"img{i:03d}.{'png' if i % 3 else 'jpg'}",
+        photo(root / sub / f"img{i:03d}.{'png' if i % 3 else 'jpg'}",
              (size[0] + 7 * (i % 5), size[1] + 3 * (i % 7)), i)
     if corrupt:
         (root / "a" / "empty.png").write_bytes(b"")
         (root / "b" / "notes.jpg").write_text("not an image\n")
     return root
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _descendants() -> list[psutil.Process]:
@@ -119,9 +88,9 @@ def _job(graph: Path, inputs: list[Path], out: Path, address: str, *extra: str,
     cmd = [sys.executable, "-m", "export.batch_cam", "--model", str(graph), *map(str, inputs),
            "--out", str(out), "--ray", address, *extra]
     if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+        return subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300)
 
 
 def _wait_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
@@ -157,44 +126,7 @@ def _heatmap(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path), dtype=np.int16)
 
 
-# -- options, without a cluster -----------------------------------------------------------------------
-
-def test_parse_actors() -> None:
-    assert parse_actors("3") == (3, 3)
-    assert parse_actors(" 1, 4") == (1, 4)
-    for bad in ("0", "4,2", "x", "1,2,3", ""):
-        with pytest.raises(UsageError, match="--actors"):
-            parse_actors(bad)
-
-
-def test_check_address() -> None:
-    for ok in ("local", "auto", "127.0.0.1:6379", "ray://head:10001", "head.svc:6379"):
-        assert check_address(ok) == ok
-    for bad in ("", "head", "head:0", "ray://", "http://x:1/y", "x" * 500):
-        with pytest.raises(UsageError, match="--ray") as err:
-            check_address(bad)
-        assert len(str(err.value)) < 200  # the echoed value is cut
-
-
-def _args(**kw: object) -> argparse.Namespace:
-    base = dict(ray=None, actors=None, cpus_per_actor=None, gpus_per_actor=None, threads=None,
-                workers=None, overlap=None, device="cpu")
-    base.update(kw)
-    return argparse.Namespace(**base)
-
-
-def test_ray_options() -> None:
-    assert ray_options(_args()) is None
-    opts = ray_options(_args(ray="auto", actors="1,3", cpus_per_actor=2))
-    assert opts == RayOptions("auto", (1, 3), 2.0, 0.0)
-    assert ray_options(_args(ray="local", device="cuda")).gpus_per_actor == 1.0
-    with pytest.raises(UsageError, match="--actors: it needs --ray"):
-        ray_options(_args(actors="2"))
-    with pytest.raises(UsageError, match="--threads with --ray"):
-        ray_options(_args(ray="local", threads=2))
-    with pytest.raises(UsageError, match="--cpus-per-actor"):
-        ray_options(_args(ray="local", cpus_per_actor=0))
-
+# -- the driver and the actor, without a cluster -------------------------------------------------------
 
 def test_pool_size() -> None:
     res = {"CPU": 8.0, "GPU": 2.0}
@@ -208,37 +140,32 @@ def test_pool_size() -> None:
         pool_size(RayOptions("auto", gpus_per_actor=1), {"CPU": 8.0})
 
 
-def test_cli_usage_errors(graph: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    img = _img(tmp_path / "x.png", (40, 40), 0)
-    assert batch_cam.main(["--model", str(graph), str(img), "--out", str(tmp_path / "o"),
-                           "--actors", "2"]) == EXIT_USAGE
-    assert "--actors: it needs --ray" in capsys.readouterr().err
-    assert batch_cam.main(["--model", str(graph), str(img), "--out", str(tmp_path / "o"),
-                           "--ray", "nowhere"]) == EXIT_USAGE
-    assert "invalid value for --ray" in capsys.readouterr().err
+def _rows_of(items: list) -> dict[str, np.ndarray]:
+    return {"id": np.arange(len(items)), "path": np.array([i.path for i in items], object),
+            "name": np.array([i.name for i in items], object),
+            "abspath": np.array([os.path.abspath(i.path) for i in items], object)}
 
 
-def test_worker_batch_equals_local_job(graph: Path, tmp_path: Path) -> None:
+def test_worker_batch_equals_local_job(shapes_graph: Path, tmp_path: Path,
+                                       json_lines: JsonLines) -> None:
     """The actor's batch function, called in-process: the local job's lines, files and errors."""
     root = _folder(tmp_path / "photos", 5, (50, 60))
     local = tmp_path / "local"
-    cfg = JobConfig(model=graph, inputs=[str(root)], out=local, batch_size=8,
+    cfg = JobConfig(model=shapes_graph, inputs=[str(root)], out=local, batch_size=8,
                     save=("heatmap", "overlay", "npy"))
     assert run_job(cfg).exit_status == EXIT_PARTIAL
-    items = list(batch_inputs.iter_inputs([str(root)]))
+    items = list(iter_inputs([str(root)]))
     out = tmp_path / "ray"
-    worker = CamBatchWorker(plan_job(JobConfig(model=graph, inputs=[str(root)], out=out,
+    worker = CamBatchWorker(plan_job(JobConfig(model=shapes_graph, inputs=[str(root)], out=out,
                                                save=("heatmap", "overlay", "npy"))))
     assert worker.threads == 1  # outside Ray: one thread, not the machine's cores
-    rows = worker({"id": np.arange(len(items)), "path": np.array([i.path for i in items], object),
-                   "name": np.array([i.name for i in items], object),
-                   "abspath": np.array([os.path.abspath(i.path) for i in items], object)})
+    rows = worker(_rows_of(items))
     assert list(rows["id"]) == list(range(len(items)))
     got = [json.loads(t) for t, ok in zip(rows["line"], rows["ok"]) if ok]
     errs = [json.loads(t) for t, ok in zip(rows["line"], rows["ok"]) if not ok]
-    assert sorted(got, key=lambda r: r["path"]) == sorted(_lines(local / "results.jsonl"),
+    assert sorted(got, key=lambda r: r["path"]) == sorted(json_lines(local / "results.jsonl"),
                                                           key=lambda r: r["path"])
-    assert sorted(errs, key=lambda r: r["path"]) == sorted(_lines(local / "errors.jsonl"),
+    assert sorted(errs, key=lambda r: r["path"]) == sorted(json_lines(local / "errors.jsonl"),
                                                            key=lambda r: r["path"])
     assert len(errs) == 2
     for r in got:
@@ -246,35 +173,31 @@ def test_worker_batch_equals_local_job(graph: Path, tmp_path: Path) -> None:
             assert (out / rel).read_bytes() == (local / rel).read_bytes()
 
 
-def _rows_of(items: list) -> dict[str, np.ndarray]:
-    return {"id": np.arange(len(items)), "path": np.array([i.path for i in items], object),
-            "name": np.array([i.name for i in items], object),
-            "abspath": np.array([os.path.abspath(i.path) for i in items], object)}
-
-
-def test_worker_metrics_equal_local_job(graph: Path, tmp_path: Path) -> None:
+def test_worker_metrics_equal_local_job(shapes_graph: Path, tmp_path: Path,
+                                        json_lines: JsonLines) -> None:
     """``--metrics`` in the actor's batch function: computed through the actor's session, the
     lines' ``"metrics"`` exactly the local job's for the same batch, the unrounded values in the
     ``metrics`` column, nothing for error rows."""
     root = _folder(tmp_path / "photos", 4, (50, 60))
     keys = ("deletion", "avg_drop")
     local = tmp_path / "local"
-    stats = run_job(JobConfig(model=graph, inputs=[str(root)], out=local, batch_size=8,
+    stats = run_job(JobConfig(model=shapes_graph, inputs=[str(root)], out=local, batch_size=8,
                               save=(), metrics=keys, metrics_steps=5))
     assert stats.exit_status == EXIT_PARTIAL and stats.metrics_images == 4
-    items = list(batch_inputs.iter_inputs([str(root)]))
-    plan = plan_job(JobConfig(model=graph, inputs=[str(root)], out=tmp_path / "ray", save=(),
+    items = list(iter_inputs([str(root)]))
+    plan = plan_job(JobConfig(model=shapes_graph, inputs=[str(root)], out=tmp_path / "ray", save=(),
                               metrics=keys, metrics_steps=5))
     assert (plan.metrics, plan.metrics_steps, plan.metrics_baseline) == (keys, 5, "mean")
     worker = CamBatchWorker(plan)
     calls = []
-    run = worker.sess.run
-    worker.sess.run = lambda fetch, feed: calls.append(list(fetch)) or run(fetch, feed)
+    sess = worker.explainer.sess
+    run = sess.run
+    sess.run = lambda fetch, feed: calls.append(list(fetch)) or run(fetch, feed)
     rows = worker(_rows_of(items))
     # one CAM run, then the audit through the same session: 1 reference + 5 steps + 1 confidence
     assert calls[0] == ["logits", plan.cam_output] and len(calls) == 1 + 7
     got = {r["path"]: r for r in (json.loads(t) for t, ok in zip(rows["line"], rows["ok"]) if ok)}
-    theirs = {r["path"]: r for r in _lines(local / "results.jsonl")}
+    theirs = {r["path"]: r for r in json_lines(local / "results.jsonl")}
     assert got == theirs and len(got) == 4
     assert all(list(r["metrics"]) == list(keys) for r in got.values())
     raw = [json.loads(m) if ok else m for m, ok in zip(rows["metrics"], rows["ok"])]
@@ -284,20 +207,21 @@ def test_worker_metrics_equal_local_job(graph: Path, tmp_path: Path) -> None:
             assert {k: round(v, 6) for k, v in m.items()} == json.loads(text)["metrics"]
     assert rows["metrics_seconds"].sum() > 0
     # without --metrics: no "metrics" key, an empty column
-    plain = CamBatchWorker(plan_job(JobConfig(model=graph, inputs=[str(root)], out=tmp_path / "p",
+    plain = CamBatchWorker(plan_job(JobConfig(model=shapes_graph, inputs=[str(root)],
+                                              out=tmp_path / "p",
                                               save=())))(_rows_of(items))
     assert all("metrics" not in json.loads(t) for t in plain["line"])
     assert list(plain["metrics"]) == [""] * len(items)
 
 
-def test_driver_means_each_written_line_once(tmp_path: Path) -> None:
+def test_driver_means_each_written_line_once(tmp_path: Path, json_lines: JsonLines) -> None:
     """The driver averages the metrics of the lines it writes with the local job's MetricMeans:
     a retried batch's rows (same ids) count once, error rows not at all."""
     from camserve.onnx import ray as cam_ray
     from camserve.onnx.audit import MetricMeans
 
     assert cam_ray.MetricMeans is MetricMeans  # one accumulator, not a copy
-    items = [batch_inputs.Item(f"{n}.png", f"{n}.png") for n in "abc"]
+    items = [Item(f"{n}.png", f"{n}.png") for n in "abc"]
 
     def block(ids: list[int], values: list[float | None]) -> dict[str, np.ndarray]:
         ok = [v is not None for v in values]
@@ -317,8 +241,8 @@ def test_driver_means_each_written_line_once(tmp_path: Path) -> None:
             yield block([0, 1], [0.1234567, None])  # a retried batch
             yield block([2], [0.3])
 
-    outputs = batch_outputs.Outputs(tmp_path, False)
-    stats, means = batch_cam.JobStats(), MetricMeans()
+    outputs = Outputs(tmp_path, False)
+    stats, means = JobStats(), MetricMeans()
 
     class Bar:
         def update(self, n: int) -> None:
@@ -331,7 +255,7 @@ def test_driver_means_each_written_line_once(tmp_path: Path) -> None:
     assert means.images == 2
     assert means.means() == {"deletion": (0.1234567 + 0.3) / 2}  # unrounded, as the local job
     assert stats.metrics_seconds == pytest.approx(1.5)
-    assert len(_lines(tmp_path / "results.jsonl")) == 2
+    assert len(json_lines(tmp_path / "results.jsonl")) == 2
 
 
 # -- a real two-node cluster on loopback --------------------------------------------------------------
@@ -350,18 +274,19 @@ def test_cluster_loopback_only(cluster: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_same_as_local_job(cluster: str, graph: Path, tmp_path: Path) -> None:
+def test_same_as_local_job(cluster: str, shapes_graph: Path, tmp_path: Path,
+                           json_lines: JsonLines) -> None:
     root = _folder(tmp_path / "photos", 24, (70, 90))
     local, out = tmp_path / "local", tmp_path / "ray"
-    cfg = JobConfig(model=graph, inputs=[str(root)], out=local, batch_size=4,
+    cfg = JobConfig(model=shapes_graph, inputs=[str(root)], out=local, batch_size=4,
                     save=("heatmap", "npy"))
     assert run_job(cfg).exit_status == EXIT_PARTIAL
-    res = _job(graph, [root], out, cluster, "--batch-size", "4", "--save", "heatmap,npy",
+    res = _job(shapes_graph, [root], out, cluster, "--batch-size", "4", "--save", "heatmap,npy",
                "--actors", "2")
     assert res.returncode == EXIT_PARTIAL, res.stderr[-2000:]
     assert "24 images explained, 2 failed, 0 skipped (resume)" in res.stdout
-    mine = sorted(_lines(out / "results.jsonl"), key=lambda r: r["path"])
-    theirs = sorted(_lines(local / "results.jsonl"), key=lambda r: r["path"])
+    mine = sorted(json_lines(out / "results.jsonl"), key=lambda r: r["path"])
+    theirs = sorted(json_lines(local / "results.jsonl"), key=lambda r: r["path"])
     assert [r["path"] for r in mine] == [r["path"] for r in theirs]
     assert len({r["path"] for r in mine}) == 24
     exact = 0
@@ -370,31 +295,32 @@ def test_same_as_local_job(cluster: str, graph: Path, tmp_path: Path) -> None:
         assert a == b or _close(a, b), (a, b)
         assert np.abs(_heatmap(out / a["files"]["heatmap"])
                       - _heatmap(local / b["files"]["heatmap"])).max() <= 1
-    errs = sorted(_lines(out / "errors.jsonl"), key=lambda r: r["path"])
-    assert errs == sorted(_lines(local / "errors.jsonl"), key=lambda r: r["path"])
+    errs = sorted(json_lines(out / "errors.jsonl"), key=lambda r: r["path"])
+    assert errs == sorted(json_lines(local / "errors.jsonl"), key=lambda r: r["path"])
     assert {Path(e["path"]).name for e in errs} == {"empty.png", "notes.jpg"}
     print(f"\n{exact}/{len(mine)} result lines identical to the local job's")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_metrics_same_as_local_job(cluster: str, graph: Path, tmp_path: Path) -> None:
+def test_metrics_same_as_local_job(cluster: str, shapes_graph: Path, tmp_path: Path,
+                                   json_lines: JsonLines) -> None:
     """``--ray`` with ``--metrics deletion,avg_drop``: every line's metrics and the summary's means
     are the local job's on the same images (within 1e-5)."""
     root = _folder(tmp_path / "photos", 8, (70, 90), corrupt=False)
     local, out = tmp_path / "local", tmp_path / "ray"
     flags = ["--batch-size", "4", "--save", "none", "--metrics", "deletion,avg_drop",
              "--metrics-steps", "10"]
-    ref = subprocess.run([sys.executable, "-m", "export.batch_cam", "--model", str(graph),
-                          str(root), "--out", str(local), *flags], cwd=ROOT, env=_env(),
+    ref = subprocess.run([sys.executable, "-m", "export.batch_cam", "--model", str(shapes_graph),
+                          str(root), "--out", str(local), *flags], cwd=ROOT, env=job_env(),
                          capture_output=True, text=True, timeout=300)
     assert ref.returncode == EXIT_OK, ref.stderr[-2000:]
-    res = _job(graph, [root], out, cluster, *flags, "--actors", "2")
+    res = _job(shapes_graph, [root], out, cluster, *flags, "--actors", "2")
     assert res.returncode == EXIT_OK, res.stderr[-2000:]
     assert "8 images explained, 0 failed" in res.stdout
     assert "metrics (mean of 8 images, 12 session runs per image" in res.stdout
-    mine = {r["path"]: r["metrics"] for r in _lines(out / "results.jsonl")}
-    theirs = {r["path"]: r["metrics"] for r in _lines(local / "results.jsonl")}
+    mine = {r["path"]: r["metrics"] for r in json_lines(out / "results.jsonl")}
+    theirs = {r["path"]: r["metrics"] for r in json_lines(local / "results.jsonl")}
     assert sorted(mine) == sorted(theirs) and len(mine) == 8
     for path, m in mine.items():
         assert list(m) == ["deletion", "avg_drop"], path
@@ -423,7 +349,8 @@ def _close(a: dict, b: dict) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_killed_actor_every_image_once(cluster: str, graph: Path, tmp_path: Path) -> None:
+def test_killed_actor_every_image_once(cluster: str, shapes_graph: Path, tmp_path: Path,
+                                       json_lines: JsonLines) -> None:
     """SIGKILL one actor process mid-job: it is replaced, its batches rerun, no line lost or
     duplicated. Also: every socket of the cluster, the driver and the actors is on loopback."""
     n = 40
@@ -431,7 +358,7 @@ def test_killed_actor_every_image_once(cluster: str, graph: Path, tmp_path: Path
     out = tmp_path / "out"
     before = {p.pid for p in _descendants()}
     t0 = time.monotonic()
-    proc = _job(graph, [root], out, cluster, "--batch-size", "2", "--actors", "2",
+    proc = _job(shapes_graph, [root], out, cluster, "--batch-size", "2", "--actors", "2",
                 "--save", "heatmap,overlay", popen=True)
     try:
         have = _wait_lines(out / "results.jsonl", 2, proc)
@@ -457,9 +384,9 @@ def test_killed_actor_every_image_once(cluster: str, graph: Path, tmp_path: Path
     seconds = time.monotonic() - t0
     assert proc.returncode == EXIT_OK, stderr[-3000:]
     assert f"{n} images explained, 0 failed" in stdout
-    paths = [r["path"] for r in _lines(out / "results.jsonl")]
+    paths = [r["path"] for r in json_lines(out / "results.jsonl")]
     assert len(paths) == len(set(paths)) == n
-    assert not _lines(out / "errors.jsonl")
+    assert not json_lines(out / "errors.jsonl")
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
     assert replacements, "no actor process replaced the killed one"
     assert not [s for s in socks if s[2] not in LOOPBACK], socks
@@ -477,14 +404,15 @@ def _is_actor(p: psutil.Process) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ctrl_c_then_resume(cluster: str, graph: Path, tmp_path: Path) -> None:
+def test_ctrl_c_then_resume(cluster: str, shapes_graph: Path, tmp_path: Path,
+                            json_lines: JsonLines) -> None:
     """SIGINT to the driver mid-job: exit 130, whole lines each at most once; then ``--resume``
     (after a torn last line, as a killed driver may leave) explains the rest and retries the
     failures."""
     n = 30
     root = _folder(tmp_path / "photos", n, (600, 800))
     out = tmp_path / "out"
-    proc = _job(graph, [root], out, cluster, "--batch-size", "2", "--actors", "2",
+    proc = _job(shapes_graph, [root], out, cluster, "--batch-size", "2", "--actors", "2",
                 "--save", "heatmap,overlay", popen=True)
     try:
         have = _wait_lines(out / "results.jsonl", 2, proc)
@@ -499,38 +427,45 @@ def test_ctrl_c_then_resume(cluster: str, graph: Path, tmp_path: Path) -> None:
     assert "run again with --resume" in stderr
     text = (out / "results.jsonl").read_text()
     assert text.endswith("\n")
-    done = [r["path"] for r in _lines(out / "results.jsonl")]  # whole lines, each at most once
+    done = [r["path"] for r in json_lines(out / "results.jsonl")]  # whole lines, each at most once
     assert len(done) == len(set(done)) < n
     with (out / "results.jsonl").open("a") as fh:
         fh.write('{"path": "torn')
-    again = _job(graph, [root], out, cluster, "--batch-size", "2", "--resume")
+    again = _job(shapes_graph, [root], out, cluster, "--batch-size", "2", "--resume")
     assert again.returncode == EXIT_PARTIAL, again.stderr[-2000:]
     assert (f"{n - len(done)} images explained, 2 failed, {len(done)} skipped (resume)"
             in again.stdout)
-    paths = [r["path"] for r in _lines(out / "results.jsonl")]
+    paths = [r["path"] for r in json_lines(out / "results.jsonl")]
     assert len(paths) == len(set(paths)) == n
-    assert {Path(e["path"]).name for e in _lines(out / "errors.jsonl")} == {"empty.png",
+    assert {Path(e["path"]).name for e in json_lines(out / "errors.jsonl")} == {"empty.png",
                                                                             "notes.jpg"}
 
 
-def test_one_plan_and_one_result_line_function() -> None:
-    """The Ray runner uses the local job's option check and results-line code, not copies."""
+def test_runners_share_the_job_model(shapes_graph: Path, tmp_path: Path) -> None:
+    """Both runners check options with the job's one plan and explain with the job's one
+    BatchExplainer, not copies; the actor's explainer has the actor's threads."""
+    from camserve.onnx import batch, job
     from camserve.onnx import ray as cam_ray
 
-    assert cam_ray.plan_job is batch_cam.plan_job
-    assert cam_ray.result_lines is batch_outputs.result_lines
-    assert not hasattr(cam_ray, "JobPlan") or cam_ray.JobPlan is batch_cam.JobPlan
+    assert cam_ray.plan_job is batch.plan_job is job.plan_job
+    assert cam_ray.BatchExplainer is batch.BatchExplainer is job.BatchExplainer
+    for name in ("result_lines", "audit_lines", "check_session", "ort_session"):
+        assert not hasattr(cam_ray, name) and not hasattr(batch, name), name
+    worker = CamBatchWorker(plan_job(JobConfig(model=shapes_graph, inputs=[str(tmp_path)],
+                                               out=tmp_path / "out")))
+    assert isinstance(worker.explainer, job.BatchExplainer)
+    assert worker.explainer.sess.get_session_options().intra_op_num_threads == worker.threads == 1
 
 
-def test_worker_keeps_non_utf8_names(graph: Path, tmp_path: Path) -> None:
+def test_worker_keeps_non_utf8_names(shapes_graph: Path, tmp_path: Path) -> None:
     """Names travel to the actors as file-system bytes: a name that is not UTF-8 is explained,
     its line is valid UTF-8 JSON giving the original bytes back."""
     raw = os.fsencode(tmp_path) + b"/caf\xe9.png"
-    _img(Path(os.fsdecode(raw)), (40, 40), 0)
-    items = list(batch_inputs.iter_inputs([str(tmp_path)]))
+    photo(Path(os.fsdecode(raw)), (40, 40), 0)
+    items = list(iter_inputs([str(tmp_path)]))
     from camserve.onnx.ray import build_dataset  # noqa: F401  (the columns it builds are bytes)
 
-    worker = CamBatchWorker(plan_job(JobConfig(model=graph, inputs=[str(tmp_path)],
+    worker = CamBatchWorker(plan_job(JobConfig(model=shapes_graph, inputs=[str(tmp_path)],
                                                out=tmp_path / "out")))
     rows = worker({"id": np.arange(1), "path": np.array([os.fsencode(items[0].path)], object),
                    "name": np.array([os.fsencode(items[0].name)], object),

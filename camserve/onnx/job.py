@@ -1,0 +1,486 @@
+"""The batch job's model, shared by its two runners (:mod:`camserve.onnx.batch`, local;
+:mod:`camserve.onnx.ray`, Ray): the options (:class:`JobConfig`), their checked plan
+(:func:`plan_job` -> :class:`JobPlan`), what a run did (:class:`JobStats`), the graph checked
+against bounds and against its session, and :class:`BatchExplainer`, which turns a batch of
+decoded images into results lines and artefacts through one onnxruntime session.
+
+The job's manual (outputs, results lines, exit statuses, limits): docs/batch.md.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..images import DEFAULT_MAX_PIXELS
+from ..parsing import MAX_INPUT_SIDE, MIN_INPUT_SIDE, short_repr
+from ..records import Prediction, TargetError, parse_target, top_predictions
+from .audit import AUDIT_KEYS, BASELINES, MetricMeans, audit_batch, cost_help, format_means, \
+    runs_per_image
+from .format import GraphMeta
+from .inputs import DEFAULT_MAX_FILE_SIZE, Decoded, Failed, Item, UsageError, iter_inputs, \
+    unique_items
+from .outputs import Outputs, finish_image
+from .session import ort_session
+
+log = logging.getLogger("camserve.onnx.batch")
+
+SAVE_KINDS: tuple[str, ...] = ("heatmap", "overlay", "npy")
+#: the command line's exit statuses (their meaning: docs/batch.md)
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: bytes of decoded data held between decoding and writing (``--window-bytes``): preprocessed
+#: tensors plus the bounded overlay copies
+DEFAULT_WINDOW_BYTES = 256 * 2**20
+#: longest label or layer name a graph may record (they are copied into every results line)
+MAX_LABEL_CHARS = 1024
+
+
+# -- options, plan, stats -----------------------------------------------------------------------------
+
+@dataclass
+class JobConfig:
+    """Options of a job (the command line's, parsed); checked by :func:`plan_job`. ``threads``,
+    ``workers`` and ``overlap`` are the local runner's."""
+
+    model: Path
+    inputs: list[str]
+    out: Path
+    batch_size: int = 32
+    threads: Optional[int] = None
+    workers: Optional[int] = None
+    method: Optional[str] = None
+    save: tuple[str, ...] = ("heatmap",)
+    resume: bool = False
+    device: str = "cpu"
+    target: Optional[str] = None
+    topk: Optional[int] = None
+    progress: Optional[bool] = None
+    max_pixels: Optional[int] = None
+    overlap: Optional[bool] = None
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    window_bytes: int = DEFAULT_WINDOW_BYTES
+    metrics: tuple[str, ...] = ()
+    metrics_steps: int = 50
+    metrics_baseline: str = "mean"
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """The validated, resolved options of a job (all picklable, all small: the Ray actors get
+    it as is)."""
+
+    model: str              # absolute path of the graph
+    out: str                # absolute path of DIR
+    cam_output: str
+    method: str
+    target: int
+    topk: int
+    save: tuple[str, ...]
+    max_pixels: int
+    meta: GraphMeta
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    window_bytes: int = DEFAULT_WINDOW_BYTES
+    metrics: tuple[str, ...] = ()   # --metrics keys, in order, each once; () = no audit
+    metrics_steps: int = 50
+    metrics_baseline: str = "mean"
+
+
+@dataclass
+class JobStats:
+    """What a run did (the summary line's figures)."""
+
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    session_seconds: float = 0.0
+    providers: list[str] = field(default_factory=list)
+    malformed: int = 0
+    peak_window_bytes: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    metrics_images: int = 0
+    metrics_seconds: float = 0.0
+    metrics_runs_per_image: int = 0
+
+    @property
+    def exit_status(self) -> int:
+        """:data:`EXIT_PARTIAL` when some images failed, else :data:`EXIT_OK`."""
+        return EXIT_PARTIAL if self.failed else EXIT_OK
+
+
+def plan_job(cfg: JobConfig) -> JobPlan:
+    """Check ``cfg`` and the graph's metadata (:func:`check_meta`) before anything runs; the one
+    option check of both runners. UsageError naming the option.
+
+    ``max_pixels``: ``cfg.max_pixels`` when given (the command line may raise it), else the
+    graph's value capped at :data:`camserve.images.DEFAULT_MAX_PIXELS`."""
+    if cfg.batch_size < 1:
+        raise UsageError(f"invalid value for --batch-size: {cfg.batch_size} (allowed: 1 or more)")
+    for opt, v in (("max-file-size", cfg.max_file_size), ("window-bytes", cfg.window_bytes),
+                   ("max-pixels", cfg.max_pixels)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UsageError(f"invalid value for --{opt}: {short_repr(v)} (allowed: 1 or more)")
+    meta = _read_meta(cfg.model)
+    method = cfg.method or meta.methods[0]
+    try:
+        cam_output = meta.output_for(method)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    bad = [s for s in cfg.save if s not in SAVE_KINDS]
+    if bad:
+        raise UsageError(f"invalid value for --save: {short_repr(bad[0])} (allowed: "
+                         f"{', '.join(SAVE_KINDS)})")
+    target = _resolve_target(cfg.target, meta.labels)
+    topk = min(cfg.topk or meta.topk, len(meta.labels))
+    if topk < 1:
+        raise UsageError(f"invalid value for --topk: {cfg.topk} (allowed: 1 or more)")
+    if not cfg.inputs:
+        raise UsageError("no INPUT given (image files, folders or .txt lists of paths)")
+    missing = [a for a in cfg.inputs if not os.path.lexists(a)]
+    if missing:
+        raise UsageError(f"invalid value for INPUT: {short_repr(missing[0])} does not exist (expected "
+                         f"an image file, a folder or a .txt list of paths)")
+    _check_metrics(cfg)
+    return JobPlan(model=str(cfg.model.resolve()), out=str(cfg.out.resolve()),
+                   cam_output=cam_output, method=method.lower(), target=target, topk=topk,
+                   save=tuple(cfg.save), max_pixels=_max_pixels(cfg.max_pixels, meta), meta=meta,
+                   max_file_size=cfg.max_file_size, window_bytes=cfg.window_bytes,
+                   metrics=tuple(dict.fromkeys(cfg.metrics)), metrics_steps=cfg.metrics_steps,
+                   metrics_baseline=cfg.metrics_baseline)
+
+
+def _read_meta(model: Path) -> GraphMeta:
+    """The graph's metadata, checked (:func:`check_meta`); UsageError for a file that is missing,
+    not an ONNX graph or not a camserve CAM graph."""
+    if not model.is_file():
+        raise UsageError(f"invalid value for --model: {short_repr(str(model))} does not exist")
+    try:
+        meta = GraphMeta.from_file(model)
+    except ValueError as exc:
+        raise UsageError(f"invalid value for --model: {exc}") from None
+    except Exception as exc:  # onnx's own errors for a file that is not a graph at all
+        raise UsageError(f"invalid value for --model: cannot read it as an ONNX graph "
+                         f"({type(exc).__name__})") from None
+    check_meta(meta)
+    return meta
+
+
+def _max_pixels(given: Optional[int], meta: GraphMeta) -> int:
+    if given is not None:
+        return given
+    limit = min(meta.max_pixels or DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS)
+    if (meta.max_pixels or 0) > DEFAULT_MAX_PIXELS:
+        log.warning("the graph's max_pixels %d is above the default %d: using %d (raise it "
+                    "with --max-pixels)", meta.max_pixels, DEFAULT_MAX_PIXELS, limit)
+    return limit
+
+
+def _resolve_target(value: Optional[str], labels: Sequence[str]) -> int:
+    """``--target`` as a class index, -1 (each image's top-1 class) when not given; labels match
+    as on the server (exact, then case-insensitive: :func:`camserve.records.parse_target`)."""
+    if value is None:
+        return -1
+    try:
+        return parse_target(value, labels, allow_top1=True, what="--target")
+    except TargetError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_metrics(cfg: JobConfig) -> None:
+    """``cfg.metrics`` checked against :data:`camserve.onnx.audit.AUDIT_KEYS`, and its settings."""
+    bad = [k for k in cfg.metrics if k not in AUDIT_KEYS]
+    if bad:
+        raise UsageError(f"invalid value for --metrics: {short_repr(bad[0])} "
+                         f"(allowed: {', '.join(AUDIT_KEYS)}, all)")
+    if cfg.metrics_baseline not in BASELINES:
+        raise UsageError(f"invalid value for --metrics-baseline: {short_repr(cfg.metrics_baseline)} "
+                         f"(allowed: {', '.join(BASELINES)})")
+    steps = cfg.metrics_steps
+    if cfg.metrics and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise UsageError(f"invalid value for --metrics-steps: {short_repr(steps)} (allowed: 1 or more)")
+
+
+# -- the graph, not trusted ---------------------------------------------------------------------------
+
+def check_meta(meta: GraphMeta) -> None:
+    """The graph's metadata within sane bounds, before any image: finite mean, finite std > 0,
+    input size within :data:`camserve.parsing.MAX_INPUT_SIDE`, labels and layer name of at most
+    :data:`MAX_LABEL_CHARS` characters. UsageError naming the key and what is allowed."""
+    def bad(key: str, value: Any, allowed: str) -> UsageError:
+        return UsageError(f"invalid value for --model: graph metadata {key!r} is {short_repr(value)} "
+                          f"(allowed: {allowed})")
+
+    if not all(math.isfinite(v) for v in meta.mean):
+        raise bad("mean", meta.mean, "3 finite numbers")
+    if not all(math.isfinite(v) and v > 0 for v in meta.std):
+        raise bad("std", meta.std, "3 finite numbers > 0")
+    h, w = meta.input_size
+    if not (MIN_INPUT_SIDE <= h <= MAX_INPUT_SIDE and MIN_INPUT_SIDE <= w <= MAX_INPUT_SIDE):
+        raise bad("input_size", meta.input_size, f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE} per side")
+    long = [v for v in (*meta.labels, meta.layer) if len(v) > MAX_LABEL_CHARS]
+    if long:
+        raise bad("labels", long[0], f"labels and layer of at most {MAX_LABEL_CHARS} characters")
+    if not meta.labels:
+        raise bad("labels", [], "at least one label")
+
+
+def check_session(meta: GraphMeta, inputs: Sequence[Any], outputs: Sequence[Any],
+                  target: int) -> None:
+    """The metadata against the session's inputs and outputs (``NodeArg`` s with ``name`` and
+    ``shape``): input ``input`` (N, 3, H, W) with H, W equal to ``input_size`` where static,
+    ``target`` present when a target is fixed, output ``logits`` as wide as the labels where
+    static, and a CAM output for every method. UsageError naming what does not fit."""
+    def bad(what: str) -> UsageError:
+        return UsageError(f"invalid value for --model: the graph's metadata does not fit the graph: "
+                          f"{what}")
+
+    ins = {i.name: list(i.shape or []) for i in inputs}
+    outs = {o.name: list(o.shape or []) for o in outputs}
+    first = inputs[0] if inputs else None
+    if first is None or first.name != "input":
+        raise bad(f"its first input is {short_repr(getattr(first, 'name', None))}, expected 'input'")
+    shape = ins["input"]
+    if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+        raise bad(f"input 'input' has shape {short_repr(shape)}, expected (N, 3, H, W)")
+    static = [d for d in shape[2:] if isinstance(d, int)]
+    if len(static) == 2 and tuple(shape[2:]) != tuple(meta.input_size):
+        raise bad(f"metadata input_size {list(meta.input_size)} but the graph's input is "
+                  f"{shape[2]}x{shape[3]}")
+    if target >= 0 and "target" not in ins:
+        raise bad("--target needs the graph input 'target', which it lacks")
+    if "logits" not in outs:
+        raise bad("it has no output 'logits'")
+    width = outs["logits"][1] if len(outs["logits"]) == 2 else None
+    if isinstance(width, int) and width != len(meta.labels):
+        raise bad(f"{len(meta.labels)} labels for {width} logits")
+    missing = [f"{m} ({o})" for m, o in meta.cam_outputs.items() if o not in outs]
+    if missing:
+        raise bad(f"no output for method {missing[0]}")
+
+
+def session_inputs(sess: Any) -> list[Any]:
+    """A session's inputs, then its inputs with a default value (``target``: onnxruntime lists it
+    among the overridable initializers)."""
+    return [*sess.get_inputs(), *sess.get_overridable_initializers()]
+
+
+# -- results lines (the task's part: classification) --------------------------------------------------
+
+def probabilities(logits: np.ndarray) -> torch.Tensor:
+    """Softmax of a session's logits (float32, per row)."""
+    return torch.softmax(torch.from_numpy(np.asarray(logits)).float(), dim=1)
+
+
+def result_lines(items: Sequence[Item], sizes: Sequence[tuple[int, int]], logits: np.ndarray,
+                 cams: Optional[np.ndarray], target: int, topk: int, meta: GraphMeta,
+                 method: str) -> list[Union[dict[str, Any], Failed]]:
+    """The results.jsonl lines of one session run (``bbox`` and ``files`` are filled in when each
+    heatmap is done): the :class:`camserve.records.Prediction` records of the top-k and of the
+    explained class (``target`` -1: each image's top-1). An image whose scores or map are not
+    finite gets a :class:`Failed` record instead (``InvalidOutput``). The one place that knows
+    the graph's task."""
+    probs = probabilities(logits)
+    out: list[Union[dict[str, Any], Failed]] = []
+    for j, (item, size) in enumerate(zip(items, sizes)):
+        row = probs[j]
+        if not bool(torch.isfinite(row).all()):
+            out.append(Failed(item, "InvalidOutput", "the graph returned non-finite scores (NaN "
+                                                     "or infinity) for this image"))
+            continue
+        if cams is not None and not bool(np.isfinite(cams[j]).all()):
+            out.append(Failed(item, "InvalidOutput", "the graph returned a non-finite CAM (NaN "
+                                                     "or infinity) for this image"))
+            continue
+        values = row.tolist()
+        preds = top_predictions(values, meta.labels, topk)
+        t = preds[0].index if target < 0 else target
+        explained = Prediction(t, meta.labels[t], float(values[t])).to_json()
+        out.append({"path": item.path, "name": item.name, "width": size[1], "height": size[0],
+                    "topk": [p.to_json() for p in preds], "target": explained["index"],
+                    "label": explained["label"], "score": explained["score"], "bbox": None,
+                    "method": method, "layer": meta.layer})
+    return out
+
+
+# -- --metrics ----------------------------------------------------------------------------------------
+
+def audit_lines(sess: Any, x: np.ndarray, cams: np.ndarray, lines: Sequence[dict[str, Any]],
+                keys: Sequence[str], *, steps: int, baseline: str
+                ) -> list[Optional[dict[str, float]]]:
+    """``--metrics`` for one batch: :func:`camserve.onnx.audit.audit_batch` through ``sess`` on
+    the preprocessed images ``x`` and their raw maps ``cams``, each line's ``target`` explained.
+    Sets each line's ``"metrics"`` (values rounded to 6 decimals, ``None`` where the image's
+    metrics failed) and returns the unrounded rows, for :class:`~camserve.onnx.audit.MetricMeans`.
+
+    Example (a stand-in session whose class 0 reads the red of the image's top half)::
+
+        >>> class Session:
+        ...     def run(self, fetch, feed):
+        ...         red_top = feed["input"][:, 0, :4].mean(axis=(1, 2))
+        ...         return [np.stack([20 * (red_top - 0.75), 0 * red_top], axis=1)]
+        >>> x = np.zeros((1, 3, 8, 8), np.float32); x[:, 0, :4] = 1.0
+        >>> cams = np.zeros((1, 4, 4), np.float32); cams[:, :2] = 1.0
+        >>> lines = [{"path": "a.png", "target": 0}]
+        >>> rows = audit_lines(Session(), x, cams, lines, ("avg_drop",), steps=4, baseline="mean")
+        >>> lines[0]["metrics"] == {"avg_drop": round(rows[0]["avg_drop"], 6)}
+        True
+    """
+    rows = audit_batch(sess, torch.from_numpy(np.ascontiguousarray(x)), cams,
+                       [line["target"] for line in lines], keys, steps=steps, baseline=baseline)
+    for line, row in zip(lines, rows):
+        line["metrics"] = None if row is None else {k: round(v, 6) for k, v in row.items()}
+    return rows
+
+
+def start_metrics(plan: JobPlan, stats: JobStats) -> None:
+    """``stats.metrics_runs_per_image`` of the plan's ``--metrics`` (0 without), logged with its
+    cost."""
+    if not plan.metrics:
+        return
+    stats.metrics_runs_per_image = runs_per_image(plan.metrics, plan.metrics_steps)
+    log.info("metrics %s: %d session runs per image (%s), %d steps, baseline %s",
+             ",".join(plan.metrics), stats.metrics_runs_per_image,
+             cost_help(plan.metrics_steps), plan.metrics_steps, plan.metrics_baseline)
+
+
+def finish_stats(plan: JobPlan, stats: JobStats, outputs: Outputs, means: MetricMeans,
+                 t0: float) -> JobStats:
+    """``stats`` completed at the end of a run: the lines written, the time since ``t0`` and the
+    means of ``means`` (logged with ``--metrics``)."""
+    stats.ok, stats.failed = outputs.ok, outputs.failed
+    stats.seconds = time.perf_counter() - t0
+    stats.metrics, stats.metrics_images = means.means(), means.images
+    if plan.metrics:
+        log.info("metrics of %d images in %.1f s: %s", means.images, stats.metrics_seconds,
+                 format_means(stats.metrics))
+    return stats
+
+
+# -- what both runners share --------------------------------------------------------------------------
+
+def list_items(cfg: JobConfig, outputs: Outputs, counts: dict[str, int]) -> Iterator[Item]:
+    """The job's items, lazily: the INPUT arguments listed (DIR never), each path once, the
+    paths already done skipped on ``--resume`` (counted in ``counts["skipped"]``) and output names
+    unique, also against those already written."""
+    return unique_items(iter_inputs(cfg.inputs, exclude=cfg.out), outputs.done, counts,
+                        reserved=outputs.names)
+
+
+def progress_bar(progress: Optional[bool], total: Optional[int] = None) -> Any:
+    """The job's tqdm bar (images/s), shown when ``progress`` or, by default, when stderr is a
+    terminal."""
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(total=total, unit="img", disable=not show, dynamic_ncols=True, smoothing=0.1)
+
+
+#: an executor's ``submit(fn, *args) -> Future`` (``ThreadPoolExecutor.submit``, or a runner's
+#: wrapper around it)
+Submit = Callable[..., "Future[Any]"]
+Files = tuple[dict[str, str], Optional[list[int]]]
+
+
+@dataclass
+class Explained:
+    """One image of a batch after the session run: its results line, its artefacts being made
+    (``files``: :meth:`BatchExplainer.artefacts` in the runner's pool) and, with ``--metrics``,
+    its unrounded metrics (None where they failed)."""
+
+    line: dict[str, Any]
+    files: Future[Union[Files, Failed]]
+    metrics: Optional[dict[str, float]] = None
+
+    def result(self) -> Union[dict[str, Any], Failed]:
+        """Wait for the artefacts: the finished line (``files`` and ``bbox`` in), or the image's
+        :class:`Failed` record when they could not be made."""
+        done = self.files.result()
+        if isinstance(done, Failed):
+            return done
+        self.line["files"], self.line["bbox"] = done
+        return self.line
+
+
+@dataclass
+class ExplainedBatch:
+    """What :meth:`BatchExplainer.explain` made of a batch: one row per image, in order (an
+    :class:`Explained`, or the image's :class:`Failed` record), and where the time went."""
+
+    rows: list[Union[Explained, Failed]]
+    session_seconds: float = 0.0
+    metrics_seconds: float = 0.0
+
+
+class BatchExplainer:
+    """A batch of decoded images -> results lines and artefacts, through one onnxruntime session
+    over the CAM graph: the per-batch work of the local runner and of each Ray actor.
+
+    The session is checked against the plan's metadata (:func:`check_session`) before any
+    image. :meth:`explain` runs it once per batch, builds the lines (:func:`result_lines`), hands
+    each image's artefacts to the runner's pool and, with ``--metrics``, scores the maps through
+    the same session while the files are written.
+    """
+
+    def __init__(self, plan: JobPlan, sess: Any) -> None:
+        check_session(plan.meta, session_inputs(sess), sess.get_outputs(), plan.target)
+        self.plan = plan
+        self.sess = sess
+        self.providers: list[str] = list(sess.get_providers())
+        self.in_name = sess.get_inputs()[0].name
+        self.fetch = ["logits", plan.cam_output]
+
+    @classmethod
+    def open(cls, plan: JobPlan, *, device: str, threads: int) -> "BatchExplainer":
+        """An explainer with its own session (:func:`camserve.onnx.session.ort_session`) on
+        ``device`` with ``threads``: the CPUs the runner was given. Its threads do not spin: the
+        pool's decoding, heatmaps and files need the CPUs between session runs."""
+        return cls(plan, ort_session(plan.model, device=device, threads=threads, spinning=False))
+
+    def explain(self, batch: Sequence[Decoded], submit: Submit) -> ExplainedBatch:
+        """Explain ``batch`` (at least one image): one session run, the results lines, each
+        image's :meth:`artefacts` started with ``submit`` and, with ``--metrics``, the audit.
+        UsageError when the graph's logits do not fit its labels."""
+        plan = self.plan
+        x = np.stack([d.tensor.numpy() for d in batch])
+        feed: dict[str, np.ndarray] = {self.in_name: x}
+        if plan.target >= 0:
+            feed["target"] = np.full((len(batch),), plan.target, dtype=np.int64)
+        t0 = time.perf_counter()
+        logits, cams = self.sess.run(self.fetch, feed)
+        out = ExplainedBatch([], session_seconds=time.perf_counter() - t0)
+        if logits.ndim != 2 or logits.shape[1] != len(plan.meta.labels):
+            raise UsageError(f"invalid value for --model: the graph returned logits of shape "
+                             f"{list(logits.shape)} for {len(plan.meta.labels)} labels")
+        lines = result_lines([d.item for d in batch], [d.size for d in batch], logits, cams,
+                             plan.target, plan.topk, plan.meta, plan.method)
+        kept: list[int] = []
+        for j, (d, line) in enumerate(zip(batch, lines)):
+            if isinstance(line, Failed):
+                out.rows.append(line)
+            else:
+                kept.append(j)
+                out.rows.append(Explained(line, submit(self.artefacts, d, cams[j])))
+        if plan.metrics and kept:
+            t1 = time.perf_counter()
+            explained = [out.rows[j] for j in kept]
+            rows = audit_lines(self.sess, x[kept], cams[kept], [e.line for e in explained],
+                               plan.metrics, steps=plan.metrics_steps,
+                               baseline=plan.metrics_baseline)
+            for e, row in zip(explained, rows):
+                e.metrics = row
+            out.metrics_seconds = time.perf_counter() - t1
+        return out
+
+    def artefacts(self, d: Decoded, cam: np.ndarray) -> Union[Files, Failed]:
+        """One image's heatmap, bbox and files (:func:`camserve.onnx.outputs.finish_image`):
+        ``({kind: path under DIR}, bbox)``, or its :class:`Failed` record."""
+        return finish_image(Path(self.plan.out), d, cam, self.plan.save)
