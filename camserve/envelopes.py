@@ -52,7 +52,8 @@ class RawRequest:
     options: dict[str, Any]
 
 
-def _names(keys: Any) -> str:
+def list_names(keys: Any) -> str:
+    """The first :data:`LISTED_KEYS` of user-supplied field names, escaped and cut, for a message."""
     names = [log_name(k) for k in list(keys)[:LISTED_KEYS + 1]]
     more = ", ..." if len(names) > LISTED_KEYS else ""
     return ", ".join(names[:LISTED_KEYS]) + more if names else "none"
@@ -111,7 +112,7 @@ def _from_ours(doc: Mapping[str, Any]) -> RawRequest:
     """``{"data": "<base64>", <options>...}``."""
     if "data" not in doc:
         raise RequestError(f"missing field 'data' (a base64-encoded image) in the JSON object; "
-                           f"keys sent: {_names(doc)}", 400, "InvalidRequest")
+                           f"keys sent: {list_names(doc)}", 400, "InvalidRequest")
     options = {k: v for k, v in doc.items() if k != "data"}
     return RawRequest(image_from(doc["data"], "data"), options)
 
@@ -182,7 +183,7 @@ def extract_request(row: Any) -> RawRequest:
     if key is None:
         raise RequestError(f"missing image: send it as the request body, as the form field "
                            f"'data', or as JSON {{\"data\": \"<base64>\"}}; fields sent: "
-                           f"{_names(row)}", 400, "InvalidRequest")
+                           f"{list_names(row)}", 400, "InvalidRequest")
     fields = {k: v for k, v in row.items() if k not in DATA_KEYS}
     payload = row[key]
     if isinstance(payload, (bytes, bytearray, memoryview)):
