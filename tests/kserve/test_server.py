@@ -235,6 +235,27 @@ def test_v2_parameters_with_json_values_reach_the_options(server: LocalPredictor
     assert r.status_code == 422 and "topk" in json.loads(r.json()["outputs"][0]["data"][0])["message"]
 
 
+def test_v2_binary_data_extension(server: LocalPredictor, service: CamService) -> None:
+    """KServe's binary data extension (a JSON part, then the raw BYTES tensor: a 4-byte length
+    before each element) is still decoded by KServe; a bad one is 400, not 500."""
+    png = SAMPLES[4].read_bytes()
+    element = b64(png).encode()
+    raw = len(element).to_bytes(4, "little") + element
+    head = json.dumps({"inputs": [{"name": "data", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": len(raw)}}],
+                       "parameters": {"topk": 1}}).encode()
+    url = f"{server.url}/v2/models/{NAME}/infer"
+    r = requests.post(url, data=head + raw, timeout=60,
+                      headers={"inference-header-content-length": str(len(head))})
+    assert r.status_code == 200, r.text
+    [want] = handler_answers(service, [{"data": png, "topk": "1"}])
+    assert json.loads(r.json()["outputs"][0]["data"][0]) == want.body
+    for length, body in (("x", head + raw), ("8", b'{"x": 1}')):
+        r = requests.post(url, data=body, timeout=60,
+                          headers={"inference-header-content-length": length})
+        assert r.status_code == 400 and r.json()["type"] == "InvalidRequest"
+
+
 def _metric(text: str, name: str) -> float:
     total = 0.0
     for m in re.finditer(rf"^{name}\{{[^}}]*model_name=\"{NAME}\"[^}}]*\}} ([0-9.e+]+)$", text,
