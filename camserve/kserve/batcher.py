@@ -8,6 +8,11 @@ never split; a request whose work would take the batch over ``max_work`` waits f
 (its own work is within the budget: the core refused it otherwise), so a request's batch-mates
 never make it fail. The manual: ``docs/kserve.md``.
 
+Requests are prepared (decoded) before they are batched, so :class:`WorkGate` bounds the work
+that prepared requests hold until they are answered: a request reserves the most it may take
+before it is prepared, keeps what it took, and gives it back once answered; a request waits while
+the gate is full (nothing is refused).
+
 Example::
 
     >>> import asyncio
@@ -142,3 +147,49 @@ class MicroBatcher(Generic[T, R]):
                 if not j.future.done():
                     j.future.set_result(res)
 
+
+
+class WorkGate:
+    """The work held by requests between being prepared and being answered, bounded by
+    ``capacity``: :meth:`reserve` waits until the amount fits (or nothing is held), and
+    :meth:`give_back` returns work and wakes the waiting requests. Used from one event loop.
+
+    Example::
+
+        >>> gate = WorkGate(10)
+        >>> async def two():
+        ...     await gate.reserve(8)
+        ...     waiting = asyncio.ensure_future(gate.reserve(8))
+        ...     await asyncio.sleep(0)
+        ...     before = waiting.done()
+        ...     gate.give_back(6)  # the first request took 2 of its 8
+        ...     await waiting
+        ...     return before, gate.held
+        >>> asyncio.run(two())
+        (False, 10)
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def reserve(self, amount: int) -> None:
+        """Hold ``amount`` once it fits beside what is held (at once when nothing is)."""
+        while self.held and self.held + amount > self.capacity:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.held += amount
+
+    def give_back(self, amount: int) -> None:
+        """Return ``amount`` of held work; the waiting requests try again."""
+        self.held -= amount
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)

@@ -6,7 +6,9 @@ per-stage latency histograms (``request_preprocess_seconds``, ``request_predict_
 
 * **preprocess**: the body -> the core's request records (:mod:`camserve.kserve.wire`) -> options,
   work budget and decoded, resized images (:meth:`camserve.serving.CamService.prepare`), on a pool
-  of ``prepare_threads`` threads; a bad image or option already has its answer here;
+  of ``prepare_threads`` threads; a bad image or option already has its answer here. The work
+  that prepared requests hold until answered is bounded (:class:`~camserve.kserve.batcher.WorkGate`,
+  twice ``max_batch_work``): a request waits for room before it is prepared;
 * **predict** / **explain**: the batched model pass: the prepared request joins those of concurrent
   requests (:class:`camserve.kserve.batcher.MicroBatcher`) in one
   :meth:`camserve.serving.CamService.run_prepared` call on the model thread (forward, gradients,
@@ -42,7 +44,7 @@ from prometheus_client import REGISTRY, Counter, Histogram  # noqa: E402
 from ..errors import RequestError  # noqa: E402
 from ..explain import MEGA  # noqa: E402
 from ..serving import CamService, Prepared, RowResult  # noqa: E402
-from .batcher import DEFAULT_PREPARE_THREADS, MicroBatcher  # noqa: E402
+from .batcher import DEFAULT_PREPARE_THREADS, MicroBatcher, WorkGate  # noqa: E402
 from .server import (AnswerError, V2Body, grpc_invalid_input, install, kserve_app,  # noqa: E402
                      v2_rest_body)
 from .wire import (DEFAULT_MAX_INSTANCES, RESULT_OUTPUT, WireRequest, overall_status,  # noqa: E402
@@ -69,12 +71,21 @@ def _metrics() -> tuple[Any, Any]:
     return rows, batch
 
 
+@dataclass
+class Held:
+    """The work (pixels) a request holds of the model's :class:`WorkGate`."""
+
+    work: int = 0
+
+
 @dataclass(frozen=True)
 class Incoming:
-    """A request body as the preprocess stage gets it, with whether its route explains."""
+    """A request body as the preprocess stage gets it, with whether its route explains and, when
+    it came through KServe's call, what it holds of the work gate (given back when answered)."""
 
     body: Any
     explain: bool = False
+    held: Optional[Held] = None
 
 
 @dataclass
@@ -128,6 +139,7 @@ class CamModel(Model):
             self._run, self.max_batch_size, self.max_batch_delay_ms / 1000.0)
         self._prepare_pool = concurrent.futures.ThreadPoolExecutor(
             self.prepare_threads, thread_name_prefix="camserve-prepare")
+        self.gate = WorkGate(0)  # sized when the model loads
         self._load_lock = threading.Lock()
         self._load_error: Optional[BaseException] = None
 
@@ -139,6 +151,8 @@ class CamModel(Model):
             if self.service is None:
                 service = CamService.from_model_dir(self.model_dir, device=self.device)
                 self.batcher.max_work = service.limits.max_batch_work * MEGA
+                # prepared requests waiting for the model hold at most about one more batch
+                self.gate.capacity = 2 * self.batcher.max_work
                 self.service = service
         self.ready = True
         return self.ready
@@ -163,8 +177,8 @@ class CamModel(Model):
     # registered models: each process loads its own copy of the model.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("service", "batcher", "_rows_metric", "_batch_metric", "_prepare_pool",
-                    "_load_lock", "_load_error"):
+        for key in ("service", "batcher", "gate", "_rows_metric", "_batch_metric",
+                    "_prepare_pool", "_load_lock", "_load_error"):
             state.pop(key, None)
         return state
 
@@ -184,9 +198,15 @@ class CamModel(Model):
                        verb: InferenceVerb = InferenceVerb.PREDICT) -> Any:
         # KServe 0.21's Model.__call__ tells only predict/explain which route was called; the
         # preprocess stage needs it (an image to explain is budgeted, and kept for an overlay),
-        # so it travels with the body.
-        return await super().__call__(Incoming(body, verb is InferenceVerb.EXPLAIN), headers,
-                                      verb)
+        # so it travels with the body, and so does the work the request holds, given back here
+        # however the call ends.
+        held = Held()
+        try:
+            return await super().__call__(Incoming(body, verb is InferenceVerb.EXPLAIN, held),
+                                          headers, verb)
+        finally:
+            self.gate.give_back(held.work)
+            held.work = 0
 
     def validate(self, payload: Any) -> Any:
         # KServe 0.21 checks the preprocessed payload as a v1/v2 body; camserve's preprocess has
@@ -194,10 +214,22 @@ class CamModel(Model):
         return payload
 
     async def preprocess(self, payload: Any, headers: Optional[dict[str, str]] = None) -> Staged:
-        """The body -> records -> prepared rows (options, budget, decoded images)."""
+        """The body -> records -> prepared rows (options, budget, decoded images); a request
+        coming through KServe's call first reserves the most work it may take of the gate, and
+        keeps what it took."""
         incoming = payload if isinstance(payload, Incoming) else Incoming(payload)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prepare_pool, self._prepare, incoming)
+        held = incoming.held
+        if held is not None:
+            service = self.service or await loop.run_in_executor(self._prepare_pool, self._loaded)
+            most = service.limits.max_batch_work * MEGA
+            await self.gate.reserve(most)
+            held.work += most
+        staged = await loop.run_in_executor(self._prepare_pool, self._prepare, incoming)
+        if held is not None:
+            self.gate.give_back(held.work - staged.prepared.work)
+            held.work = staged.prepared.work
+        return staged
 
     def _prepare(self, incoming: Incoming) -> Staged:
         wire = self._read(incoming.body)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from camserve.kserve.batcher import MicroBatcher
+from camserve.kserve.batcher import MicroBatcher, WorkGate
 from camserve.serving import RowResult
 
 Item = tuple[list[Any], list[bool]]  # a request's rows and explain flags
@@ -85,3 +85,39 @@ def test_work_closes_a_batch_and_the_next_request_waits_instead_of_failing() -> 
 def test_max_rows_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_rows"):
         MicroBatcher(lambda items: items, max_rows=0, max_delay_s=0.0)
+
+
+def test_the_work_gate_holds_requests_until_work_is_given_back() -> None:
+    async def main() -> list[Any]:
+        gate = WorkGate(10)
+        await gate.reserve(10)
+        waiting = [asyncio.ensure_future(gate.reserve(4)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        seen = [sum(w.done() for w in waiting)]
+        gate.give_back(7)  # 3 held: one more fits
+        await asyncio.sleep(0.01)
+        seen.append(sum(w.done() for w in waiting))
+        gate.give_back(7)  # nothing held: the other two fit
+        await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        seen.append(gate.held)
+        gate.give_back(8)
+        await asyncio.wait_for(gate.reserve(25), 5)  # over the capacity passes when none is held
+        seen.append(gate.held)
+        return seen
+
+    assert asyncio.run(main()) == [0, 1, 8, 25]
+
+
+def test_a_cancelled_reservation_holds_nothing() -> None:
+    async def main() -> int:
+        gate = WorkGate(5)
+        await gate.reserve(5)
+        waiting = asyncio.ensure_future(gate.reserve(5))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        gate.give_back(5)
+        await asyncio.wait_for(gate.reserve(5), 5)  # the cancelled one left no waiter behind
+        return gate.held
+
+    assert asyncio.run(main()) == 5

@@ -39,8 +39,12 @@ def model() -> Iterator[CamModel]:
 
 
 def call(model: CamModel, body: Any, verb: InferenceVerb = InferenceVerb.PREDICT) -> Any:
-    """KServe's call of the model (preprocess, predict/explain, postprocess), as its routes do."""
-    response, _ = asyncio.run(model(body, verb=verb))
+    """KServe's call of the model (preprocess, predict/explain, postprocess), as its routes do;
+    whatever the call's end, the work it held is given back."""
+    try:
+        response, _ = asyncio.run(model(body, verb=verb))
+    finally:
+        assert model.gate.held == 0
     return response
 
 
@@ -128,3 +132,23 @@ def test_the_predictor_imports_nothing_of_camserve_testing() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_prepared_requests_hold_work_until_answered(model: CamModel) -> None:
+    """A request reserves the most it may take before it is prepared, keeps what it took while it
+    waits for the model, and gives it back when answered."""
+    body = {"instances": [{"data": b64(SAMPLES[0].read_bytes()), "outputs": "heatmap,overlay"}]}
+    seen: list[int] = []
+    predict = model.predict
+
+    async def watching(payload: Staged, *args: Any) -> Answered:
+        seen.append(model.gate.held)
+        return await predict(payload, *args)
+
+    model.predict = watching  # type: ignore[method-assign]
+    try:
+        call(model, body, InferenceVerb.EXPLAIN)
+    finally:
+        del model.predict
+    assert model.gate.capacity == 2 * 512 * 10**6
+    assert seen == [96 * 96 * 4]  # one target: heatmap (1) + overlay (3) at 96x96
