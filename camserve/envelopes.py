@@ -53,7 +53,7 @@ class RawRequest:
 
 
 def list_names(keys: Any) -> str:
-    """The first :data:`LISTED_KEYS` of user-supplied field names, escaped and cut, for a message."""
+    """The first :data:`LISTED_KEYS` user-supplied field names, escaped and cut, for a message."""
     names = [log_name(k) for k in list(keys)[:LISTED_KEYS + 1]]
     more = ", ..." if len(names) > LISTED_KEYS else ""
     return ", ".join(names[:LISTED_KEYS]) + more if names else "none"

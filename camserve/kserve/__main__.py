@@ -1,8 +1,8 @@
-"""Serve a model folder as a native KServe predictor (``camserve-kserve``, ``python -m camserve.kserve``).
+"""Serve a model folder as a native KServe predictor (``camserve-kserve``).
 
-``camserve-kserve MODEL_DIR [--model-name NAME] [--host 127.0.0.1] [--http-port 8080]
-[--grpc-port 8081] ...`` (``--help`` lists every option). Exit status 2 for a bad argument. The
-manual: ``docs/kserve.md``.
+``camserve-kserve MODEL_DIR [--model-name NAME] [--host 127.0.0.1] [--http-port 8080] ...``, or
+``python -m camserve.kserve MODEL_DIR ...``; ``--help`` lists every option, a bad argument exits
+with status 2. The manual: ``docs/kserve.md``.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
         return f"invalid value for --grpc-port: {args.grpc_port} (0..65535; 0 turns gRPC off)"
     for flag in ("workers", "max_batch_size", "max_instances", "prepare_threads"):
         if getattr(args, flag) < 1:
-            return f"invalid value for --{flag.replace('_', '-')}: {getattr(args, flag)} (at least 1)"
+            value = getattr(args, flag)
+            return f"invalid value for --{flag.replace('_', '-')}: {value} (at least 1)"
     if not args.max_batch_delay >= 0:
         return f"invalid value for --max-batch-delay: {args.max_batch_delay} (at least 0)"
     return None

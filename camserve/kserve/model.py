@@ -52,6 +52,7 @@ from .wire import (DEFAULT_MAX_INSTANCES, RESULT_OUTPUT, WireRequest, overall_st
 
 log = logging.getLogger(__name__)
 
+
 def default_device() -> str:
     """``CAMSERVE_DEVICE`` when set, else ``cuda`` when CUDA is present, else ``cpu``."""
     import torch

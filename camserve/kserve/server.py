@@ -14,6 +14,10 @@
 * **Answers with their own status** (:class:`AnswerError`): KServe 0.21 answers a model's
   exception 500 (or 400 for its ``InvalidInput``, with its own body); camserve's answers keep
   their status and the handler's error body.
+* In the model, being methods of ``kserve.Model`` (:class:`camserve.kserve.model.CamModel`):
+  ``__call__`` hands the route's verb to ``preprocess`` (KServe 0.21 tells only predict/explain)
+  and gives back the work a request held however the call ends; ``validate`` takes the
+  preprocessed request as it is (KServe 0.21 checks it as a v1/v2 body).
 
 The model (:class:`camserve.kserve.model.CamModel`) calls :func:`install` when it loads, in
 every server process (KServe's ``--workers`` processes each build their own app). Adding a route
@@ -22,6 +26,7 @@ is one more ``add_api_route`` in :func:`install`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from concurrent import futures
 from dataclasses import dataclass
@@ -130,8 +135,6 @@ def kserve_app() -> FastAPI:
 def grpc_invalid_input(body: Any) -> InvalidInput:
     """A request with nothing to answer, over gRPC: ``INVALID_ARGUMENT`` with the error body as
     its details (gRPC has no per-call HTTP status)."""
-    import json
-
     return InvalidInput(json.dumps(body))
 
 

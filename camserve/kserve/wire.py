@@ -56,7 +56,7 @@ Record = Union[RawRequest, RequestError]
 @dataclass(frozen=True)
 class WireRequest:
     """One KServe request as the core's records: ``protocol`` ``"v1"`` or ``"v2"``, one record per
-    image in order, the v2 request ``id`` (None when none was sent) and whether it came over gRPC."""
+    image in order, the v2 request ``id`` (None when none was sent), whether it came over gRPC."""
 
     protocol: str
     records: tuple[Record, ...]
