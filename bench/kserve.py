@@ -31,7 +31,7 @@ import requests
 import torch
 import yaml
 
-from camserve.kserve import LocalPredictor
+from camserve.testing.kserve import LocalPredictor
 from camserve.testing.load import closed_loop
 from camserve.testing.torchserve import LocalTorchServe, archive
 

@@ -10,6 +10,12 @@ A request row is what TorchServe hands a handler for one request:
   ``{"inputs": [{"name": "data", "datatype": "BYTES", "data": ["<base64>"]}],
   "parameters": {...}}``.
 
+:class:`RawRequest` is the core's request record: :class:`camserve.serving.CamService` takes
+rows or records. The rules for one KServe v1 instance (:func:`from_instance`), v2 ``parameters``
+(:func:`v2_parameters`) and an image field (:func:`image_from`) live here once; the KServe
+predictor (:mod:`camserve.kserve.wire`) reads many images per request with them, so a body gets
+the same status and message on either server.
+
 Nothing here validates options (see :mod:`camserve.options`) or decodes pixels. Any input gives
 a :class:`RawRequest` or a :class:`camserve.errors.RequestError` (400), never another exception;
 user-supplied field names in messages are escaped and cut.
@@ -46,7 +52,8 @@ class RawRequest:
     options: dict[str, Any]
 
 
-def _names(keys: Any) -> str:
+def list_names(keys: Any) -> str:
+    """The first :data:`LISTED_KEYS` user-supplied field names, escaped and cut, for a message."""
     names = [log_name(k) for k in list(keys)[:LISTED_KEYS + 1]]
     more = ", ..." if len(names) > LISTED_KEYS else ""
     return ", ".join(names[:LISTED_KEYS]) + more if names else "none"
@@ -88,7 +95,9 @@ def _maybe_json(payload: bytes | str) -> Any:
     return parse_json(payload)
 
 
-def _image_from(value: Any, where: str) -> bytes:
+def image_from(value: Any, where: str) -> bytes:
+    """Image bytes from a field: bytes as they are, base64 text (plain, URL-safe or a data URL),
+    or ``{"b64": "<base64>"}``; :class:`InvalidImage` / :class:`RequestError` (400) otherwise."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, str):
@@ -103,22 +112,39 @@ def _from_ours(doc: Mapping[str, Any]) -> RawRequest:
     """``{"data": "<base64>", <options>...}``."""
     if "data" not in doc:
         raise RequestError(f"missing field 'data' (a base64-encoded image) in the JSON object; "
-                           f"keys sent: {_names(doc)}", 400, "InvalidRequest")
+                           f"keys sent: {list_names(doc)}", 400, "InvalidRequest")
     options = {k: v for k, v in doc.items() if k != "data"}
-    return RawRequest(_image_from(doc["data"], "data"), options)
+    return RawRequest(image_from(doc["data"], "data"), options)
+
+
+def from_instance(item: Any, where: str = "instances[0]") -> RawRequest:
+    """One KServe v1 instance: ours (``{"data": "<base64>", <options>...}``), ``{"b64": ...}`` or
+    a base64 string; ``where`` names it in errors. The one rule for an instance, whichever server
+    received it (:mod:`camserve.kserve.wire` reads many per request)."""
+    if isinstance(item, Mapping) and "b64" not in item:
+        return _from_ours(item)
+    return RawRequest(image_from(item, where), {})
+
+
+def v2_parameters(params: Any) -> dict[str, Any]:
+    """KServe v2 request ``parameters`` as options: absent/null is none, an object is taken as
+    sent, anything else is a :class:`RequestError` (400) — the one rule for every server."""
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise RequestError(f"invalid value for parameters: expected an object, got "
+                           f"{type(params).__name__}", 400, "InvalidRequest")
+    return dict(params)
 
 
 def _from_v1(doc: Mapping[str, Any]) -> RawRequest:
-    """KServe v1: ``{"instances": [<one instance>]}``; the instance is ours or ``{"b64": ...}``."""
+    """KServe v1: ``{"instances": [<one instance>]}`` (see :func:`from_instance`)."""
     inst = doc["instances"]
     if not isinstance(inst, list) or len(inst) != 1:
         got = len(inst) if isinstance(inst, list) else type(inst).__name__
         raise RequestError(f"invalid value for instances: expected a list of exactly one "
                            f"instance, got {got}", 400, "InvalidRequest")
-    item = inst[0]
-    if isinstance(item, Mapping) and "b64" not in item:
-        return _from_ours(item)
-    return RawRequest(_image_from(item, "instances[0]"), {})
+    return from_instance(inst[0])
 
 
 def _from_v2(doc: Mapping[str, Any]) -> RawRequest:
@@ -130,11 +156,8 @@ def _from_v2(doc: Mapping[str, Any]) -> RawRequest:
     values = inputs[0].get("data")
     if isinstance(values, list) and len(values) == 1:
         values = values[0]
-    params = doc.get("parameters") or {}
-    if not isinstance(params, Mapping):
-        raise RequestError(f"invalid value for parameters: expected an object, got "
-                           f"{type(params).__name__}", 400, "InvalidRequest")
-    return RawRequest(_image_from(values, "inputs[0].data"), dict(params))
+    params = v2_parameters(doc.get("parameters"))
+    return RawRequest(image_from(values, "inputs[0].data"), params)
 
 
 def from_json(doc: Mapping[str, Any]) -> RawRequest:
@@ -160,7 +183,7 @@ def extract_request(row: Any) -> RawRequest:
     if key is None:
         raise RequestError(f"missing image: send it as the request body, as the form field "
                            f"'data', or as JSON {{\"data\": \"<base64>\"}}; fields sent: "
-                           f"{_names(row)}", 400, "InvalidRequest")
+                           f"{list_names(row)}", 400, "InvalidRequest")
     fields = {k: v for k, v in row.items() if k not in DATA_KEYS}
     payload = row[key]
     if isinstance(payload, (bytes, bytearray, memoryview)):
@@ -173,4 +196,4 @@ def extract_request(row: Any) -> RawRequest:
     if isinstance(payload, list):
         raise RequestError("invalid JSON body: expected an object {\"data\": \"<base64>\", ...}, "
                            "got a list", 400, "InvalidRequest")
-    return RawRequest(_image_from(payload, key), fields)
+    return RawRequest(image_from(payload, key), fields)

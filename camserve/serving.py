@@ -7,6 +7,12 @@ between them: :mod:`camserve.envelopes` (row -> :class:`RawRequest`), :mod:`cams
 (-> :class:`RequestOptions`), :mod:`camserve.images` (decode, preprocess), :mod:`camserve.explain`
 (target table -> batch CAMs -> :class:`camserve.records.Explanation` records).
 
+:meth:`CamService.handle_batch` is two public stages, for a server that runs them apart (the
+KServe predictor times them as its own stages and batches prepared requests of several callers):
+:meth:`CamService.prepare` (envelope, options, work budget, decoding; rows may also be
+:class:`camserve.envelopes.RawRequest` records) and :meth:`CamService.run_prepared` (the batched
+pass and the rendering).
+
 Each row is its own transaction: any exception while parsing, decoding, explaining or rendering
 one row becomes that row's answer (400/413/422, or 500 ``InternalError`` with a short error id
 that the log carries next to the traceback) and its batch-mates get their 200. When the batched
@@ -50,7 +56,7 @@ import torch
 from PIL import Image
 
 from .engine import CamEngine
-from .envelopes import extract_request
+from .envelopes import RawRequest, extract_request
 from .errors import InternalError, InvalidImage, RequestError, ResponseTooLarge, from_image_error
 from .explain import (MEGA, BatchCams, MapPlan, batch_cams, drop_hint, explanation_json,
                       plan_maps, render_row)
@@ -126,6 +132,28 @@ class _Row:
     plan: MapPlan
     geometry: Geometry
     image: Optional[Image.Image] = None
+
+
+@dataclass
+class Prepared:
+    """Requests after :meth:`CamService.prepare`, in order: each one's decoded row (ready for the
+    model) or its answer already (an error); ``ms``: milliseconds spent preparing them."""
+
+    items: list[Any]
+    ms: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def work(self) -> int:
+        """The work its rows plan, in pixels (what they take of a batch's ``max_batch_work``)."""
+        return sum(item.plan.work for item in self.items if isinstance(item, _Row))
+
+    @classmethod
+    def join(cls, parts: Sequence["Prepared"]) -> "Prepared":
+        """The requests of several callers as one batch (one model pass), in order."""
+        return cls([item for p in parts for item in p.items], sum(p.ms for p in parts))
 
 
 class _CamView:
@@ -245,30 +273,45 @@ class CamService:
                      force_explain: Optional[Sequence[bool]] = None) -> BatchOutcome:
         """Answer every request of a batch: one :class:`RowResult` per row, in order.
 
+        ``rows``: TorchServe request rows or request records (see :meth:`prepare`).
         ``force_explain``: one boolean per row; True explains that row whatever its options say.
         A bad row gets its own 4xx/413/500 result; the other rows are answered as usual.
+        """
+        return self.run_prepared(self.prepare(rows, force_explain))
+
+    # -- the stages of a batch, for servers that run and time them apart (camserve.kserve) --------
+    def prepare(self, rows: Sequence[Any],
+                force_explain: Optional[Sequence[bool]] = None) -> Prepared:
+        """Envelope, options, work budget and decoding of each request, before any model work.
+
+        A row is a TorchServe request row, a :class:`camserve.envelopes.RawRequest` record, or the
+        :class:`RequestError` a record could not be read with (that row's answer). The rows share
+        one ``max_batch_work`` budget; ``force_explain`` as in :meth:`handle_batch`.
         """
         t0 = time.perf_counter()
         forced = [False] * len(rows) if force_explain is None else [bool(f) for f in force_explain]
         if len(forced) != len(rows):
             raise ValueError(f"invalid value for force_explain: {len(forced)} flags for "
                              f"{len(rows)} rows")
-        stats = BatchStats(rows=len(rows))
-        results: list[Optional[RowResult]] = [None] * len(rows)
-        good: list[_Row] = []
         work = _Work(self.limits.max_batch_work * MEGA)
-        for i, (row, f) in enumerate(zip(rows, forced)):
-            prepared = self._prepare(i, row, f, len(rows), work)
-            if isinstance(prepared, RowResult):
-                results[i] = prepared
-            else:
-                good.append(prepared)
+        items = [self._prepare(i, row, f, len(rows), work)
+                 for i, (row, f) in enumerate(zip(rows, forced))]
+        return Prepared(items, (time.perf_counter() - t0) * 1000.0)
+
+    def run_prepared(self, prepared: Prepared) -> BatchOutcome:
+        """One batched pass over the decoded rows of ``prepared`` (see :meth:`Prepared.join`) and
+        every request's answer, in order, rendered."""
+        t0 = time.perf_counter()
+        items = prepared.items
+        stats = BatchStats(rows=len(items))
+        results = [item if isinstance(item, RowResult) else None for item in items]
+        good = [k for k, item in enumerate(items) if isinstance(item, _Row)]
         if good:
-            for row, res in zip(good, self._serve(good, stats)):
-                results[row.index] = res
+            for k, res in zip(good, self._serve([items[k] for k in good], stats)):
+                results[k] = res
         final = [r if r is not None else internal_error("answering a row") for r in results]
         self._count(final, stats)
-        stats.total_ms = (time.perf_counter() - t0) * 1000.0
+        stats.total_ms = prepared.ms + (time.perf_counter() - t0) * 1000.0
         log.info("camserve: batch of %d rows (%d explained, %d rejected) in %.1f ms", stats.rows,
                  stats.explained_rows, stats.error_rows, stats.total_ms)
         return BatchOutcome(final, stats)
@@ -285,7 +328,9 @@ class CamService:
         size."""
         work = work or _Work(self.limits.max_batch_work * MEGA)
         try:
-            raw = extract_request(row)
+            if isinstance(row, RequestError):  # a record that could not be read: its answer
+                raise row
+            raw = row if isinstance(row, RawRequest) else extract_request(row)
             opts = parse_options(raw.options, self.spec, self.labels, explain=explain,
                                  limits=self.limits, task=self.task)
             # 413 from the header's size, before any pixel is decoded

@@ -36,9 +36,9 @@ BIN = Path(sys.executable).parent
 def _model_class(name: str) -> type:
     import kubernetes.client.models as k8s
 
-    import camserve.kserve as ks
+    from camserve.kserve import import_kserve
 
-    ks._import_kserve()
+    import_kserve()
     import kserve.models as kmodels
 
     for mod in (kmodels, k8s):
@@ -124,8 +124,8 @@ def test_native_predictor_manifest() -> None:
     _resources_ok(c.resources)
     assert isvc.metadata.annotations["prometheus.kserve.io/path"] == "/metrics"
     # the arguments are the CLI's own
-    import camserve.kserve as ks
-    args = ks.build_parser().parse_args(c.args)
+    from camserve.kserve.__main__ import build_parser
+    args = build_parser().parse_args(c.args)
     assert args.host == "0.0.0.0" and args.http_port == 8080 and args.model_name == name
 
 
@@ -275,16 +275,13 @@ def torchserve_kserve(layout: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def service() -> Any:
-    import camserve.kserve as ks
+    from camserve.serving import CamService
 
-    return ks._build_service(MODEL_DIR, "cpu")
+    return CamService.from_model_dir(MODEL_DIR, device="cpu")
 
 
 def _handler(service: Any, rows: list[Any], explain: bool) -> list[dict[str, Any]]:
-    import camserve.kserve as ks
-
-    results, _ = ks._run_rows(service, rows, [explain] * len(rows))
-    return [r.body for r in results]
+    return [r.body for r in service.handle_batch(rows, [explain] * len(rows)).results]
 
 
 @pytest.mark.torchserve

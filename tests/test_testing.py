@@ -261,3 +261,44 @@ def test_shapes_config_removes_keys_given_none(shapes_config) -> None:
     cfg = shapes_config(target_layer=None, topk=1)
     assert cfg["batchSize"] == 8 and "target_layer" not in cfg["handler"]
     assert cfg["handler"]["topk"] == 1 and cfg["handler"]["arch"] == "model:ShapesNet"
+
+
+# -- nothing outside camserve.testing imports it ----------------------------------------------------
+def _imported_modules(path: Path, package: str) -> list[str]:
+    """Absolute names of the modules a file imports (relative imports resolved)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            found += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return found
+
+
+def test_production_code_never_imports_camserve_testing() -> None:
+    root = Path(__file__).resolve().parents[1]
+    files = [p for p in (root / "camserve").rglob("*.py") if "testing" not in p.relative_to(root).parts]
+    files += sorted((root / "handler").glob("*.py")) + sorted((root / "export").glob("*.py"))
+    assert any(p.parts[-2:] == ("kserve", "model.py") for p in files)
+    offenders = {}
+    for path in files:
+        rel = path.relative_to(root).with_suffix("")
+        package = ".".join(rel.parts[:-1])
+        bad = [m for m in _imported_modules(path, package)
+               if m == "camserve.testing" or m.startswith("camserve.testing.")]
+        if bad:
+            offenders[str(rel)] = bad
+    assert offenders == {}
+
+
+def test_the_import_check_sees_a_relative_import(tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text("from ..testing.torchserve import free_ports\nfrom . import testing\n")
+    assert "camserve.testing.torchserve" in _imported_modules(f, "camserve.kserve")
+    assert "camserve.kserve.testing" in _imported_modules(f, "camserve.kserve")

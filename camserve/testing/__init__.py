@@ -1,10 +1,13 @@
 """Test tooling shared by the test suite, the benchmarks and ``scripts/serve.py``.
 
-Not imported by :mod:`camserve`; each module is imported on its own, and only
-:mod:`camserve.testing.torchserve` needs an extra (``camserve[serve]``: TorchServe, requests):
+Never imported by camserve's own modules (a test checks it); each module is imported on its own,
+and only :mod:`camserve.testing.torchserve` and :mod:`camserve.testing.kserve` need an extra
+(``camserve[serve]``: TorchServe, requests):
 
 * :mod:`camserve.testing.torchserve`: a private TorchServe (temporary home, free loopback ports,
   token auth) and ``.mar`` archiving;
+* :mod:`camserve.testing.kserve`: a private camserve KServe predictor (a child process on free
+  loopback ports, stopped by its PID);
 * :mod:`camserve.testing.context`: a fake TorchServe context (system properties, manifest, model
   config, per-row request headers, per-row response status and content type, recorded metrics);
 * :mod:`camserve.testing.handler`: load a handler file the way TorchServe 0.12's model loader does;
