@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from camserve.engine import CamEngine
-from camserve.families import FamilyError, LayerChoice, TokenGrid, locate, probe_layout
+from camserve.families import FamilyError, LayerChoice, locate, probe_layout
+from camserve.layouts import TokenGrid
 from camserve.sources import build_from_source
 
 TIMINGS: dict[str, float] = {}

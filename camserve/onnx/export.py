@@ -11,7 +11,7 @@ Inputs:
   (1,) tensor applies one target to every row.
 
 Outputs: ``logits`` (N, C); ``activations`` (N, K, h, w) of the target layer (NCHW, token or
-channels-last layers reshaped by :func:`camserve.layers.to_nchw`); ``gradients`` (N, K, h, w) =
+channels-last layers reshaped by :func:`camserve.layouts.to_nchw`); ``gradients`` (N, K, h, w) =
 d logit[target] / d activations; ``cam`` (N, h, w), the raw map (post-ReLU, not normalised) of the
 first method (Grad-CAM by default); then ``cam_<method>`` per extra method, with ``+`` spelled ``p``
 (``gradcam++`` -> ``cam_gradcampp``).
@@ -66,6 +66,7 @@ import torch
 from torch import nn
 
 from .. import available_methods
+from ..layouts import LAYOUTS
 from ..models import (
     ConfigError,
     LoadedModel,
@@ -245,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="index_to_name.json (--arch)")
     p.add_argument("--layer", help="target layer, dotted module name (default: the config's, or "
                                    "auto-located)")
-    p.add_argument("--layout", choices=["nchw", "nhwc", "tokens"], help="force the layer output layout")
+    p.add_argument("--layout", choices=LAYOUTS, help="force the layer output layout")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated CAM methods, the first one is output 'cam' (default: the "
                         f"config's method; known: {', '.join(available_methods())})")
