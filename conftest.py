@@ -11,12 +11,9 @@ import importlib.util
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "camserve/onnx/*.py": ("onnx", "onnxruntime", "onnxscript"),
     "camserve/onnx/ray.py": ("ray",),
-    "camserve/graph.py": ("onnx", "onnxscript"),
     "camserve/kserve.py": ("kserve",),
     "camserve/client.py": ("requests",),
     "camserve/testing/torchserve.py": ("requests",),
-    "camserve/timm*.py": ("timm",),
-    "camserve/hf*.py": ("transformers",),
 }
 
 

@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,19 +24,13 @@ import requests
 import torch
 from PIL import Image
 
-from camserve.client import ClientError
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_LABELS = ["apple", "banana", "cherry", "date", "elder"]
 HF_LABELS = {0: "cat", 1: "dog", 2: "fox"}
 IMAGE_SIZES = [(50, 40), (33, 61), (64, 64)]  # (W, H)
 
-pytestmark = [
-    pytest.mark.torchserve,
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("JAVA_HOME"),
-                       reason="Java is not installed: TorchServe's frontend needs Java 17+"),
-]
+pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
 
 
 def run(*args: str, cwd: Path = ROOT, timeout: float = 900) -> str:
@@ -114,22 +107,15 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(folders, tmp_path_factory) -> Iterator[object]:
+def server(folders, tmp_path_factory, start_torchserve) -> Iterator[object]:
     from camserve.testing.torchserve import LocalTorchServe
 
     home = tmp_path_factory.mktemp("torchserve")
     for name, folder in folders.items():
         run("-m", "scripts.archive", str(folder), "--name", name, "--out", str(home / "store"))
         assert (home / "store" / f"{name}.mar").is_file()
-    ts = LocalTorchServe(home, list(folders), ready_timeout=300)
-    try:
-        ts.__enter__()
-    except ClientError as exc:
-        pytest.fail(str(exc))
-    try:
+    with start_torchserve(LocalTorchServe(home, list(folders), ready_timeout=300)) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.mark.parametrize("name,labels", [("timmnet", TIMM_LABELS), ("hfvit", list(HF_LABELS.values()))])
