@@ -5,7 +5,7 @@ layout (never from a shape alone).
 to ``(B, C, h, w)`` from :mod:`camserve.layouts` (for ``CamEngine(model, name,
 reshape=choice.reshape)``), the map grid and the reason, and logs one line saying so;
 :func:`choose_layer` is the one rule for a layer named (or not) in the config. The manual, with
-the layer each family gets: `docs/byom.md <../docs/byom.md>`_.
+the layer each family gets: docs/byom.md.
 
 * **ViT / DeiT / BEiT / EVA** (timm ``VisionTransformer``/``Eva``/``Beit``, torchvision
   ``VisionTransformer``, Hugging Face ViT/DeiT/BEiT-style): the token output of the last block's

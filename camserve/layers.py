@@ -6,7 +6,7 @@ one forward hook on a target layer in camserve: the engine, the traced ONNX grap
 and the exporter's verification all go through it. :func:`nchw_converter` is
 :func:`camserve.layouts.converter` (the one conversion of layer outputs to ``(B, C, h, w)``) with
 the layer named in its errors; :class:`LayerError` is the error of a layer that cannot be used.
-Which layer each family gets: `docs/byom.md <../docs/byom.md>`_.
+Which layer each family gets: docs/byom.md.
 
 Example::
 

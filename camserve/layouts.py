@@ -16,7 +16,7 @@ this module owns the conversion (as timm keeps its ``layers/format.py``):
 
 A layout is never guessed from a shape alone (``(B, 64, 64, 32)`` may be either):
 :mod:`camserve.families` decides it. Which layer and layout each model family gets:
-`docs/byom.md <../docs/byom.md>`_.
+docs/byom.md.
 
 Example::
 

@@ -1,9 +1,6 @@
-"""``python -m export.batch_cam``: explain folders (or lists) of images with a camserve CAM graph on
-onnxruntime. The command line of :func:`camserve.onnx.batch.main` (see that module for inputs,
-outputs and options).
-
-Exit status: 0 every image succeeded; 3 some images failed (see errors.jsonl); 2 usage error;
-130 interrupted (Ctrl-C); 1 any other failure.
+"""``make batch``'s entry point: :func:`camserve.onnx.batch.main`, the ``camserve-batch`` command
+(docs/batch.md: inputs, outputs, limits, the exit status; Ray:
+docs/ray.md).
 """
 from __future__ import annotations
 

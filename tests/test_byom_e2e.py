@@ -1,8 +1,9 @@
 """End to end, bring your own model: a timm checkpoint and a Hugging Face ``save_pretrained`` folder
-each go ``python -m camserve.scaffold`` -> ``python -m scripts.archive`` -> a real TorchServe
+each go ``camserve-scaffold`` -> ``python -m scripts.archive`` -> a real TorchServe
 (token auth, free loopback ports) -> ``/explanations/NAME`` with heatmaps at the image size; and
-``python -m export.onnx_export DIR --out F`` -> ``python -m export.batch_cam`` on a few images, with
-the model's own preprocessing and labels in the graph's metadata.
+``python -m export.onnx_export DIR --out F`` -> ``python -m export.batch_cam`` (what ``make export``
+and ``make batch`` run) on a few images, with the model's own preprocessing and labels in the
+graph's metadata.
 
 Random weights (BatchNorm recalibrated), small input sizes. Skipped without Java (TorchServe's
 frontend) or without the timm / transformers extras.
@@ -34,11 +35,13 @@ pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
 
 
 def run(*args: str, cwd: Path = ROOT, timeout: float = 900) -> str:
-    """``python -m ...`` in a subprocess with this checkout first on the path; fails the test with
-    its output when the exit status is not 0."""
+    """A console script (``camserve-...``, from this interpreter's folder) or ``python -m ...`` in
+    a subprocess with this checkout first on the path; fails the test with its output when the
+    exit status is not 0."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=timeout)
+    cmd = ([str(Path(sys.executable).parent / args[0]), *args[1:]] if args[0].startswith("camserve-")
+           else [sys.executable, *args])
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         pytest.fail(f"{' '.join(args[:3])} ... exit {res.returncode}:\n{res.stdout[-3000:]}\n"
                     f"{res.stderr[-3000:]}", pytrace=False)
@@ -98,10 +101,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     weights, labels = timm_checkpoint(tmp)
     saved = hf_folder(tmp)
     out = {"timmnet": tmp / "models" / "timmnet", "hfvit": tmp / "models" / "hfvit"}
-    report = run("-m", "camserve.scaffold", str(out["timmnet"]), "--arch", "timm:resnet18",
+    report = run("camserve-scaffold", str(out["timmnet"]), "--arch", "timm:resnet18",
                  "--weights", str(weights), "--labels", str(labels), "--input-size", "96")
     assert "layer:  layer4" in report and "grid:   3x3" in report and "apple" in report
-    report = run("-m", "camserve.scaffold", str(out["hfvit"]), "--arch", f"hf:{saved}")
+    report = run("camserve-scaffold", str(out["hfvit"]), "--arch", f"hf:{saved}")
     assert "layernorm_before" in report and "grid:   4x4" in report and "cat, dog, fox" in report
     return out
 

@@ -17,7 +17,7 @@ baselines are computed in; ``maps`` (B, h, w), higher = more relevant, resized b
 (H, W); ``targets``, a class per image (:data:`ClassTargets`; ``None`` takes the prediction);
 scores are softmax probabilities of the target class. Every name is importable from
 ``camserve.metrics``. The manual (protocols, options, costs, the evaluation table):
-`docs/metrics.md <../../docs/metrics.md>`_.
+docs/metrics.md.
 
 Example::
 

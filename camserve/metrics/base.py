@@ -10,7 +10,7 @@ reference maps of a comparison.
   perturb in);
 * :func:`random_map`, :func:`center_map` — the ``random`` and ``center`` baselines of a comparison.
 
-Arguments and protocols: `docs/metrics.md <../../docs/metrics.md>`_.
+Arguments and protocols: docs/metrics.md.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ key                          meaning                                            
 ============================ =========================================================== ========
 
 The evaluation table (``make evaluate``) and the batch job's ``--metrics`` go through here;
-`docs/metrics.md <../../docs/metrics.md>`_ is the manual.
+docs/metrics.md is the manual.
 """
 from __future__ import annotations
 

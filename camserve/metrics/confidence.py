@@ -2,7 +2,7 @@
 image dimmed by its min-max normalised map against the intact image's — average drop (percent,
 lower is better) and increase in confidence (share of images, higher is better).
 
-Protocol and costs: `docs/metrics.md <../../docs/metrics.md>`_.
+Protocol and costs: docs/metrics.md.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ baseline (insertion, higher is better).
 * :func:`baseline_image` — the substrate removed pixels get (mean colour, blur, a constant or a
   tensor), :func:`gaussian_blur` — RISE's blur.
 
-Protocols and costs: `docs/metrics.md <../../docs/metrics.md>`_.
+Protocols and costs: docs/metrics.md.
 """
 from __future__ import annotations
 

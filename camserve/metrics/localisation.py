@@ -2,7 +2,7 @@
 energy-based pointing game of Score-CAM) and whether its peak falls in the box (pointing game).
 No forward pass: the maps and the boxes only.
 
-Protocol: `docs/metrics.md <../../docs/metrics.md>`_.
+Protocol: docs/metrics.md.
 """
 from __future__ import annotations
 

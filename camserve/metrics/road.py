@@ -7,7 +7,7 @@ probability against the intact image's (MoRF: lower is better; LeRF: higher is b
 * :func:`impute_linear` — the imputation: one sparse linear system per image and channel, solved
   on the device by preconditioned conjugate gradients.
 
-Protocol, parity with pytorch-grad-cam and costs: `docs/metrics.md <../../docs/metrics.md>`_.
+Protocol, parity with pytorch-grad-cam and costs: docs/metrics.md.
 """
 from __future__ import annotations
 

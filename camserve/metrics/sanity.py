@@ -5,7 +5,7 @@ correlation of the maps before and after (lower is better).
 * :func:`randomization_rank_corr` — the check; :func:`randomize_top_layers` — the seeded copy
   with its last parameterised layers re-initialised; :func:`spearman` — rank correlation with ties.
 
-Protocol and costs: `docs/metrics.md <../../docs/metrics.md>`_.
+Protocol and costs: docs/metrics.md.
 """
 from __future__ import annotations
 

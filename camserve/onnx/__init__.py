@@ -7,9 +7,9 @@
 * :mod:`.format` — the graph's inputs, outputs and metadata (:class:`~camserve.onnx.format.GraphMeta`);
 * :mod:`.verify` — the graph against :class:`camserve.CamEngine`;
 * :mod:`.session` — onnxruntime sessions;
-* :mod:`.export` — export + verify, ``python -m export.onnx_export``;
-* :mod:`.batch` — the offline batch job, ``python -m export.batch_cam``: its reading side
-  (:mod:`.inputs`: listing, bounded reads, decoding) and writing side (:mod:`.outputs`: safe
+* :mod:`.export` — export + verify, the ``camserve-export`` command (docs/export.md);
+* :mod:`.batch` — the offline batch job, the ``camserve-batch`` command (docs/batch.md): its
+  reading side (:mod:`.inputs`: listing, bounded reads, decoding) and writing side (:mod:`.outputs`: safe
   writes, results lines, ``results.jsonl``/``errors.jsonl`` and ``--resume``);
 * :mod:`.audit` — faithfulness metrics of the maps through the graph's session (``--metrics``).
 
