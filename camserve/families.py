@@ -144,6 +144,10 @@ def _token_choice(model: nn.Module, name: str, prefix: int, grid: tuple[int, int
                        f"embedding")
 
 
+def _channels_last_choice(name: str, shape: tuple[int, ...], family: str, why: str) -> LayerChoice:
+    return LayerChoice(name, "nhwc", ChannelsLast(), grid_of(shape, "nhwc"), shape, family, why)
+
+
 # -- families -----------------------------------------------------------------------------------
 
 def _timm_vit(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:
@@ -162,12 +166,14 @@ def _timm_vit(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:
                          "ViT-style: the last block's pre-attention norm")
 
 
+def _is_torchvision(model: nn.Module, class_name: str) -> bool:
+    import torchvision.models  # a core dependency, imported when a rule needs it
+
+    return isinstance(model, getattr(torchvision.models, class_name))
+
+
 def _tv_vit(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:
-    try:
-        from torchvision.models import VisionTransformer
-    except ImportError:  # pragma: no cover
-        return None
-    if not isinstance(model, VisionTransformer):
+    if not _is_torchvision(model, "VisionTransformer"):
         return None
     p = int(model.patch_size)
     last = list(model.encoder.layers.named_children())[-1][0]  # encoder_layer_11
@@ -211,23 +217,16 @@ def _timm_swin(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]
     shape = _probe_shape(model, name, size)
     if len(shape) != 4:
         return None
-    return LayerChoice(name, "nhwc", ChannelsLast(), grid_of(shape, "nhwc"), shape,
-                       f"timm {type(model).__name__}",
-                       "Swin-style channels-last stages (output_fmt NHWC): the final stage")
+    return _channels_last_choice(name, shape, f"timm {type(model).__name__}",
+                                 "Swin-style channels-last stages (output_fmt NHWC): the final stage")
 
 
 def _tv_swin(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:
-    try:
-        from torchvision.models import SwinTransformer
-    except ImportError:  # pragma: no cover
-        return None
-    if not isinstance(model, SwinTransformer):
+    if not _is_torchvision(model, "SwinTransformer"):
         return None
     name = f"features.{len(model.features) - 1}"
-    shape = _probe_shape(model, name, size)
-    return LayerChoice(name, "nhwc", ChannelsLast(), grid_of(shape, "nhwc"), shape,
-                       "torchvision SwinTransformer",
-                       "Swin-style channels-last stages: the final stage")
+    return _channels_last_choice(name, _probe_shape(model, name, size), "torchvision SwinTransformer",
+                                 "Swin-style channels-last stages: the final stage")
 
 
 def _hf_swin(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:

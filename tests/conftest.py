@@ -308,7 +308,7 @@ def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
 
 # -- the fake TorchServe context --------------------------------------------------------------------
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def fake_context() -> Callable[..., FakeContext]:
     """``fake_context(model_dir, *, headers=None, **kw) -> FakeContext`` (see
     :class:`camserve.testing.context.FakeContext`; ``model_file`` defaults to ``model.py`` when the
