@@ -126,7 +126,7 @@ def _shapes_samples(spec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.slow
-def testgradcam_beats_random_on_the_default_model():
+def test_gradcam_beats_random_on_the_default_model():
     model, spec = _load_shapes()
     x, labels, boxes = _shapes_samples(spec)
     cams = CamEngine(model, spec.target_layer)(x, labels).cams
