@@ -144,6 +144,20 @@ class LayerCapture:
         return self.outputs[0]
 
 
+def _pinned(name: str, out: torch.Tensor, activations: torch.Tensor, as_nchw: Reshape) -> torch.Tensor:
+    """A copy of the layer's ``out`` whose NCHW view holds ``activations`` (other entries, e.g. a
+    ViT class token, kept): what ``replace`` mode hands on."""
+    new = out.detach().clone()
+    view = as_nchw(new)
+    if view.shape != activations.shape:
+        raise LayerError(name, f"activations of shape {tuple(activations.shape)} do not fit its "
+                               f"output {tuple(view.shape)}")
+    view.copy_(activations.to(view.dtype))
+    if not torch.equal(as_nchw(new), view):
+        raise LayerError(name, "cannot replace its output: its NCHW form is not a view")
+    return new
+
+
 @contextmanager
 def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureMode = "track-grad",
                   *, activations: Optional[torch.Tensor] = None, layout: Optional[Layout] = None,
@@ -207,16 +221,8 @@ def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureM
             cap.outputs.append(out)
             return out.clone()  # later in-place ops must not alter the recorded tensor
         assert activations is not None
-        new = out.detach().clone()
-        view = as_nchw(new)
-        if view.shape != activations.shape:
-            raise LayerError(name, f"activations of shape {tuple(activations.shape)} do not fit its "
-                                   f"output {tuple(view.shape)}")
-        view.copy_(activations.to(view.dtype))
-        if not torch.equal(as_nchw(new), view):
-            raise LayerError(name, "cannot replace its output: its NCHW form is not a view")
-        cap.outputs.append(new)
-        return new
+        cap.outputs.append(_pinned(name, out, activations, as_nchw))
+        return cap.outputs[-1]
 
     prev = torch.is_grad_enabled()
     handle = module.register_forward_hook(hook)
