@@ -49,7 +49,7 @@ bench-engine: install
 
 # -- TorchServe: archive, serve, stop, demo, serving benchmark ---------------------------------------
 # make archive [MODEL=DIR] [NAME=name] -> model_store/NAME.mar (NAME: the folder's name), for any
-# model folder (python -m camserve.scaffold writes one); make serve [MODEL=DIR] [NAME=name] serves it.
+# model folder (camserve-scaffold writes one); make serve [MODEL=DIR] [NAME=name] serves it.
 # `make demo` serves and explains the shapes model.
 NAME ?= $(notdir $(abspath $(MODEL)))
 SHAPES := models/shapes

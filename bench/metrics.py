@@ -81,7 +81,7 @@ def main() -> None:
     maps = explain(model, x, labels)
     settings = dict(steps=args.steps, generator=torch.Generator().manual_seed(0))
     runs = {
-        "reference": lambda: M.resolve_targets(model, x, labels),
+        "reference": lambda: M.reference_targets(model, x, labels),
         "deletion": lambda: M.compute_metrics(model, x, maps, labels, keys=("deletion",), **settings),
         "insertion": lambda: M.compute_metrics(model, x, maps, labels, keys=("insertion",), **settings),
         "road_morf": lambda: M.compute_metrics(model, x, maps, labels, keys=("road_morf",), **settings),

@@ -256,17 +256,17 @@ def percentile(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
 
 
-def start_server(home: Path, batch_size: int = 8, max_batch_delay: int = 20) -> LocalTorchServe:
-    """Archive models/shapes with the camserve handler and start TorchServe in ``home``."""
+def shapes_server(home: Path, batch_size: int = 8, max_batch_delay: int = 20) -> LocalTorchServe:
+    """Archive models/shapes with the camserve handler; the TorchServe that serves it from
+    ``home`` (``with shapes_server(home) as ts:`` starts it and stops it)."""
     config = yaml.safe_load((MODEL_DIR / "model-config.yaml").read_text())
     config.update(batchSize=batch_size, maxBatchDelay=max_batch_delay, minWorkers=1,
                   maxWorkers=1)
     archive(home / "store", MODEL, str(ROOT / "handler" / "gradcam_handler.py"),
             MODEL_DIR / "weights.pt", config, MODEL_DIR / "model.py",
             [MODEL_DIR / "index_to_name.json"])
-    ts = LocalTorchServe(home, [MODEL], ready_timeout=300,
-                         properties={"max_request_size": 20971520})
-    return ts.__enter__()
+    return LocalTorchServe(home, [MODEL], ready_timeout=300,
+                           properties={"max_request_size": 20971520})
 
 
 def soak(ts: LocalTorchServe, n: int, clients: int,
@@ -390,8 +390,7 @@ def run(n: int = 1000, clients: int = 16, kill_requests: int = 400, seed: int = 
         home: Optional[Path] = None) -> SoakReport:
     """Start a private TorchServe, run both phases, stop it; the report."""
     with tempfile.TemporaryDirectory(prefix="camserve-soak-") as tmp:
-        ts = start_server(Path(home or tmp))
-        try:
+        with shapes_server(Path(home or tmp)) as ts:
             rep, _ = soak(ts, n, clients, seed)
             w = worst_request(ts)
             rep.worst_status, rep.worst_seconds = w["status"], w["seconds"]
@@ -400,8 +399,6 @@ def run(n: int = 1000, clients: int = 16, kill_requests: int = 400, seed: int = 
                 kill_stream(ts, rep, kill_requests, clients, seed)
             rep.load_average = os.getloadavg()[0]
             return rep
-        finally:
-            ts.stop()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -4,8 +4,7 @@ The token comes from TorchServe's ``key_file.json`` (written in the directory To
 started from; token authorization is on by default in TorchServe 0.12) and is sent as
 ``Authorization: Bearer <inference key>``.
 
-Usage (``camserve-client`` is the installed console script; ``python -m camserve.client`` is the
-same)::
+The ``camserve-client`` command (manual: README, "Client")::
 
     camserve-client IMAGE [--explain] [--target 2|triangle] [--method gradcam]
         [--topk 3] [--out overlay.png] [--url http://127.0.0.1:8080] [--model shapes]

@@ -35,15 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import (
-    LAYOUTS,
-    Layout,
     LayerError,
     LayerSpec,
-    Reshape,
     capture_layer,
     nchw_converter,
     resolve_layer,
 )
+from .layouts import LAYOUTS, Layout, Reshape
 from .methods import Cost, Method, get_method
 from .tasks.base import TargetBatch
 

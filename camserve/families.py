@@ -1,8 +1,11 @@
-"""Auto-locate the target layer a practitioner would choose, per model family.
+"""Auto-locate the target layer a practitioner would choose, per model family, and decide its
+layout (never from a shape alone).
 
 :func:`locate` returns a :class:`LayerChoice`: the dotted layer name, its layout, a ``reshape``
-callable to ``(B, C, h, w)`` (for ``CamEngine(model, name, reshape=choice.reshape)``), the map grid
-and the reason, and logs one line saying so.
+to ``(B, C, h, w)`` from :mod:`camserve.layouts` (for ``CamEngine(model, name,
+reshape=choice.reshape)``), the map grid and the reason, and logs one line saying so;
+:func:`choose_layer` is the one rule for a layer named (or not) in the config. The manual, with
+the layer each family gets: docs/byom.md.
 
 * **ViT / DeiT / BEiT / EVA** (timm ``VisionTransformer``/``Eva``/``Beit``, torchvision
   ``VisionTransformer``, Hugging Face ViT/DeiT/BEiT-style): the token output of the last block's
@@ -44,9 +47,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .layouts import (GRIDLESS_LAYOUTS, ChannelsLast, LayoutError, Reshape, TokenGrid,
+                      check_layout, grid_of, reshape_for, square_grid)
+
 log = logging.getLogger(__name__)
 
-Reshape = Callable[[torch.Tensor], torch.Tensor]
 _NCHW_TYPES = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.pooling._MaxPoolNd,
                nn.modules.pooling._AvgPoolNd, nn.ConvTranspose2d)
 _SKIP_TYPES = (nn.Identity, nn.Dropout, nn.Dropout2d)
@@ -54,58 +59,6 @@ _SKIP_TYPES = (nn.Identity, nn.Dropout, nn.Dropout2d)
 
 class FamilyError(ValueError):
     """No layer of the model fits (or the one found is ambiguous); the message lists candidates."""
-
-
-# -- reshapes (small picklable callables) -------------------------------------------------------
-
-class ChannelsFirst:
-    """``(B, C, h, w)`` as is (checked)."""
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        if t.dim() != 4:
-            raise ValueError(f"layer output of shape {tuple(t.shape)} is not (B, C, h, w)")
-        return t
-
-    def __repr__(self) -> str:
-        return "ChannelsFirst()"
-
-
-class ChannelsLast:
-    """``(B, h, w, C)`` -> ``(B, C, h, w)``."""
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        if t.dim() != 4:
-            raise ValueError(f"layer output of shape {tuple(t.shape)} is not (B, h, w, C)")
-        return t.permute(0, 3, 1, 2)
-
-    def __repr__(self) -> str:
-        return "ChannelsLast()"
-
-
-class TokenGrid:
-    """Tokens ``(B, prefix + gh*gw, C)`` -> ``(B, C, gh, gw)``, the ``prefix`` leading tokens
-    (class, distillation, register) dropped.
-
-    Example::
-
-        >>> TokenGrid(1, (2, 3))(torch.zeros(4, 7, 5)).shape
-        torch.Size([4, 5, 2, 3])
-    """
-
-    def __init__(self, prefix: int, grid: tuple[int, int]) -> None:
-        self.prefix = int(prefix)
-        self.grid = (int(grid[0]), int(grid[1]))
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        gh, gw = self.grid
-        if t.dim() != 3 or t.shape[1] != self.prefix + gh * gw:
-            raise ValueError(f"layer output of shape {tuple(t.shape)} is not (B, {self.prefix} + "
-                             f"{gh}x{gw} tokens, C): was the input resized to the model's input size?")
-        b, _, c = t.shape
-        return t[:, self.prefix:, :].reshape(b, gh, gw, c).permute(0, 3, 1, 2)
-
-    def __repr__(self) -> str:
-        return f"TokenGrid(prefix={self.prefix}, grid={self.grid})"
 
 
 @dataclass
@@ -191,6 +144,10 @@ def _token_choice(model: nn.Module, name: str, prefix: int, grid: tuple[int, int
                        f"embedding")
 
 
+def _channels_last_choice(name: str, shape: tuple[int, ...], family: str, why: str) -> LayerChoice:
+    return LayerChoice(name, "nhwc", ChannelsLast(), grid_of(shape, "nhwc"), shape, family, why)
+
+
 # -- families -----------------------------------------------------------------------------------
 
 def _timm_vit(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:
@@ -209,12 +166,14 @@ def _timm_vit(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:
                          "ViT-style: the last block's pre-attention norm")
 
 
+def _is_torchvision(model: nn.Module, class_name: str) -> bool:
+    import torchvision.models  # a core dependency, imported when a rule needs it
+
+    return isinstance(model, getattr(torchvision.models, class_name))
+
+
 def _tv_vit(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:
-    try:
-        from torchvision.models import VisionTransformer
-    except ImportError:  # pragma: no cover
-        return None
-    if not isinstance(model, VisionTransformer):
+    if not _is_torchvision(model, "VisionTransformer"):
         return None
     p = int(model.patch_size)
     last = list(model.encoder.layers.named_children())[-1][0]  # encoder_layer_11
@@ -258,23 +217,16 @@ def _timm_swin(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]
     shape = _probe_shape(model, name, size)
     if len(shape) != 4:
         return None
-    return LayerChoice(name, "nhwc", ChannelsLast(), (shape[1], shape[2]), shape,
-                       f"timm {type(model).__name__}",
-                       "Swin-style channels-last stages (output_fmt NHWC): the final stage")
+    return _channels_last_choice(name, shape, f"timm {type(model).__name__}",
+                                 "Swin-style channels-last stages (output_fmt NHWC): the final stage")
 
 
 def _tv_swin(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:
-    try:
-        from torchvision.models import SwinTransformer
-    except ImportError:  # pragma: no cover
-        return None
-    if not isinstance(model, SwinTransformer):
+    if not _is_torchvision(model, "SwinTransformer"):
         return None
     name = f"features.{len(model.features) - 1}"
-    shape = _probe_shape(model, name, size)
-    return LayerChoice(name, "nhwc", ChannelsLast(), (shape[1], shape[2]), shape,
-                       "torchvision SwinTransformer",
-                       "Swin-style channels-last stages: the final stage")
+    return _channels_last_choice(name, _probe_shape(model, name, size), "torchvision SwinTransformer",
+                                 "Swin-style channels-last stages: the final stage")
 
 
 def _hf_swin(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:
@@ -438,22 +390,21 @@ def _generic(model: nn.Module, size: tuple[int, int], second: Optional[tuple[int
     for (r, lay), g in zip(reversed(maps), reversed(grads)):
         if g is None:
             continue
-        t = g if lay != "nhwc" else g.permute(0, 3, 1, 2)
         if lay == "ambiguous":
             if int((g.abs().sum(dim=1) > 0).sum()) > 1:
                 raise FamilyError(f"layer {r.name!r} gives {tuple(r.seen.shape)} and the model accepts "
                                   f"no second input size to tell channels from positions; set "
                                   f"layout: (nchw or nhwc) and target_layer")
             continue
+        t = reshape_for(lay)(g)
         if t.shape[-1] * t.shape[-2] <= 1 or int((t.abs().sum(dim=1) > 0).sum()) <= 1:
             continue
         pick = _prefer(recs, _aliases(recs, r))
         shape = tuple(pick.seen.shape)
-        grid = (shape[2], shape[3]) if lay == "nchw" else (shape[1], shape[2])
         how = (f"a second probe at {second[0]}x{second[1]} shows which dimensions are spatial"
                if second else "its module type says channels-first")
-        return LayerChoice(pick.name, lay, ChannelsFirst() if lay == "nchw" else ChannelsLast(),
-                           grid, shape, type(model).__name__,
+        return LayerChoice(pick.name, lay, reshape_for(lay), grid_of(shape, lay), shape,
+                           type(model).__name__,
                            f"the last spatial feature map before global pooling ({lay}; {how})")
     raise FamilyError(f"auto-locate found no feature map the prediction depends on at more than "
                       f"one position; pass target_layer (candidates: "
@@ -508,14 +459,10 @@ def probe_layout(model: nn.Module, layer: str, input_size: Sequence[int] | int =
     except Exception:  # noqa: BLE001 - a model fixed to one input size
         b, probed = None, False
     lay = _layout_from_probes(a, b, model.get_submodule(layer), probed)
-    if lay not in ("nchw", "nhwc"):
+    if lay not in GRIDLESS_LAYOUTS:
         raise FamilyError(f"cannot tell the layout of layer {layer!r} (output {a}); set layout: "
                           f"nchw or nhwc")
-    return lay, ((a[2], a[3]) if lay == "nchw" else (a[1], a[2]))
-
-
-def _reshape_of(layout: str) -> Reshape:
-    return ChannelsLast() if layout == "nhwc" else ChannelsFirst()
+    return lay, grid_of(a, lay)
 
 
 def choose_layer(model: nn.Module, input_size: Sequence[int] | int = 224,
@@ -539,20 +486,20 @@ def choose_layer(model: nn.Module, input_size: Sequence[int] | int = 224,
     if target_layer is None:
         return locate(model, size)
     model.get_submodule(target_layer)  # AttributeError names the missing part
-    if layout in ("nchw", "nhwc"):
-        shape = _probe_shape(model, target_layer, size)
+    try:
+        check_layout(layout)
+    except LayoutError as exc:
+        raise FamilyError(str(exc)) from None
+    shape = _probe_shape(model, target_layer, size)
+    if layout in GRIDLESS_LAYOUTS:
         if len(shape) != 4:
             raise FamilyError(f"layer {target_layer!r} gives {shape}, not a 4-D map for layout "
                               f"{layout!r}")
-        grid = (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
-        return LayerChoice(target_layer, layout, _reshape_of(layout), grid, shape, "",
-                           f"layout {layout} from the config")
-    if layout not in (None, "tokens"):
-        raise FamilyError(f"invalid value for layout: {str(layout)[:40]!r} (known: nchw, nhwc, tokens)")
-    shape = _probe_shape(model, target_layer, size)
+        return LayerChoice(target_layer, layout, reshape_for(layout), grid_of(shape, layout), shape,
+                           "", f"layout {layout} from the config")
     if len(shape) == 4 and layout is None:
         lay, grid = probe_layout(model, target_layer, size)
-        return LayerChoice(target_layer, lay, _reshape_of(lay), grid, shape, "",
+        return LayerChoice(target_layer, lay, reshape_for(lay), grid, shape, "",
                            f"named in the config; {lay} by probing two input sizes or by module type")
     if len(shape) == 3:
         fam = next((c for c in (rule(model, size) for rule in FAMILY_RULES[:3]) if c is not None), None)
@@ -561,13 +508,12 @@ def choose_layer(model: nn.Module, input_size: Sequence[int] | int = 224,
         if fam is not None and isinstance(fam.reshape, TokenGrid) and fam.shape[1] == shape[1]:
             return LayerChoice(target_layer, "tokens", fam.reshape, fam.grid, shape, fam.family,
                                f"named in the config; token layout of the {fam.family} patch grid")
-        if layout == "tokens":
-            side = math.isqrt(shape[1])
-            prefix = shape[1] - side * side
-            if side >= 2 and prefix <= 8:
-                return LayerChoice(target_layer, "tokens", TokenGrid(prefix, (side, side)), (side, side),
-                                   shape, "", f"layout tokens from the config: {prefix} leading token(s) "
-                                              f"and a {side}x{side} grid")
+        guess = square_grid(shape[1]) if layout == "tokens" else None
+        if guess is not None:
+            prefix, side = guess
+            return LayerChoice(target_layer, "tokens", TokenGrid(prefix, (side, side)), (side, side),
+                               shape, "", f"layout tokens from the config: {prefix} leading token(s) "
+                                          f"and a {side}x{side} grid")
     raise FamilyError(f"cannot tell how layer {target_layer!r} (output {shape} at input "
                       f"{size[0]}x{size[1]}) maps to (B, C, h, w); set layout: (nchw, nhwc or tokens) "
                       f"or leave target_layer empty to locate a layer")

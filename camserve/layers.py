@@ -1,14 +1,12 @@
-"""Target layers: resolve by dotted name, locate automatically, capture, and bring outputs to NCHW.
+"""Target layers: resolve by dotted name, locate automatically, and the one capture hook.
 
-Convolutional layers give ``(B, C, h, w)`` maps. Transformers do not: ViT blocks give tokens
-``(B, N, C)`` (a class token followed by an ``s × s`` grid of patches) and torchvision's Swin stages
-give channels-last maps ``(B, h, w, C)``. The layout is never guessed from a shape alone (a
-``(B, 64, 64, 32)`` map can be either): :func:`camserve.families.choose_layer` decides it (family
-rules, a second probe at another input size) and gives the ``reshape``; :func:`to_nchw` applies an
-explicit layout, so every CAM method sees ``(..., C, h, w)``.
-
-:func:`capture_layer` is the one forward hook on a target layer in camserve: the engine, the
-traced ONNX graph, auto-location and the exporter's verification all go through it.
+:func:`resolve_layer` finds a layer by dotted name (or module); :func:`locate_layer` asks
+:mod:`camserve.families` for the layer a practitioner would choose; :func:`capture_layer` is the
+one forward hook on a target layer in camserve: the engine, the traced ONNX graph, auto-location
+and the exporter's verification all go through it. :func:`nchw_converter` is
+:func:`camserve.layouts.converter` (the one conversion of layer outputs to ``(B, C, h, w)``) with
+the layer named in its errors; :class:`LayerError` is the error of a layer that cannot be used.
+Which layer each family gets: docs/byom.md.
 
 Example::
 
@@ -25,19 +23,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 import torch
 from torch import nn
 
+from .layouts import Layout, LayoutError, Reshape, converter
+
 log = logging.getLogger(__name__)
 
-Layout = Literal["nchw", "nhwc", "tokens"]
-LAYOUTS: tuple[str, ...] = ("nchw", "nhwc", "tokens")
-Reshape = Callable[[torch.Tensor], torch.Tensor]
 LayerSpec = Union[str, nn.Module, None]
 CaptureMode = Literal["track-grad", "record", "replace"]
 CAPTURE_MODES: tuple[str, ...] = ("track-grad", "record", "replace")
@@ -99,48 +95,14 @@ def resolve_layer(model: nn.Module, layer: Union[str, nn.Module]) -> tuple[str, 
     return layer, parent
 
 
-def _grid_side(n_tokens: int) -> int | None:
-    for extra in (0, 1):
-        side = math.isqrt(max(n_tokens - extra, 0))
-        if side >= 2 and side * side == n_tokens - extra:
-            return side
-    return None
-
-
-def to_nchw(t: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Reshape a layer output of the given layout to ``(B, C, h, w)`` (a view where possible)."""
-    if layout == "nchw":
-        if t.dim() != 4:
-            raise ValueError(f"layer output of shape {tuple(t.shape)} is not NCHW")
-        return t
-    if layout == "nhwc":
-        if t.dim() != 4:
-            raise ValueError(f"layer output of shape {tuple(t.shape)} is not NHWC")
-        return t.permute(0, 3, 1, 2)
-    if layout == "tokens":
-        if t.dim() != 3:
-            raise ValueError(f"layer output of shape {tuple(t.shape)} is not (B, tokens, C)")
-        b, n, c = t.shape
-        side = _grid_side(n)
-        if side is None:
-            raise ValueError(
-                f"cannot arrange {n} tokens on a square grid; pass reshape= to CamEngine"
-            )
-        grid = t[:, n - side * side:, :]  # drop leading class/extra tokens
-        return grid.reshape(b, side, side, c).permute(0, 3, 1, 2)
-    raise ValueError(f"invalid value for layout: {layout!r} (known: {', '.join(LAYOUTS)})")
-
-
 def nchw_converter(layer: Optional[str], layout: Optional[Layout] = None,
-                   reshape: Optional[Reshape] = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function that brings ``layer``'s outputs (and their gradients) to ``(B, C, h, w)``:
-    ``reshape`` when given (e.g. :attr:`camserve.families.LayerChoice.reshape`), else
-    :func:`to_nchw` with ``layout``. Without either, or for a tensor that does not fit, a
-    :class:`LayerError` asks for ``layout=`` / ``reshape=`` (a layout is not guessed from a shape).
+                   reshape: Optional[Reshape] = None) -> Reshape:
+    """:func:`camserve.layouts.converter` for ``layer``: its :class:`~camserve.layouts.LayoutError`
+    (no layout known, or a tensor that does not fit) becomes a :class:`LayerError` naming the layer.
 
     Example::
 
-        >>> from camserve.families import TokenGrid
+        >>> from camserve.layouts import TokenGrid
         >>> f = nchw_converter("blocks.3", reshape=TokenGrid(1, (7, 7)))
         >>> tuple(f(torch.zeros(2, 50, 8)).shape)  # 1 class token + 7 x 7 patches
         (2, 8, 7, 7)
@@ -149,27 +111,15 @@ def nchw_converter(layer: Optional[str], layout: Optional[Layout] = None,
         ...
         camserve.layers.LayerError: invalid value for target_layer: 'head' (it gives output of shape (2, 8), which is not a spatial map in layout 'nchw'; choose an earlier layer, or pass layout= / reshape=)
     """
-    if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"invalid value for layout: {layout!r} (known: {', '.join(LAYOUTS)})")
+    convert = converter(layout, reshape)
 
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        if reshape is not None:
-            try:
-                return reshape(t)
-            except ValueError as exc:
-                raise LayerError(layer, f"{exc}; pass layout= / reshape=") from None
-        if layout is None:
-            raise LayerError(layer, f"the layout of its output {tuple(t.shape)} is not known; pass "
-                                    f"layout= (nchw, nhwc, tokens) or reshape= "
-                                    f"(camserve.families.choose_layer decides both)")
+    def convert_layer(t: torch.Tensor) -> torch.Tensor:
         try:
-            return to_nchw(t, layout)
-        except ValueError:
-            raise LayerError(layer, f"it gives output of shape {tuple(t.shape)}, which is not a "
-                                    f"spatial map in layout {layout!r}; choose an earlier layer, or "
-                                    f"pass layout= / reshape=") from None
+            return convert(t)
+        except LayoutError as exc:
+            raise LayerError(layer, exc.reason) from None
 
-    return convert
+    return convert_layer
 
 
 @dataclass
@@ -194,6 +144,20 @@ class LayerCapture:
         return self.outputs[0]
 
 
+def _pinned(name: str, out: torch.Tensor, activations: torch.Tensor, as_nchw: Reshape) -> torch.Tensor:
+    """A copy of the layer's ``out`` whose NCHW view holds ``activations`` (other entries, e.g. a
+    ViT class token, kept): what ``replace`` mode hands on."""
+    new = out.detach().clone()
+    view = as_nchw(new)
+    if view.shape != activations.shape:
+        raise LayerError(name, f"activations of shape {tuple(activations.shape)} do not fit its "
+                               f"output {tuple(view.shape)}")
+    view.copy_(activations.to(view.dtype))
+    if not torch.equal(as_nchw(new), view):
+        raise LayerError(name, "cannot replace its output: its NCHW form is not a view")
+    return new
+
+
 @contextmanager
 def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureMode = "track-grad",
                   *, activations: Optional[torch.Tensor] = None, layout: Optional[Layout] = None,
@@ -211,7 +175,7 @@ def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureM
     * ``"record"`` (auto-location, verification): keeps the output as is and hands a clone on;
       grad mode is left alone.
     * ``"replace"`` (verification at given activations): the output is replaced by a copy whose
-      NCHW view (``reshape``, else :func:`to_nchw` with ``layout``; default ``nchw``) holds
+      NCHW view (``reshape``, else :func:`camserve.layouts.to_nchw` with ``layout``; default ``nchw``) holds
       ``activations`` (N, C, h, w), so token and channels-last layers keep their other entries
       (e.g. a ViT class token).
 
@@ -257,16 +221,8 @@ def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureM
             cap.outputs.append(out)
             return out.clone()  # later in-place ops must not alter the recorded tensor
         assert activations is not None
-        new = out.detach().clone()
-        view = as_nchw(new)
-        if view.shape != activations.shape:
-            raise LayerError(name, f"activations of shape {tuple(activations.shape)} do not fit its "
-                                   f"output {tuple(view.shape)}")
-        view.copy_(activations.to(view.dtype))
-        if not torch.equal(as_nchw(new), view):
-            raise LayerError(name, "cannot replace its output: its NCHW form is not a view")
-        cap.outputs.append(new)
-        return new
+        cap.outputs.append(_pinned(name, out, activations, as_nchw))
+        return cap.outputs[-1]
 
     prev = torch.is_grad_enabled()
     handle = module.register_forward_hook(hook)

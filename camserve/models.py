@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, check_formats
+from .layouts import LAYOUTS
 from .methods import available_methods
 from .parsing import MAX_INPUT_SIDE, MIN_INPUT_SIDE, parse_choices, short_repr
 from .tasks import TaskError, available_tasks, get_task, make_task, task_config_keys
@@ -205,9 +206,9 @@ class ModelSpec:
                 if not isinstance(v, str) or not v:
                     raise ConfigError(f"invalid value for handler.{key}: {v!r} (expected a string)")
                 setattr(spec, key, v)
-        if spec.layout is not None and spec.layout not in ("nchw", "nhwc", "tokens"):
+        if spec.layout is not None and spec.layout not in LAYOUTS:
             raise ConfigError(f"invalid value for handler.layout: {spec.layout!r} "
-                              f"(known: nchw, nhwc, tokens)")
+                              f"(known: {', '.join(LAYOUTS)})")
         if "input_size" in cfg:
             spec.input_size = _size(cfg["input_size"])
         if "mean" in cfg:

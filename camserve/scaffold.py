@@ -1,18 +1,10 @@
-"""Scaffold a model folder from a checkpoint: ``python -m camserve.scaffold DIR --arch ARCH ...``.
+"""Scaffold a model folder from a checkpoint: the ``camserve-scaffold`` command.
 
-Writes ``DIR/model-config.yaml`` (copying the weights, the labels and, for ``hf:``, the saved
-folder or, for ``path/to/file.py:Class``, the model file into ``DIR``), loads the folder, explains
-one synthetic image, and prints the chosen layer, the map grid, the labels found and the next
-commands::
-
-    python -m camserve.scaffold models/pets --arch timm:convnext_atto --weights ft.pth \\
-        --labels labels.txt --input-size 224
-    python -m camserve.scaffold models/vit --arch hf:/path/to/save_pretrained_folder
-
-``--labels``: ``index_to_name.json`` (``{"0": "cat", ...}``) or a text file with one label per line
-(written as ``index_to_name.json``). ``--arch-arg KEY=VALUE`` (repeatable; VALUE read as YAML)
-goes to ``handler.arch_args``. Exit status: 0 done, 2 usage error, 1 the folder does not load or
-explain.
+Owns :func:`scaffold`: write ``DIR/model-config.yaml`` (copying the weights, the labels and, for
+``hf:``, the saved folder or, for ``path/to/file.py:Class``, the model file into ``DIR``), load the
+folder, explain one synthetic image, and report the chosen layer, the map grid, the labels found
+and the next commands. The walk-through, the options and what each family gets:
+docs/byom.md.
 
 Example::
 
@@ -261,7 +253,7 @@ def _report(folder: Path, s: Scaffolded) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m camserve.scaffold",
+    p = argparse.ArgumentParser(prog="camserve-scaffold",
                                 description="Scaffold a camserve model folder from a checkpoint.")
     p.add_argument("dir", help="the model folder to write")
     p.add_argument("--arch", required=True, help="timm:<name>, hf:<save_pretrained folder>, "
@@ -279,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point; returns the exit status (0 done, 2 usage, 1 load/explain failed)."""
+    """``camserve-scaffold``; returns the exit status (0 done, 2 usage, 1 the folder does not load or
+    explain)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the layer chosen, as the report
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -303,5 +297,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     sys.exit(main())

@@ -1,8 +1,5 @@
-"""``python -m export.onnx_export``: export a classifier to an ONNX graph that computes Grad-CAM
-itself, and verify it. The command line of :func:`camserve.onnx.export.main` (see that module for
-the graph's contract and the options).
-
-Exit status: 0 exported and verified; 1 export or verification failed; 2 usage error.
+"""``make export``'s entry point: :func:`camserve.onnx.export.main`, the ``camserve-export`` command
+(docs/export.md: the graph, the options, the exit status).
 """
 from __future__ import annotations
 

@@ -8,9 +8,12 @@ real TorchServe), ``train`` (runs a training job), ``slow`` (anything else over 
 may export the whole zoo inside its first test), :data:`FAST_TIMEOUT` for the rest, unless a test
 sets its own ``@pytest.mark.timeout``.
 
-Zoo sweeps: a test parametrized over the architectures of ``tests/zoo.py`` (an ``arch`` argument)
+Zoo sweeps: a test parametrized over the architectures of :mod:`camserve.testing.zoo` (an ``arch`` argument)
 is marked ``zoo`` here for every architecture but those in :data:`FAST_ARCHS` (resnet18), which
 stay in the fast tier; the test files need no per-case marks.
+
+TorchServe: every test marked ``torchserve`` is skipped when Java is missing (and only then);
+``start_torchserve`` is the one way a test starts a :class:`camserve.testing.torchserve.LocalTorchServe`.
 
 Threads: the tests run torch with :data:`TEST_THREADS` (1) intra-op threads, and the processes they
 start inherit ``OMP_NUM_THREADS`` (unless it is set).
@@ -21,12 +24,15 @@ Fixtures:
 * ``image_bytes`` (any format), ``png``, ``jpeg``: encoded test images (flat colour, seeded noise,
   or a given PIL image); ``image_file``: the same written to a file; ``open_image`` /
   ``decode_png``: bytes or base64 text back to an image / array;
-* ``tiny_net`` (frozen :class:`camserve.testing.nets.TinyNet`, 6 classes), ``tiny_bn_net``,
-  ``calibrate_bn``; ``json_lines`` (a .jsonl file's objects);
+* ``tiny_net`` (frozen :class:`camserve.testing.nets.TinyNet`, 6 classes), ``tiny_bn_net``
+  (random networks get BatchNorm statistics from :func:`camserve.testing.nets.calibrate_bn`);
+  ``json_lines`` (a .jsonl file's objects);
 * ``model_folder``: a factory writing a model folder (model-config.yaml, weights, labels, model.py)
   under ``tmp_path``; ``shapes_folder``: the same for a randomly initialised ShapesNet with the
   shapes config (overridable handler keys); ``shapes_config``: that config as a dict;
-* ``fake_context``: a factory of :class:`camserve.testing.context.FakeContext`.
+* ``fake_context``: a factory of :class:`camserve.testing.context.FakeContext`;
+* ``start_torchserve``: ``with start_torchserve(LocalTorchServe(...)) as ts:`` starts a private
+  TorchServe or fails the test with its logs, and stops it.
 """
 from __future__ import annotations
 
@@ -36,8 +42,10 @@ import importlib.util
 import io
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -45,8 +53,10 @@ import torch
 from PIL import Image
 
 from camserve.testing.context import FakeContext
-from camserve.testing.nets import (TinyBNNet, TinyNet, calibrate_bn as _calibrate_bn, frozen,
-                                   model_source, write_model_folder)
+from camserve.testing.nets import TinyBNNet, TinyNet, frozen, model_source, write_model_folder
+
+if TYPE_CHECKING:
+    from camserve.testing.torchserve import LocalTorchServe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_DIR = ROOT / "models" / "shapes"
@@ -54,9 +64,12 @@ SHAPES_LABELS = ("circle", "square", "triangle", "star", "cross", "ring", "diamo
 TIERS = ("zoo", "torchserve", "train", "slow")
 FAST_TIMEOUT = 120  # s per test outside the heavy tiers (the whole fast tier runs in < 2 min)
 ZOO_TIMEOUT = 1800  # s: the first test of a zoo module may pay for exporting every architecture
-#: A test parametrized over the zoo architectures (tests/zoo.py) runs these in the fast tier and
+#: A test parametrized over the zoo architectures (camserve.testing.zoo) runs these in the fast tier and
 #: every other architecture in the ``zoo`` tier, so each contract keeps a fast instance.
 FAST_ARCHS = frozenset({"resnet18"})
+#: TorchServe's frontend is Java: without it the ``torchserve`` tests are skipped (and only then).
+JAVA = shutil.which("java") is not None or bool(os.environ.get("JAVA_HOME"))
+NO_JAVA = "Java is not installed: TorchServe's frontend needs Java 17+"
 
 
 #: torch's intra-op threads in the test process, and ``OMP_NUM_THREADS`` of the processes the tests
@@ -69,12 +82,12 @@ os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 
 def _zoo_arch(item: pytest.Item) -> Optional[str]:
     """The architecture a test is parametrized over (an ``arch`` argument holding a
-    :class:`tests.zoo.Arch` or the name of one), else None."""
+    :class:`camserve.testing.zoo.Arch` or the name of one), else None."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     arch = params.get("arch")
     name = getattr(arch, "name", arch)
     if isinstance(name, str):
-        from tests.zoo import ARCH_BY_NAME
+        from camserve.testing.zoo import ARCH_BY_NAME
 
         return name if name in ARCH_BY_NAME else None
     return None
@@ -82,12 +95,14 @@ def _zoo_arch(item: pytest.Item) -> Optional[str]:
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the zoo marks below must count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Zoo sweeps and per-tier timeouts (see the module docstring); a test's own ``timeout``
-    mark wins."""
+    """Zoo sweeps, the Java skip and per-tier timeouts (see the module docstring); a test's own
+    ``timeout`` mark wins."""
     for item in items:
         arch = _zoo_arch(item)
         if arch is not None and arch not in FAST_ARCHS:
             item.add_marker(pytest.mark.zoo)
+        if not JAVA and item.get_closest_marker("torchserve"):
+            item.add_marker(pytest.mark.skip(reason=NO_JAVA))
         if item.get_closest_marker("timeout") is not None:
             continue
         if item.get_closest_marker("zoo"):
@@ -214,12 +229,6 @@ def tiny_bn_net() -> TinyBNNet:
     return frozen(TinyBNNet(3))
 
 
-@pytest.fixture(scope="session")
-def calibrate_bn() -> Callable[..., torch.nn.Module]:
-    """:func:`camserve.testing.nets.calibrate_bn` (``calibrate_bn(model, size, steps=3)``)."""
-    return _calibrate_bn
-
-
 # -- model folders ----------------------------------------------------------------------------------
 
 TINY_HANDLER: dict[str, Any] = {
@@ -299,7 +308,7 @@ def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
 
 # -- the fake TorchServe context --------------------------------------------------------------------
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def fake_context() -> Callable[..., FakeContext]:
     """``fake_context(model_dir, *, headers=None, **kw) -> FakeContext`` (see
     :class:`camserve.testing.context.FakeContext`; ``model_file`` defaults to ``model.py`` when the
@@ -320,3 +329,28 @@ def json_lines() -> Callable[[Path], list[dict]]:
     """``json_lines(path)``: the JSON objects of a ``.jsonl`` file (blank lines skipped)."""
     return lambda path: [json.loads(line) for line in Path(path).read_text().splitlines()
                          if line.strip()]
+
+
+# -- a real TorchServe ------------------------------------------------------------------------------
+
+@contextmanager
+def _started(server: "LocalTorchServe") -> Iterator["LocalTorchServe"]:
+    from camserve.client import ClientError
+
+    try:
+        server.__enter__()
+    except ClientError as exc:  # not ready: the message carries the server's and worker's logs
+        pytest.fail(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def start_torchserve() -> Callable[["LocalTorchServe"], ContextManager["LocalTorchServe"]]:
+    """``with start_torchserve(LocalTorchServe(home, models, ...)) as ts:``: the server started,
+    every model READY; a server that does not get ready fails the test (not an error) with the
+    tail of its output and worker log; on exit ``torchserve --stop``, then its process group is
+    killed (:meth:`camserve.testing.torchserve.LocalTorchServe.stop`)."""
+    return _started

@@ -1,8 +1,9 @@
 """End to end, bring your own model: a timm checkpoint and a Hugging Face ``save_pretrained`` folder
-each go ``python -m camserve.scaffold`` -> ``python -m scripts.archive`` -> a real TorchServe
+each go ``camserve-scaffold`` -> ``python -m scripts.archive`` -> a real TorchServe
 (token auth, free loopback ports) -> ``/explanations/NAME`` with heatmaps at the image size; and
-``python -m export.onnx_export DIR --out F`` -> ``python -m export.batch_cam`` on a few images, with
-the model's own preprocessing and labels in the graph's metadata.
+``python -m export.onnx_export DIR --out F`` -> ``python -m export.batch_cam`` (what ``make export``
+and ``make batch`` run) on a few images, with the model's own preprocessing and labels in the
+graph's metadata.
 
 Random weights (BatchNorm recalibrated), small input sizes. Skipped without Java (TorchServe's
 frontend) or without the timm / transformers extras.
@@ -13,7 +14,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,27 +25,23 @@ import requests
 import torch
 from PIL import Image
 
-from camserve.client import ClientError
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_LABELS = ["apple", "banana", "cherry", "date", "elder"]
 HF_LABELS = {0: "cat", 1: "dog", 2: "fox"}
 IMAGE_SIZES = [(50, 40), (33, 61), (64, 64)]  # (W, H)
 
-pytestmark = [
-    pytest.mark.torchserve,
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("JAVA_HOME"),
-                       reason="Java is not installed: TorchServe's frontend needs Java 17+"),
-]
+pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
 
 
 def run(*args: str, cwd: Path = ROOT, timeout: float = 900) -> str:
-    """``python -m ...`` in a subprocess with this checkout first on the path; fails the test with
-    its output when the exit status is not 0."""
+    """A console script (``camserve-...``, from this interpreter's folder) or ``python -m ...`` in
+    a subprocess with this checkout first on the path; fails the test with its output when the
+    exit status is not 0."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=timeout)
+    cmd = ([str(Path(sys.executable).parent / args[0]), *args[1:]] if args[0].startswith("camserve-")
+           else [sys.executable, *args])
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         pytest.fail(f"{' '.join(args[:3])} ... exit {res.returncode}:\n{res.stdout[-3000:]}\n"
                     f"{res.stderr[-3000:]}", pytrace=False)
@@ -105,31 +101,24 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     weights, labels = timm_checkpoint(tmp)
     saved = hf_folder(tmp)
     out = {"timmnet": tmp / "models" / "timmnet", "hfvit": tmp / "models" / "hfvit"}
-    report = run("-m", "camserve.scaffold", str(out["timmnet"]), "--arch", "timm:resnet18",
+    report = run("camserve-scaffold", str(out["timmnet"]), "--arch", "timm:resnet18",
                  "--weights", str(weights), "--labels", str(labels), "--input-size", "96")
     assert "layer:  layer4" in report and "grid:   3x3" in report and "apple" in report
-    report = run("-m", "camserve.scaffold", str(out["hfvit"]), "--arch", f"hf:{saved}")
+    report = run("camserve-scaffold", str(out["hfvit"]), "--arch", f"hf:{saved}")
     assert "layernorm_before" in report and "grid:   4x4" in report and "cat, dog, fox" in report
     return out
 
 
 @pytest.fixture(scope="module")
-def server(folders, tmp_path_factory) -> Iterator[object]:
+def server(folders, tmp_path_factory, start_torchserve) -> Iterator[object]:
     from camserve.testing.torchserve import LocalTorchServe
 
     home = tmp_path_factory.mktemp("torchserve")
     for name, folder in folders.items():
         run("-m", "scripts.archive", str(folder), "--name", name, "--out", str(home / "store"))
         assert (home / "store" / f"{name}.mar").is_file()
-    ts = LocalTorchServe(home, list(folders), ready_timeout=300)
-    try:
-        ts.__enter__()
-    except ClientError as exc:
-        pytest.fail(str(exc))
-    try:
+    with start_torchserve(LocalTorchServe(home, list(folders), ready_timeout=300)) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.mark.parametrize("name,labels", [("timmnet", TIMM_LABELS), ("hfvit", list(HF_LABELS.values()))])

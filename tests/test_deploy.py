@@ -12,7 +12,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -217,8 +216,6 @@ def test_layout_refuses_a_folder_without_config(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def torchserve_kserve(layout: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """TorchServe started with the ServingRuntime's args against the layout; its URL."""
-    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        pytest.skip("Java is not installed: TorchServe's frontend needs Java 17+")
     from camserve.testing.torchserve import free_ports, tail
 
     home = tmp_path_factory.mktemp("ts_kserve")

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ import requests
 import yaml
 from PIL import Image
 
-from camserve.client import ClientError
 from camserve.testing.torchserve import LocalTorchServe, archive
 from camserve.serving import CamService
 
@@ -35,11 +33,7 @@ POISON_MODEL = "shapes_poison"
 POISON_BATCH = 8
 TOLERANCE = 3  # px around a ground-truth box that still counts as inside (camserve.shapes)
 
-pytestmark = [
-    pytest.mark.torchserve,
-    pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("JAVA_HOME"),
-                       reason="Java is not installed: TorchServe's frontend needs Java 17+"),
-]
+pytestmark = pytest.mark.torchserve
 
 
 @dataclass
@@ -93,7 +87,7 @@ def sample_bytes(samples):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, model_dir, handler_file) -> Iterator[Server]:
+def server(tmp_path_factory, model_dir, handler_file, start_torchserve) -> Iterator[Server]:
     missing = [str(model_dir / f) for f in ("weights.pt", "index_to_name.json", "model.py",
                                             "model-config.yaml", "samples/boxes.json")
                if not (model_dir / f).is_file()]
@@ -114,15 +108,9 @@ def server(tmp_path_factory, model_dir, handler_file) -> Iterator[Server]:
     ts = LocalTorchServe(home, ["shapes", POISON_MODEL], ready_timeout=240,
                          properties={"max_request_size": 20971520, "max_response_size": 52428800,
                                      "model_metrics_auto_detect": "true"})
-    try:
-        ts.__enter__()
-    except ClientError as exc:
-        pytest.fail(str(exc))
-    try:
+    with start_torchserve(ts):
         yield Server(url=ts.url, management=ts.management, metrics=ts.metrics, token=ts.token,
                      management_token=ts.management_token, home=home)
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")

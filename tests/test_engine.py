@@ -10,7 +10,7 @@ from torch import nn
 
 from camserve import CamEngine, available_methods, get_method, heatmaps_at_sizes
 from camserve.engine import normalize_maps
-from tests.zoo import ARCHS, Arch, reshape_for_reference
+from camserve.testing.zoo import ARCHS, Arch, reshape_for_reference
 
 pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM  # noqa: E402
@@ -259,7 +259,7 @@ def test_target_forms_agree():
     ("resnet18", "layer4"), ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1"),
     ("swin_t", None), ("densenet121", None)])
 def test_auto_locate(arch: str, expected, caplog):
-    from tests.zoo import ARCH_BY_NAME
+    from camserve.testing.zoo import ARCH_BY_NAME
 
     spec = ARCH_BY_NAME[arch]
     model = spec.build(torch.float32)

@@ -13,25 +13,12 @@ import torch
 from torch import nn
 
 from camserve.engine import CamEngine
-from camserve.families import FamilyError, LayerChoice, TokenGrid, locate, probe_layout
+from camserve.families import FamilyError, LayerChoice, locate, probe_layout
+from camserve.layouts import TokenGrid
 from camserve.sources import build_from_source
+from camserve.testing.nets import calibrate_bn
 
 TIMINGS: dict[str, float] = {}
-
-
-def calibrate_bn(model: nn.Module, size: tuple[int, int], steps: int = 2, batch: int = 4) -> nn.Module:
-    """BatchNorm running statistics from random input (cumulative), then eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    gen = torch.Generator().manual_seed(0)
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    if bns:
-        model.train()
-        with torch.no_grad():
-            for _ in range(steps):
-                model(torch.randn(batch, 3, *size, generator=gen))
-    return model.eval()
 
 
 def nchw(t: torch.Tensor) -> torch.Tensor:
@@ -77,7 +64,7 @@ def reference_gradcam(model: nn.Module, layer: str, reshape: Callable, x: torch.
 def check_family(model: nn.Module, size: tuple[int, int], layer: str, grid: tuple[int, int],
                  reshape: Callable, name: str) -> LayerChoice:
     t0 = time.perf_counter()
-    calibrate_bn(model, size)
+    calibrate_bn(model, size, steps=2, seed=0)
     model = model.double()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -169,7 +156,7 @@ def save_hf(model: nn.Module, folder: Path, size: tuple[int, int]) -> None:
     tr = pytest.importorskip("transformers")
     model.config.id2label = {i: f"class{i}" for i in range(3)}
     model.config.label2id = {f"class{i}": i for i in range(3)}
-    calibrate_bn(model, size)
+    calibrate_bn(model, size, steps=2, seed=0)
     model.save_pretrained(folder)
     tr.ViTImageProcessor(size={"height": size[0], "width": size[1]}, image_mean=[0.4, 0.45, 0.5],
                          image_std=[0.2, 0.25, 0.3]).save_pretrained(folder)

@@ -38,18 +38,12 @@ def model_dir(shapes_folder) -> Path:
 
 
 @pytest.fixture(scope="module")
-def new_context(model_dir):
-    """``new_context(folder=model_dir, *, headers=None, config=None, gpu=None) -> FakeContext``."""
+def new_context(model_dir, fake_context):
+    """``new_context(folder=model_dir, *, headers=None, config=None, gpu=None) -> FakeContext``:
+    the conftest's ``fake_context`` for model ``shapes``."""
     def make(folder: Path = model_dir, *, headers=None, config=None, gpu=None) -> FakeContext:
-        kw: dict[str, Any] = {"model_name": "shapes", "gpu_id": gpu}
-        if (Path(folder) / "model.py").is_file():
-            kw["model_file"] = "model.py"
-        if config is not None:
-            kw["model_yaml_config"] = config
-        ctx = FakeContext(folder, **kw)
-        if headers is not None:
-            ctx.set_requests(headers)
-        return ctx
+        kw: dict[str, Any] = {} if config is None else {"model_yaml_config": config}
+        return fake_context(folder, headers=headers, model_name="shapes", gpu_id=gpu, **kw)
     return make
 
 

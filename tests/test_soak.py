@@ -8,34 +8,20 @@ all four outputs) is answered within 30 s with the worker's peak memory under 1.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from typing import Iterator
 
 import pytest
 
 from bench import soak as bench_soak
-from camserve.client import ClientError
 from camserve.testing.torchserve import LocalTorchServe
 
-pytestmark = [
-    pytest.mark.torchserve,
-    pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("JAVA_HOME"),
-                       reason="Java is not installed: TorchServe's frontend needs Java 17+"),
-]
+pytestmark = pytest.mark.torchserve
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[LocalTorchServe]:
-    home = tmp_path_factory.mktemp("soak")
-    try:
-        ts = bench_soak.start_server(home)
-    except ClientError as exc:
-        pytest.fail(str(exc))
-    try:
+def server(tmp_path_factory, start_torchserve) -> Iterator[LocalTorchServe]:
+    with start_torchserve(bench_soak.shapes_server(tmp_path_factory.mktemp("soak"))) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def test_make_jobs_cover_every_kind_with_checkable_expectations():

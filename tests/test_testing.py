@@ -3,8 +3,6 @@ the handler loader, the tiny nets and model folders."""
 from __future__ import annotations
 
 import inspect
-import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -19,7 +17,6 @@ from camserve.testing.handler import HandlerLoadError, load_handler, load_handle
 from camserve.testing.nets import TinyBNNet, calibrate_bn, frozen, small_sequential
 from camserve.testing.torchserve import LocalTorchServe, free_ports
 
-JAVA = shutil.which("java") is not None or bool(os.environ.get("JAVA_HOME"))
 
 
 # -- torchserve -------------------------------------------------------------------------------------
@@ -70,7 +67,6 @@ def test_server_files_stay_in_its_home(tmp_path: Path) -> None:
 
 
 @pytest.mark.torchserve
-@pytest.mark.skipif(not JAVA, reason="Java is not installed: TorchServe's frontend needs Java 17+")
 def test_a_model_that_never_gets_ready_fails_with_the_logs_and_stops_the_server(
         tmp_path: Path) -> None:
     ts = LocalTorchServe(tmp_path, ["missing"], ready_timeout=20)

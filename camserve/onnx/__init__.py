@@ -7,10 +7,10 @@
 * :mod:`.format` — the graph's inputs, outputs and metadata (:class:`~camserve.onnx.format.GraphMeta`);
 * :mod:`.verify` — the graph against :class:`camserve.CamEngine`;
 * :mod:`.session` — onnxruntime sessions (providers, threads, options);
-* :mod:`.export` — export + verify, ``python -m export.onnx_export``;
+* :mod:`.export` — export + verify, the ``camserve-export`` command (docs/export.md);
 * the offline batch job (docs/batch.md): :mod:`.job` (its model: plan, stats, the
   ``BatchExplainer``), :mod:`.batch` (the local runner), :mod:`.ray` (the Ray runner),
-  :mod:`.cli` (``camserve-batch``), its reading side (:mod:`.inputs`: listing, bounded reads,
+  :mod:`.cli` (the ``camserve-batch`` command), its reading side (:mod:`.inputs`: listing, bounded reads,
   decoding) and writing side (:mod:`.outputs`: safe writes, ``results.jsonl``/``errors.jsonl``
   and ``--resume``);
 * :mod:`.audit` — faithfulness metrics of the maps through the graph's session (``--metrics``).

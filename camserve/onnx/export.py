@@ -1,40 +1,11 @@
-"""Export a classifier to an ONNX graph that computes Grad-CAM itself, and verify it.
+"""Export a classifier to an ONNX graph that computes Grad-CAM itself, and verify it: the
+``camserve-export`` command.
 
-The graph
----------
-Inputs:
-
-* ``input``  float32 (N, 3, H, W) — N dynamic, H and W the model's input size;
-* ``target`` int64 (N,) — the class to explain per row; a negative value (-1) means "the row's
-  top-1 class". It is optional: the graph stores ``[-1]`` as its default (an initializer that is
-  also a graph input), so a session run without it explains the top-1 class of every row, and a
-  (1,) tensor applies one target to every row.
-
-Outputs: ``logits`` (N, C); ``activations`` (N, K, h, w) of the target layer (NCHW, token or
-channels-last layers reshaped by :func:`camserve.layers.to_nchw`); ``gradients`` (N, K, h, w) =
-d logit[target] / d activations; ``cam`` (N, h, w), the raw map (post-ReLU, not normalised) of the
-first method (Grad-CAM by default); then ``cam_<method>`` per extra method, with ``+`` spelled ``p``
-(``gradcam++`` -> ``cam_gradcampp``).
-
-All of it is a trace of :class:`camserve.onnx.trace.CamGraph`, which runs the engine's own capture
-and CAM step (:func:`camserve.engine.cam_step`), so the graph computes what the TorchServe handler
-computes. ``metadata_props`` carry everything a consumer needs (:class:`camserve.onnx.format.GraphMeta`:
-the model's spec, labels, layer, methods, output names, camserve version): the ``.onnx`` file alone
-is enough downstream.
-
-Every export is checked: ``onnx.checker.check_model(full_check=True)`` and an onnxruntime run on a
-random batch of another size than the traced one, output by output against
-:class:`camserve.CamEngine` run in float64 (relative error ``max|a-b| / max|b|`` at most 1e-4 or 8
-times PyTorch float32's own error), with an explicit target, with -1, and without the ``target``
-input (:func:`camserve.onnx.verify.verify_cam_onnx`).
-
-Command line::
-
-    python -m export.onnx_export models/shapes --out model_store/shapes.cam.onnx
-    python -m export.onnx_export --arch torchvision.models.resnet18 --num-classes 10 \\
-        --layer layer3 --input-size 128 --methods gradcam,gradcam++ --out /tmp/r18.cam.onnx
-
-Exit status: 0 exported and verified; 1 export or verification failed; 2 usage error.
+Owns :func:`export_cam_onnx` (a loaded model -> trace of :class:`camserve.onnx.trace.CamGraph` ->
+ONNX with its :class:`camserve.onnx.format.GraphMeta` metadata -> checked and verified against the
+engine by :func:`camserve.onnx.verify.verify_cam_onnx`) and the command line. The graph's inputs,
+outputs and metadata, the verification rule, the command line and its exit status:
+docs/export.md.
 
 Example::
 
@@ -66,6 +37,7 @@ import torch
 from torch import nn
 
 from .. import available_methods
+from ..layouts import LAYOUTS
 from ..models import (
     ConfigError,
     LoadedModel,
@@ -229,7 +201,7 @@ def export_plain_onnx(model: nn.Module, out: str | Path, input_size: Sequence[in
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m export.onnx_export",
+        prog="camserve-export",
         description="Export a classifier to an ONNX graph that outputs logits, the target layer's "
                     "activations and gradients, and CAMs; then verify it against the PyTorch engine.",
         epilog="Exit status: 0 exported and verified, 1 export or verification failed, 2 usage error.")
@@ -245,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="index_to_name.json (--arch)")
     p.add_argument("--layer", help="target layer, dotted module name (default: the config's, or "
                                    "auto-located)")
-    p.add_argument("--layout", choices=["nchw", "nhwc", "tokens"], help="force the layer output layout")
+    p.add_argument("--layout", choices=LAYOUTS, help="force the layer output layout")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated CAM methods, the first one is output 'cam' (default: the "
                         f"config's method; known: {', '.join(available_methods())})")
@@ -341,7 +313,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     _report(info, loaded.spec.arch, args.tolerance, args.factor)
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - python -m camserve.onnx.export
-    sys.exit(main())

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from ..engine import cam_step
-from ..layers import Layout, LayerSpec, Reshape, capture_layer, nchw_converter, resolve_layer
+from ..layers import LayerSpec, capture_layer, nchw_converter, resolve_layer
+from ..layouts import GRIDLESS_LAYOUTS, Layout, Reshape
 from ..sources import logits_of
 from ..methods import get_method
 from .decompositions import backward_decompositions
@@ -230,7 +231,7 @@ def trace_cam_graph(model: nn.Module, target_layer: LayerSpec, example: torch.Te
     if example.shape[0] < 2:
         raise ValueError("invalid value for example: use a batch of 2 or more so that the batch "
                          "size stays symbolic")
-    if target_layer is None or (reshape is None and layout not in ("nchw", "nhwc")):
+    if target_layer is None or (reshape is None and layout not in GRIDLESS_LAYOUTS):
         from ..families import choose_layer
 
         name = None if target_layer is None else resolve_layer(model, target_layer)[0]

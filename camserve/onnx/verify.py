@@ -29,6 +29,7 @@ import torch
 
 from ..engine import CamEngine
 from ..layers import LayerError, capture_layer, nchw_converter
+from ..layouts import GRIDLESS_LAYOUTS
 from ..methods import get_method
 from ..models import LoadedModel
 from ..sources import logits_of
@@ -75,7 +76,7 @@ class _EngineReference:
         self.layer, self.methods = layer, tuple(methods)
         self.layout = loaded.spec.layout
         self.reshape = loaded.reshape if layer == loaded.layer else None
-        if self.reshape is None and self.layout not in ("nchw", "nhwc"):
+        if self.reshape is None and self.layout not in GRIDLESS_LAYOUTS:
             from ..families import choose_layer
 
             self.reshape = choose_layer(loaded.model, loaded.spec.input_size, layer,

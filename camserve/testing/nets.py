@@ -107,12 +107,12 @@ def frozen(model: nn.Module) -> nn.Module:
     return model
 
 
-@torch.no_grad()
 def calibrate_bn(model: nn.Module, size: int | tuple[int, int], steps: int = 3, batch: int = 4,
                  seed: int = 123) -> nn.Module:
     """Give the BatchNorm layers of a randomly initialised ``model`` the running statistics of
-    ``steps`` batches of seeded random input of ``size`` (an int or ``(H, W)``); leaves the model
-    in eval mode and returns it. A model without BatchNorm is only put in eval mode.
+    ``steps`` batches of seeded random input of ``size`` (an int or ``(H, W)``): the tests' defaults
+    for :func:`camserve.models.recalibrate_batchnorm` (which does the work). Leaves the model in
+    eval mode, with or without BatchNorm, and returns it.
 
     Example::
 
@@ -120,17 +120,10 @@ def calibrate_bn(model: nn.Module, size: int | tuple[int, int], steps: int = 3, 
         >>> bool(net[1].running_var.ne(1).any()), net.training
         (True, False)
     """
+    from camserve.models import recalibrate_batchnorm
+
     h, w = (size, size) if isinstance(size, int) else size
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if bns:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-        model.train()
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
-            model(torch.randn(batch, 3, h, w, generator=g))
-    return model.eval()
+    return recalibrate_batchnorm(model, (h, w), steps=steps, batch=batch, seed=seed).eval()
 
 
 def model_source(*classes: type) -> str:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from camserve.onnx.session import ort_session
 from camserve.onnx.trace import trace_cam_graph
 from camserve.onnx.verify import DEFAULT_FACTOR, VerificationError, allowed_error, relative_error, verify_cam_onnx
 from camserve.testing.nets import TinyBNNet
-from tests.zoo import ARCHS, Arch
+from camserve.testing.zoo import ARCHS, Arch, export_zoo
 
 TOL = 1e-4
 
@@ -40,74 +38,15 @@ def loaded(model: nn.Module, *, arch: str, input_size: tuple[int, int], layer: s
     return from_module(model, ModelSpec(arch=arch, input_size=input_size, target_layer=layer,
                                         layout=layout, **spec), labels=labels)
 
-#: The zoo is heavy (28 exports, a minute each for DenseNet, ViT, Swin on one core): it runs in a
-#: pool of single-threaded worker processes, heaviest first, and each test checks its own case.
-HEAVY_FIRST = ["densenet121", "swin_t", "vit_b_16", "vgg11_bn", "resnet50", "convnext_tiny",
-               "regnet_y_400mf", "efficientnet_b0", "mobilenet_v2", "googlenet", "mobilenet_v3_small",
-               "shufflenet_v2_x1_0", "mnasnet0_5", "resnet18"]
-
-
-def _export_arch(job: tuple[str, str]) -> list[dict[str, Any]]:
-    """Worker: build one zoo architecture and export + verify both of its layers."""
-    import traceback
-
-    from tests.zoo import ARCH_BY_NAME
-
-    name, out_dir = job
-    torch.set_num_threads(1)
-    arch = ARCH_BY_NAME[name]
-    model = arch.build(torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    results = []
-    for layer in arch.layers:
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"key": f"{name}-{layer}"}
-        try:
-            src = loaded(model, arch=name, input_size=(arch.size, arch.size), layer=layer,
-                         labels=[str(i) for i in range(10)], layout=arch.layout)
-            path = Path(out_dir) / f"{name}-{layer}.onnx"
-            info = export_cam_onnx(src, path, methods=("gradcam",), threads=1)
-            probe = torch.randn(2, 3, arch.size, arch.size, generator=torch.Generator().manual_seed(9))
-            with torch.inference_mode():
-                logits_std = float(model(probe).std())
-            row.update(errors=info.errors, baseline=info.baseline, exporter=info.exporter,
-                       redrawn=info.redrawn,
-                       timings=info.timings, logits_std=logits_std)
-            path.unlink()
-        except Exception:  # reported by the test of this case
-            row["failure"] = traceback.format_exc()
-        row["seconds"] = time.perf_counter() - t0
-        results.append(row)
-    return results
-
-
 @pytest.fixture(scope="module")
 def zoo_results(request: pytest.FixtureRequest,
                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    import multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("zoo")
-    # only the architectures of the selected tests (-k), all of them for the parity table
+    """Export + verify the architectures of the selected zoo tests (-k) in a pool of
+    single-threaded workers (:func:`camserve.testing.zoo.export_zoo`); each test checks its case.
+    The whole table with errors and times: ``python -m bench.onnx_parity``."""
     selected = {item.callspec.params["arch"].name for item in request.session.items
                 if item.name.startswith("test_zoo_graph_equals_engine[")}
-    if any(item.name == "test_print_parity_table" for item in request.session.items):
-        selected = {a.name for a in ARCHS}
-    names = sorted(selected, key=lambda n: HEAVY_FIRST.index(n)
-                   if n in HEAVY_FIRST else len(HEAVY_FIRST))
-    workers = max(1, min(4, os.cpu_count() or 1))
-    results: dict[str, dict[str, Any]] = {}
-    pool = mp.get_context("spawn").Pool(workers, maxtasksperchild=4)
-    try:
-        for rows in pool.imap_unordered(_export_arch, [(n, str(out)) for n in names]):
-            results.update({r["key"]: r for r in rows})
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
-    return results
+    return export_zoo(selected, tmp_path_factory.mktemp("zoo"))
 
 
 ZOO = [pytest.param(a, layer, id=f"{a.name}-{layer}") for a in ARCHS for layer in a.layers]
@@ -130,24 +69,6 @@ def test_zoo_graph_equals_engine(arch: Arch, layer: str, zoo_results: dict[str, 
             limit = allowed_error(TOL, DEFAULT_FACTOR, row["baseline"][case][name])
             assert errors[case][name] <= limit, (case, name, errors[case][name], limit)
     assert row["logits_std"] > 1e-3  # a non-degenerate test model
-
-
-@pytest.mark.zoo
-def test_print_parity_table(zoo_results: dict[str, dict[str, Any]],
-                            capsys: pytest.CaptureFixture[str]) -> None:
-    """Not a check: prints the zoo's worst relative errors and times (visible with -s)."""
-    with capsys.disabled():
-        print("\nworst relative error, graph vs engine, over explicit/-1/omitted/batch1 targets:")
-        for key, row in sorted(zoo_results.items()):
-            if "failure" in row:
-                print(f"  {key:<46} FAILED")
-                continue
-            worst = {n: max(row["errors"][c][n] for c in row["errors"]) for n in
-                     ("logits", "activations", "gradients", "cam")}
-            t = row["timings"]
-            print(f"  {key:<46} " + " ".join(f"{k}={v:.1e}" for k, v in worst.items())
-                  + f"  redrawn={row['redrawn']}  {row['seconds']:.1f}s (trace {t['trace']:.1f}, "
-                    f"verify {t.get('verify', 0):.1f})")
 
 
 # -- the graph contract, on one model ------------------------------------------------------------
