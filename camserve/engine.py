@@ -500,7 +500,8 @@ class CamEngine:
         from .families import FamilyError, choose_layer
 
         try:
-            choice = choose_layer(self.model, size, self._layer_name, self.layout)
+            choice = choose_layer(self.model, size, self._layer_name, self.layout,
+                                  score=self.task.probe_score)
         except FamilyError as exc:
             raise LayerError(self._layer_name, str(exc)) from None
         if self._layer is None:

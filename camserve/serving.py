@@ -48,7 +48,7 @@ import logging
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -335,16 +335,18 @@ class CamService:
                                  limits=self.limits, task=self.task)
             # 413 from the header's size, before any pixel is decoded
             budget = ((lambda w, h: plan_maps(opts, (w, h), self.limits, work.left))
-                      if opts.explain else None)
+                      if opts.explain or opts.answer_maps else None)
             img = self._decode(raw.data, budget)
             plan = plan_maps(opts, img.size, self.limits, work.left)
+            geometry = Geometry(img.size, tuple(self.spec.input_size),  # type: ignore[arg-type]
+                                plan.render_size)
+            opts = replace(opts, task=self.task.bind(opts.task, geometry))
             work.left -= plan.work
             x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std,
                            interpolation=self.spec.interpolation)
             keep = None
             if opts.explain and "overlay" in opts.outputs:
                 keep = img if not plan.scaled else img.resize(plan.render_size, Image.BILINEAR)
-            geometry = Geometry(img.size, tuple(self.spec.input_size))  # type: ignore[arg-type]
             del img
             return _Row(index, x, opts, plan, geometry, keep)
         except RequestError as exc:

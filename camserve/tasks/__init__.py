@@ -17,11 +17,12 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 from ..parsing import short_repr
-from .base import Geometry, Shown, TargetBatch, Task, TaskError
+from .base import GraphInput, Geometry, Shown, TargetBatch, Task, TaskError
 from .classification import Classification, ClassOptions
 from .multilabel import Multilabel
+from .segmentation import Segmentation
 
-__all__ = ["Classification", "ClassOptions", "Geometry", "Multilabel", "Shown", "TargetBatch",
+__all__ = ["Classification", "ClassOptions", "Geometry", "GraphInput", "Multilabel", "Segmentation", "Shown", "TargetBatch",
            "Task", "TaskError", "available_tasks", "get_task", "make_task", "register_task",
            "task_config_keys"]
 
@@ -62,5 +63,5 @@ def make_task(name: str, labels: Sequence[str] = (),
     return get_task(name)(labels, settings)
 
 
-for _cls in (Classification, Multilabel):
+for _cls in (Classification, Multilabel, Segmentation):
     register_task(_cls)
