@@ -532,5 +532,7 @@ class CamEngine:
 
 
 def _wide(targets: Any) -> bool:
-    """Targets given with a K dimension ((B, K) tensor): the result keeps it even for K == 1."""
-    return isinstance(targets, torch.Tensor) and targets.dim() == 2
+    """Targets given with a K dimension ((B, K) classes, (B, K, D) reference embeddings): the
+    result keeps it even for K == 1."""
+    return isinstance(targets, torch.Tensor) and \
+        targets.dim() == (3 if targets.is_floating_point() else 2)
