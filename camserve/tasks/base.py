@@ -281,6 +281,12 @@ class Task:
         rows (:meth:`select`) and their targets."""
         raise NotImplementedError
 
+    def probability(self, out: Any, targets: TargetBatch) -> torch.Tensor:
+        """(R, K) in [0, 1]: how strongly each target holds on ``out`` (no gradient needed) — a
+        class's softmax probability, a label's sigmoid, ... What faithfulness metrics (deletion,
+        insertion, ROAD, average drop) follow as pixels are removed."""
+        raise NotImplementedError
+
     def default_targets(self, out: Any) -> TargetBatch:
         """What a row explains when nothing is asked (one target per row; ``out`` detached)."""
         raise NotImplementedError

@@ -115,6 +115,9 @@ class Classification(Task):
         t = torch.where(inputs["target"] < 0, top1, inputs["target"].to(top1.dtype))
         return TargetBatch(t[:, None], None)
 
+    def probability(self, out: torch.Tensor, targets: TargetBatch) -> torch.Tensor:
+        return self.probabilities(out).gather(1, targets.index.to(out.device))
+
     def probabilities(self, out: torch.Tensor) -> torch.Tensor:
         """The scores a row's answer shows: softmax probabilities (float32)."""
         return torch.softmax(out.detach().float(), dim=-1)

@@ -131,6 +131,10 @@ class Embedding(Task):
         ref = targets.reference.to(device=out.device, dtype=out.dtype)
         return F.cosine_similarity(out[:, None, :], ref, dim=-1)
 
+    def probability(self, out: torch.Tensor, targets: TargetBatch) -> torch.Tensor:
+        """``(1 + cos) / 2``: the similarity mapped to [0, 1] (R, K)."""
+        return (1.0 + self.scores(out.detach().float(), targets)) / 2.0
+
     def _targets(self, reference: torch.Tensor, count: Optional[tuple[int, ...]]) -> TargetBatch:
         index = torch.zeros(reference.shape[:2], dtype=torch.long, device=reference.device)
         return TargetBatch(index, count, reference=reference)

@@ -263,6 +263,16 @@ class Segmentation(Task):
         sel = out.gather(1, idx[:, :, None, None].expand(r, k, *out.shape[-2:]))
         return (sel * targets.region.to(device=out.device, dtype=out.dtype)).sum(dim=(-2, -1))
 
+    def probability(self, out: torch.Tensor, targets: TargetBatch) -> torch.Tensor:
+        """Each class's mean softmax probability over its region (R, K)."""
+        assert targets.region is not None
+        probs = torch.softmax(out.detach().float(), dim=1)
+        idx = targets.index.to(out.device)
+        r, k = idx.shape
+        sel = probs.gather(1, idx[:, :, None, None].expand(r, k, *out.shape[-2:]))
+        region = targets.region.to(device=out.device, dtype=sel.dtype)
+        return (sel * region).sum(dim=(-2, -1)) / region.sum(dim=(-2, -1)).clamp_min(1e-12)
+
     def _not_background(self, counts: torch.Tensor) -> torch.Tensor:
         """Per-class pixel counts (N, C) with the background class ranked last."""
         if self.background is None or self.background >= counts.shape[1]:
@@ -326,6 +336,12 @@ class Segmentation(Task):
         total = max(1, int(pred.numel()))
         return sorted(((c, n / total) for c, n in enumerate(counts) if n),
                       key=lambda p: (-p[1], p[0]))
+
+    def classes(self, out_row: torch.Tensor) -> list[dict[str, Any]]:
+        """The predicted classes of one row as answers list them: ``{"index", "label", "share"}``,
+        largest share first."""
+        return [{"index": c, "label": self.labels[c] if c < len(self.labels) else str(c),
+                 "share": round_score(s)} for c, s in self.shares(out_row)]
 
     # -- serving ------------------------------------------------------------------------------
     def parse_options(self, options: Mapping[str, Any], *, max_targets: int) -> SegOptions:
@@ -395,13 +411,13 @@ class Segmentation(Task):
     def shown(self, out_row: torch.Tensor, targets: TargetBatch, r: int,
               geometry: Geometry) -> list[Shown]:
         """Each class with its mean probability over its region (and the region's box)."""
-        assert targets.region is not None and targets.count is not None
-        probs = torch.softmax(out_row.float(), dim=0)
+        assert targets.count is not None
+        row = targets.select(torch.tensor([r]))
+        scores = self.probability(out_row[None], row)[0].tolist()
         shown = []
         for k in range(targets.count[r]):
             c = int(targets.index[r, k])
-            region = targets.region[r, k].float()
-            score = float((probs[c] * region).sum() / region.sum().clamp_min(1e-12))
+            score = float(scores[k])
             box = None
             if targets.box is not None and not bool(torch.isnan(targets.box[r, k]).any()):
                 box = tuple(geometry.box_to_image(targets.box[r, k].tolist()))
@@ -418,8 +434,7 @@ class Segmentation(Task):
         seg: dict[str, Any] = {
             "mask": b64(mask_png(nearest_resize(pred, size))),
             "width": int(geometry.size[0]), "height": int(geometry.size[1]),
-            "classes": [{"index": c, "label": self.labels[c] if c < len(self.labels) else str(c),
-                         "share": round_score(s)} for c, s in self.shares(out_row)]}
+            "classes": self.classes(out_row)}
         if tuple(size) != tuple(geometry.size):
             seg.update(scaled=True, mask_width=int(size[0]), mask_height=int(size[1]))
         body: dict[str, Any] = {"segmentation": seg}
