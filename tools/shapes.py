@@ -984,6 +984,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for f in done.files:
                 print(f"wrote {f}")
             return 0
+        from tools.dense_shapes import TASKS, folder_task
+
+        if folder_task(args.model) in TASKS:  # a dense-task folder has its own evaluation
+            from tools import dense_shapes
+
+            return dense_shapes.main(["evaluate", "--model", str(args.model), "--seed",
+                                      str(args.seed), "--threads", str(args.threads)])
         metrics_n = min(args.metrics_n, args.n)
         rep = evaluate(args.model, args.seed, n=args.n, tolerance=args.tolerance,
                        metrics_n=metrics_n, road_n=min(args.road_n, metrics_n),
