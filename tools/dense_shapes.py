@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from tools.shapes import (CLASSES, CONFIG_NAME, IMAGE_SIZE, POINTING_TOLERANCE, fit,
-                          pointing_hits, render_sample, rng_for, to_batch)
+from tools.shapes import (CLASSES, CONFIG_NAME, IMAGE_SIZE, POINTING_TOLERANCE, add_train_options,
+                          fit, pointing_hits, render_sample, rng_for, to_batch)
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +64,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DIRS = {"segmentation": REPO / "models" / "shapes-seg",
                 "multilabel": REPO / "models" / "shapes-multi"}
 TASKS = tuple(DEFAULT_DIRS)
+#: passes over the 8000 training images (segmentation learns its boundaries late)
+EPOCHS = {"segmentation": 11, "multilabel": 8}
 
 
 @dataclass(frozen=True)
@@ -229,13 +231,14 @@ def _held_out(task: str, model: "torch.nn.Module", data: DenseData, spec: "Model
                              for k in range(truth.shape[1])]))
 
 
-def train(out: Path | str, task: str, *, seed: int = 0, epochs: int = 8, n: int = 8000,
+def train(out: Path | str, task: str, *, seed: int = 0, epochs: Optional[int] = None, n: int = 8000,
           batch_size: int = 64, lr: float = 3e-3, max_seconds: Optional[float] = None) -> TrainReport:
     """Train the dense shapes model of folder ``out`` (its ``model-config.yaml`` names the arch
     and ``task``) on ``n`` fresh images of one to three shapes, seen ``epochs`` times
     (:func:`tools.shapes.fit`: random 90° turns and flips, AdamW, cosine decay); write the
     weights and labels the config names. Segmentation minimises the per-pixel cross-entropy,
-    multilabel the binary cross-entropy of each label."""
+    multilabel the binary cross-entropy of each label. ``epochs``: default the task's
+    (:data:`EPOCHS`)."""
     import torch
     import torch.nn.functional as F
 
@@ -243,6 +246,7 @@ def train(out: Path | str, task: str, *, seed: int = 0, epochs: int = 8, n: int 
 
     if task not in TASKS:
         raise ValueError(f"invalid value for task: {task!r} (known: {', '.join(TASKS)})")
+    epochs = EPOCHS[task] if epochs is None else epochs
     for name, value, lo in (("epochs", epochs, 1), ("n", n, 8), ("batch_size", batch_size, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise ValueError(f"invalid value for {name}: {value!r} (an int >= {lo})")
@@ -375,13 +379,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a dense shapes folder, write its weights + labels")
     t.add_argument("--task", choices=TASKS, required=True)
     t.add_argument("--out", type=Path, default=None, help="model folder (default: the task's)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--epochs", type=int, default=8)
-    t.add_argument("--n", type=int, default=8000, help="training images")
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    t.add_argument("--max-seconds", type=float, default=None)
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_train_options(t, n=8000, n_help="training images", lr=3e-3, epochs=None)
     e = sub.add_parser("evaluate", help="miou / map and the CAM methods' energy / pointing game")
     e.add_argument("--model", type=Path, required=True, help="model folder")
     e.add_argument("--seed", type=int, required=True)

@@ -921,20 +921,28 @@ def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, seed: int = 1234, *, n: 
 # CLI
 
 
+def add_train_options(p: argparse.ArgumentParser, *, n: int, n_help: str, lr: float,
+                      epochs: Optional[int] = 8) -> None:
+    """The options of a shapes training command (:func:`fit`'s settings), for every default."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=epochs,
+                   help="passes over the training images" + ("" if epochs else
+                                                             " (default: the task's)"))
+    p.add_argument("--n", type=int, default=n, help=n_help)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop early (with a warning) after this many seconds")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.shapes",
                                 description="Synthetic shapes: train, evaluate, write samples.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the model of a folder, write weights.pt + labels")
     t.add_argument("--out", type=Path, required=True, help="model folder (e.g. models/shapes)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--epochs", type=int, default=8)
-    t.add_argument("--n", type=int, default=9600, help="single-object training images")
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    t.add_argument("--max-seconds", type=float, default=None,
-                   help="stop early (with a warning) after this many seconds")
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_train_options(t, n=9600, n_help="single-object training images", lr=2e-3)
     e = sub.add_parser("evaluate", help="accuracy + Grad-CAM pointing game on fresh images")
     e.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model folder")
     e.add_argument("--seed", type=int, required=True)

@@ -102,6 +102,12 @@ def output_names(methods: Sequence[str], task: Optional[Task] = None) -> list[st
     return [first, *BASE_OUTPUTS[1:]] + [method_output_name(m) for m in methods[1:]]
 
 
+def input_names(inputs: Sequence[GraphInput]) -> list[str]:
+    """Input names of a CAM graph whose task has target ``inputs``: ``input`` (the images), then
+    theirs."""
+    return ["input", *(g.name for g in inputs)]
+
+
 def cam_outputs(methods: Sequence[str]) -> dict[str, str]:
     """``{method: output name}`` of a graph with ``methods``."""
     return {m: ("cam" if i == 0 else method_output_name(m)) for i, m in enumerate(methods)}
@@ -225,7 +231,7 @@ class GraphMeta:
     @property
     def input_names(self) -> list[str]:
         """Names of the graph's inputs, in order."""
-        return ["input", *(g.name for g in self.inputs)]
+        return input_names(self.inputs)
 
     @property
     def output_names(self) -> list[str]:

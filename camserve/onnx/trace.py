@@ -45,7 +45,7 @@ from ..layers import Layout, LayerSpec, Reshape, capture_layer, nchw_converter, 
 from ..methods import get_method
 from ..tasks import Classification, Task
 from .decompositions import backward_decompositions
-from .format import check_methods, output_names
+from .format import check_methods, input_names, output_names
 from .passes import functionalize_inplace
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class CamGraph(nn.Module):
     @property
     def input_names(self) -> list[str]:
         """Names of the inputs, in order (``input`` first)."""
-        return ["input", *(g.name for g in self.inputs)]
+        return input_names(self.inputs)
 
     @property
     def output_names(self) -> list[str]:
