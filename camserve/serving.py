@@ -122,10 +122,10 @@ class BatchOutcome:
 
 @dataclass(frozen=True)
 class _Row:
-    """One image of a request (``part`` 0 its own, 1, 2, ... its companion images:
-    :meth:`camserve.tasks.Task.companions`, forwarded right after it). A request that parsed and decoded: its batch index, input tensor, options, map plan, its
-    geometry (image size, input size) and the image an overlay is drawn on (None when no overlay
-    is asked for)."""
+    """One image of a request that parsed and decoded: the request's batch index, the input
+    tensor, options, map plan, geometry (image size, input size) and the image an overlay is drawn
+    on (None when no overlay is asked for). ``part`` 0 is the request's own image; 1, 2, ... its
+    companion images (:meth:`camserve.tasks.Task.companions`), forwarded right after it."""
 
     index: int
     tensor: torch.Tensor

@@ -23,9 +23,9 @@ from .embedding import Embedding
 from .multilabel import Multilabel
 from .segmentation import Segmentation
 
-__all__ = ["Classification", "ClassOptions", "Embedding", "Geometry", "GraphInput", "Multilabel", "Segmentation", "Shown", "TargetBatch",
-           "Task", "TaskError", "available_tasks", "get_task", "make_task", "register_task",
-           "task_config_keys"]
+__all__ = ["Classification", "ClassOptions", "Embedding", "Geometry", "GraphInput", "Multilabel",
+           "Segmentation", "Shown", "TargetBatch", "Task", "TaskError", "available_tasks",
+           "get_task", "make_task", "register_task", "task_config_keys"]
 
 _TASKS: dict[str, type[Task]] = {}
 

@@ -41,7 +41,8 @@ class TargetBatch:
 
     ``index`` (R, K) long: the class explained (classification, multilabel, segmentation), the
     label of a reference box (detection), 0 for embeddings; ``count``: the real number of targets
-    per row (``index[r, count[r]:]`` is padding; a row may have none: count 0). Optional, by task: ``region`` (R, K, H, W) float,
+    per row (``index[r, count[r]:]`` is padding; a row may have none: count 0). Optional, by
+    task: ``region`` (R, K, H, W) float,
     the mask a segmentation score is summed over, at the task output's resolution; ``box`` (R, K, 4)
     float, a reference box ``x0, y0, x1, y1`` in input pixels (detection); ``reference`` (R, K, D)
     float, the embedding a similarity is taken to. ``mode`` is the task's score mode (detection:
