@@ -1,10 +1,12 @@
 """The whole CAM computation as one traceable module, and its trace to a static FX graph.
 
 :class:`CamGraph` runs the very code the engine runs — :func:`camserve.layers.capture_layer` on
-the target layer and :func:`camserve.engine.cam_step` (score gather, ``torch.autograd.grad`` to the
-layer, the layout reshape, the pure CAM functions of :mod:`camserve.methods`) — but with the target
-class as a tensor input: ``target < 0`` selects each row's top-1 class inside the computation, so
-nothing data-dependent happens in Python.
+the target layer, the task's output and score (:mod:`camserve.tasks`) and
+:func:`camserve.engine.cam_step` (``torch.autograd.grad`` to the layer, the layout reshape, the pure
+CAM functions of :mod:`camserve.methods`) — with the task's targets as tensor inputs
+(:meth:`camserve.tasks.Task.graph_inputs`: a class, a region, a reference embedding) resolved inside
+the computation (``target < 0`` selects each row's top-1 class, a negative region the predicted
+mask), so nothing data-dependent happens in Python.
 
 :func:`trace_cam_graph` turns it into an FX graph of ATen operations with ``make_fx`` and a
 symbolic batch size: the backward pass is recorded as ordinary operations, so the graph (and an
@@ -73,6 +75,8 @@ class CamGraph(nn.Module):
     def __init__(self, model: nn.Module, target_layer: LayerSpec, methods: Sequence[str] = ("gradcam",),
                  *, layout: Optional[Layout] = None, reshape: Optional[Reshape] = None,
                  task: Optional[Task] = None, input_size: Optional[tuple[int, int]] = None) -> None:
+        """``task``: default classification; ``input_size`` (H, W): the shapes of the task's
+        inputs that follow the image (a segmentation region)."""
         super().__init__()
         if target_layer is None:
             raise ValueError("invalid value for target_layer: None (choose it first, e.g. with "
