@@ -19,7 +19,7 @@ PYTEST      = $(BIN)/python -m pytest -q
 TEST_PATHS  = tests camserve tools --doctest-modules
 FAST_MARKS  = not zoo and not torchserve and not train and not slow
 
-.PHONY: install test test-fast train evaluate samples bench-engine archive serve stop demo export batch bench-serve bench-offline clean
+.PHONY: install test test-fast train train-seg train-multi evaluate samples bench-engine bench-tasks archive serve stop demo export batch bench-serve bench-offline clean
 
 install: $(STAMP)
 
@@ -38,6 +38,14 @@ test-fast: install
 train: install
 	$(BIN)/python -m tools.shapes train --out $(MODEL)
 
+# the dense-task defaults (docs/tasks.md): segmentation and multi-label on images of 1-3 shapes
+train-seg: install
+	$(BIN)/python -m tools.dense_shapes train --task segmentation --out models/shapes-seg
+
+train-multi: install
+	$(BIN)/python -m tools.dense_shapes train --task multilabel --out models/shapes-multi
+
+# any shapes folder: the classifier's evaluation, or the dense one for a segmentation/multilabel folder
 evaluate: install
 	$(BIN)/python -m tools.shapes evaluate --model $(MODEL) --seed $(SEED)
 
@@ -46,6 +54,9 @@ samples: install
 
 bench-engine: install
 	$(BIN)/python -m bench.engine
+
+bench-tasks: install
+	$(BIN)/python -m bench.tasks
 
 # -- TorchServe: archive, serve, stop, demo, serving benchmark ---------------------------------------
 # make archive [MODEL=DIR] [NAME=name] -> model_store/NAME.mar (NAME: the folder's name), for any

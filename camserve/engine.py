@@ -498,7 +498,8 @@ class CamEngine:
         from .families import FamilyError, choose_layer
 
         try:
-            choice = choose_layer(self.model, size, self._layer_name, self.layout)
+            choice = choose_layer(self.model, size, self._layer_name, self.layout,
+                                  score=self.task.probe_score)
         except FamilyError as exc:
             raise LayerError(self._layer_name, str(exc)) from None
         if self._layer is None:
@@ -529,5 +530,7 @@ class CamEngine:
 
 
 def _wide(targets: Any) -> bool:
-    """Targets given with a K dimension ((B, K) tensor): the result keeps it even for K == 1."""
-    return isinstance(targets, torch.Tensor) and targets.dim() == 2
+    """Targets given with a K dimension ((B, K) classes, (B, K, D) reference embeddings): the
+    result keeps it even for K == 1."""
+    return isinstance(targets, torch.Tensor) and \
+        targets.dim() == (3 if targets.is_floating_point() else 2)

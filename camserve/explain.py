@@ -105,21 +105,23 @@ def plan_maps(options: RequestOptions, size: tuple[int, int], limits: ServingLim
 
     With T targets, P the weights of the PNG outputs asked for (heatmap 1, overlay 3: see
     :data:`OUTPUT_WEIGHTS`), B = 1 when a bbox is asked for, maps of ``m`` pixels (the size capped
-    to ``max_map_side``) and an image of ``n`` pixels: at the original size the work is
-    ``T x (P x n + B x m)``, at the capped size ``T x (P + B) x m``. The first that fits
-    ``max_row_work`` (and what is left of ``max_batch_work``) is chosen.
+    to ``max_map_side``), an image of ``n`` pixels and E answer maps (``options.answer_maps``: a
+    segmentation mask, made whether the request explains or not): at the original size the work
+    is ``T x (P x n + B x m) + E x n``, at the capped size ``T x (P + B) x m + E x m``. The first
+    that fits ``max_row_work`` (and what is left of ``max_batch_work``) is chosen.
     """
     w, h = int(size[0]), int(size[1])
     cap = capped_size((w, h), limits.max_map_side)
     outs = [o for o in ("heatmap", "overlay", "bbox") if o in options.outputs]
-    if not options.explain or not outs:
+    t = max(1, options.maps) if options.explain and outs else 0
+    extra = max(0, options.answer_maps)
+    if not t and not extra:
         return MapPlan((w, h), cap, (w, h), 0)
-    t = max(1, options.maps)
     n_png = sum(OUTPUT_WEIGHTS[o] for o in outs if o in PNG_OUTPUTS)
     n_box = int("bbox" in outs)
     m = cap[0] * cap[1]
-    full = t * (n_png * w * h + n_box * m)
-    capped = t * (n_png + n_box) * m
+    full = t * (n_png * w * h + n_box * m) + extra * w * h
+    capped = t * (n_png + n_box) * m + extra * m
     row = limits.max_row_work * MEGA
     avail = row if available is None else min(row, available)
     if full <= avail:
@@ -128,10 +130,14 @@ def plan_maps(options: RequestOptions, size: tuple[int, int], limits: ServingLim
         return MapPlan((w, h), cap, cap, capped)
     weighted = " + ".join(o if OUTPUT_WEIGHTS[o] == 1 else f"{OUTPUT_WEIGHTS[o]} x {o}"
                           for o in outs)
-    what = (f"{t} target{'s' if t > 1 else ''} x ({weighted}) x {cap[0]}x{cap[1]} maps = "
-            f"{_mp(capped)} megapixel-maps")
+    what = (f"{t} target{'s' if t > 1 else ''} x ({weighted}) x {cap[0]}x{cap[1]} maps" if t else "")
+    if extra:
+        what += f"{' + ' if what else ''}{extra} answer map{'s' if extra > 1 else ''} (a mask) of " \
+                f"{cap[0]}x{cap[1]}"
+    what += f" = {_mp(capped)} megapixel-maps"
     reduce = ("ask for fewer targets (option 'target') or fewer outputs (option 'outputs': drop "
-              f"{' or '.join([o for o in ('overlay', 'heatmap', 'bbox') if o in outs])})")
+              f"{' or '.join([o for o in ('overlay', 'heatmap', 'bbox') if o in outs])})"
+              if t else "send a smaller image")
     if capped > row:
         raise work_too_large(f"work too large: {what} exceeds the limit of "
                              f"{limits.max_row_work} per request (handler.max_row_work); "

@@ -17,6 +17,10 @@ the layer each family gets: docs/byom.md.
 * **Swin-style channels-last stages**: timm ``layers[-1]`` and torchvision ``features[-1]``
   (``(B, h, w, C)``), Hugging Face Swin's final ``layernorm`` (tokens ``(B, h*w, C)``; the grid
   from the patch size and the patch merges).
+* **Segmentation models**: the backbone's last stage (torchvision FCN / DeepLabV3 / LR-ASPP:
+  the last stage their ``IntermediateLayerGetter`` keeps), the encoder's last stage (Hugging Face
+  SegFormer), the last feature map of an ``AutoBackbone`` (Hugging Face UperNet) — not the
+  head's last map.
 * **Everything else** (convolutional nets, hybrid/mobile families such as MobileViT, FastViT,
   EfficientViT): the last 4-D feature map before global pooling whose class-score gradient varies
   over more than one position. Its layout is not guessed from its shape: a second probe at
@@ -52,6 +56,9 @@ from .layouts import (GRIDLESS_LAYOUTS, ChannelsLast, LayoutError, Reshape, Toke
 
 log = logging.getLogger(__name__)
 
+#: A scalar probe score of a model's raw output (a task's ``probe_score``): the prediction whose
+#: gradient tells which feature maps matter
+Score = Callable[[Any], torch.Tensor]
 _NCHW_TYPES = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.pooling._MaxPoolNd,
                nn.modules.pooling._AvgPoolNd, nn.ConvTranspose2d)
 _SKIP_TYPES = (nn.Identity, nn.Dropout, nn.Dropout2d)
@@ -355,7 +362,10 @@ def _candidates_text(recs: Sequence[_Rec], n: int = 6) -> str:
     return ", ".join(f"{r.name} {tuple(r.seen.shape)}" for r in tail) or "none"
 
 
-def _generic(model: nn.Module, size: tuple[int, int], second: Optional[tuple[int, int]]) -> LayerChoice:
+def _generic(model: nn.Module, size: tuple[int, int], second: Optional[tuple[int, int]],
+             score: Optional[Score] = None, within: str = "") -> LayerChoice:
+    """The last spatial map the probe ``score`` (default: the top-1 logit) depends on at more
+    than one position, among the modules under ``within`` (a dotted prefix; "" for all)."""
     from .sources import logits_of
 
     dev, dt = _device(model), _dtype(model)
@@ -363,10 +373,11 @@ def _generic(model: nn.Module, size: tuple[int, int], second: Optional[tuple[int
     x.normal_(generator=torch.Generator(device=dev).manual_seed(0))
     x.requires_grad_(True)
     recs, out = _record(model, x, grad=True)
-    logits = logits_of(out)
-    if logits.dim() != 2:
-        raise FamilyError(f"auto-locate needs logits (B, classes); the model gives "
-                          f"{tuple(logits.shape)}")
+    if score is None:
+        logits = logits_of(out)
+        if logits.dim() != 2:
+            raise FamilyError(f"auto-locate needs logits (B, classes); the model gives "
+                              f"{tuple(logits.shape)}")
     shapes_b: dict[str, tuple[int, ...]] = {}
     if second is not None:
         try:
@@ -375,7 +386,8 @@ def _generic(model: nn.Module, size: tuple[int, int], second: Optional[tuple[int
         except Exception as e:  # a model fixed to one input size refuses another one
             log.debug("second probe at %s failed (%s); deciding layouts from module types", second, e)
             second = None
-    once = [r for r in recs if r.calls == 1 and r.kept.requires_grad]
+    once = [r for r in recs if r.calls == 1 and r.kept.requires_grad
+            and (not within or r.name.startswith(within + "."))]
     maps: list[tuple[_Rec, str]] = []
     for r in once:
         lay = _layout_from_probes(tuple(r.seen.shape), shapes_b.get(r.name), r.module,
@@ -385,8 +397,14 @@ def _generic(model: nn.Module, size: tuple[int, int], second: Optional[tuple[int
     if not maps:
         raise FamilyError(f"auto-locate found no 4-D feature map; pass target_layer (last layer "
                           f"outputs: {_candidates_text(recs)})")
-    score = logits[0, logits[0].argmax()]
-    grads = torch.autograd.grad(score, [r.kept for r, _ in maps], allow_unused=True)
+    if score is None:
+        probe = logits[0, logits[0].argmax()]
+    else:
+        try:
+            probe = score(out)
+        except (TypeError, ValueError) as exc:  # the task cannot read this output
+            raise FamilyError(f"auto-locate cannot score the model's output: {exc}") from None
+    grads = torch.autograd.grad(probe, [r.kept for r, _ in maps], allow_unused=True)
     for (r, lay), g in zip(reversed(maps), reversed(grads)):
         if g is None:
             continue
@@ -411,15 +429,80 @@ def _generic(model: nn.Module, size: tuple[int, int], second: Optional[tuple[int
                       f"{', '.join(f'{r.name} {tuple(r.seen.shape)}' for r, _ in maps[-6:])})")
 
 
+# -- dense prediction: the backbone's (encoder's) last stage, not the head's last map -------------
+
+def _tv_segmentation(model: nn.Module, size: tuple[int, int],
+                     score: Optional[Score]) -> Optional[LayerChoice]:
+    """torchvision FCN, DeepLabV3, LR-ASPP: the backbone keeps its stages up to the last one it
+    returns (an ``IntermediateLayerGetter``), so its last child is the last stage."""
+    try:
+        from torchvision.models._utils import IntermediateLayerGetter
+    except ImportError:  # pragma: no cover
+        return None
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, IntermediateLayerGetter) or not len(backbone):
+        return None
+    name = f"backbone.{list(backbone.named_children())[-1][0]}"
+    shape = _probe_shape(model, name, size)
+    if len(shape) != 4:
+        return None
+    return LayerChoice(name, "nchw", ChannelsFirst(), (shape[2], shape[3]), shape,
+                       f"torchvision {type(model).__name__}",
+                       "segmentation: the backbone's last stage")
+
+
+def _hf_segformer(model: nn.Module, size: tuple[int, int],
+                  score: Optional[Score]) -> Optional[LayerChoice]:
+    """Hugging Face SegFormer: the encoder's last stage — ``segformer.stages[-1]``, whose output
+    is the (B, C, h, w) map the decode head reads (transformers 5; before it,
+    ``segformer.encoder.layer_norm[-1]``, tokens on the last overlapping patch grid)."""
+    seg = getattr(model, "segformer", None)
+    if seg is None or not hasattr(model, "decode_head"):
+        return None
+    family = f"Hugging Face {type(model).__name__}"
+    stages = getattr(seg, "stages", None)
+    if isinstance(stages, nn.ModuleList) and len(stages):
+        name = f"segformer.stages.{len(stages) - 1}"
+        shape = _probe_shape(model, name, size)
+        if len(shape) == 4:
+            return LayerChoice(name, "nchw", ChannelsFirst(), (shape[2], shape[3]), shape, family,
+                               "SegFormer: the encoder's last stage")
+    norms = getattr(getattr(seg, "encoder", None), "layer_norm", None)
+    if not isinstance(norms, nn.ModuleList) or not len(norms):
+        return None
+    last = len(norms) - 1
+    proj = _probe_shape(model, f"segformer.encoder.patch_embeddings.{last}.proj", size)
+    return _token_choice(model, f"segformer.encoder.layer_norm.{last}", 0, (proj[2], proj[3]),
+                         size, family, "SegFormer: the encoder's last stage (its final layer norm)")
+
+
+def _hf_backbone(model: nn.Module, size: tuple[int, int],
+                 score: Optional[Score]) -> Optional[LayerChoice]:
+    """Hugging Face heads over an ``AutoBackbone`` (UperNet): the last feature map of the
+    backbone the prediction depends on (the generic search, inside the backbone)."""
+    backbone = getattr(model, "backbone", None)
+    if _hf_config(model) is None or not hasattr(model, "decode_head") \
+            or not hasattr(backbone, "out_features"):
+        return None
+    return _generic(model, size, second_size(size), score, within="backbone")
+
+
+DENSE_RULES: tuple[Callable[[nn.Module, tuple[int, int], Optional[Score]], Optional[LayerChoice]], ...] = (
+    _tv_segmentation, _hf_segformer, _hf_backbone)
+
+
 def second_size(size: tuple[int, int]) -> tuple[int, int]:
     """The second probe size: each side grown by 32 (a multiple of common strides), capped."""
     return size[0] + 32, size[1] + 64
 
 
-def locate(model: nn.Module, input_size: Sequence[int] | int = 224) -> LayerChoice:
+def locate(model: nn.Module, input_size: Sequence[int] | int = 224,
+           score: Optional[Score] = None) -> LayerChoice:
     """Choose the target layer of ``model`` for inputs of ``input_size`` (H, W); see the module
-    docstring for the rules. The probes run in eval mode; the model is left as it was (modes
-    restored, hooks removed, BatchNorm statistics untouched). Logs one line with the layer, grid and reason."""
+    docstring for the rules. ``score``: the probe score of the model's raw output (a task's
+    :meth:`~camserve.tasks.Task.probe_score`; default the top-1 logit). The probes run in eval
+    mode; the model is left as it was (modes restored, hooks removed, BatchNorm statistics
+    untouched). Logs one line with the layer, grid and reason."""
     size = _pair(input_size)
     choice: Optional[LayerChoice] = None
     for rule in FAMILY_RULES:
@@ -427,7 +510,12 @@ def locate(model: nn.Module, input_size: Sequence[int] | int = 224) -> LayerChoi
         if choice is not None:
             break
     if choice is None:
-        choice = _generic(model, size, second_size(size))
+        for rule in DENSE_RULES:
+            choice = rule(model, size, score)
+            if choice is not None:
+                break
+    if choice is None:
+        choice = _generic(model, size, second_size(size), score)
     log.info("camserve: target layer %r, grid %dx%d, %s output %s (%s: %s)", choice.name,
              choice.grid[0], choice.grid[1], choice.layout, choice.shape, choice.family, choice.reason)
     return choice
@@ -466,13 +554,14 @@ def probe_layout(model: nn.Module, layer: str, input_size: Sequence[int] | int =
 
 
 def choose_layer(model: nn.Module, input_size: Sequence[int] | int = 224,
-                 target_layer: Optional[str] = None, layout: Optional[str] = None) -> LayerChoice:
+                 target_layer: Optional[str] = None, layout: Optional[str] = None,
+                 score: Optional[Score] = None) -> LayerChoice:
     """The one rule for the target layer and its reshape, for ``handler.target_layer`` and
     ``handler.layout`` (both optional): no name -> :func:`locate`; a name -> its layout from
     ``layout`` when given, else decided without guessing from the shape: 4-D maps by
     :func:`probe_layout`, tokens by the model's family (the prefix count and grid of its patch
     embedding; any block of a ViT has the located layer's token layout). Where nothing tells,
-    a :class:`FamilyError` asks for ``layout:``.
+    a :class:`FamilyError` asks for ``layout:``. ``score``: see :func:`locate`.
 
     Example::
 
@@ -484,7 +573,7 @@ def choose_layer(model: nn.Module, input_size: Sequence[int] | int = 224,
     """
     size = _pair(input_size)
     if target_layer is None:
-        return locate(model, size)
+        return locate(model, size, score)
     model.get_submodule(target_layer)  # AttributeError names the missing part
     try:
         check_layout(layout)

@@ -281,7 +281,8 @@ def build_model_and_defaults(spec: ModelSpec, model_dir: str | Path,
     wpath = Path(weights) if weights is not None else (model_dir / spec.weights if spec.weights else None)
     try:
         model, defaults = build_from_source(spec.arch, num_classes=spec.num_classes,
-                                            arch_args=spec.arch_args, model_dir=model_dir)
+                                            arch_args=spec.arch_args, model_dir=model_dir,
+                                            task=spec.task)
         if wpath is not None:
             load_state(model, wpath, spec.arch)
     except SourceError as e:
@@ -386,12 +387,12 @@ def count_classes(model: nn.Module, spec: ModelSpec, device: torch.device | str 
     (:func:`camserve.sources.ensure_logits`), for every consumer."""
     from .sources import ensure_logits, logits_of
 
-    task_cls = get_task(spec.task)
+    task = make_task(spec.task, (), spec.task_settings)
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, *spec.input_size, device=device))
-    if not task_cls.logits_output:
+    if not task.logits_output:
         try:
-            return int(task_cls.count_labels(model, out))
+            return int(task.count_labels(model, out))
         except TaskError as exc:
             raise ConfigError(f"invalid value for handler.arch: {short_repr(spec.arch)}: {exc}") from None
     if not isinstance(out, torch.Tensor):
@@ -484,7 +485,8 @@ def from_module(model: nn.Module, spec: ModelSpec, model_dir: Optional[str | Pat
     try:
         if spec.target_layer is not None:
             resolve_layer(model, spec.target_layer)  # names the missing part and the known ones
-        choice = choose_layer(model, spec.input_size, spec.target_layer, spec.layout)
+        choice = choose_layer(model, spec.input_size, spec.target_layer, spec.layout,
+                              score=make_task(spec.task, names, spec.task_settings).probe_score)
     except LayerError as exc:
         raise ConfigError(exc.message_for("handler.target_layer")) from None
     except FamilyError as exc:

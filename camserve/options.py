@@ -109,7 +109,9 @@ class ServingLimits:
 class RequestOptions:
     """Validated options of one request. ``targets`` the class targets when the task has them
     (None: the task's default, e.g. the top-1 prediction); ``maps`` at most how many maps the
-    request asks for (the work budget's count); ``task`` the task's own parsed options."""
+    request asks for (the work budget's count); ``task`` the task's own parsed options;
+    ``answer_maps`` images its answer makes besides the explanations (a segmentation mask),
+    counted in the work budget whether it explains or not."""
 
     explain: bool
     targets: Optional[tuple[int, ...]]
@@ -118,6 +120,7 @@ class RequestOptions:
     outputs: tuple[str, ...]
     maps: int = 1
     task: Any = None
+    answer_maps: int = 0
 
     def __post_init__(self) -> None:
         if self.task is None:  # built by hand for a classifier: its class targets are the task's
@@ -208,7 +211,9 @@ def parse_options(options: Mapping[Any, Any], spec: ModelSpec, labels: Sequence[
     if task is None:
         task = Classification(labels)
     check_keys(options, task)
-    opts = {k: _text(k, v, limits.max_option_length) for k, v in options.items() if v is not None}
+    # options that may carry a file are bounded like images (by the task), not as text
+    opts = {k: v if k in task.binary_options else _text(k, v, limits.max_option_length)
+            for k, v in options.items() if v is not None}
     n = len(labels)
     if not explain and "explain" in opts:
         explain = _parse_bool(opts["explain"])
@@ -217,6 +222,7 @@ def parse_options(options: Mapping[Any, Any], spec: ModelSpec, labels: Sequence[
     topk = _parse_topk(opts["topk"], n) if "topk" in opts else min(spec.topk, n)
     method = _parse_method(opts["method"]) if "method" in opts else spec.method
     outputs = _parse_outputs(opts["outputs"]) if "outputs" in opts else spec.outputs
+    maps = task.max_targets(parsed)
     return RequestOptions(explain=explain, targets=getattr(parsed, "targets", None), topk=topk,
-                          method=method, outputs=outputs, maps=task.max_targets(parsed),
-                          task=parsed)
+                          method=method, outputs=outputs, maps=topk if maps is None else maps,
+                          task=parsed, answer_maps=task.answer_maps(parsed))

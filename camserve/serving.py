@@ -48,7 +48,7 @@ import logging
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -122,9 +122,10 @@ class BatchOutcome:
 
 @dataclass(frozen=True)
 class _Row:
-    """A request that parsed and decoded: its batch index, input tensor, options, map plan, its
-    geometry (image size, input size) and the image an overlay is drawn on (None when no overlay
-    is asked for)."""
+    """One image of a request that parsed and decoded: the request's batch index, the input
+    tensor, options, map plan, geometry (image size, input size) and the image an overlay is drawn
+    on (None when no overlay is asked for). ``part`` 0 is the request's own image; 1, 2, ... its
+    companion images (:meth:`camserve.tasks.Task.companions`), forwarded right after it."""
 
     index: int
     tensor: torch.Tensor
@@ -132,12 +133,14 @@ class _Row:
     plan: MapPlan
     geometry: Geometry
     image: Optional[Image.Image] = None
+    part: int = 0
 
 
 @dataclass
 class Prepared:
-    """Requests after :meth:`CamService.prepare`, in order: each one's decoded row (ready for the
-    model) or its answer already (an error); ``ms``: milliseconds spent preparing them."""
+    """Requests after :meth:`CamService.prepare`, in order: each one's decoded rows (ready for the
+    model: its image, then its companion images) or its answer already (an error); ``ms``:
+    milliseconds spent preparing them."""
 
     items: list[Any]
     ms: float = 0.0
@@ -148,7 +151,7 @@ class Prepared:
     @property
     def work(self) -> int:
         """The work its rows plan, in pixels (what they take of a batch's ``max_batch_work``)."""
-        return sum(item.plan.work for item in self.items if isinstance(item, _Row))
+        return sum(row.plan.work for item in self.items if isinstance(item, list) for row in item)
 
     @classmethod
     def join(cls, parts: Sequence["Prepared"]) -> "Prepared":
@@ -305,7 +308,7 @@ class CamService:
         items = prepared.items
         stats = BatchStats(rows=len(items))
         results = [item if isinstance(item, RowResult) else None for item in items]
-        good = [k for k, item in enumerate(items) if isinstance(item, _Row)]
+        good = [k for k, item in enumerate(items) if isinstance(item, list)]
         if good:
             for k, res in zip(good, self._serve([items[k] for k in good], stats)):
                 results[k] = res
@@ -322,10 +325,10 @@ class CamService:
         stats.internal_errors = sum(r.status >= 500 for r in results)
 
     def _prepare(self, index: int, row: Any, explain: bool, n: int,
-                 work: Optional[_Work] = None) -> _Row | RowResult:
-        """Envelope, options, work budget, image -> a :class:`_Row`, or the row's error answer.
-        The budget is checked from the header's size before decoding, and spent from the decoded
-        size."""
+                 work: Optional[_Work] = None) -> list[_Row] | RowResult:
+        """Envelope, options, work budget, image (and the task's companion images) -> the
+        request's :class:`_Row` list, or its error answer. The budget is checked from the
+        header's size before decoding, and spent from the decoded size."""
         work = work or _Work(self.limits.max_batch_work * MEGA)
         try:
             if isinstance(row, RequestError):  # a record that could not be read: its answer
@@ -333,26 +336,42 @@ class CamService:
             raw = row if isinstance(row, RawRequest) else extract_request(row)
             opts = parse_options(raw.options, self.spec, self.labels, explain=explain,
                                  limits=self.limits, task=self.task)
-            # 413 from the header's size, before any pixel is decoded
-            budget = ((lambda w, h: plan_maps(opts, (w, h), self.limits, work.left))
-                      if opts.explain else None)
-            img = self._decode(raw.data, budget)
-            plan = plan_maps(opts, img.size, self.limits, work.left)
-            work.left -= plan.work
-            x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std,
-                           interpolation=self.spec.interpolation)
-            keep = None
-            if opts.explain and "overlay" in opts.outputs:
-                keep = img if not plan.scaled else img.resize(plan.render_size, Image.BILINEAR)
-            geometry = Geometry(img.size, tuple(self.spec.input_size))  # type: ignore[arg-type]
-            del img
-            return _Row(index, x, opts, plan, geometry, keep)
+            left = work.left
+            rows = [self._image(index, raw.data, opts, work)]
+            for part, (name, data) in enumerate(self.task.companions(rows[0].options.task), 1):
+                companion = replace(opts, task=self.task.companion_options(opts.task, part - 1))
+                try:
+                    rows.append(self._image(index, data, companion, work, part))
+                except RequestError as exc:
+                    work.left = left
+                    raise RequestError(f"{name}: {exc.message}", exc.code, exc.type) from None
+            return rows
         except RequestError as exc:
             log.info("camserve: request %d of a batch of %d rejected: %s %s: %s", index, n,
                      exc.code, exc.type, exc.message)
             return RowResult.error(exc)
         except Exception:
             return internal_error(f"preparing request {index} of a batch of {n}")
+
+    def _image(self, index: int, data: bytes, opts: RequestOptions, work: _Work,
+               part: int = 0) -> _Row:
+        """One image of a request -> its :class:`_Row` (the task's options bound to its size)."""
+        # 413 from the header's size, before any pixel is decoded
+        budget = ((lambda w, h: plan_maps(opts, (w, h), self.limits, work.left))
+                  if opts.explain or opts.answer_maps else None)
+        img = self._decode(data, budget)
+        plan = plan_maps(opts, img.size, self.limits, work.left)
+        geometry = Geometry(img.size, tuple(self.spec.input_size),  # type: ignore[arg-type]
+                            plan.render_size)
+        opts = replace(opts, task=self.task.bind(opts.task, geometry))
+        work.left -= plan.work
+        x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std,
+                       interpolation=self.spec.interpolation)
+        keep = None
+        if opts.explain and "overlay" in opts.outputs:
+            keep = img if not plan.scaled else img.resize(plan.render_size, Image.BILINEAR)
+        del img
+        return _Row(index, x, opts, plan, geometry, keep, part)
 
     def _decode(self, data: bytes,
                 before_load: Optional[Callable[[int, int], None]] = None) -> Image.Image:
@@ -369,22 +388,23 @@ class CamService:
             raise InvalidImage(f"not an image: the decoder failed ({type(exc).__name__}; "
                                f"{len(data)} bytes)") from None
 
-    def _serve(self, rows: list[_Row], stats: BatchStats) -> list[RowResult]:
-        """Answer decoded rows with one batched pass; should that pass fail, row by row."""
+    def _serve(self, requests: list[list[_Row]], stats: BatchStats) -> list[RowResult]:
+        """Answer decoded requests (each its rows: its image, its companions) with one batched
+        pass; should that pass fail, request by request. One answer per request, in order."""
         try:
-            return self._run(rows, stats)
+            return self._run(requests, stats)
         except Exception:
             stats.failed_batches += 1
-            if len(rows) == 1:
-                return [internal_error("running a batch of 1 row")]
-            log.warning("camserve: batched pass over %d rows failed; retrying row by row\n%s",
-                        len(rows), safe_traceback())
+            if len(requests) == 1:
+                return [internal_error("running a batch of 1 request")]
+            log.warning("camserve: batched pass over %d requests failed; retrying one by one\n%s",
+                        len(requests), safe_traceback())
         out = []
-        for row in rows:
+        for rows in requests:
             try:
-                out.extend(self._run([row], stats))
+                out.extend(self._run([rows], stats))
             except Exception:
-                out.append(internal_error(f"running request {row.index} alone"))
+                out.append(internal_error(f"running request {rows[0].index} alone"))
         return out
 
     def _forward(self, rows: list[_Row], stats: BatchStats) -> _Forward:
@@ -401,8 +421,9 @@ class CamService:
         stats.cam_ms += (time.perf_counter() - t_cam) * 1000.0
         return cams.output, cams, explain
 
-    def _run(self, rows: list[_Row], stats: BatchStats) -> list[RowResult]:
-        """One batched pass over decoded ``rows``; rendering failures stay with their row."""
+    def _run(self, requests: list[list[_Row]], stats: BatchStats) -> list[RowResult]:
+        """One batched pass over the requests' rows; rendering failures stay with their request."""
+        rows = [row for req in requests for row in req]
         output, cams, explain = self._forward(rows, stats)
         output = self.task.to_host(output)
         views: dict[int, _CamView] = {}
@@ -411,26 +432,35 @@ class CamService:
             stats.explained_rows += len(explain)
             stats.maps += sum(cams.targets.count)
         out = []
-        for j, row in enumerate(rows):
+        start = 0
+        for req in requests:
+            at = range(start, start + len(req))
+            start += len(req)
             try:
-                out.append(self._answer(row, self.task.row(output, j), views.get(j)))
+                out.append(self._answer(req, [self.task.row(output, j) for j in at],
+                                        [views.get(j) for j in at]))
             except RequestError as exc:
                 out.append(RowResult.error(exc))
             except Exception:
-                out.append(internal_error(f"rendering request {row.index}"))
+                out.append(internal_error(f"rendering request {req[0].index}"))
         return out
 
-    def _answer(self, row: _Row, out_row: Any, view: Optional["_CamView"]) -> RowResult:
-        """One row's 200 answer (the task's predictions, and explanations when it explains),
-        size-checked."""
-        explanations = None
-        if view is not None:
-            shown = self.task.shown(out_row, view.targets, view.slot, row.geometry)
-            records = render_row(row.image, row.options, view.cams, shown, view.layer,
-                                 plan=row.plan, max_bytes=self.limits.max_response_size)
-            explanations = [explanation_json(e, row.plan) for e in records]
-        body = self.task.answer(out_row, row.options.task, row.options.topk, row.geometry,
-                                explanations)
+    def _answer(self, req: list[_Row], out_rows: list[Any],
+                views: list[Optional["_CamView"]]) -> RowResult:
+        """One request's 200 answer (the task's predictions, and explanations when it explains,
+        its companion images' after its own), size-checked."""
+        row = req[0]
+        explanations: Optional[list[dict[str, Any]]] = None
+        for member, out_row, view in zip(req, out_rows, views):
+            if view is None:
+                continue
+            shown = self.task.shown(out_row, view.targets, view.slot, member.geometry)
+            records = render_row(member.image, member.options, view.cams, shown, view.layer,
+                                 plan=member.plan, max_bytes=self.limits.max_response_size)
+            explanations = (explanations or []) + [explanation_json(e, member.plan)
+                                                   for e in records]
+        body = self.task.answer(self.task.join(out_rows[0], out_rows[1:]), row.options.task,
+                                row.options.topk, row.geometry, explanations)
         return self._sized(RowResult(200, body), row.options)
 
     def _sized(self, result: RowResult, options: RequestOptions) -> RowResult:

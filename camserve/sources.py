@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import sys
@@ -169,6 +170,79 @@ def ensure_logits(model: nn.Module, probe: Optional[torch.Tensor] = None, *,
     return model
 
 
+# -- dense outputs (segmentation) ---------------------------------------------------------------
+
+def dense_of(output: Any) -> torch.Tensor:
+    """The per-pixel class logits (B, C, h, w) in a segmentation model's output: a tensor as is;
+    ``out`` of a mapping (torchvision FCN / DeepLabV3 / LR-ASPP); ``logits`` of a mapping or an
+    output object (Hugging Face ``SemanticSegmenterOutput``); the first item of a tuple/list.
+
+    Example::
+
+        >>> dense_of({"out": torch.zeros(1, 3, 8, 8), "aux": torch.zeros(1, 3, 8, 8)}).shape
+        torch.Size([1, 3, 8, 8])
+    """
+    if isinstance(output, Mapping) and isinstance(output.get("out"), torch.Tensor):
+        out = output["out"]
+    else:
+        try:
+            out = logits_of(output)
+        except TypeError:
+            raise TypeError(f"model output of type {type(output).__name__} holds no per-pixel "
+                            f"logits (expected a tensor, a mapping with 'out' or 'logits', or an "
+                            f"output object with 'logits')") from None
+    if out.dim() != 4:
+        raise TypeError(f"per-pixel logits must be (B, classes, H, W); the model gives "
+                        f"{tuple(out.shape)}")
+    return out
+
+
+_DENSE_CLASSES: dict[type, type] = {}
+
+
+def _dense_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``forward`` returns :func:`dense_of` of the original,
+    upsampled to the input's size (cached)."""
+    sub = _DENSE_CLASSES.get(cls)
+    if sub is None:
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = dense_of(cls.forward(self, x, *args, **kwargs))
+            if tuple(out.shape[-2:]) != tuple(x.shape[-2:]):
+                out = torch.nn.functional.interpolate(out, size=tuple(x.shape[-2:]),
+                                                      mode="bilinear", align_corners=False)
+            return out
+
+        sub = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__,
+                                           "_camserve_dense": True})
+        _DENSE_CLASSES[cls] = sub
+    return sub
+
+
+def ensure_dense(model: nn.Module) -> nn.Module:
+    """Make ``model(x)`` return per-pixel class logits (B, C, H, W) at the input's size ``H, W``,
+    in place, keeping every module name and ``state_dict`` key (the class swap of
+    :func:`ensure_logits`): the output is read by :func:`dense_of` and, when smaller than the
+    input (Hugging Face SegFormer and UperNet predict at a quarter of it), upsampled bilinearly
+    with ``align_corners=False``, as their image processors' ``post_process_semantic_segmentation``
+    do. Every consumer (engine, ONNX graph, batch job) then sees the same logits. Returns
+    ``model``.
+
+    Example::
+
+        >>> class Quarter(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.head = nn.Conv2d(3, 5, 4, stride=4)
+        ...     def forward(self, x):
+        ...         return {"logits": self.head(x)}
+        >>> ensure_dense(Quarter())(torch.zeros(2, 3, 32, 24)).shape
+        torch.Size([2, 5, 32, 24])
+    """
+    if not getattr(type(model), "_camserve_dense", False):
+        model.__class__ = _dense_class(type(model))
+    return model
+
+
 # -- building -----------------------------------------------------------------------------------
 
 def _import_class(arch: str, model_dir: Path) -> Any:
@@ -259,29 +333,38 @@ def _hf_labels(config: Any) -> Optional[list[str]]:
     return None if all(lab == f"LABEL_{i}" for i, lab in enumerate(labels)) else labels
 
 
-def _build_hf(sub: str, num_classes: Optional[int], arch_args: Mapping[str, Any], model_dir: Path
-              ) -> tuple[nn.Module, SourceDefaults]:
+def _task(name: str) -> Any:
+    """The task class of ``handler.task`` (imported here: the tasks read model outputs with this
+    module's helpers)."""
+    from .tasks import get_task
+
+    return get_task(name)
+
+
+def _build_hf(sub: str, num_classes: Optional[int], arch_args: Mapping[str, Any], model_dir: Path,
+              task: str = "classification") -> tuple[nn.Module, SourceDefaults]:
     folder = (model_dir / sub) if sub else model_dir
     if not (folder / "config.json").is_file():
         raise SourceError("arch", f"'hf:{sub[:80]}' needs a save_pretrained folder with config.json "
                                   f"at {str(folder)[:120]!r}")
     try:
-        from transformers import AutoModelForImageClassification
+        import transformers
     except ImportError:
         raise SourceError("arch", f"'hf:{sub[:80]}' needs transformers and safetensors "
                                   f"(pip install 'camserve[hf]')") from None
+    task_cls = _task(task)
+    auto = getattr(transformers, task_cls.hf_auto_class)
     kwargs = dict(arch_args)
     try:
-        model = AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True,
-                                                                **kwargs)
+        model = auto.from_pretrained(str(folder), local_files_only=True, **kwargs)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise SourceError("arch", f"'hf:{sub[:80]}' cannot be loaded from {str(folder)[:120]!r}: "
                                   f"{str(e).splitlines()[0][:200]}") from None
-    n = int(getattr(model.config, "num_labels", 0) or 0)
+    n = int(getattr(model.config, "num_labels", 0) or 0) if task_cls.hf_labels else 0
     if num_classes is not None and n and num_classes != n:
         raise SourceError("num_classes", f"{num_classes} but hf:{sub[:80]} has {n} labels "
                                          f"(config.json num_labels/id2label)")
-    defaults = SourceDefaults(labels=_hf_labels(model.config))
+    defaults = SourceDefaults(labels=_hf_labels(model.config) if task_cls.hf_labels else None)
     pp = folder / "preprocessor_config.json"
     if pp.is_file():
         try:
@@ -298,7 +381,8 @@ def _build_hf(sub: str, num_classes: Optional[int], arch_args: Mapping[str, Any]
             defaults.crop = float(pre["crop_pct"])
     if defaults.input_size is None:
         defaults.input_size = _size_pair(getattr(model.config, "image_size", None))
-    ensure_logits(model, force=True)
+    if task_cls.logits_output:
+        ensure_logits(model, force=True)
     return model, defaults
 
 
@@ -317,9 +401,15 @@ def _torchvision_builder(arch: str) -> Any:
 def build_from_source(arch: str, *, num_classes: Optional[int] = None,
                       arch_args: Optional[Mapping[str, Any]] = None,
                       model_dir: str | Path = ".",
-                      input_size: Optional[Sequence[int]] = None) -> tuple[nn.Module, SourceDefaults]:
+                      input_size: Optional[Sequence[int]] = None,
+                      task: str = "classification") -> tuple[nn.Module, SourceDefaults]:
     """Build ``arch`` (see the module docstring) with random or config weights; no checkpoint is
     loaded here (:func:`load_state`). Returns the model in eval mode and the defaults it knows.
+
+    ``task`` (``handler.task``) picks the Hugging Face auto class (the task's
+    ``hf_auto_class``) and whether the output is made a logits tensor (tasks with
+    ``logits_output``; a segmentation model's output is made dense by its task:
+    :func:`ensure_dense`).
 
     ``input_size`` (H, W), when given, is used for one probe forward that decides whether the
     output needs :func:`ensure_logits` (Hugging Face models always get it; without a size the
@@ -341,7 +431,7 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
     if arch.startswith("timm:"):
         model, defaults = _build_timm(arch[5:], num_classes, arch_args)
     elif arch.startswith("hf:"):
-        model, defaults = _build_hf(arch[3:].strip("/"), num_classes, arch_args, model_dir)
+        model, defaults = _build_hf(arch[3:].strip("/"), num_classes, arch_args, model_dir, task)
     else:
         kwargs: dict[str, Any] = dict(arch_args)
         if num_classes is not None:
@@ -351,6 +441,8 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
         elif arch.startswith("torchvision.models.") or "." not in arch:
             ctor = _torchvision_builder(arch)
             kwargs.setdefault("weights", None)
+            if "weights_backbone" in inspect.signature(ctor).parameters:
+                kwargs.setdefault("weights_backbone", None)  # segmentation: no download, ever
         else:
             raise SourceError("arch", f"{short_repr(arch)} (expected {', '.join(ARCH_FORMS)})")
         try:
@@ -362,7 +454,7 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
     if not isinstance(model, nn.Module):
         raise SourceError("arch", f"{short_repr(arch)} did not build an nn.Module")
     model.eval()
-    if input_size is not None and not arch.startswith("hf:"):
+    if input_size is not None and not arch.startswith("hf:") and _task(task).logits_output:
         ensure_logits(model, torch.zeros(1, 3, *(int(v) for v in input_size)))
     return model, defaults
 

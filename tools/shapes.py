@@ -1,6 +1,6 @@
 """Synthetic shapes: the dataset, training and evaluation of the project's default model.
 
-The generator draws one or two coloured shapes of 8 classes (:data:`CLASSES`, the order is the class
+The generator draws one to three coloured shapes of 8 classes (:data:`CLASSES`, the order is the class
 index) on a cluttered, noisy 96×96 RGB background and knows the ground-truth box of every shape, so
 the answer to "where is the circle?" is known exactly. Generation needs only numpy and Pillow; every
 random choice is drawn from one ``numpy.random.Generator``, so a seed gives identical images.
@@ -67,6 +67,7 @@ Box = tuple[int, int, int, int]
 # radius ranges (px, circumscribed circle) for one object alone and for two objects together
 _RADIUS_SINGLE = (12.0, 24.0)
 _RADIUS_PAIR = (11.0, 18.0)
+_RADIUS_TRIPLE = (10.0, 15.0)
 _MIN_CONTRAST = 110.0  # minimum RGB distance between a shape and the background under it
 _PAIR_GAP = 2  # px between the boxes of the two objects
 
@@ -157,7 +158,7 @@ def mask_box(mask: np.ndarray, threshold: int = 128) -> Box:
 class Sample:
     """One generated image.
 
-    ``image`` (H, W, 3) uint8; ``labels`` class indices (one or two, all different); ``boxes`` one
+    ``image`` (H, W, 3) uint8; ``labels`` class indices (one to three, all different); ``boxes`` one
     ``[x0, y0, x1, y1]`` per label (exclusive ends); ``masks`` (k, H, W) uint8 coverage per label.
     """
 
@@ -237,15 +238,15 @@ def _place(rng: np.random.Generator, radius: float, size: int,
 
 def render_sample(rng: np.random.Generator, labels: Sequence[int], *, size: int = IMAGE_SIZE,
                   clutter: bool = True) -> Sample:
-    """Draw the shapes ``labels`` (one or two different classes) on a new background.
+    """Draw the shapes ``labels`` (one to three different classes) on a new background.
 
     With ``clutter`` the background has a colour gradient, blurred blobs, 2-6 random lines and
     Gaussian noise (sigma 2-10) over the whole image; without it, a flat colour and no noise (used
     by tests to see the drawn pixels). Two shapes never overlap: their boxes are >= 2 px apart.
     """
     labels = tuple(int(v) for v in labels)
-    if len(labels) not in (1, 2):
-        raise ValueError(f"invalid value for labels: {labels} (one or two class indices)")
+    if len(labels) not in (1, 2, 3):
+        raise ValueError(f"invalid value for labels: {labels} (one to three class indices)")
     if len(set(labels)) != len(labels):
         raise ValueError(f"invalid value for labels: {labels} (the classes must be different)")
     for v in labels:
@@ -253,7 +254,7 @@ def render_sample(rng: np.random.Generator, labels: Sequence[int], *, size: int 
             raise ValueError(f"invalid value for labels: {v} (known: 0..{len(CLASSES) - 1})")
     if size < 48:
         raise ValueError(f"invalid value for size: {size} (at least 48 px)")
-    r_lo, r_hi = _RADIUS_SINGLE if len(labels) == 1 else _RADIUS_PAIR
+    r_lo, r_hi = (_RADIUS_SINGLE, _RADIUS_PAIR, _RADIUS_TRIPLE)[len(labels) - 1]
     scale = size / IMAGE_SIZE
     img = _background(rng, size, clutter)
     while True:  # a pair that does not fit is redrawn smaller; one shape always fits
@@ -478,6 +479,66 @@ def _accuracy(model: "nn.Module", data: ShapesData, spec: "ModelSpec",
     return hits / max(len(data), 1)
 
 
+def fit(model: "nn.Module", n_total: int, batch: Any, loss_fn: Any, *, epochs: int,
+        batch_size: int, lr: float, seed: int, max_seconds: Optional[float] = None,
+        t0: Optional[float] = None, c0: Optional[float] = None, held_out: Any = None
+        ) -> tuple[int, int]:
+    """The training loop of the shapes models: AdamW (weight decay 5e-4), a short warm-up then
+    cosine decay. Each epoch visits the ``n_total`` training rows in a new order, in batches of
+    ``batch_size``: ``batch(idx)`` (sorted row indices) gives ``(x, target)``; each batch is
+    turned by a random multiple of 90° and flipped at random, its target too when it is a map
+    (N, H, W); ``loss_fn(model(x), target)`` is minimised. Stops early (with a warning) after
+    ``max_seconds`` since ``t0``; ``held_out(model) -> (name, value)`` is logged after each epoch.
+    Returns the epochs and the steps run (the model is left in eval mode)."""
+    import torch
+
+    t0 = time.monotonic() if t0 is None else t0
+    c0 = time.process_time() if c0 is None else c0
+    steps_per_epoch = max(1, n_total // batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    total_steps = epochs * steps_per_epoch
+    warmup = max(1, total_steps // 30)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warmup, 0.5 * (
+        1.0 + math.cos(math.pi * min(i / total_steps, 1.0)))))
+    gen = torch.Generator().manual_seed(seed)
+    steps, done, stopped = 0, 0, False
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(n_total, generator=gen).numpy()
+        total = 0.0
+        for b in range(steps_per_epoch):
+            x, y = batch(np.sort(order[b * batch_size:(b + 1) * batch_size]))
+            turns, flip = (int(v) for v in torch.randint(0, 4, (2,), generator=gen))
+            x = torch.rot90(x, turns, dims=(2, 3))
+            if y.dim() == 3:
+                y = torch.rot90(y, turns, dims=(1, 2))
+            if flip % 2:
+                x = x.flip(3)
+                y = y.flip(2) if y.dim() == 3 else y
+            x = x.contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            steps += 1
+            total += float(loss.detach())
+            if max_seconds is not None and time.monotonic() - t0 > max_seconds:
+                log.warning("stopping early: %.0f s time budget spent in epoch %d step %d",
+                            max_seconds, epoch + 1, b + 1)
+                stopped = True
+                break
+        model.eval()
+        done = epoch + 1
+        name, value = held_out(model) if held_out is not None else ("held-out", float("nan"))
+        log.info("epoch %d/%d: loss %.4f, %s %.4f, %.0f s (%.0f CPU s)", done, epochs,
+                 total / max(b + 1, 1), name, value, time.monotonic() - t0,
+                 time.process_time() - c0)
+        if stopped:
+            break
+    return done, steps
+
+
 def train(out: Path | str, *, seed: int = 0, epochs: int = 8, n: int = 9600,
           pair_fraction: float = 0.25, batch_size: int = 64, lr: float = 2e-3,
           max_seconds: Optional[float] = None) -> TrainReport:
@@ -528,47 +589,15 @@ def train(out: Path | str, *, seed: int = 0, epochs: int = 8, n: int = 9600,
     log.info("generated %d + %d training images in %.1f s (%.1f CPU s)", n, n_pairs,
              time.monotonic() - t0, time.process_time() - c0)
 
-    steps_per_epoch = max(1, n_total // batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    total_steps = epochs * steps_per_epoch
-    warmup = max(1, total_steps // 30)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warmup, 0.5 * (
-        1.0 + math.cos(math.pi * min(i / total_steps, 1.0)))))
-    gen = torch.Generator().manual_seed(seed)
-    steps, done, stopped = 0, 0, False
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(n_total, generator=gen).numpy()
-        total = 0.0
-        for b in range(steps_per_epoch):
-            idx = np.sort(order[b * batch_size:(b + 1) * batch_size])
-            # idx is sorted: the single-object rows come first, as in ``targets``
-            x = to_batch(np.concatenate([single.images[idx[idx < n]],
-                                         pairs.images[idx[idx >= n] - n]]), spec)
-            turns, flip = (int(v) for v in torch.randint(0, 4, (2,), generator=gen))
-            x = torch.rot90(x, turns, dims=(2, 3))
-            if flip % 2:
-                x = x.flip(3)
-            x = x.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), targets[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            steps += 1
-            total += float(loss.detach())
-            if max_seconds is not None and time.monotonic() - t0 > max_seconds:
-                log.warning("stopping early: %.0f s time budget spent in epoch %d step %d",
-                            max_seconds, epoch + 1, b + 1)
-                stopped = True
-                break
-        model.eval()
-        done = epoch + 1
-        log.info("epoch %d/%d: loss %.4f, held-out accuracy %.4f, %.0f s (%.0f CPU s)", done,
-                 epochs, total / max(b + 1, 1), _accuracy(model, val, spec),
-                 time.monotonic() - t0, time.process_time() - c0)
-        if stopped:
-            break
+    def batch(idx: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:
+        # idx is sorted: the single-object rows come first, as in ``targets``
+        x = to_batch(np.concatenate([single.images[idx[idx < n]],
+                                     pairs.images[idx[idx >= n] - n]]), spec)
+        return x, targets[idx]
+
+    done, steps = fit(model, n_total, batch, F.cross_entropy, epochs=epochs,
+                      batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds, t0=t0,
+                      c0=c0, held_out=lambda m: ("held-out accuracy", _accuracy(m, val, spec)))
     model = model.to(memory_format=torch.contiguous_format).eval()
     val_acc = _accuracy(model, val, spec)
     weights = out / spec.weights
@@ -892,20 +921,28 @@ def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, seed: int = 1234, *, n: 
 # CLI
 
 
+def add_train_options(p: argparse.ArgumentParser, *, n: int, n_help: str, lr: float,
+                      epochs: Optional[int] = 8) -> None:
+    """The options of a shapes training command (:func:`fit`'s settings), for every default."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=epochs,
+                   help="passes over the training images" + ("" if epochs else
+                                                             " (default: the task's)"))
+    p.add_argument("--n", type=int, default=n, help=n_help)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop early (with a warning) after this many seconds")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.shapes",
                                 description="Synthetic shapes: train, evaluate, write samples.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the model of a folder, write weights.pt + labels")
     t.add_argument("--out", type=Path, required=True, help="model folder (e.g. models/shapes)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--epochs", type=int, default=8)
-    t.add_argument("--n", type=int, default=9600, help="single-object training images")
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    t.add_argument("--max-seconds", type=float, default=None,
-                   help="stop early (with a warning) after this many seconds")
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_train_options(t, n=9600, n_help="single-object training images", lr=2e-3)
     e = sub.add_parser("evaluate", help="accuracy + Grad-CAM pointing game on fresh images")
     e.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model folder")
     e.add_argument("--seed", type=int, required=True)
@@ -955,6 +992,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for f in done.files:
                 print(f"wrote {f}")
             return 0
+        from tools.dense_shapes import TASKS, folder_task
+
+        if folder_task(args.model) in TASKS:  # a dense-task folder has its own evaluation
+            from tools import dense_shapes
+
+            return dense_shapes.main(["evaluate", "--model", str(args.model), "--seed",
+                                      str(args.seed), "--threads", str(args.threads)])
         metrics_n = min(args.metrics_n, args.n)
         rep = evaluate(args.model, args.seed, n=args.n, tolerance=args.tolerance,
                        metrics_n=metrics_n, road_n=min(args.road_n, metrics_n),

@@ -29,7 +29,7 @@ Example (a stand-in session whose class 0 reads the red of the image's top half)
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -101,7 +101,8 @@ def session_model_fn(session: Any, *, input_name: str = INPUT_NAMES[0],
 
 def audit_batch(session: Any, x: torch.Tensor, cams: Any, targets: Sequence[int] | torch.Tensor,
                 keys: Sequence[str], *, steps: int = M.DEFAULT_STEPS, baseline: str = "mean",
-                seed: int = 0) -> list[Optional[dict[str, float]]]:
+                seed: int = 0, model_for: Optional[Callable[[slice], M.ModelFn]] = None
+                ) -> list[Optional[dict[str, float]]]:
     """Per-image metrics of one batch: ``x`` the preprocessed batch (B, 3, H, W) the graph ran on,
     ``cams`` its raw maps (B, h, w) (an array or tensor, any scale: the metrics upsample them
     bilinearly to (H, W)), ``targets`` the explained class of each image, ``keys`` of
@@ -110,7 +111,9 @@ def audit_batch(session: Any, x: torch.Tensor, cams: Any, targets: Sequence[int]
     Protocols (:mod:`camserve.metrics`): deletion/insertion over ``steps`` steps with removed
     pixels replaced by ``baseline`` (``"mean"``: each image's mean colour, ``"blur"``); ROAD at
     percentiles 10..90 with its noise drawn from a generator seeded by ``seed`` (the same seed
-    gives the same numbers); avg_drop in percent, avg_increase 0/1.
+    gives the same numbers); avg_drop in percent, avg_increase 0/1. ``model_for(rows)``: the model the metrics score for the images ``rows`` (a slice) of the
+    batch (``x -> logits``, run on perturbed copies of those images in the same order); default:
+    :func:`session_model_fn` of ``session`` for every slice.
 
     Each image is its own transaction: when the batch fails (a map with NaN, a session error),
     the images are retried one by one and an image that still fails gets ``None`` (logged).
@@ -124,14 +127,16 @@ def audit_batch(session: Any, x: torch.Tensor, cams: Any, targets: Sequence[int]
         raise ValueError(f"invalid value for baseline: {short_repr(baseline)} (allowed: {', '.join(BASELINES)})")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"invalid value for steps: {short_repr(steps)} (an int >= 1)")
-    model_fn = session_model_fn(session)
+    if model_for is None:
+        plain = session_model_fn(session)
+        model_for = lambda sl: plain  # noqa: E731 - the same model for every slice
     maps = torch.as_tensor(np.asarray(cams) if not isinstance(cams, torch.Tensor) else cams)
     maps = maps.to(torch.float32)
     t = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
     b = x.shape[0]
 
     def score(sl: slice) -> list[dict[str, float]]:
-        out = M.compute_metrics(model_fn, x[sl], maps[sl], t[sl], keys=keys, steps=steps,
+        out = M.compute_metrics(model_for(sl), x[sl], maps[sl], t[sl], keys=keys, steps=steps,
                                 baseline=baseline, generator=torch.Generator().manual_seed(seed))
         n = x[sl].shape[0]
         return [{k: float(v[i]) for k, v in out.items()} for i in range(n)]

@@ -74,7 +74,11 @@ def _job_options(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated artefacts per image: {', '.join(SAVE_KINDS)} or none "
                         f"(default heatmap); results.jsonl is always written")
     p.add_argument("--target", help="explain this class (index or label) for every image; "
-                                    "default: each image's top-1 class")
+                                    "default: each image's top-1 class (segmentation: its largest "
+                                    "predicted class but the background)")
+    p.add_argument("--reference", metavar="FILE",
+                   help="embedding graphs: what every image is compared with, an image file or a "
+                        ".json / .npy vector of the graph's dimension")
     p.add_argument("--topk", type=int, help="predictions per image in results.jsonl "
                                             "(default: the graph's)")
     p.add_argument("--resume", action="store_true",
@@ -151,7 +155,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
                      progress=args.progress, overlap=args.overlap,
                      max_file_size=args.max_file_size, max_pixels=args.max_pixels,
                      window_bytes=args.window_bytes, metrics=_parse_metrics(args.metrics),
-                     metrics_steps=args.metrics_steps, metrics_baseline=args.metrics_baseline)
+                     metrics_steps=args.metrics_steps, metrics_baseline=args.metrics_baseline,
+                     reference=args.reference)
 
 
 def _parse_save(text: str) -> tuple[str, ...]:

@@ -45,7 +45,8 @@ from ..models import (
     load_model,
     load_model_dir,
 )
-from .format import INPUT_NAMES, GraphMeta, check_methods, output_names
+from ..tasks import GraphInput
+from .format import GraphMeta, check_methods
 from .trace import frozen_parameters, trace_cam_graph, trace_model_graph
 from .translate import (
     BASE_OPSET,
@@ -101,15 +102,22 @@ def load_arch(arch: str, *, weights: Optional[str | Path] = None, num_classes: O
 
 # -- export -----------------------------------------------------------------------------------------
 
-def _set_target_default(model: Any) -> None:
-    """Make the ``target`` input optional: an initializer ``[-1]`` that is also a graph input (ORT
-    uses it when the input is not fed), with its own dimension name so that (1,) is accepted."""
+def _set_defaults(model: Any, inputs: Sequence[GraphInput]) -> None:
+    """Make the optional target inputs optional: each becomes an initializer of shape (1, ...)
+    holding its default that is also a graph input (ORT uses it when the input is not fed), with
+    dimension names of its own so that (1, ...) is accepted (``target``: ``target_batch``)."""
     import onnx_ir as ir
 
-    target = next(v for v in model.graph.inputs if v.name == "target")
-    target.shape = ir.Shape(["target_batch"])
-    target.const_value = ir.tensor(np.array([-1], dtype=np.int64), name="target")
-    model.graph.register_initializer(target)
+    for g in inputs:
+        if not g.optional:
+            continue
+        value = next(v for v in model.graph.inputs if v.name == g.name)
+        dims = [f"{g.name}_batch"] + [f"{g.name}_{i + 1}" for i in range(len(g.shape))]
+        value.shape = ir.Shape(dims)
+        default = np.full((1,) * (1 + len(g.shape)), g.default,
+                          dtype=np.int64 if g.dtype == torch.int64 else np.float32)
+        value.const_value = ir.tensor(default, name=g.name)
+        model.graph.register_initializer(value)
 
 
 @dataclass
@@ -145,22 +153,23 @@ def export_cam_onnx(loaded: LoadedModel, out: str | Path, *, methods: Sequence[s
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     example = torch.randn(TRACE_BATCH, 3, *spec.input_size, generator=gen)
-    outputs = output_names(methods)
+    task, inputs, outputs = meta.task, meta.inputs, meta.output_names
 
     def trace(onnx_ready: bool) -> torch.fx.GraphModule:
         return trace_cam_graph(loaded.model, layer, example, methods, layout=spec.layout,  # type: ignore[arg-type]
                                reshape=reshape, decompositions=onnx_decompositions() if onnx_ready else None,
-                               functional=onnx_ready)
+                               functional=onnx_ready, task=task)
 
-    target = torch.full((TRACE_BATCH,), -1, dtype=torch.long)
     timings: dict[str, float] = {}
-    model, used = graph_to_onnx(trace, (example, target), INPUT_NAMES, outputs, exporter=exporter,
-                                optimize=optimize, opset=opset, timings=timings)
-    _set_target_default(model)
+    model, used = graph_to_onnx(trace, (example, *(g.fill(TRACE_BATCH) for g in inputs)),
+                                meta.input_names, outputs, exporter=exporter, optimize=optimize,
+                                opset=opset, timings=timings)
+    _set_defaults(model, inputs)
     model.metadata_props.update(meta.to_props())
-    model.doc_string = (f"camserve CAM graph: {spec.arch}, layer {layer}, methods {', '.join(methods)}. "
-                        f"Inputs: input float32 (N,3,{spec.input_size[0]},{spec.input_size[1]}), "
-                        f"target int64 (N,) optional, negative = top-1. Outputs: {', '.join(outputs)}.")
+    model.doc_string = (f"camserve CAM graph ({spec.task}): {spec.arch}, layer {layer}, methods "
+                        f"{', '.join(methods)}. Inputs: input float32 (N,3,{spec.input_size[0]},"
+                        f"{spec.input_size[1]}); " + "; ".join(f"{g.name} {g.doc}" for g in inputs)
+                        + f". Outputs: {', '.join(outputs)}.")
     with timed(timings, "save"):
         out = save_model(model, out)
     with timed(timings, "check"):

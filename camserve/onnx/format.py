@@ -1,12 +1,17 @@
 """The CAM graph's file format: input and output names, and its metadata.
 
-Inputs: ``input`` float32 (N, 3, H, W) and ``target`` int64 (N,) or (1,), optional (default
-``[-1]``: each row's top-1 class). Outputs: ``logits``, ``activations``, ``gradients``, ``cam``
-(the first method's map), then ``cam_<method>`` per extra method (:func:`output_names`).
+Inputs: ``input`` float32 (N, 3, H, W), then the task's target inputs
+(:meth:`camserve.tasks.Task.graph_inputs`): for classification and multilabel ``target`` int64
+(N,) or (1,), optional (default ``[-1]``: each row's top-1 class or label); segmentation adds
+``region`` float32 (N, H, W), optional (default ``-1``: the predicted mask of the target class);
+an embedding graph takes ``reference`` float32 (N, D), required. Outputs: the task's output
+(``logits``; ``embedding`` for embeddings), ``activations``, ``gradients``, ``cam`` (the first
+method's map), then ``cam_<method>`` per extra method (:func:`output_names`).
 
 The ``metadata_props`` are written from and read back into one description, :class:`GraphMeta`: the
 model's :class:`~camserve.models.ModelSpec` (what a consumer needs: arch, input size, mean, std,
-topk, ... and the target layer), the class labels, the methods, and the camserve version. Each key
+topk, ... the target layer, the task and its settings), the class labels, the methods, the
+task's target inputs (``inputs``: name -> what it holds) and the camserve version. Each key
 is spelled once, in :data:`SPEC_KEYS` / :data:`KEYS`; values are strings (lists and maps as JSON).
 
 Example::
@@ -33,10 +38,12 @@ from typing import Any, Mapping, Optional, Sequence
 from .. import __version__
 from ..methods import available_methods, get_method
 from ..models import ConfigError, ModelSpec
+from ..tasks import GraphInput, Task, TaskError, make_task
 
-#: Graph input names, in order.
+#: Graph input names of a classifier, in order (other tasks: :attr:`GraphMeta.input_names`).
 INPUT_NAMES: tuple[str, str] = ("input", "target")
-#: Names of the fixed outputs of a CAM graph, in order; ``cam_<method>`` outputs follow.
+#: Names of the fixed outputs of a classifier's CAM graph, in order (the first one is the task's
+#: output: :attr:`camserve.tasks.Task.graph_output`); ``cam_<method>`` outputs follow.
 BASE_OUTPUTS: tuple[str, ...] = ("logits", "activations", "gradients", "cam")
 #: The symbolic batch dimension's name.
 BATCH_DIM = "batch"
@@ -60,13 +67,14 @@ NOT_WRITTEN: tuple[str, ...] = ("weights", "labels", "formats", "max_response_si
 #: The other keys. ``grid``: (h, w) of the graph's maps; ``prefix_tokens``: the leading tokens
 #: (class, distillation, register) a token layer's map leaves out (JSON ``null`` when unknown or
 #: not a token layer).
+#: ``target``: what the ``target`` input holds (graphs with one); ``inputs``: every target input,
+#: name -> what it holds (JSON).
 KEYS: dict[str, str] = {"labels": "labels", "methods": "methods", "cam_outputs": "cam_outputs",
                         "version": "camserve_version", "target": "target", "grid": "grid",
-                        "prefix_tokens": "prefix_tokens"}
+                        "prefix_tokens": "prefix_tokens", "inputs": "inputs"}
 #: Keys a graph must have to be a camserve CAM graph.
 REQUIRED: tuple[str, ...] = ("arch", "layer", "input_size", "mean", "std", "labels", "methods",
                              "cam_outputs")
-TARGET_DOC = "int64 (N,) or (1,); negative = top-1 class; optional, default [-1]"
 
 
 class GraphFormatError(ValueError):
@@ -81,15 +89,23 @@ def method_output_name(method: str) -> str:
     return "cam_" + re.sub(r"[^a-z0-9_]", "", name)
 
 
-def output_names(methods: Sequence[str]) -> list[str]:
-    """Output names of a CAM graph for ``methods`` (the first one is ``cam``).
+def output_names(methods: Sequence[str], task: Optional[Task] = None) -> list[str]:
+    """Output names of a CAM graph of ``task`` (default: classification) for ``methods`` (the
+    first one is ``cam``).
 
     Example::
 
         >>> output_names(["hirescam", "gradcam++"])
         ['logits', 'activations', 'gradients', 'cam', 'cam_gradcampp']
     """
-    return list(BASE_OUTPUTS) + [method_output_name(m) for m in methods[1:]]
+    first = BASE_OUTPUTS[0] if task is None else task.graph_output
+    return [first, *BASE_OUTPUTS[1:]] + [method_output_name(m) for m in methods[1:]]
+
+
+def input_names(inputs: Sequence[GraphInput]) -> list[str]:
+    """Input names of a CAM graph whose task has target ``inputs``: ``input`` (the images), then
+    theirs."""
+    return ["input", *(g.name for g in inputs)]
 
 
 def cam_outputs(methods: Sequence[str]) -> dict[str, str]:
@@ -202,6 +218,26 @@ class GraphMeta:
         """``{method: output name}``."""
         return cam_outputs(self.methods)
 
+    @property
+    def task(self) -> Task:
+        """The model's task (:mod:`camserve.tasks`), with its labels and settings."""
+        return make_task(self.spec.task, self.labels, self.spec.task_settings)
+
+    @property
+    def inputs(self) -> tuple[GraphInput, ...]:
+        """The task's target inputs of the graph, in order (after ``input``)."""
+        return self.task.graph_inputs(self.spec.input_size)
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the graph's inputs, in order."""
+        return input_names(self.inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the graph's outputs, in order (the task's output first)."""
+        return output_names(self.methods, self.task)
+
     def output_for(self, method: str) -> str:
         """Output name of ``method``'s map; ValueError naming the methods the graph has."""
         key = str(method).lower()
@@ -221,7 +257,11 @@ class GraphMeta:
         props[KEYS["labels"]] = json.dumps(list(self.labels))
         props[KEYS["methods"]] = json.dumps(list(self.methods))
         props[KEYS["cam_outputs"]] = json.dumps(self.cam_outputs)
-        props[KEYS["target"]] = TARGET_DOC
+        inputs = self.inputs
+        for g in inputs:
+            if g.name == "target":
+                props[KEYS["target"]] = g.doc
+        props[KEYS["inputs"]] = json.dumps({g.name: g.doc for g in inputs})
         props[KEYS["grid"]] = json.dumps(None if self.grid is None else list(self.grid))
         props[KEYS["prefix_tokens"]] = json.dumps(self.prefix_tokens)
         return props
@@ -279,6 +319,19 @@ class GraphMeta:
         if {str(k): str(v) for k, v in outs.items()} != meta.cam_outputs:
             raise GraphFormatError("not a camserve CAM graph: invalid metadata 'cam_outputs' (does "
                                    "not fit 'methods')")
+        try:
+            names = [g.name for g in meta.inputs]
+        except TaskError as exc:
+            raise GraphFormatError(f"not a camserve CAM graph: invalid metadata 'task': "
+                                   f"{str(exc)[:200]}") from None
+        if KEYS["inputs"] in props:  # graphs written before it was recorded have a target input
+            try:
+                recorded = json.loads(props[KEYS["inputs"]])
+            except json.JSONDecodeError:
+                recorded = None
+            if not isinstance(recorded, dict) or list(recorded) != names:
+                raise GraphFormatError(f"not a camserve CAM graph: invalid metadata 'inputs' (the "
+                                       f"{meta.spec.task} task's graph takes {', '.join(names)})")
         return meta
 
     @classmethod

@@ -8,6 +8,8 @@ The job's manual (outputs, results lines, exit statuses, limits): docs/batch.md.
 """
 from __future__ import annotations
 
+import io
+import json
 import logging
 import math
 import os
@@ -18,17 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
+import dataclasses
+import functools
+
 import numpy as np
 import torch
 
 from ..images import DEFAULT_MAX_PIXELS
 from ..parsing import MAX_INPUT_SIDE, MIN_INPUT_SIDE, short_repr
-from ..records import Prediction, TargetError, parse_target, top_predictions
+from ..records import Prediction, TargetError, parse_target, round_score, top_predictions
+from ..tasks import Geometry, TargetBatch
 from .audit import AUDIT_KEYS, BASELINES, MetricMeans, audit_batch, cost_help, format_means, \
     runs_per_image
 from .format import GraphMeta
-from .inputs import DEFAULT_MAX_FILE_SIZE, Decoded, Failed, Item, UsageError, iter_inputs, \
-    unique_items
+from .inputs import DEFAULT_MAX_FILE_SIZE, Decoded, Failed, Item, Refused, UsageError, \
+    iter_inputs, load_item, read_file, unique_items
 from .outputs import Outputs, finish_image
 from .session import ort_session
 
@@ -71,6 +77,7 @@ class JobConfig:
     metrics: tuple[str, ...] = ()
     metrics_steps: int = 50
     metrics_baseline: str = "mean"
+    reference: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,9 @@ class JobPlan:
     metrics: tuple[str, ...] = ()   # --metrics keys, in order, each once; () = no audit
     metrics_steps: int = 50
     metrics_baseline: str = "mean"
+    #: an embedding graph's --reference: a vector, or an image (absolute path) embedded first
+    reference: Optional[tuple[float, ...]] = None
+    reference_image: Optional[str] = None
 
 
 @dataclass
@@ -150,12 +160,49 @@ def plan_job(cfg: JobConfig) -> JobPlan:
         raise UsageError(f"invalid value for INPUT: {short_repr(missing[0])} does not exist (expected "
                          f"an image file, a folder or a .txt list of paths)")
     _check_metrics(cfg)
+    vector, image = _resolve_reference(cfg.reference, meta)
+    if target >= 0 and "target" not in meta.input_names:
+        raise UsageError(f"invalid value for --target: the {meta.spec.task} graph has no target "
+                         f"input")
     return JobPlan(model=str(cfg.model.resolve()), out=str(cfg.out.resolve()),
                    cam_output=cam_output, method=method.lower(), target=target, topk=topk,
                    save=tuple(cfg.save), max_pixels=_max_pixels(cfg.max_pixels, meta), meta=meta,
                    max_file_size=cfg.max_file_size, window_bytes=cfg.window_bytes,
                    metrics=tuple(dict.fromkeys(cfg.metrics)), metrics_steps=cfg.metrics_steps,
-                   metrics_baseline=cfg.metrics_baseline)
+                   metrics_baseline=cfg.metrics_baseline, reference=vector,
+                   reference_image=image)
+
+
+def _resolve_reference(value: Optional[str], meta: GraphMeta
+                       ) -> tuple[Optional[tuple[float, ...]], Optional[str]]:
+    """An embedding graph's ``--reference``: a ``.json`` list or ``.npy`` vector of its dimension
+    (checked as the server checks ``reference_embedding``), or an image file (embedded by the
+    explainer, under the job's image limits). Other graphs take none."""
+    from ..errors import OptionError
+
+    needs = "reference" in meta.input_names
+    if value is None:
+        if needs:
+            raise UsageError("the embedding graph needs --reference (an image file, or a .json / "
+                             ".npy vector of its dimension)")
+        return None, None
+    if not needs:
+        raise UsageError(f"invalid value for --reference: the {meta.spec.task} graph takes none")
+    path = Path(value)
+    if not path.is_file():
+        raise UsageError(f"invalid value for --reference: {short_repr(value)} is not a file")
+    if path.suffix.lower() not in (".json", ".npy"):
+        return None, str(path.resolve())
+    try:
+        raw: Any = read_file(path, 64 * 2**20)
+        vec = json.loads(raw) if path.suffix.lower() == ".json" else \
+            np.load(io.BytesIO(raw), allow_pickle=False).reshape(-1).tolist()
+        return meta.task.parse_options({"reference_embedding": vec}, max_targets=1).vector, None
+    except OptionError as exc:
+        raise UsageError(f"invalid value for --reference: {exc.message}") from None
+    except (ValueError, OSError, Refused) as exc:
+        raise UsageError(f"invalid value for --reference: {short_repr(value)} is not a JSON list "
+                         f"or a .npy array ({type(exc).__name__})") from None
 
 
 def _read_meta(model: Path) -> GraphMeta:
@@ -237,8 +284,9 @@ def check_session(meta: GraphMeta, inputs: Sequence[Any], outputs: Sequence[Any]
                   target: int) -> None:
     """The metadata against the session's inputs and outputs (``NodeArg`` s with ``name`` and
     ``shape``): input ``input`` (N, 3, H, W) with H, W equal to ``input_size`` where static,
-    ``target`` present when a target is fixed, output ``logits`` as wide as the labels where
-    static, and a CAM output for every method. UsageError naming what does not fit."""
+    ``target`` present when a target is fixed, the task's other inputs present, its output
+    (``logits``, ``embedding``) as wide as the labels where static, and a CAM output for every
+    method. UsageError naming what does not fit."""
     def bad(what: str) -> UsageError:
         return UsageError(f"invalid value for --model: the graph's metadata does not fit the graph: "
                           f"{what}")
@@ -257,11 +305,15 @@ def check_session(meta: GraphMeta, inputs: Sequence[Any], outputs: Sequence[Any]
                   f"{shape[2]}x{shape[3]}")
     if target >= 0 and "target" not in ins:
         raise bad("--target needs the graph input 'target', which it lacks")
-    if "logits" not in outs:
-        raise bad("it has no output 'logits'")
-    width = outs["logits"][1] if len(outs["logits"]) == 2 else None
+    missing_in = [n for n in meta.input_names if n not in ins]
+    if missing_in:
+        raise bad(f"the {meta.spec.task} task's input {missing_in[0]!r} is missing")
+    name = meta.output_names[0]
+    if name not in outs:
+        raise bad(f"it has no output {name!r}")
+    width = outs[name][1] if len(outs[name]) >= 2 else None
     if isinstance(width, int) and width != len(meta.labels):
-        raise bad(f"{len(meta.labels)} labels for {width} logits")
+        raise bad(f"{len(meta.labels)} labels for {width} {name}")
     missing = [f"{m} ({o})" for m, o in meta.cam_outputs.items() if o not in outs]
     if missing:
         raise bad(f"no output for method {missing[0]}")
@@ -273,53 +325,106 @@ def session_inputs(sess: Any) -> list[Any]:
     return [*sess.get_inputs(), *sess.get_overridable_initializers()]
 
 
-# -- results lines (the task's part: classification) --------------------------------------------------
+# -- results lines (the task's part) -----------------------------------------------------------------
 
 def probabilities(logits: np.ndarray) -> torch.Tensor:
     """Softmax of a session's logits (float32, per row)."""
     return torch.softmax(torch.from_numpy(np.asarray(logits)).float(), dim=1)
 
 
+#: the artefact each segmentation line points to: the class-index PNG at the original size
+MASK_SUFFIX = ".mask.png"
+
+
+def graph_targets(meta: GraphMeta, out: torch.Tensor, target: int,
+                  reference: Optional[Sequence[float]] = None) -> TargetBatch:
+    """The one target per row the graph explained, resolved on the host as the graph resolves it
+    (:meth:`camserve.tasks.Task.graph_targets`): ``target`` (-1: each row's default), the
+    predicted mask of a segmentation class, the ``reference`` of an embedding."""
+    task = meta.task
+    inputs: dict[str, torch.Tensor] = {}
+    for g in task.graph_inputs(meta.input_size):
+        if g.name == "target":
+            inputs[g.name] = torch.tensor([target], dtype=torch.long)
+        elif g.name == "reference":  # one per row: the graph takes no broadcast reference
+            inputs[g.name] = torch.tensor([list(reference or ())], dtype=torch.float32).expand(
+                int(out.shape[0]), -1)
+        else:
+            inputs[g.name] = g.fill(1)
+    tb = task.graph_targets(out, inputs)
+    return dataclasses.replace(tb, count=(1,) * int(out.shape[0]))
+
+
+def _task_fields(meta: GraphMeta, row: torch.Tensor, item: Item, topk: int,
+                 reference: Optional[str]) -> dict[str, Any]:
+    """What a results line holds besides the explained target, per task: classification the
+    top-k; multilabel the top-k, the predicted ``labels`` and the threshold; segmentation the
+    mask file and each class's share; embedding the vector, its similarity's reference kind."""
+    task = meta.task
+    name = task.name
+    if name in ("classification", "multilabel"):
+        fields: dict[str, Any] = {"topk": [p.to_json() for p in top_predictions(
+            task.probabilities(row).tolist(), meta.labels, topk)]}
+        if name == "multilabel":
+            fields.update(task="multilabel", labels=[p.to_json() for p in task.labels_of(
+                row, task.threshold)], threshold=task.threshold)
+        return fields
+    if name == "segmentation":
+        return {"task": name, "segmentation": {"mask": item.name + MASK_SUFFIX,
+                                               "classes": task.classes(row)}}
+    return {"task": name, "embedding": [round_score(v) for v in row.tolist()],
+            "reference": reference}
+
+
 def result_lines(items: Sequence[Item], sizes: Sequence[tuple[int, int]], logits: np.ndarray,
                  cams: Optional[np.ndarray], target: int, topk: int, meta: GraphMeta,
-                 method: str) -> list[Union[dict[str, Any], Failed]]:
+                 method: str, reference: Optional[Sequence[float]] = None,
+                 reference_kind: Optional[str] = None) -> list[Union[dict[str, Any], Failed]]:
     """The results.jsonl lines of one session run (``bbox`` and ``files`` are filled in when each
-    heatmap is done): the :class:`camserve.records.Prediction` records of the top-k and of the
-    explained class (``target`` -1: each image's top-1). An image whose scores or map are not
-    finite gets a :class:`Failed` record instead (``InvalidOutput``). The one place that knows
-    the graph's task."""
-    probs = probabilities(logits)
-    out: list[Union[dict[str, Any], Failed]] = []
+    heatmap is done): the explained target (``target``, ``label``, ``score`` as the task shows
+    it: a class probability, a label's sigmoid, a class's mean probability over its predicted
+    mask, the similarity to ``reference``) and the task's own fields (:func:`_task_fields`;
+    classification lines are what they always were, the others say their ``task``). ``logits``
+    is the graph's first output. An image whose output or map is not finite gets a
+    :class:`Failed` record instead (``InvalidOutput``). The one place that knows the graph's
+    task."""
+    task = meta.task
+    out = torch.from_numpy(np.asarray(logits)).float()
+    finite = torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1).tolist()
+    tb = graph_targets(meta, out.nan_to_num(), target, reference)
+    lines: list[Union[dict[str, Any], Failed]] = []
     for j, (item, size) in enumerate(zip(items, sizes)):
-        row = probs[j]
-        if not bool(torch.isfinite(row).all()):
-            out.append(Failed(item, "InvalidOutput", "the graph returned non-finite scores (NaN "
-                                                     "or infinity) for this image"))
+        if not finite[j]:
+            lines.append(Failed(item, "InvalidOutput", "the graph returned non-finite scores (NaN "
+                                                       "or infinity) for this image"))
             continue
         if cams is not None and not bool(np.isfinite(cams[j]).all()):
-            out.append(Failed(item, "InvalidOutput", "the graph returned a non-finite CAM (NaN "
-                                                     "or infinity) for this image"))
+            lines.append(Failed(item, "InvalidOutput", "the graph returned a non-finite CAM (NaN "
+                                                       "or infinity) for this image"))
             continue
-        values = row.tolist()
-        preds = top_predictions(values, meta.labels, topk)
-        t = preds[0].index if target < 0 else target
-        explained = Prediction(t, meta.labels[t], float(values[t])).to_json()
-        out.append({"path": item.path, "name": item.name, "width": size[1], "height": size[0],
-                    "topk": [p.to_json() for p in preds], "target": explained["index"],
-                    "label": explained["label"], "score": explained["score"], "bbox": None,
-                    "method": method, "layer": meta.layer})
-    return out
+        fields = _task_fields(meta, out[j], item, topk, reference_kind)
+        [shown] = task.shown(out[j], tb, j, Geometry((size[1], size[0]), meta.input_size))
+        explained = Prediction(shown.index, shown.label, shown.score).to_json()
+        lines.append({"path": item.path, "name": item.name, "width": size[1], "height": size[0],
+                      **{k: v for k, v in fields.items() if k == "topk"},
+                      "target": explained["index"], "label": explained["label"],
+                      "score": explained["score"], "bbox": None, "method": method,
+                      "layer": meta.layer, **{k: v for k, v in fields.items() if k != "topk"}})
+    return lines
 
 
 # -- --metrics ----------------------------------------------------------------------------------------
 
 def audit_lines(sess: Any, x: np.ndarray, cams: np.ndarray, lines: Sequence[dict[str, Any]],
-                keys: Sequence[str], *, steps: int, baseline: str
+                keys: Sequence[str], *, steps: int, baseline: str, model_for: Any = None
                 ) -> list[Optional[dict[str, float]]]:
     """``--metrics`` for one batch: :func:`camserve.onnx.audit.audit_batch` through ``sess`` on
     the preprocessed images ``x`` and their raw maps ``cams``, each line's ``target`` explained.
     Sets each line's ``"metrics"`` (values rounded to 6 decimals, ``None`` where the image's
     metrics failed) and returns the unrounded rows, for :class:`~camserve.onnx.audit.MetricMeans`.
+    ``model_for``: a task's two-class model of its targets' probability, per slice of the batch
+    (each line's target is then class 1 of it; :meth:`BatchExplainer._model_for`); default the
+    graph's logits.
 
     Example (a stand-in session whose class 0 reads the red of the image's top half)::
 
@@ -334,8 +439,9 @@ def audit_lines(sess: Any, x: np.ndarray, cams: np.ndarray, lines: Sequence[dict
         >>> lines[0]["metrics"] == {"avg_drop": round(rows[0]["avg_drop"], 6)}
         True
     """
-    rows = audit_batch(sess, torch.from_numpy(np.ascontiguousarray(x)), cams,
-                       [line["target"] for line in lines], keys, steps=steps, baseline=baseline)
+    targets = [1] * len(lines) if model_for is not None else [line["target"] for line in lines]
+    rows = audit_batch(sess, torch.from_numpy(np.ascontiguousarray(x)), cams, targets, keys,
+                       steps=steps, baseline=baseline, model_for=model_for)
     for line, row in zip(lines, rows):
         line["metrics"] = None if row is None else {k: round(v, 6) for k, v in row.items()}
     return rows
@@ -436,7 +542,11 @@ class BatchExplainer:
         self.sess = sess
         self.providers: list[str] = list(sess.get_providers())
         self.in_name = sess.get_inputs()[0].name
-        self.fetch = ["logits", plan.cam_output]
+        self.fetch = [plan.meta.output_names[0], plan.cam_output]
+        self.task = plan.meta.task
+        self.reference = self._reference()
+        self.reference_kind = None if self.reference is None else (
+            "image" if plan.reference_image else "embedding")
 
     @classmethod
     def open(cls, plan: JobPlan, *, device: str, threads: int) -> "BatchExplainer":
@@ -445,42 +555,104 @@ class BatchExplainer:
         pool's decoding, heatmaps and files need the CPUs between session runs."""
         return cls(plan, ort_session(plan.model, device=device, threads=threads, spinning=False))
 
+    def _reference(self) -> Optional[tuple[float, ...]]:
+        """The embedding every image is compared with: ``--reference``'s vector, or its image's
+        embedding (one session run; the image decoded under the job's limits)."""
+        plan = self.plan
+        if plan.reference_image is None:
+            return plan.reference
+        got = load_item(Item(plan.reference_image, "reference"), plan.meta, False, plan.max_pixels,
+                        plan.max_file_size)
+        if isinstance(got, Failed):
+            raise UsageError(f"invalid value for --reference: {got.reason}")
+        x = got.tensor[None].numpy()
+        ones = np.ones((1, len(plan.meta.labels)), np.float32)  # any reference: only its embedding
+        (emb,) = self.sess.run([self.fetch[0]], {self.in_name: x, "reference": ones})
+        if not np.isfinite(emb).all() or not np.any(emb):
+            raise UsageError("invalid value for --reference: its embedding is zero or not finite")
+        return tuple(float(v) for v in emb[0])
+
+    def feed(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The session's inputs for the images ``x``: the fixed ``--target``, the reference."""
+        feed: dict[str, np.ndarray] = {self.in_name: x}
+        if self.plan.target >= 0:
+            feed["target"] = np.full((len(x),), self.plan.target, dtype=np.int64)
+        if self.reference is not None:
+            feed["reference"] = np.tile(np.asarray(self.reference, np.float32), (len(x), 1))
+        return feed
+
     def explain(self, batch: Sequence[Decoded], submit: Submit) -> ExplainedBatch:
         """Explain ``batch`` (at least one image): one session run, the results lines, each
         image's :meth:`artefacts` started with ``submit`` and, with ``--metrics``, the audit.
-        UsageError when the graph's logits do not fit its labels."""
+        UsageError when the graph's output does not fit its labels."""
         plan = self.plan
         x = np.stack([d.tensor.numpy() for d in batch])
-        feed: dict[str, np.ndarray] = {self.in_name: x}
-        if plan.target >= 0:
-            feed["target"] = np.full((len(batch),), plan.target, dtype=np.int64)
         t0 = time.perf_counter()
-        logits, cams = self.sess.run(self.fetch, feed)
+        logits, cams = self.sess.run(self.fetch, self.feed(x))
         out = ExplainedBatch([], session_seconds=time.perf_counter() - t0)
-        if logits.ndim != 2 or logits.shape[1] != len(plan.meta.labels):
-            raise UsageError(f"invalid value for --model: the graph returned logits of shape "
-                             f"{list(logits.shape)} for {len(plan.meta.labels)} labels")
+        if logits.ndim < 2 or logits.shape[0] != len(batch) \
+                or logits.shape[1] != len(plan.meta.labels):
+            raise UsageError(f"invalid value for --model: the graph returned {self.fetch[0]} of "
+                             f"shape {list(logits.shape)} for {len(plan.meta.labels)} labels")
         lines = result_lines([d.item for d in batch], [d.size for d in batch], logits, cams,
-                             plan.target, plan.topk, plan.meta, plan.method)
+                             plan.target, plan.topk, plan.meta, plan.method, self.reference,
+                             self.reference_kind)
+        dense = logits.ndim == 4  # segmentation: each line's mask file is made with its heatmap
         kept: list[int] = []
         for j, (d, line) in enumerate(zip(batch, lines)):
             if isinstance(line, Failed):
                 out.rows.append(line)
             else:
                 kept.append(j)
-                out.rows.append(Explained(line, submit(self.artefacts, d, cams[j])))
+                fn = functools.partial(self.artefacts, mask=logits[j].argmax(0)) if dense \
+                    else self.artefacts
+                out.rows.append(Explained(line, submit(fn, d, cams[j])))
         if plan.metrics and kept:
             t1 = time.perf_counter()
             explained = [out.rows[j] for j in kept]
             rows = audit_lines(self.sess, x[kept], cams[kept], [e.line for e in explained],
                                plan.metrics, steps=plan.metrics_steps,
-                               baseline=plan.metrics_baseline)
+                               baseline=plan.metrics_baseline, model_for=self._model_for(
+                                   torch.from_numpy(logits[kept]).float()))
             for e, row in zip(explained, rows):
                 e.metrics = row
             out.metrics_seconds = time.perf_counter() - t1
         return out
 
-    def artefacts(self, d: Decoded, cam: np.ndarray) -> Union[Files, Failed]:
+    def _model_for(self, intact: torch.Tensor) -> Optional[Callable[[slice], Any]]:
+        """The ``--metrics`` model of a task other than classification, per slice of the batch:
+        the probability of each image's explained target (:meth:`camserve.tasks.Task.probability`:
+        a label's sigmoid, a class's mean probability over its predicted mask on the intact image,
+        the similarity mapped to [0, 1]) as two-class logits ``(0, logit p)``, so the metrics'
+        softmax of class 1 is that probability. None for classification (the metrics read the
+        logits)."""
+        if self.task.name == "classification":
+            return None
+        targets = graph_targets(self.plan.meta, intact, self.plan.target, self.reference)
+
+        def model_for(rows: slice) -> Callable[[torch.Tensor], torch.Tensor]:
+            tb = targets.select(torch.arange(targets.rows)[rows])
+
+            def model_fn(xp: torch.Tensor) -> torch.Tensor:
+                arr = np.ascontiguousarray(xp.detach().to("cpu", torch.float32).numpy())
+                (o,) = self.sess.run([self.fetch[0]], self.feed(arr))
+                p = self.task.probability(torch.from_numpy(o).float(), tb)[:, 0].double()
+                p = p.clamp(1e-12, 1 - 1e-12)
+                return torch.stack([torch.zeros_like(p), p.log() - (-p).log1p()], dim=1).float()
+
+            return model_fn
+
+        return model_for
+
+    def artefacts(self, d: Decoded, cam: np.ndarray,
+                  mask: Optional[np.ndarray] = None) -> Union[Files, Failed]:
         """One image's heatmap, bbox and files (:func:`camserve.onnx.outputs.finish_image`):
-        ``({kind: path under DIR}, bbox)``, or its :class:`Failed` record."""
-        return finish_image(Path(self.plan.out), d, cam, self.plan.save)
+        ``({kind: path under DIR}, bbox)``, or its :class:`Failed` record. ``mask``: a
+        segmentation's class indices at the input size, written as the class-index PNG at the
+        original size (:data:`MASK_SUFFIX`)."""
+        extra = None
+        if mask is not None:
+            from ..tasks.segmentation import mask_png, nearest_resize
+
+            extra = {MASK_SUFFIX: lambda: mask_png(nearest_resize(mask, (d.size[1], d.size[0])))}
+        return finish_image(Path(self.plan.out), d, cam, self.plan.save, extra)

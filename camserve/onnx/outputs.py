@@ -16,7 +16,7 @@ import stat
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -121,15 +121,19 @@ class PixelGate:
 _MAP_GATE = PixelGate(MAP_PIXELS_AT_ONCE)
 
 
-def _finish_image(out_dir: Path, d: Decoded, cam: np.ndarray,
-                  save: Sequence[str]) -> tuple[dict[str, str], Optional[list[int]]]:
+def _finish_image(out_dir: Path, d: Decoded, cam: np.ndarray, save: Sequence[str],
+                  extra: Optional[Mapping[str, Callable[[], bytes]]] = None
+                  ) -> tuple[dict[str, str], Optional[list[int]]]:
     """Heatmap at the original size (:func:`camserve.heatmaps_at_sizes`, as the handler), its
     bounding box, and the chosen files of one image; returns ({kind: path under out_dir}, bbox).
     The overlay is drawn on the bounded copy (long side at most :data:`camserve.onnx.inputs.OVERLAY_MAX_SIDE`). Files
     are written with :func:`write_file`. Maps of large images wait for each other
     (:data:`MAP_PIXELS_AT_ONCE`). Runs in the pool, overlapped with the next session run."""
     with _MAP_GATE.hold(d.size[0] * d.size[1]):
-        return _make_files(out_dir, d, cam, save)
+        written, bbox = _make_files(out_dir, d, cam, save)
+        for suffix, make in (extra or {}).items():  # a task's own artefact (a class mask)
+            write_file(out_dir, d.item.name + suffix, make())
+        return written, bbox
 
 
 def _make_files(out_dir: Path, d: Decoded, cam: np.ndarray,
@@ -159,12 +163,14 @@ def _make_files(out_dir: Path, d: Decoded, cam: np.ndarray,
     return written, bbox
 
 
-def finish_image(out_dir: Path, d: Decoded, cam: np.ndarray,
-                 save: Sequence[str]) -> Union[tuple[dict[str, str], Optional[list[int]]], Failed]:
+def finish_image(out_dir: Path, d: Decoded, cam: np.ndarray, save: Sequence[str],
+                 extra: Optional[Mapping[str, Callable[[], bytes]]] = None
+                 ) -> Union[tuple[dict[str, str], Optional[list[int]]], Failed]:
     """:func:`_finish_image`, with a failure (a name the filesystem refuses, a symlinked output
-    folder, a full disk, ...) returned as this item's :class:`Failed` record."""
+    folder, a full disk, ...) returned as this item's :class:`Failed` record. ``extra``: a task's
+    own artefacts, ``{suffix: make the bytes}`` (written as the item's name + suffix)."""
     try:
-        return _finish_image(out_dir, d, cam, save)
+        return _finish_image(out_dir, d, cam, save, extra)
     except OSError as exc:
         what = "name too long for the filesystem" if exc.errno == errno.ENAMETOOLONG else (
             "a symlink or non-folder in the output path" if exc.errno in (errno.ELOOP,

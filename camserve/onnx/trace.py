@@ -1,10 +1,12 @@
 """The whole CAM computation as one traceable module, and its trace to a static FX graph.
 
 :class:`CamGraph` runs the very code the engine runs — :func:`camserve.layers.capture_layer` on
-the target layer and :func:`camserve.engine.cam_step` (score gather, ``torch.autograd.grad`` to the
-layer, the layout reshape, the pure CAM functions of :mod:`camserve.methods`) — but with the target
-class as a tensor input: ``target < 0`` selects each row's top-1 class inside the computation, so
-nothing data-dependent happens in Python.
+the target layer, the task's output and score (:mod:`camserve.tasks`) and
+:func:`camserve.engine.cam_step` (``torch.autograd.grad`` to the layer, the layout reshape, the pure
+CAM functions of :mod:`camserve.methods`) — with the task's targets as tensor inputs
+(:meth:`camserve.tasks.Task.graph_inputs`: a class, a region, a reference embedding) resolved inside
+the computation (``target < 0`` selects each row's top-1 class, a negative region the predicted
+mask), so nothing data-dependent happens in Python.
 
 :func:`trace_cam_graph` turns it into an FX graph of ATen operations with ``make_fx`` and a
 symbolic batch size: the backward pass is recorded as ordinary operations, so the graph (and an
@@ -43,29 +45,39 @@ from torch import nn
 from ..engine import cam_step
 from ..layers import LayerSpec, capture_layer, nchw_converter, resolve_layer
 from ..layouts import GRIDLESS_LAYOUTS, Layout, Reshape
-from ..sources import logits_of
 from ..methods import get_method
+from ..tasks import Classification, Task
 from .decompositions import backward_decompositions
-from .format import check_methods, output_names
+from .format import check_methods, input_names, output_names
 from .passes import functionalize_inplace
 
 log = logging.getLogger(__name__)
 
 
 class CamGraph(nn.Module):
-    """``forward(x, target) -> (logits, activations, gradients, cam, *cams)``.
+    """``forward(x, *targets) -> (output, activations, gradients, cam, *cams)``.
 
-    ``x`` (N, 3, H, W); ``target`` (N,) int64, a class index per row, or a negative value for the
-    row's top-1 class (``target`` may also be (1,), broadcast to every row). ``activations`` and
-    ``gradients`` (d logit[target] / d activations) are NCHW; ``cam`` is ``methods[0]``'s map
-    (N, h, w), raw (post-ReLU, not normalised), and one more map follows per extra method.
+    ``x`` (N, 3, H, W); ``targets`` the task's target inputs, in the order of
+    :meth:`camserve.tasks.Task.graph_inputs` (:attr:`input_names`): for classification and
+    multilabel ``target`` (N,) int64, a class (label) per row, negative for the row's top-1
+    (``target`` may also be (1,), broadcast to every row); for segmentation also ``region``
+    (N, H, W), the pixels a class's logits are summed over (negative entries: the predicted mask
+    of the class); for embeddings ``reference`` (N, D), the embedding a cosine similarity is taken
+    to. The task turns them into one target per row (:meth:`~camserve.tasks.Task.graph_targets`)
+    and scores it (:meth:`~camserve.tasks.Task.scores`), exactly as the engine does.
+    ``output`` is the task's output (logits, an embedding); ``activations`` and ``gradients``
+    (d score / d activations) are NCHW; ``cam`` is ``methods[0]``'s map (N, h, w), raw (post-ReLU,
+    not normalised), and one more map follows per extra method.
 
     The engine's capture and CAM step run here (see the module docstring); the module holds the
     model as a submodule and never changes it.
     """
 
     def __init__(self, model: nn.Module, target_layer: LayerSpec, methods: Sequence[str] = ("gradcam",),
-                 *, layout: Optional[Layout] = None, reshape: Optional[Reshape] = None) -> None:
+                 *, layout: Optional[Layout] = None, reshape: Optional[Reshape] = None,
+                 task: Optional[Task] = None, input_size: Optional[tuple[int, int]] = None) -> None:
+        """``task``: default classification; ``input_size`` (H, W): the shapes of the task's
+        inputs that follow the image (a segmentation region)."""
         super().__init__()
         if target_layer is None:
             raise ValueError("invalid value for target_layer: None (choose it first, e.g. with "
@@ -75,6 +87,8 @@ class CamGraph(nn.Module):
         self._to_nchw = nchw_converter(self._layer_name, layout, reshape)
         self.methods = check_methods(methods)
         self._fns = [get_method(m) for m in self.methods]
+        self.task = task if task is not None else Classification()
+        self.inputs = self.task.graph_inputs(tuple(input_size) if input_size else (0, 0))  # type: ignore[arg-type]
 
     @property
     def layer_name(self) -> str:
@@ -82,20 +96,26 @@ class CamGraph(nn.Module):
         return self._layer_name
 
     @property
+    def input_names(self) -> list[str]:
+        """Names of the inputs, in order (``input`` first)."""
+        return input_names(self.inputs)
+
+    @property
     def output_names(self) -> list[str]:
         """Names of the outputs, in order."""
-        return output_names(self.methods)
+        return output_names(self.methods, self.task)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, *targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(targets) != len(self.inputs):
+            raise ValueError(f"invalid value for targets: {len(targets)} tensors for the inputs "
+                             f"{', '.join(self.input_names[1:]) or 'none'}")
         with _contiguous_outputs(self.model), \
                 capture_layer(self.model, self._layer_name, "track-grad") as cap:
-            logits = logits_of(self.model(x))
-        if logits.dim() != 2:
-            raise ValueError("the model must return logits of shape (B, classes)")
-        top1 = logits.detach().argmax(dim=1)
-        t = torch.where(target < 0, top1, target.to(top1.dtype))
-        step = cam_step(logits.gather(1, t[:, None])[:, 0], cap.output, self._fns, self._to_nchw)
-        return (logits.detach(), step.activations, step.gradients, *step.cams)
+            out = self.task.output(self.model(x))
+        tb = self.task.graph_targets(self.task.detach(out),
+                                     {g.name: t for g, t in zip(self.inputs, targets)})
+        step = cam_step(self.task.scores(out, tb)[:, 0], cap.output, self._fns, self._to_nchw)
+        return (self.task.detach(out), step.activations, step.gradients, *step.cams)
 
 
 @contextmanager
@@ -144,8 +164,10 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 
 def _trace_batch_dynamic(fn: Callable[..., Any], decomps: Mapping[Any, Callable[..., Any]],
-                         example: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.fx.GraphModule:
-    """make_fx of ``fn(x)`` or ``fn(x, target)`` with a symbolic batch size; H, W, C static.
+                         example: torch.Tensor,
+                         extra: Optional[Mapping[str, torch.Tensor]] = None) -> torch.fx.GraphModule:
+    """make_fx of ``fn(x, *extra)`` with a symbolic batch size shared by ``x`` and every ``extra``
+    input (name -> example, batch first); H, W, C and the other dimensions static.
 
     First with an unbacked batch size: sound (nothing may depend on its value) and fast. Some
     models ask questions about the batch size that an unbacked size cannot answer (``batch > 1``
@@ -154,6 +176,8 @@ def _trace_batch_dynamic(fn: Callable[..., Any], decomps: Mapping[Any, Callable[
     the graph at other batch sizes, including 1. (``make_fx(tracing_mode="symbolic")`` would make
     H and W symbolic too, and its symbolic algebra takes minutes on ConvNeXt or Swin.)
     """
+    import inspect
+
     from torch._dispatch.python import enable_python_dispatcher
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.dynamic_spec import ShapesSpec, ShapeVar, TensorSpec
@@ -165,15 +189,22 @@ def _trace_batch_dynamic(fn: Callable[..., Any], decomps: Mapping[Any, Callable[
         StatelessSymbolicContext,
     )
 
+    extra = dict(extra or {})
     batch = ShapeVar("batch", min=1, optimization_hint=int(example.shape[0]))
     specs: dict[str, Any] = {"x": TensorSpec([batch] + [None] * (example.dim() - 1))}
-    args: tuple[torch.Tensor, ...] = (example,)
-    if target is not None:
-        specs["target"] = TensorSpec([batch])
-        args = (example, target)
+    for name, t in extra.items():
+        specs[name] = TensorSpec([batch] + [None] * (t.dim() - 1))
+    args: tuple[torch.Tensor, ...] = (example, *extra.values())
+
+    def call(*a: torch.Tensor) -> Any:
+        return fn(*a)
+
+    # the spec binds by parameter name: give the varargs wrapper the inputs' names
+    call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in specs])
     with enable_python_dispatcher():  # decompositions written with torch._refs need it for SymInts
         try:
-            return make_fx(fn, decomposition_table=dict(decomps), tracing_mode="fake",
+            return make_fx(call, decomposition_table=dict(decomps), tracing_mode="fake",
                            _allow_non_fake_inputs=True, dynamic_shapes=ShapesSpec(specs))(*args)
         except GuardOnDataDependentSymNode as exc:
             log.info("camserve: the model branches on the batch size (%s); tracing with a backed "
@@ -181,25 +212,27 @@ def _trace_batch_dynamic(fn: Callable[..., Any], decomps: Mapping[Any, Callable[
         mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
         dyn = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (example.dim() - 1)
         fake_x = mode.from_tensor(example, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dyn))
-        fake_args: tuple[torch.Tensor, ...] = (fake_x,)
-        if target is not None:
-            with mode:  # the same batch symbol as x
-                fake_args = (fake_x, torch.full((fake_x.shape[0],), -1, dtype=target.dtype))
-        return make_fx(fn, decomposition_table=dict(decomps), tracing_mode="fake",
+        fake_args: list[torch.Tensor] = [fake_x]
+        with mode:  # the same batch symbol as x
+            fake_args += [torch.zeros((fake_x.shape[0], *t.shape[1:]), dtype=t.dtype)
+                          for t in extra.values()]
+        return make_fx(call, decomposition_table=dict(decomps), tracing_mode="fake",
                        _allow_non_fake_inputs=True)(*fake_args)
 
 
 def trace_model_graph(model: nn.Module, example: torch.Tensor, *,
                       decompositions: Optional[Mapping[Any, Callable[..., Any]]] = None,
-                      functional: bool = True) -> torch.fx.GraphModule:
-    """The plain forward ``x -> logits`` traced like :func:`trace_cam_graph` (same decompositions,
-    symbolic batch): the baseline a CAM graph is compared with."""
+                      functional: bool = True, task: Optional[Task] = None) -> torch.fx.GraphModule:
+    """The plain forward ``x -> output`` (the ``task``'s: default the logits) traced like
+    :func:`trace_cam_graph` (same decompositions, symbolic batch): the baseline a CAM graph is
+    compared with."""
+    task = task if task is not None else Classification()
     if model.training:
         raise ValueError("invalid value for model: it is in training mode; call model.eval() first")
 
     def forward_fn(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return logits_of(model(x))
+            return task.output(model(x))
 
     gm = _trace_batch_dynamic(forward_fn, dict(decompositions or {}), example)
     if functional:
@@ -211,8 +244,9 @@ def trace_cam_graph(model: nn.Module, target_layer: LayerSpec, example: torch.Te
                     methods: Sequence[str] = ("gradcam",), *, layout: Optional[Layout] = None,
                     reshape: Optional[Reshape] = None,
                     decompositions: Optional[Mapping[Any, Callable[..., Any]]] = None,
-                    functional: bool = True) -> torch.fx.GraphModule:
-    """Trace :class:`CamGraph` into an FX graph of ATen operations with a symbolic batch size.
+                    functional: bool = True, task: Optional[Task] = None) -> torch.fx.GraphModule:
+    """Trace :class:`CamGraph` of ``task`` (default: classification) into an FX graph of ATen
+    operations with a symbolic batch size, shared by the images and the task's target inputs.
 
     ``model`` must be in eval mode (rows of a batch independent). Parameters and buffers become
     constants of the graph (``get_attr`` nodes); see :func:`lift_constants`. ``target_layer=None``
@@ -221,7 +255,8 @@ def trace_cam_graph(model: nn.Module, target_layer: LayerSpec, example: torch.Te
     reshape the same way. ``decompositions`` are applied on top of
     :func:`backward_decompositions` (e.g. an exporter's table of operations it cannot translate).
     ``functional=True`` rewrites in-place operations out of place (:func:`functionalize_inplace`).
-    The graph's ``meta["camserve"]`` holds the layer name, the methods and the output names.
+    The graph's ``meta["camserve"]`` holds the layer name, the methods, the input and the output
+    names.
     """
     if model.training:
         raise ValueError("invalid value for model: it is in training mode; call model.eval() first "
@@ -231,29 +266,29 @@ def trace_cam_graph(model: nn.Module, target_layer: LayerSpec, example: torch.Te
     if example.shape[0] < 2:
         raise ValueError("invalid value for example: use a batch of 2 or more so that the batch "
                          "size stays symbolic")
+    task = task if task is not None else Classification()
+    size = (int(example.shape[-2]), int(example.shape[-1]))
     if target_layer is None or (reshape is None and layout not in GRIDLESS_LAYOUTS):
         from ..families import choose_layer
 
         name = None if target_layer is None else resolve_layer(model, target_layer)[0]
-        choice = choose_layer(model, tuple(example.shape[-2:]), name, layout)
+        choice = choose_layer(model, size, name, layout, score=task.probe_score)
         target_layer, reshape = choice.name, choice.reshape
-    cg = CamGraph(model, target_layer, methods, layout=layout, reshape=reshape)
-    target = torch.full((example.shape[0],), -1, dtype=torch.long)
+    cg = CamGraph(model, target_layer, methods, layout=layout, reshape=reshape, task=task,
+                  input_size=size)
+    targets = {g.name: g.fill(int(example.shape[0])) for g in cg.inputs}
     table: dict[Any, Callable[..., Any]] = dict(decompositions or {})
     table.update(backward_decompositions())
-
-    def cam_fn(x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return cg(x, target)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # attention as matmul + softmax: the fused CPU kernel's backward has no ONNX translation
     with frozen_parameters(model), sdpa_kernel(SDPBackend.MATH):
-        gm = _trace_batch_dynamic(cam_fn, table, example, target)
+        gm = _trace_batch_dynamic(cg, table, example, targets)
     if functional:
         functionalize_inplace(gm)
     gm.meta["camserve"] = {"layer": cg.layer_name, "methods": list(cg.methods),
-                           "output_names": cg.output_names}
+                           "input_names": cg.input_names, "output_names": cg.output_names}
     log.debug("camserve: traced CAM graph for layer %r: %d nodes", cg.layer_name,
               len(gm.graph.nodes))
     return gm

@@ -18,11 +18,12 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from ..layers import LayerError, capture_layer, nchw_converter
 from ..layouts import GRIDLESS_LAYOUTS
 from ..methods import get_method
 from ..models import LoadedModel
-from ..sources import logits_of
+from ..tasks import GraphInput, TargetBatch, Task, make_task
 from .format import check_methods, method_output_name, output_names
 from .session import ort_session
 from .translate import ExportError
@@ -68,62 +69,75 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-30))
 
 
+def _targets_as(tb: TargetBatch, dtype: torch.dtype) -> TargetBatch:
+    """``tb`` with its float tensors (regions, references) in ``dtype``."""
+    return dataclasses.replace(tb, **{f: getattr(tb, f).to(dtype) for f in ("region", "reference")
+                                      if getattr(tb, f) is not None})
+
+
 class _EngineReference:
     """What the PyTorch engine says for the outputs of one graph run (see :func:`verify_cam_onnx`),
     in float64 (the reference) and in float32 (the baseline the graph's error is compared with)."""
 
-    def __init__(self, loaded: LoadedModel, layer: str, methods: Sequence[str]) -> None:
-        self.layer, self.methods = layer, tuple(methods)
+    def __init__(self, loaded: LoadedModel, layer: str, methods: Sequence[str], task: Task) -> None:
+        self.layer, self.methods, self.task = layer, tuple(methods), task
         self.layout = loaded.spec.layout
         self.reshape = loaded.reshape if layer == loaded.layer else None
         if self.reshape is None and self.layout not in GRIDLESS_LAYOUTS:
             from ..families import choose_layer
 
             self.reshape = choose_layer(loaded.model, loaded.spec.input_size, layer,
-                                        self.layout).reshape
+                                        self.layout, score=task.probe_score).reshape
         self.model = loaded.model
         self.model64 = copy.deepcopy(loaded.model).double()
-        kw = dict(layout=self.layout, reshape=self.reshape)
+        kw = dict(layout=self.layout, reshape=self.reshape, task=task)
         self.engine = CamEngine(self.model, layer, **kw)  # type: ignore[arg-type]
         self.engine64 = CamEngine(self.model64, layer, **kw)  # type: ignore[arg-type]
+        self.output = task.graph_output
 
-    def _forward(self, model: torch.nn.Module, engine: CamEngine, xb: torch.Tensor
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, model: torch.nn.Module, xb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """The engine's forward pass (model + the layer recorded) without its backward."""
         with torch.inference_mode(), capture_layer(model, self.layer, "record") as cap:
-            logits = logits_of(model(xb))
+            out = self.task.output(model(xb))
         to_nchw = nchw_converter(self.layer, self.layout, self.reshape)  # type: ignore[arg-type]
-        return logits.numpy(), to_nchw(cap.output).numpy()
+        return out.numpy(), to_nchw(cap.output).numpy()
+
+    def targets(self, xb: torch.Tensor, feed: Mapping[str, np.ndarray]) -> TargetBatch:
+        """The targets the graph resolves from ``feed`` (its target inputs; omitted optional ones
+        at their default), on the float32 engine's output."""
+        inputs = {g.name: torch.from_numpy(np.asarray(feed[g.name])) if g.name in feed
+                  else g.fill(1) for g in self.task.graph_inputs(tuple(xb.shape[-2:]))}
+        return self.task.graph_targets(self.engine.predict(xb), inputs)
 
     def _backward(self, model: torch.nn.Module, engine: CamEngine, xb: torch.Tensor,
-                  targets: list[int], pinned: torch.Tensor, g: torch.Tensor) -> dict[str, np.ndarray]:
+                  targets: TargetBatch, pinned: torch.Tensor, g: torch.Tensor) -> dict[str, np.ndarray]:
         dt = next(model.parameters()).dtype
         try:
             with capture_layer(model, self.layer, "replace", activations=pinned.to(dt),
                                layout=self.layout, reshape=self.reshape):  # type: ignore[arg-type]
-                res = engine(xb.to(dt), targets=targets, method=self.methods[0])
+                res = engine(xb.to(dt), targets=_targets_as(targets, dt), method=self.methods[0])
         except LayerError as exc:
             raise VerificationError(f"graph activations do not fit the model: {exc}") from None
-        out = {"gradients": res.gradients.numpy(), "cam": res.cams.numpy()}
+        assert res.gradients is not None  # the first graph method needs gradients (check_methods)
+        out = {"gradients": res.gradients[:, 0].numpy(), "cam": res.cams[:, 0].numpy()}
         a = pinned.to(dt)
         for m in self.methods[1:]:  # the method's own formula on the graph's activations and gradients
             out[method_output_name(m)] = get_method(m)(a, g.to(dt)).numpy()
         return out
 
-    def __call__(self, xb: torch.Tensor, targets: Optional[list[int]], got: dict[str, np.ndarray]
+    def __call__(self, xb: torch.Tensor, targets: TargetBatch, got: dict[str, np.ndarray]
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(float64 reference, float32 PyTorch) outputs for input ``xb``: the forward ones on
         ``xb``, the backward ones at the graph's activations ``got["activations"]``, the extra
         methods on the graph's A and G."""
-        logits, activations = self._forward(self.model, self.engine, xb)
-        logits64, activations64 = self._forward(self.model64, self.engine64, xb.double())
-        tg = targets if targets is not None else [int(t) for t in logits.argmax(axis=1)]
+        out, activations = self._forward(self.model, xb)
+        out64, activations64 = self._forward(self.model64, xb.double())
         pinned = torch.from_numpy(got["activations"])
         g = torch.from_numpy(got["gradients"])
-        ref = {"logits": logits64, "activations": activations64,
-               **self._backward(self.model64, self.engine64, xb, tg, pinned, g)}
-        own = {"logits": logits, "activations": activations,
-               **self._backward(self.model, self.engine, xb, tg, pinned, g)}
+        ref = {self.output: out64, "activations": activations64,
+               **self._backward(self.model64, self.engine64, xb, targets, pinned, g)}
+        own = {self.output: out, "activations": activations,
+               **self._backward(self.model, self.engine, xb, targets, pinned, g)}
         return ref, own
 
 
@@ -148,19 +162,43 @@ def _row_errors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a64 - b64).reshape(len(b64), -1).max(axis=1) / denom
 
 
+def _explicit(g: GraphInput, n: int, n_labels: int, size: tuple[int, int],
+              gen: torch.Generator) -> np.ndarray:
+    """Explicit values of target input ``g`` for ``n`` rows, drawn by its kind: classes
+    ``(3i + 1) mod n_labels`` (the last row at the default, when there is one), regions of a
+    random box per row (the last row at the default), vectors from a normal distribution."""
+    if g.kind == "class":
+        v = np.array([(3 * i + 1) % max(n_labels, 1) for i in range(n)], dtype=np.int64)
+    elif g.kind == "region":
+        h, w = size
+        v = np.zeros((n, h, w), dtype=np.float32)
+        for i in range(n):
+            y0 = int(torch.randint(0, max(1, h // 2), (1,), generator=gen))
+            x0 = int(torch.randint(0, max(1, w // 2), (1,), generator=gen))
+            v[i, y0:y0 + max(1, h // 3), x0:x0 + max(1, w // 3)] = 1.0
+    else:
+        v = torch.randn(n, *g.shape, generator=gen).numpy().astype(np.float32)
+    if g.optional and n > 0:
+        v[-1] = g.default
+    return v
+
+
 def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[str],
                     layer: Optional[str] = None, batch: int = TRACE_BATCH + 1,
                     tolerance: float = DEFAULT_TOLERANCE, factor: float = DEFAULT_FACTOR,
                     seed: int = 1, redraws: int = 3,
                     threads: Optional[int] = None) -> Verification:
     """Run the graph in onnxruntime on a random batch and compare every output with
-    :class:`CamEngine` run in float64, in four cases: explicit targets (one of them -1), all -1,
-    no ``target`` input, and a batch of one. The same comparison for :class:`CamEngine` in float32
-    gives the baseline; an output passes when the graph's error is at most
-    :func:`allowed_error` (``tolerance``, or ``factor`` times the baseline). Raises
-    VerificationError naming the outputs that do not pass, with both figures.
+    :class:`CamEngine` run in float64, in four cases: explicit target inputs (drawn by kind:
+    classes, one of them -1; box regions, one of them -1; reference vectors), every optional
+    input at its default, the optional inputs not fed, and a batch of one. The targets are the
+    ones the graph resolves from its inputs (:meth:`camserve.tasks.Task.graph_targets` on the
+    float32 output, so a -1 is each row's own top-1 class, or predicted mask). The same
+    comparison for :class:`CamEngine` in float32 gives the baseline; an output passes when the
+    graph's error is at most :func:`allowed_error` (``tolerance``, or ``factor`` times the
+    baseline). Raises VerificationError naming the outputs that do not pass, with both figures.
 
-    ``logits`` and ``activations`` are compared with the engine run on the same input;
+    The task's output and ``activations`` are compared with the engine run on the same input;
     ``gradients`` and ``cam`` with the engine run at the graph's activations
     (:func:`camserve.layers.capture_layer` in ``"replace"`` mode); each extra ``cam_<method>``
     with that method's function (:func:`camserve.methods.get_method`) applied to the graph's
@@ -177,33 +215,36 @@ def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[
     methods = check_methods(methods)
     sess = ort_session(path, threads=threads)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, *loaded.spec.input_size, generator=gen)
-    reference = _EngineReference(loaded, layer or loaded.layer, methods)
-    engine = reference.engine
-    names = output_names(methods)
-    forward_outputs = ("logits", "activations")
+    size = tuple(loaded.spec.input_size)
+    x = torch.randn(batch, 3, *size, generator=gen)
+    task = make_task(loaded.spec.task, loaded.labels, loaded.spec.task_settings)
+    reference = _EngineReference(loaded, layer or loaded.layer, methods, task)
+    inputs = task.graph_inputs(size)  # type: ignore[arg-type]
+    names = output_names(methods, task)
+    forward_outputs = (task.graph_output, "activations")
     baseline: dict[str, dict[str, float]] = {}
-
-    n_cls = len(loaded.labels) or int(engine.predict(x[:1]).shape[1])
-    explicit = np.array([(3 * i + 1) % n_cls for i in range(batch)], dtype=np.int64)
-    explicit[-1] = -1
+    explicit = {g.name: _explicit(g, batch, len(loaded.labels), size, gen)  # type: ignore[arg-type]
+                for g in inputs}
+    required = {g.name: v for g, v in zip(inputs, explicit.values()) if not g.optional}
+    defaults = {g.name: np.asarray(g.fill(batch).numpy()) if g.optional else explicit[g.name]
+                for g in inputs}
     redrawn = 0
     for attempt in range(redraws + 1):
-        cases: dict[str, tuple[torch.Tensor, dict[str, np.ndarray], Optional[np.ndarray]]] = {
-            "explicit": (x, {"input": x.numpy(), "target": explicit}, explicit),
-            "-1": (x, {"input": x.numpy(), "target": np.full(batch, -1, np.int64)}, None),
-            "omitted": (x, {"input": x.numpy()}, None),
-            "batch1": (x[:1], {"input": x[:1].numpy()}, None),
+        cases: dict[str, tuple[torch.Tensor, dict[str, np.ndarray]]] = {
+            "explicit": (x, {"input": x.numpy(), **explicit}),
+            "-1": (x, {"input": x.numpy(), **defaults}),
+            "omitted": (x, {"input": x.numpy(), **required}),
+            "batch1": (x[:1], {"input": x[:1].numpy(), **{k: v[:1] for k, v in required.items()}}),
         }
         errors: dict[str, dict[str, float]] = {}
         bad: list[str] = []
         kinked: set[int] = set()
         refs: dict[tuple[Any, ...], tuple[dict[str, np.ndarray], Any]] = {}
-        top1 = engine.predict(x).argmax(dim=1).numpy()
-        for case, (xb, feed, tgt) in cases.items():
+        for case, (xb, feed) in cases.items():
             got = dict(zip(names, sess.run(names, feed)))
-            targets = None if tgt is None else [int(t) for t in np.where(tgt < 0, top1, tgt)]
-            key = (len(xb), None if targets is None else tuple(targets))
+            targets = reference.targets(xb, feed)
+            key = (len(xb), *(t.numpy().tobytes() for t in (targets.index, targets.region,
+                                                              targets.reference) if t is not None))
             if key in refs and all(np.array_equal(refs[key][0][n], got[n]) for n in names):
                 ref, own = refs[key][1]  # same input, same targets, same outputs: same reference
             else:
@@ -227,7 +268,7 @@ def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[
             break
         log.info("verification: rows %s of the draw hit a ReLU/max-pool kink; drawing them again",
                  sorted(kinked))
-        fresh = torch.randn(batch, 3, *loaded.spec.input_size, generator=gen)
+        fresh = torch.randn(batch, 3, *size, generator=gen)
         for i in kinked:
             x[i] = fresh[i]
         redrawn += len(kinked)

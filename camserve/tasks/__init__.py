@@ -7,8 +7,8 @@ shapes. A model folder chooses its task with ``handler.task`` (default ``classif
 
 Example::
 
-    >>> sorted(available_tasks())[:2]
-    ['classification', 'multilabel']
+    >>> available_tasks()
+    ['classification', 'multilabel', 'segmentation', 'embedding']
     >>> make_task("classification", ["cat", "dog"]).name
     'classification'
 """
@@ -17,13 +17,15 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 from ..parsing import short_repr
-from .base import Geometry, Shown, TargetBatch, Task, TaskError
+from .base import GraphInput, Geometry, Shown, TargetBatch, Task, TaskError
 from .classification import Classification, ClassOptions
+from .embedding import Embedding
 from .multilabel import Multilabel
+from .segmentation import Segmentation
 
-__all__ = ["Classification", "ClassOptions", "Geometry", "Multilabel", "Shown", "TargetBatch",
-           "Task", "TaskError", "available_tasks", "get_task", "make_task", "register_task",
-           "task_config_keys"]
+__all__ = ["Classification", "ClassOptions", "Embedding", "Geometry", "GraphInput", "Multilabel",
+           "Segmentation", "Shown", "TargetBatch", "Task", "TaskError", "available_tasks",
+           "get_task", "make_task", "register_task", "task_config_keys"]
 
 _TASKS: dict[str, type[Task]] = {}
 
@@ -62,5 +64,5 @@ def make_task(name: str, labels: Sequence[str] = (),
     return get_task(name)(labels, settings)
 
 
-for _cls in (Classification, Multilabel):
+for _cls in (Classification, Multilabel, Segmentation, Embedding):
     register_task(_cls)

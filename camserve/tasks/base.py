@@ -41,15 +41,17 @@ class TargetBatch:
 
     ``index`` (R, K) long: the class explained (classification, multilabel, segmentation), the
     label of a reference box (detection), 0 for embeddings; ``count``: the real number of targets
-    per row (``index[r, count[r]:]`` is padding; a row may have none: count 0). Optional, by task: ``region`` (R, K, H, W) float,
+    per row (``index[r, count[r]:]`` is padding; a row may have none: count 0). Optional, by
+    task: ``region`` (R, K, H, W) float,
     the mask a segmentation score is summed over, at the task output's resolution; ``box`` (R, K, 4)
     float, a reference box ``x0, y0, x1, y1`` in input pixels (detection); ``reference`` (R, K, D)
     float, the embedding a similarity is taken to. ``mode`` is the task's score mode (detection:
-    ``score`` or ``iou+score``).
+    ``score`` or ``iou+score``). ``count`` None: every row has K real targets (inside a traced
+    graph, where the number of rows is symbolic: :meth:`Task.graph_targets`).
     """
 
     index: torch.Tensor
-    count: tuple[int, ...]
+    count: Optional[tuple[int, ...]]
     region: Optional[torch.Tensor] = None
     box: Optional[torch.Tensor] = None
     reference: Optional[torch.Tensor] = None
@@ -59,7 +61,7 @@ class TargetBatch:
         if self.index.dim() != 2 or self.index.dtype != torch.long:
             raise TaskError(f"invalid value for targets: index must be (R, K) int64, got "
                             f"{tuple(self.index.shape)} {self.index.dtype}")
-        if len(self.count) != self.index.shape[0]:
+        if self.count is not None and len(self.count) != self.index.shape[0]:
             raise TaskError(f"invalid value for targets: {len(self.count)} counts for "
                             f"{self.index.shape[0]} rows")
         for name in ("region", "box", "reference"):
@@ -78,7 +80,8 @@ class TargetBatch:
         """K, targets per row (the largest count)."""
         return int(self.index.shape[1])
 
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], count: tuple[int, ...]) -> "TargetBatch":
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor],
+             count: Optional[tuple[int, ...]]) -> "TargetBatch":
         changes: dict[str, Any] = {"count": count}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -88,15 +91,14 @@ class TargetBatch:
 
     def select(self, rows: torch.Tensor) -> "TargetBatch":
         """The targets of ``rows`` (a 1-D index tensor)."""
-        idx = [int(i) for i in rows.tolist()]
-        return self._map(lambda t: t.index_select(0, rows.to(t.device)),
-                         tuple(self.count[i] for i in idx))
+        count = None if self.count is None else tuple(self.count[int(i)] for i in rows.tolist())
+        return self._map(lambda t: t.index_select(0, rows.to(t.device)), count)
 
     def repeat(self, n: int) -> "TargetBatch":
         """Each row repeated ``n`` times in a row (for perturbation methods: row r's copies are
         rows ``r*n .. r*n+n-1``)."""
-        return self._map(lambda t: t.repeat_interleave(n, dim=0),
-                         tuple(c for c in self.count for _ in range(n)))
+        count = None if self.count is None else tuple(c for c in self.count for _ in range(n))
+        return self._map(lambda t: t.repeat_interleave(n, dim=0), count)
 
     def to(self, device: torch.device | str) -> "TargetBatch":
         """The same targets on ``device`` (float tensors keep their dtype)."""
@@ -122,6 +124,14 @@ class Geometry:
 
     size: tuple[int, int]
     input: tuple[int, int]
+    #: (W, H) the answer's images (maps, a segmentation mask) are made at: the original size, or
+    #: smaller where the work budget caps it (None: the original size)
+    render: Optional[tuple[int, int]] = None
+
+    @property
+    def render_size(self) -> tuple[int, int]:
+        """(W, H) of the answer's images (:attr:`render`, else the original size)."""
+        return self.render if self.render is not None else self.size
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -156,6 +166,46 @@ class Shown:
     box: Optional[tuple[float, float, float, float]] = None
 
 
+#: What the values of a graph input mean; verification draws explicit values by kind.
+GRAPH_INPUT_KINDS: tuple[str, ...] = ("class", "region", "vector")
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    """One target input of a task's CAM graph (after ``input``, the images): its ``name``,
+    ``dtype``, per-row ``shape`` (after the batch dimension), what its values are (``kind``, one of
+    :data:`GRAPH_INPUT_KINDS`), and its ``default``: the value of every entry when the input is
+    not fed (a broadcastable (1, 1, ...) initializer of the graph; None: the input is required).
+
+    Example::
+
+        >>> GraphInput("target", torch.int64, (), "class", -1).fill(3).tolist()
+        [-1, -1, -1]
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    kind: str
+    default: Optional[float] = None
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAPH_INPUT_KINDS:
+            raise ValueError(f"invalid value for kind: {self.kind!r} (known: "
+                             f"{', '.join(GRAPH_INPUT_KINDS)})")
+
+    @property
+    def optional(self) -> bool:
+        """The graph has a default for it."""
+        return self.default is not None
+
+    def fill(self, n: int) -> torch.Tensor:
+        """``n`` rows of the default (zeros for a required input)."""
+        return torch.full((n, *self.shape), self.default if self.default is not None else 0,
+                          dtype=self.dtype)
+
+
 class Task:
     """The interface every task implements (see the module docstring).
 
@@ -173,6 +223,15 @@ class Task:
     #: the model returns one logit vector per row (possibly wrapped: a tuple, ``.logits``); the
     #: loader then makes it return the tensor itself (:func:`camserve.sources.ensure_logits`)
     logits_output: ClassVar[bool] = False
+    #: the ``transformers`` auto class a Hugging Face folder (``hf:``) of this task is loaded with
+    hf_auto_class: ClassVar[str] = "AutoModelForImageClassification"
+    #: the Hugging Face config's ``id2label`` / ``num_labels`` are this task's labels
+    hf_labels: ClassVar[bool] = True
+    #: options that may carry a file (an image, a mask PNG): they are not held to the option
+    #: text-length limit but bounded like images (request size, pixel count, formats)
+    binary_options: ClassVar[tuple[str, ...]] = ()
+    #: name of a CAM graph's first output, the task's output (:mod:`camserve.onnx.format`)
+    graph_output: ClassVar[str] = "logits"
 
     def __init__(self, labels: Sequence[str] = (), settings: Optional[Mapping[str, Any]] = None) -> None:
         self.labels = list(labels)
@@ -181,11 +240,13 @@ class Task:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.labels)} labels)"
 
-    @classmethod
-    def count_labels(cls, model: Any, raw: Any) -> int:
-        """The number of labels of ``model``, from its raw output on a blank input (``raw``) or
-        its configuration; tasks whose output is a logit vector are counted by the loader."""
-        raise TaskError(f"the {cls.name} task cannot count the model's labels")
+    def count_labels(self, model: Any, raw: Any) -> int:
+        """The number of labels of ``model`` (the width of this task's output), from its raw
+        output on a blank input of the model's input size (``raw``) or its configuration; tasks
+        whose output is a logit vector are counted by the loader. A task may make the model's
+        output the form it reads from now on (as the loader does for logits:
+        :func:`camserve.sources.ensure_logits`)."""
+        raise TaskError(f"the {self.name} task cannot count the model's labels")
 
     # -- engine side --------------------------------------------------------------------------
     def output(self, raw: Any) -> Any:
@@ -221,6 +282,12 @@ class Task:
         rows (:meth:`select`) and their targets."""
         raise NotImplementedError
 
+    def probability(self, out: Any, targets: TargetBatch) -> torch.Tensor:
+        """(R, K) in [0, 1]: how strongly each target holds on ``out`` (no gradient needed) — a
+        class's softmax probability, a label's sigmoid, ... What faithfulness metrics (deletion,
+        insertion, ROAD, average drop) follow as pixels are removed."""
+        raise NotImplementedError
+
     def default_targets(self, out: Any) -> TargetBatch:
         """What a row explains when nothing is asked (one target per row; ``out`` detached)."""
         raise NotImplementedError
@@ -239,15 +306,54 @@ class Task:
         """A scalar score of the first row, for locating a target layer automatically."""
         raise NotImplementedError
 
+    # -- the CAM graph (camserve.onnx) ---------------------------------------------------------
+    def graph_inputs(self, input_size: tuple[int, int]) -> tuple[GraphInput, ...]:
+        """The target inputs of this task's CAM graph for inputs of ``input_size`` (H, W)."""
+        raise TaskError(f"the {self.name} task has no CAM graph")
+
+    def graph_targets(self, out: Any, inputs: Mapping[str, torch.Tensor]) -> TargetBatch:
+        """One target per row (``count`` None) from the graph's target ``inputs`` (by name, each
+        (N, ...) or broadcastable (1, ...)) and the detached output, with tensor operations only
+        (it is traced: the number of rows is symbolic)."""
+        raise TaskError(f"the {self.name} task has no CAM graph")
+
     # -- serving side -------------------------------------------------------------------------
     def parse_options(self, options: Mapping[str, Any], *, max_targets: int) -> Any:
         """This task's request options (``options`` holds only :attr:`option_keys`, as text or
         JSON values, already length-checked) -> a frozen record; 422 ``OptionError`` otherwise."""
         raise NotImplementedError
 
-    def max_targets(self, parsed: Any) -> int:
-        """An upper bound of the maps one row asks for, before the forward (work budget)."""
+    def max_targets(self, parsed: Any) -> Optional[int]:
+        """An upper bound of the maps one row asks for, before the forward (work budget); None:
+        as many as the request's ``topk`` (default targets are capped there)."""
         return 1
+
+    def answer_maps(self, parsed: Any) -> int:
+        """Images the answer makes besides its explanations, each counted as a map in the work
+        budget whether the request explains or not (a segmentation mask)."""
+        return 0
+
+    def bind(self, parsed: Any, geometry: Geometry) -> Any:
+        """The parsed options once the image size is known (from its header, before the pixels
+        are decoded): what depends on it is checked and converted here (a region in original
+        pixels -> a mask at the input size); 422 ``OptionError`` otherwise."""
+        return parsed
+
+    def companions(self, parsed: Any) -> tuple[bytes, ...]:
+        """Images a request carries besides its own (an embedding's reference image): each is
+        decoded under the same image limits, forwarded in the same batch right after the
+        request's own row, and explained when the request explains."""
+        return ()
+
+    def companion_options(self, parsed: Any, i: int) -> Any:
+        """The parsed options of the row of companion image ``i`` of a request."""
+        raise TaskError(f"the {self.name} task has no companion images")
+
+    def join(self, out_row: Any, companions: Sequence[Any]) -> Any:
+        """A request's output row for :meth:`answer`, with its companion rows' outputs."""
+        if companions:
+            raise TaskError(f"the {self.name} task has no companion images")
+        return out_row
 
     def request_targets(self, out: Any, parsed: Sequence[Any], geometry: Sequence[Geometry],
                         topk: Sequence[int]) -> TargetBatch:

@@ -21,7 +21,11 @@ from ..errors import OptionError
 from ..parsing import short_repr
 from ..records import Prediction, TargetError, parse_targets, top_predictions
 from ..sources import logits_of
-from .base import Geometry, Shown, TargetBatch, Task, TaskError
+from .base import GraphInput, Geometry, Shown, TargetBatch, Task, TaskError
+
+#: The class input of a classifier's CAM graph.
+CLASS_INPUT = GraphInput("target", torch.int64, (), "class", -1,
+                         "int64 (N,) or (1,); negative = top-1 class; optional, default [-1]")
 
 
 @dataclass(frozen=True)
@@ -31,28 +35,27 @@ class ClassOptions:
     targets: Optional[tuple[int, ...]] = None
 
 
-def class_targets(value: Any, out: torch.Tensor) -> TargetBatch:
-    """The engine's classic ``targets=`` forms for a (B, classes) output: None (top-1), an int,
-    a sequence of B ints, a LongTensor (B,) or (B, K); ``-1`` stands for a row's top-1 class."""
-    b, n_cls = out.shape
-    dev = out.device
+def class_index(value: Any, b: int, n_cls: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The engine's classic ``targets=`` forms for a batch of ``b`` rows and ``n_cls`` classes as
+    (B, K) int64 class indices: None (``-1``), an int, a sequence of B ints, a LongTensor (B,) or
+    (B, K); ``-1`` stands for a row's default class and is kept (the task resolves it)."""
     if value is None:
-        t = torch.full((b, 1), -1, dtype=torch.long, device=dev)
+        t = torch.full((b, 1), -1, dtype=torch.long, device=device)
     elif isinstance(value, bool):
         raise TaskError(f"invalid value for targets: {value!r}")
     elif isinstance(value, int):
-        t = torch.full((b, 1), value, dtype=torch.long, device=dev)
+        t = torch.full((b, 1), value, dtype=torch.long, device=device)
     elif isinstance(value, torch.Tensor):
         if value.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TaskError(f"invalid value for targets: integer tensor expected, got {value.dtype}")
-        t = value.to(device=dev, dtype=torch.long)
+        t = value.to(device=device, dtype=torch.long)
         if t.dim() == 0:
             t = t.expand(b)
         if t.dim() == 1:
             t = t[:, None]
     else:
         try:
-            t = torch.tensor([int(v) for v in value], dtype=torch.long, device=dev)[:, None]
+            t = torch.tensor([int(v) for v in value], dtype=torch.long, device=device)[:, None]
         except (TypeError, ValueError):
             raise TaskError(f"invalid value for targets: {short_repr(value)} (None, an int, a "
                             f"sequence of B ints, or a LongTensor (B,) or (B, K))") from None
@@ -61,6 +64,14 @@ def class_targets(value: Any, out: torch.Tensor) -> TargetBatch:
                         f"of {b} (expected (B,) or (B, K))")
     if t.numel() and (int(t.min()) < -1 or int(t.max()) >= n_cls):
         raise TaskError(f"invalid value for targets: class index out of range 0..{n_cls - 1}")
+    return t
+
+
+def class_targets(value: Any, out: torch.Tensor) -> TargetBatch:
+    """The engine's classic ``targets=`` forms (:func:`class_index`) for a (B, classes) output;
+    ``-1`` stands for a row's top-1 class."""
+    b, n_cls = out.shape
+    t = class_index(value, b, n_cls, out.device)
     top1 = out.detach().argmax(dim=1, keepdim=True).expand_as(t)
     t = torch.where(t < 0, top1, t)
     return TargetBatch(t.contiguous(), (int(t.shape[1]),) * b)
@@ -94,6 +105,18 @@ class Classification(Task):
     def probe_score(self, out: Any) -> torch.Tensor:
         logits = self.output(out)
         return logits[0, logits[0].argmax()]
+
+    def graph_inputs(self, input_size: tuple[int, int]) -> tuple[GraphInput, ...]:
+        return (CLASS_INPUT,)
+
+    def graph_targets(self, out: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> TargetBatch:
+        """``target`` per row; negative: the row's top-1 class."""
+        top1 = out.argmax(dim=1)
+        t = torch.where(inputs["target"] < 0, top1, inputs["target"].to(top1.dtype))
+        return TargetBatch(t[:, None], None)
+
+    def probability(self, out: torch.Tensor, targets: TargetBatch) -> torch.Tensor:
+        return self.probabilities(out).gather(1, targets.index.to(out.device))
 
     def probabilities(self, out: torch.Tensor) -> torch.Tensor:
         """The scores a row's answer shows: softmax probabilities (float32)."""

@@ -88,8 +88,8 @@ class Multilabel(Classification):
             threshold = parse_threshold(options["threshold"], "threshold", OptionError)
         return MultilabelOptions(targets, threshold)
 
-    def max_targets(self, parsed: MultilabelOptions) -> int:
-        return len(parsed.targets) if parsed.targets else len(self.labels)
+    def max_targets(self, parsed: MultilabelOptions) -> Optional[int]:
+        return len(parsed.targets) if parsed.targets else None  # the predicted ones, <= topk
 
     def request_targets(self, out: torch.Tensor, parsed: Sequence[MultilabelOptions],
                         geometry: Sequence[Geometry], topk: Sequence[int]) -> TargetBatch:

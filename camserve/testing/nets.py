@@ -1,6 +1,8 @@
 """Tiny networks for tests, BatchNorm calibration of random networks, and model folders.
 
 * :class:`TinyNet`: conv stack -> pool -> fc; target layer ``features`` (8×8 for a 32×32 input).
+* :class:`TinySegNet` (``{"out": (B, C, H, W)}``, target ``features``) and
+  :class:`TinyEmbedNet` (a vector, or a dict holding it; target ``features``): the dense tasks.
 * :class:`TinyBNNet`: with BatchNorm and in-place ReLU; target ``features.3``; its source is
   self-contained (``import torch`` / ``from torch import nn``), so it can be written to a model
   folder's ``model.py`` (:func:`model_source`).
@@ -86,6 +88,46 @@ class TinyBNNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class TinySegNet(nn.Module):
+    """A dense-prediction net shaped like torchvision's: conv ``features`` (target, stride 4) ->
+    1×1 ``classifier`` -> bilinear upsampling to the input, returned as ``{"out": logits}``."""
+
+    def __init__(self, num_classes: int = 4, seed: Optional[int] = None) -> None:
+        if seed is not None:
+            torch.manual_seed(seed)
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1))
+        self.classifier = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.classifier(torch.relu(self.features(x)))
+        return {"out": nn.functional.interpolate(out, size=x.shape[-2:], mode="bilinear",
+                                                 align_corners=False)}
+
+
+class TinyEmbedNet(nn.Module):
+    """An embedding net: conv ``features`` (target) -> pooled -> linear to ``dim``; returns the
+    vector (``named``: ``{"embedding": v, "tokens": ...}``, an output to pick by name)."""
+
+    def __init__(self, dim: int = 8, seed: Optional[int] = None, named: bool = False) -> None:
+        if seed is not None:
+            torch.manual_seed(seed)
+        super().__init__()
+        self.named = named
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1))
+        self.proj = nn.Linear(16, dim)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        f = torch.relu(self.features(x))
+        v = self.proj(f.mean(dim=(-2, -1)))
+        return {"tokens": f.flatten(2), "embedding": v} if self.named else v
 
 
 def small_sequential(num_classes: int = 5, seed: Optional[int] = 0) -> nn.Sequential:

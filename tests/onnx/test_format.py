@@ -98,3 +98,36 @@ def test_check_methods() -> None:
     with pytest.raises(ValueError, match="empty"):
         check_methods([""])
     assert json.loads(_meta().to_props()["methods"]) == ["hirescam", "gradcam++"]
+
+
+@pytest.mark.parametrize("task,settings,inputs,first", [
+    ("classification", {}, ["target"], "logits"),
+    ("multilabel", {"threshold": 0.3}, ["target"], "logits"),
+    ("segmentation", {"background": 0}, ["target", "region"], "logits"),
+    ("embedding", {"embedding_output": "pooler_output"}, ["reference"], "embedding"),
+])
+def test_task_inputs_and_outputs_are_recorded(task: str, settings: dict, inputs: list,
+                                              first: str) -> None:
+    meta = _meta(task=task, task_settings=settings)
+    props = meta.to_props()
+    assert list(json.loads(props[KEYS["inputs"]])) == inputs
+    assert ("target" in props) == ("target" in inputs)
+    back = GraphMeta.from_props(props)
+    assert back == meta and back.spec.task_settings == settings
+    assert back.input_names == ["input", *inputs] and back.output_names[0] == first
+    assert back.task.name == task
+    if task == "segmentation":
+        assert back.inputs[1].shape == (40, 32)  # the region at the input size
+    if task == "embedding":
+        assert back.inputs[0].shape == (3,) and not back.inputs[0].optional  # D = the labels
+
+
+def test_inputs_that_do_not_fit_the_task_are_refused() -> None:
+    props = _meta(task="segmentation").to_props()
+    props[KEYS["inputs"]] = json.dumps({"target": "x"})
+    with pytest.raises(GraphFormatError, match="invalid metadata 'inputs' .the segmentation task's "
+                                               "graph takes target, region"):
+        GraphMeta.from_props(props)
+    props[KEYS["inputs"]] = "{"
+    with pytest.raises(GraphFormatError, match="'inputs'"):
+        GraphMeta.from_props(props)

@@ -111,3 +111,71 @@ def test_served_rows_with_a_bad_threshold_beside_good_ones():
     assert "threshold" in json.loads(out.results[1].to_json())["message"]
     assert svc.describe()["task"] == "multilabel" and "threshold" in svc.describe()["options"]
 
+
+
+def _hf_classifier(root) -> str:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(
+        image_size=[48, 32], patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, num_labels=5)).eval().save_pretrained(root / "vit")
+    return "hf:vit"
+
+
+#: every classifier family camserve loads, declared multi-label: handler keys, located layer
+FAMILIES = {
+    "file": ({"arch": "model:TinyNet", "num_classes": 5}, "features.6"),
+    "torchvision": ({"arch": "torchvision.models.resnet18", "num_classes": 5}, "layer4"),
+    "timm": ({"arch": "timm:resnet10t", "num_classes": 5}, "layer4"),
+    "hf": ({"arch": "hf"}, "vit.layers.1.layernorm_before"),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_classifier_family_can_be_multilabel(name, tmp_path) -> None:
+    """Declared ``task: multilabel``, each family loads with its own layer, serves sigmoid labels
+    and its per-label maps equal pytorch-grad-cam's BinaryClassifierOutputTarget (float64,
+    non-square input)."""
+    import copy
+
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
+    from camserve.models import load_model
+
+    (tmp_path / "model.py").write_text("from camserve.testing.nets import TinyNet\n")
+    cfg = {**FAMILIES[name][0], "task": "multilabel", "threshold": 0.4, "input_size": [48, 32]}
+    if cfg["arch"] == "hf":
+        cfg["arch"] = _hf_classifier(tmp_path)
+    lm = load_model(ModelSpec.from_config(cfg), tmp_path, calibrate=True)
+    assert lm.layer == FAMILIES[name][1] and lm.num_classes == 5
+    svc = CamService(lm)
+    body = json.loads(svc.handle_batch([{"data": _png(7), "explain": "true", "target": "[1, 3]"}])
+                      .results[0].to_json())
+    assert body["threshold"] == 0.4 and [e["target"] for e in body["explanations"]] == [1, 3]
+    assert all(p["score"] >= 0.4 for p in body["labels"])
+    model64 = copy.deepcopy(lm.model).double()
+    for p in model64.parameters():  # pytorch-grad-cam backpropagates through the parameters
+        p.requires_grad_(True)
+    x = torch.randn(2, 3, 48, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    eng = CamEngine(model64, lm.layer, task=Multilabel(lm.labels), reshape=lm.reshape)
+    ours = eng(x, targets=torch.tensor([[1, 3], [0, 4]]), method="gradcam").heatmaps((48, 32))
+    module = model64.get_submodule(lm.layer)
+    transform = None if lm.layout == "nchw" else lm.reshape
+    for k in range(2):
+        labels = [[1, 3], [0, 4]]
+
+        class One(torch.nn.Module):  # the label's own output: a binary classifier
+            def __init__(self, lab: int) -> None:
+                super().__init__()
+                self.net, self.lab = model64, lab
+
+            def forward(self, t: torch.Tensor) -> torch.Tensor:
+                return self.net(t)[:, self.lab:self.lab + 1]
+
+        for r in range(2):
+            with GradCAM(model=One(labels[r][k]), target_layers=[module],
+                         reshape_transform=transform) as cam:
+                ref = cam(x[r:r + 1], targets=[BinaryClassifierOutputTarget(1)])
+            np.testing.assert_allclose(ours[r, k].numpy(), ref[0], atol=1e-6)
