@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .layouts import (GRIDLESS_LAYOUTS, ChannelsLast, LayoutError, Reshape, TokenGrid,
+from .layouts import (GRIDLESS_LAYOUTS, ChannelsFirst, ChannelsLast, LayoutError, Reshape, TokenGrid,
                       check_layout, grid_of, reshape_for, square_grid)
 
 log = logging.getLogger(__name__)
