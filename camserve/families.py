@@ -469,9 +469,11 @@ def locate(model: nn.Module, input_size: Sequence[int] | int = 224) -> LayerChoi
     """Choose the target layer of ``model`` for inputs of ``input_size`` (H, W); see the module
     docstring for the rules. The probes run in eval mode; the model is left as it was (modes
     restored, hooks removed, BatchNorm statistics untouched). Logs one line with the layer, grid and reason."""
+    from .tasks.detectors import detector_layer
+
     size = _pair(input_size)
-    choice: Optional[LayerChoice] = None
-    for rule in FAMILY_RULES:
+    choice: Optional[LayerChoice] = detector_layer(model, size)
+    for rule in () if choice is not None else FAMILY_RULES:
         choice = rule(model, size)
         if choice is not None:
             break
@@ -539,6 +541,11 @@ def choose_layer(model: nn.Module, input_size: Sequence[int] | int = 224,
     if target_layer is None:
         return locate(model, size)
     model.get_submodule(target_layer)  # AttributeError names the missing part
+    from .tasks.detectors import detector_layer
+
+    det = detector_layer(model, size, target_layer) if layout in (None, "nchw") else None
+    if det is not None:  # a known detector: its own resize makes two probes meaningless
+        return det
     if layout in ("nchw", "nhwc"):
         shape = _probe_shape(model, target_layer, size)
         if len(shape) != 4:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import sys
@@ -314,6 +315,14 @@ def _torchvision_builder(arch: str) -> Any:
                                   f"{known}, ...)") from None
 
 
+def _takes(ctor: Any, name: str) -> bool:
+    """``ctor`` has a parameter ``name``."""
+    try:
+        return name in inspect.signature(ctor).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def build_from_source(arch: str, *, num_classes: Optional[int] = None,
                       arch_args: Optional[Mapping[str, Any]] = None,
                       model_dir: str | Path = ".",
@@ -351,6 +360,8 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
         elif arch.startswith("torchvision.models.") or "." not in arch:
             ctor = _torchvision_builder(arch)
             kwargs.setdefault("weights", None)
+            if _takes(ctor, "weights_backbone"):  # detectors: no pretrained backbone download
+                kwargs.setdefault("weights_backbone", None)
         else:
             raise SourceError("arch", f"{short_repr(arch)} (expected {', '.join(ARCH_FORMS)})")
         try:
@@ -359,6 +370,10 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
             raise SourceError("arch_args", f"{short_repr(arch)} cannot be built with {short_repr(kwargs)}: "
                                            f"{str(e)[:160]}") from None
         defaults = SourceDefaults()
+        if isinstance(model, nn.Module):
+            from .tasks.detectors.torchvision import source_defaults
+
+            defaults = source_defaults(model) or defaults
     if not isinstance(model, nn.Module):
         raise SourceError("arch", f"{short_repr(arch)} did not build an nn.Module")
     model.eval()

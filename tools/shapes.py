@@ -67,6 +67,8 @@ Box = tuple[int, int, int, int]
 # radius ranges (px, circumscribed circle) for one object alone and for two objects together
 _RADIUS_SINGLE = (12.0, 24.0)
 _RADIUS_PAIR = (11.0, 18.0)
+_RADIUS_SCENE = (9.0, 15.0)  # three or four objects (detection scenes)
+MAX_OBJECTS = 4
 _MIN_CONTRAST = 110.0  # minimum RGB distance between a shape and the background under it
 _PAIR_GAP = 2  # px between the boxes of the two objects
 
@@ -237,15 +239,16 @@ def _place(rng: np.random.Generator, radius: float, size: int,
 
 def render_sample(rng: np.random.Generator, labels: Sequence[int], *, size: int = IMAGE_SIZE,
                   clutter: bool = True) -> Sample:
-    """Draw the shapes ``labels`` (one or two different classes) on a new background.
+    """Draw the shapes ``labels`` (one to :data:`MAX_OBJECTS` different classes) on a new
+    background.
 
     With ``clutter`` the background has a colour gradient, blurred blobs, 2-6 random lines and
     Gaussian noise (sigma 2-10) over the whole image; without it, a flat colour and no noise (used
-    by tests to see the drawn pixels). Two shapes never overlap: their boxes are >= 2 px apart.
+    by tests to see the drawn pixels). Shapes never overlap: their boxes are >= 2 px apart.
     """
     labels = tuple(int(v) for v in labels)
-    if len(labels) not in (1, 2):
-        raise ValueError(f"invalid value for labels: {labels} (one or two class indices)")
+    if not 1 <= len(labels) <= MAX_OBJECTS:
+        raise ValueError(f"invalid value for labels: {labels} (1 to {MAX_OBJECTS} class indices)")
     if len(set(labels)) != len(labels):
         raise ValueError(f"invalid value for labels: {labels} (the classes must be different)")
     for v in labels:
@@ -253,7 +256,7 @@ def render_sample(rng: np.random.Generator, labels: Sequence[int], *, size: int 
             raise ValueError(f"invalid value for labels: {v} (known: 0..{len(CLASSES) - 1})")
     if size < 48:
         raise ValueError(f"invalid value for size: {size} (at least 48 px)")
-    r_lo, r_hi = _RADIUS_SINGLE if len(labels) == 1 else _RADIUS_PAIR
+    r_lo, r_hi = (_RADIUS_SINGLE, _RADIUS_PAIR, _RADIUS_SCENE)[min(len(labels), 3) - 1]
     scale = size / IMAGE_SIZE
     img = _background(rng, size, clutter)
     while True:  # a pair that does not fit is redrawn smaller; one shape always fits

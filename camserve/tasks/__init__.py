@@ -7,8 +7,8 @@ shapes. A model folder chooses its task with ``handler.task`` (default ``classif
 
 Example::
 
-    >>> sorted(available_tasks())[:2]
-    ['classification', 'multilabel']
+    >>> sorted(available_tasks())[:3]
+    ['classification', 'detection', 'multilabel']
     >>> make_task("classification", ["cat", "dog"]).name
     'classification'
 """
@@ -19,9 +19,11 @@ from typing import Any, Mapping, Optional, Sequence
 from ..parsing import short_repr
 from .base import Geometry, Shown, TargetBatch, Task, TaskError
 from .classification import Classification, ClassOptions
+from .detection import Detection, DetectionOptions, Detections, ImageDetections
 from .multilabel import Multilabel
 
-__all__ = ["Classification", "ClassOptions", "Geometry", "Multilabel", "Shown", "TargetBatch",
+__all__ = ["Classification", "ClassOptions", "Detection", "DetectionOptions", "Detections",
+           "Geometry", "ImageDetections", "Multilabel", "Shown", "TargetBatch",
            "Task", "TaskError", "available_tasks", "get_task", "make_task", "register_task",
            "task_config_keys"]
 
@@ -62,5 +64,5 @@ def make_task(name: str, labels: Sequence[str] = (),
     return get_task(name)(labels, settings)
 
 
-for _cls in (Classification, Multilabel):
+for _cls in (Classification, Multilabel, Detection):
     register_task(_cls)

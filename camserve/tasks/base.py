@@ -182,6 +182,12 @@ class Task:
         return f"{type(self).__name__}({len(self.labels)} labels)"
 
     @classmethod
+    def prepare_model(cls, model: Any, spec: Any) -> None:
+        """Adapt a freshly built serving copy of ``model`` to the task and ``spec`` (the loader
+        calls it before counting labels; detectors: their family's thresholds, NMS and resize
+        from the task's keys). Default: nothing."""
+
+    @classmethod
     def count_labels(cls, model: Any, raw: Any) -> int:
         """The number of labels of ``model``, from its raw output on a blank input (``raw``) or
         its configuration; tasks whose output is a logit vector are counted by the loader."""

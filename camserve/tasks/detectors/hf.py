@@ -1,0 +1,2 @@
+"""Hugging Face detectors (placeholder filled below)."""
+HF_FAMILIES: tuple = ()

@@ -1,0 +1,2 @@
+"""Ultralytics YOLO (placeholder filled below)."""
+YOLO_FAMILIES: tuple = ()
