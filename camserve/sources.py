@@ -267,14 +267,15 @@ def _build_hf(sub: str, num_classes: Optional[int], arch_args: Mapping[str, Any]
         raise SourceError("arch", f"'hf:{sub[:80]}' needs a save_pretrained folder with config.json "
                                   f"at {str(folder)[:120]!r}")
     try:
-        from transformers import AutoModelForImageClassification
+        from transformers import AutoModelForImageClassification, AutoModelForObjectDetection
     except ImportError:
         raise SourceError("arch", f"'hf:{sub[:80]}' needs transformers and safetensors "
                                   f"(pip install 'camserve[hf]')") from None
     kwargs = dict(arch_args)
+    detector = _hf_detector(folder)
+    auto = AutoModelForObjectDetection if detector else AutoModelForImageClassification
     try:
-        model = AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True,
-                                                                **kwargs)
+        model = auto.from_pretrained(str(folder), local_files_only=True, **kwargs)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise SourceError("arch", f"'hf:{sub[:80]}' cannot be loaded from {str(folder)[:120]!r}: "
                                   f"{str(e).splitlines()[0][:200]}") from None
@@ -299,8 +300,45 @@ def _build_hf(sub: str, num_classes: Optional[int], arch_args: Mapping[str, Any]
             defaults.crop = float(pre["crop_pct"])
     if defaults.input_size is None:
         defaults.input_size = _size_pair(getattr(model.config, "image_size", None))
-    ensure_logits(model, force=True)
+    if detector:
+        _hf_detections(model, folder, sub)
+    else:
+        ensure_logits(model, force=True)
     return model, defaults
+
+
+def _hf_detector(folder: Path) -> bool:
+    """The folder's ``config.json`` names an object-detection architecture."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # from_pretrained says what is wrong
+    archs = cfg.get("architectures") if isinstance(cfg, dict) else None
+    return isinstance(archs, list) and any(str(a).endswith("ForObjectDetection") for a in archs)
+
+
+def _hf_detections(model: nn.Module, folder: Path, sub: str) -> None:
+    """A Hugging Face detector returns detections through its folder's image processor (see
+    :mod:`camserve.tasks.detectors.hf`); without a ``preprocessor_config.json``, the processor
+    class of its model type with its defaults."""
+    from transformers import AutoImageProcessor
+
+    from .tasks.detectors.hf import ensure_detections
+
+    try:
+        if (folder / "preprocessor_config.json").is_file():
+            proc = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        else:
+            import transformers
+
+            from .tasks.detectors.hf import PROCESSORS
+
+            name = PROCESSORS.get(str(model.config.model_type), "")  # type: ignore[attr-defined]
+            proc = getattr(transformers, name)()
+        ensure_detections(model, proc)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise SourceError("arch", f"'hf:{sub[:80]}': no image processor with "
+                                  f"post_process_object_detection ({str(e).splitlines()[0][:160]})") from None
 
 
 def _torchvision_builder(arch: str) -> Any:
