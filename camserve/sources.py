@@ -7,13 +7,16 @@ One front door, :func:`build_from_source`, turns an ``arch`` string (plus ``num_
 =============================  ===========================================================
 ``timm:<name>``                ``timm.create_model(name, pretrained=False, num_classes=..., **arch_args)``;
                                mean/std/input size/interpolation/crop from its ``pretrained_cfg``
-``hf:<subfolder>``             a ``save_pretrained`` image classifier inside the model folder
+``hf:<subfolder>``             a ``save_pretrained`` image classifier (or object detector)
+                               inside the model folder
                                (``config.json`` + ``model.safetensors``), local files only;
                                labels from ``id2label``, mean/std/size from
                                ``preprocessor_config.json``
 ``torchvision.models.<name>``  ``torchvision.models.get_model_builder(name)(weights=None, ...)``
 ``FILE:Class``                 ``Class`` from ``FILE.py`` in the model folder
 ``package.module:Class``       an importable class
+``yolo:<file>``                an Ultralytics YOLO detector from a model ``.yaml`` or ``.pt`` in the
+                               folder (``camserve[yolo]``; :mod:`camserve.tasks.detectors.yolo`)
 =============================  ===========================================================
 
 Models that do not return a tensor (Hugging Face output objects, tuples, dicts) are given a
@@ -47,7 +50,7 @@ from .parsing import short_repr
 log = logging.getLogger(__name__)
 
 ARCH_FORMS = ("'timm:<name>'", "'hf:<subfolder>'", "'torchvision.models.<name>'", "'file:Class'",
-              "'package.module:Class'")
+              "'package.module:Class'", "'yolo:<file.yaml or .pt>'")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
@@ -389,6 +392,10 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
         model, defaults = _build_timm(arch[5:], num_classes, arch_args)
     elif arch.startswith("hf:"):
         model, defaults = _build_hf(arch[3:].strip("/"), num_classes, arch_args, model_dir)
+    elif arch.startswith("yolo:"):
+        from .tasks.detectors.yolo import build_yolo  # imports ultralytics (AGPL) for yolo: only
+
+        model, defaults = build_yolo(arch[5:].strip("/"), num_classes, arch_args, model_dir)
     else:
         kwargs: dict[str, Any] = dict(arch_args)
         if num_classes is not None:
@@ -415,7 +422,10 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
     if not isinstance(model, nn.Module):
         raise SourceError("arch", f"{short_repr(arch)} did not build an nn.Module")
     model.eval()
-    if input_size is not None and not arch.startswith("hf:"):
+    from .tasks.detectors import known_family
+
+    if input_size is not None and not arch.startswith(("hf:", "yolo:")) and \
+            known_family(model) is None:
         ensure_logits(model, torch.zeros(1, 3, *(int(v) for v in input_size)))
     return model, defaults
 

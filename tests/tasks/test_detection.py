@@ -261,3 +261,23 @@ def test_geometry_maps_detections_to_original_pixels():
     miss = task.parse_options({"boxes": [{"label": "dog", "box": [24, 40, 100, 124]}]}, max_targets=16)
     body = task.answer(out[0], miss, 5, geo, [{"method": "gradcam"}])
     assert body["detections"][1]["matched"] is False and body["detections"][1]["score"] == 0.0
+
+
+def test_the_core_never_imports_ultralytics(tmp_path):
+    """AGPL: serving a non-YOLO detector (and importing every core module) leaves ultralytics
+    unimported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "import camserve, camserve.serving, camserve.sources, camserve.families\n"
+            "from camserve.tasks.detectors import family_of\n"
+            "from camserve.models import ModelSpec, load_model\n"
+            "spec = ModelSpec.from_config({'arch': 'torchvision.models.ssdlite320_mobilenet_v3_large',"
+            " 'num_classes': 3, 'task': 'detection', 'input_size': [64, 64]})\n"
+            "lm = load_model(spec)\n"
+            "assert family_of(lm.model).name == 'torchvision SSD'\n"
+            "print('ultralytics' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
