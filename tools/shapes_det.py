@@ -63,6 +63,24 @@ def make_scenes(seed: int, n: int, *, stream: str = "train",
     return out
 
 
+def write_samples(out: Path | str, seed: int, n: int) -> dict[str, list[dict[str, Any]]]:
+    """Write ``n`` scene PNGs (``scene_<i:03d>.png``) of the ``samples`` stream and ``boxes.json``
+    mapping each file name to its objects ``[{"label": <class name>, "box": [x0, y0, x1, y1]}]``;
+    returns that mapping."""
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict[str, list[dict[str, Any]]] = {}
+    for i, s in enumerate(make_scenes(seed, n, stream="samples")):
+        name = f"scene_{i:03d}.png"
+        Image.fromarray(s.image, "RGB").save(out / name)
+        index[name] = [{"label": CLASSES[lab], "box": list(b)} for lab, b in zip(s.labels, s.boxes)]
+    lines = [f"  {json.dumps(name)}: {json.dumps(objs)}" for name, objs in index.items()]
+    (out / "boxes.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    return index
+
+
 # ------------------------------------------------------------------------------------------------
 # training
 
@@ -112,8 +130,8 @@ class TrainReport:
     files: tuple[Path, ...]
 
 
-def train(out: Path | str = DEFAULT_MODEL_DIR, *, seed: int = 0, epochs: int = 12, n: int = 12000,
-          batch_size: int = 64, lr: float = 3e-3, max_seconds: Optional[float] = None) -> TrainReport:
+def train(out: Path | str = DEFAULT_MODEL_DIR, *, seed: int = 0, epochs: int = 6, n: int = 3200,
+          batch_size: int = 64, lr: float = 4e-3, max_seconds: Optional[float] = None) -> TrainReport:
     """Train the folder's detector (its ``model-config.yaml`` and ``model.py``) on ``n`` scenes of
     the ``train`` stream for ``epochs`` (AdamW, one-cycle); writes ``weights.pt`` (a state_dict)
     and ``index_to_name.json``."""
@@ -309,7 +327,8 @@ def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, seed: int = 1234, *, n: 
                        {**loaded.spec.task_settings,
                         "score_threshold": _served_threshold(model_dir)})
     low = make_task("detection", loaded.labels, loaded.spec.task_settings)
-    methods = [m for m in (methods or available_methods()) if get_method(m).pure]
+    methods = [m for m in (methods or available_methods())  # a gradient-free map is the same
+               if get_method(m).pure and get_method(m).gradients]  # for every box
     engine = CamEngine(loaded.model, loaded.layer, reshape=loaded.reshape, task=low)
     scenes = make_scenes(seed, n, stream="evaluate")
     dets: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -366,10 +385,10 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the detector of a folder, write weights.pt + labels")
     t.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--epochs", type=int, default=12)
-    t.add_argument("--n", type=int, default=12000, help="training scenes")
+    t.add_argument("--epochs", type=int, default=6)
+    t.add_argument("--n", type=int, default=3200, help="training scenes")
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--lr", type=float, default=4e-3)
     t.add_argument("--max-seconds", type=float, default=None)
     t.add_argument("--threads", type=int, default=2)
     e = sub.add_parser("evaluate", help="map50 and box pointing per CAM method on fresh scenes")
@@ -378,6 +397,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=400, help="scenes")
     e.add_argument("--methods", default=None, help="comma list (default: every pure method)")
     e.add_argument("--threads", type=int, default=2)
+    s = sub.add_parser("samples", help="write scene PNGs and boxes.json")
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--n", type=int, default=6)
+    s.add_argument("--out", type=Path, required=True)
     return p
 
 
@@ -389,6 +412,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     try:
+        if args.command == "samples":
+            index = write_samples(args.out, args.seed, args.n)
+            print(f"wrote {len(index)} scenes and boxes.json to {args.out}")
+            return 0
         if args.threads < 1:
             raise ValueError(f"invalid value for --threads: {args.threads} (>= 1)")
         torch.set_num_threads(args.threads)
