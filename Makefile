@@ -45,7 +45,7 @@ evaluate: install
 		$(BIN)/python -m tools.shapes_det evaluate --model $(MODEL) --seed $(SEED); \
 	else $(BIN)/python -m tools.shapes evaluate --model $(MODEL) --seed $(SEED); fi
 
-# the default detector (models/shapes-det): about 15 minutes on 2 cores; run it alone
+# the default detector (models/shapes-det): about 12 minutes on 2 cores; run it alone
 DET_MODEL ?= models/shapes-det
 train-det: install
 	$(BIN)/python -m tools.shapes_det train --out $(DET_MODEL)

@@ -1,6 +1,6 @@
 """Synthetic shapes: the dataset, training and evaluation of the project's default model.
 
-The generator draws one or two coloured shapes of 8 classes (:data:`CLASSES`, the order is the class
+The generator draws one to four coloured shapes of 8 classes (:data:`CLASSES`, the order is the class
 index) on a cluttered, noisy 96×96 RGB background and knows the ground-truth box of every shape, so
 the answer to "where is the circle?" is known exactly. Generation needs only numpy and Pillow; every
 random choice is drawn from one ``numpy.random.Generator``, so a seed gives identical images.
@@ -159,7 +159,7 @@ def mask_box(mask: np.ndarray, threshold: int = 128) -> Box:
 class Sample:
     """One generated image.
 
-    ``image`` (H, W, 3) uint8; ``labels`` class indices (one or two, all different); ``boxes`` one
+    ``image`` (H, W, 3) uint8; ``labels`` class indices (one to four, all different); ``boxes`` one
     ``[x0, y0, x1, y1]`` per label (exclusive ends); ``masks`` (k, H, W) uint8 coverage per label.
     """
 

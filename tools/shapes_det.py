@@ -130,7 +130,7 @@ class TrainReport:
     files: tuple[Path, ...]
 
 
-def train(out: Path | str = DEFAULT_MODEL_DIR, *, seed: int = 0, epochs: int = 6, n: int = 3200,
+def train(out: Path | str = DEFAULT_MODEL_DIR, *, seed: int = 0, epochs: int = 10, n: int = 6400,
           batch_size: int = 64, lr: float = 4e-3, max_seconds: Optional[float] = None) -> TrainReport:
     """Train the folder's detector (its ``model-config.yaml`` and ``model.py``) on ``n`` scenes of
     the ``train`` stream for ``epochs`` (AdamW, one-cycle); writes ``weights.pt`` (a state_dict)
@@ -385,8 +385,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the detector of a folder, write weights.pt + labels")
     t.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--epochs", type=int, default=6)
-    t.add_argument("--n", type=int, default=3200, help="training scenes")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--n", type=int, default=6400, help="training scenes")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=4e-3)
     t.add_argument("--max-seconds", type=float, default=None)
