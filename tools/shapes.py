@@ -1,7 +1,7 @@
 """Synthetic shapes: the dataset, training and evaluation of the project's default model.
 
-The generator draws one to four coloured shapes of 8 classes (:data:`CLASSES`, the order is the class
-index) on a cluttered, noisy 96×96 RGB background and knows the ground-truth box of every shape, so
+The generator draws one to four coloured shapes of 8 classes (:data:`CLASSES`, the order is the
+class index) on a cluttered, noisy 96×96 RGB background and knows the ground-truth box of every shape, so
 the answer to "where is the circle?" is known exactly. Generation needs only numpy and Pillow; every
 random choice is drawn from one ``numpy.random.Generator``, so a seed gives identical images.
 

@@ -476,6 +476,7 @@ class Detection(Task):
     def shown(self, out_row: ImageDetections, targets: TargetBatch, r: int,
               geometry: Geometry) -> list[Shown]:
         n = targets.count[r]
+        out_row = out_row.detach()
         found = self._matches(out_row, targets, r)
         shown = []
         for k in range(n):
