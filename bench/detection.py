@@ -7,7 +7,7 @@ made but no PNG is encoded; ``--outputs`` changes that). All contenders run side
 run: each round times every contender once in a rotating order; the table reports medians after
 warm-up, as ms/request, as ratios to predict-only, and the cost of one more box
 ((t5 - t1) / 4) relative to predict-only. Detectors: the shapes detector (``models/shapes-det``,
-96×96) and torchvision's Faster R-CNN MobileNetV3-FPN (random weights, every box kept, 320×320);
+96×96) and torchvision's Faster R-CNN MobileNetV3-FPN (random weights, 5 classes, every box kept, 320×320);
 ``--resnet`` adds Faster R-CNN ResNet-50-FPN. Usage::
 
     python -m bench.detection [--rounds 7] [--threads 2] [--outputs bbox] [--resnet]
@@ -51,7 +51,7 @@ def _services(resnet: bool) -> list[tuple[str, CamService, bytes]]:
                 img))
     archs = ["fasterrcnn_mobilenet_v3_large_fpn"] + (["fasterrcnn_resnet50_fpn"] if resnet else [])
     for arch in archs:
-        spec = ModelSpec.from_config({"arch": f"torchvision.models.{arch}", "num_classes": 91,
+        spec = ModelSpec.from_config({"arch": f"torchvision.models.{arch}", "num_classes": 5,
                                       "task": "detection", "score_threshold": 0.0,
                                       "input_size": [320, 320]})
         torch.manual_seed(0)

@@ -299,7 +299,7 @@ def demo() -> int:
 
 def demo_detection(props: dict[str, str]) -> None:
     """Explain the detector's sample scenes: each explained detection's overlay (its box drawn)
-    to demo/<scene>_<label>.png, and whether its map peaks in the true box."""
+    to demo/<scene>_<i>_<label>.png, and whether its map peaks in the true box."""
     import numpy as np
     from PIL import Image
 
@@ -307,15 +307,16 @@ def demo_detection(props: dict[str, str]) -> None:
     client = CamClient(props.get("inference_address", "http://127.0.0.1:8080"),
                        token=read_token(ROOT / "key_file.json", "inference"), model=DET_MODEL)
     print(f"\n{'scene':<16} {'objects':<34} detections (label score, peak in its box)")
-    found = peaks = total = 0
+    found = peaks = total = explained = 0
     for name, objects in sorted(truth.items()):
         ans = client.explain((DET_SAMPLES / name).read_bytes(), outputs="heatmap,overlay")
         shown = []
-        for d in ans["detections"]:
+        for i, d in enumerate(ans["detections"]):
             e = d.get("explanation")
             if e is None:
                 continue
-            (DEMO_OUT / f"{Path(name).stem}_{d['label']}.png").write_bytes(
+            explained += 1
+            (DEMO_OUT / f"{Path(name).stem}_{i}_{d['label']}.png").write_bytes(
                 base64.b64decode(e["overlay"]))
             hm = np.asarray(Image.open(io.BytesIO(base64.b64decode(e["heatmap"]))))
             py, px = np.unravel_index(int(hm.argmax()), hm.shape)
@@ -327,7 +328,8 @@ def demo_detection(props: dict[str, str]) -> None:
         found += sum(o["label"] in labels for o in objects)
         total += len(objects)
         print(f"{name:<16} {', '.join(o['label'] for o in objects):<34} {'; '.join(shown)}")
-    print(f"\ndetector: {found}/{total} objects found, {peaks} map peaks in their true box; "
+    print(f"\ndetector: {found}/{total} objects found; {peaks}/{explained} maps peak in the true "
+          f"box of their label; "
           f"overlays (box drawn) in {_rel(DEMO_OUT)}/")
 
 

@@ -52,6 +52,7 @@ from ..errors import OptionError
 from ..parsing import parse_int, short_repr
 from ..records import TargetError, parse_target, round_score
 from .base import Geometry, Shown, TargetBatch, Task, TaskError
+from .multilabel import parse_threshold
 
 BOX_TARGETS = ("score", "iou+score")
 #: IoU a prediction must exceed to match a reference box (pytorch-grad-cam's default)
@@ -115,19 +116,6 @@ def _finite(value: Any) -> Optional[float]:
         return None
     v = float(value)
     return v if math.isfinite(v) else None
-
-
-def _number(value: Any, key: str, lo: float, hi: float, exc: type[Exception]) -> float:
-    num: Any = value
-    if isinstance(value, str):
-        try:
-            num = float(value.strip()) if len(value) <= 40 else None
-        except ValueError:
-            num = None
-    v = _finite(num)
-    if v is None or not lo <= v <= hi:
-        raise exc(f"invalid value for {key}: {short_repr(value)} (a number in [{lo:g}, {hi:g}])")
-    return v
 
 
 def _count(value: Any, key: str, lo: int, hi: int, exc: type[Exception]) -> int:
@@ -339,12 +327,12 @@ class Detection(Task):
     def __init__(self, labels: Sequence[str] = (), settings: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__(labels, settings)
         s = self.settings
-        self.score_threshold = _number(s.get("score_threshold", DEFAULT_SCORE_THRESHOLD),
-                                       "handler.score_threshold", 0.0, 1.0, TaskError)
+        self.score_threshold = parse_threshold(s.get("score_threshold", DEFAULT_SCORE_THRESHOLD),
+                                               "handler.score_threshold", TaskError)
         self.max_detections = _count(s.get("max_detections", DEFAULT_MAX_DETECTIONS),
                                      "handler.max_detections", 1, 10_000, TaskError)
         self.nms_iou = (None if s.get("nms_iou") is None else
-                        _number(s["nms_iou"], "handler.nms_iou", 0.0, 1.0, TaskError))
+                        parse_threshold(s["nms_iou"], "handler.nms_iou", TaskError))
         self.explain_top = _count(s.get("explain_top", DEFAULT_EXPLAIN_TOP), "handler.explain_top",
                                   0, 10_000, TaskError)
         self.box_target = _box_target(s.get("box_target", "score"), "handler.box_target", TaskError)
