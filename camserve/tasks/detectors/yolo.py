@@ -74,6 +74,34 @@ def ensure_detections(model: nn.Module) -> nn.Module:
     return model
 
 
+def _import_ultralytics(name: str) -> tuple[Any, Any]:
+    """Ultralytics' ``DetectionModel`` and ``torch_safe_load``, imported without its side effects
+    on the serving process: no automatic ``pip install`` and no network checks (``YOLO_AUTOINSTALL``
+    and ``YOLO_OFFLINE`` default to off / on), and Pillow's own ``Image.open`` put back (Ultralytics
+    replaces it at import with one that tries to install a HEIF plugin for every file Pillow
+    cannot identify — a hostile upload would trigger it)."""
+    import os
+
+    from PIL import Image
+
+    from ...sources import SourceError
+
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    os.environ.setdefault("YOLO_OFFLINE", "true")
+    pillow_open = Image.open
+    try:
+        from ultralytics.nn.tasks import DetectionModel, torch_safe_load
+        from ultralytics.utils import patches
+    except ImportError:
+        raise SourceError("arch", f"'yolo:{name[:80]}' needs ultralytics (pip install "
+                                  f"'camserve[yolo]'; AGPL-3.0)") from None
+    finally:
+        if getattr(Image.open, "__module__", "").startswith("ultralytics"):
+            Image.open = getattr(patches, "_image_open", pillow_open) \
+                if "patches" in locals() else pillow_open
+    return DetectionModel, torch_safe_load
+
+
 def build_yolo(name: str, num_classes: Optional[int], arch_args: Mapping[str, Any],
                model_dir: Path) -> tuple[nn.Module, "SourceDefaults"]:
     """The model of ``yolo:<name>`` (a ``.yaml`` or ``.pt`` file in ``model_dir``) returning
@@ -84,11 +112,7 @@ def build_yolo(name: str, num_classes: Optional[int], arch_args: Mapping[str, An
     if path.suffix not in (".yaml", ".yml", ".pt") or not path.is_file():
         raise SourceError("arch", f"'yolo:{name[:80]}' needs a model .yaml or an Ultralytics .pt "
                                   f"in the model folder ({str(path)[:120]!r})")
-    try:
-        from ultralytics.nn.tasks import DetectionModel, torch_safe_load
-    except ImportError:
-        raise SourceError("arch", f"'yolo:{name[:80]}' needs ultralytics (pip install "
-                                  f"'camserve[yolo]'; AGPL-3.0)") from None
+    DetectionModel, torch_safe_load = _import_ultralytics(name)
     if path.suffix == ".pt":
         try:  # weights_only with Ultralytics' allow-list of its own classes
             ckpt, _ = torch_safe_load(str(path), safe_only=True)
