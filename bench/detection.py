@@ -7,8 +7,8 @@ made but no PNG is encoded; ``--outputs`` changes that). All contenders run side
 run: each round times every contender once in a rotating order; the table reports medians after
 warm-up, as ms/request, as ratios to predict-only, and the cost of one more box
 ((t5 - t1) / 4) relative to predict-only. Detectors: the shapes detector (``models/shapes-det``,
-96×96) and torchvision's Faster R-CNN MobileNetV3-FPN (random weights, 5 classes, every box kept, 320×320);
-``--resnet`` adds Faster R-CNN ResNet-50-FPN. Usage::
+96×96) and torchvision's Faster R-CNN MobileNetV3-FPN (random weights, 5 classes, every box
+kept, 320×320); ``--resnet`` adds Faster R-CNN ResNet-50-FPN. Usage::
 
     python -m bench.detection [--rounds 7] [--threads 2] [--outputs bbox] [--resnet]
 """
