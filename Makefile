@@ -19,7 +19,7 @@ PYTEST      = $(BIN)/python -m pytest -q
 TEST_PATHS  = tests camserve tools --doctest-modules
 FAST_MARKS  = not zoo and not torchserve and not train and not slow
 
-.PHONY: install test test-fast train train-seg train-multi evaluate samples bench-engine bench-tasks archive serve stop demo export batch bench-serve bench-offline clean
+.PHONY: install test test-fast train train-seg train-multi train-det evaluate samples samples-det bench-engine bench-tasks bench-detection archive serve stop demo export batch bench-serve bench-offline clean
 
 install: $(STAMP)
 
@@ -45,9 +45,23 @@ train-seg: install
 train-multi: install
 	$(BIN)/python -m tools.dense_shapes train --task multilabel --out models/shapes-multi
 
-# any shapes folder: the classifier's evaluation, or the dense one for a segmentation/multilabel folder
+# any shapes folder: the classifier's evaluation, the dense one for a segmentation/multilabel folder,
+# the detection one (map50, box_pointing per method) for a detector folder (handler.task: detection)
 evaluate: install
-	$(BIN)/python -m tools.shapes evaluate --model $(MODEL) --seed $(SEED)
+	@if grep -qE '^\s*task:\s*detection' $(MODEL)/model-config.yaml 2>/dev/null; then \
+		$(BIN)/python -m tools.shapes_det evaluate --model $(MODEL) --seed $(SEED); \
+	else $(BIN)/python -m tools.shapes evaluate --model $(MODEL) --seed $(SEED); fi
+
+# the default detector (models/shapes-det): about 12 minutes on 2 cores; run it alone
+DET_MODEL ?= models/shapes-det
+train-det: install
+	$(BIN)/python -m tools.shapes_det train --out $(DET_MODEL)
+
+samples-det: install
+	$(BIN)/python -m tools.shapes_det samples --seed $(SEED) --n 6 --out $(DET_MODEL)/samples
+
+bench-detection: install
+	$(BIN)/python -m bench.detection
 
 samples: install
 	$(BIN)/python -m tools.shapes samples --seed $(SEED) --n $(N) --out $(OUT)
@@ -66,9 +80,9 @@ NAME ?= $(notdir $(abspath $(MODEL)))
 SHAPES := models/shapes
 
 archive: install
-	@if [ "$(abspath $(MODEL))" = "$(abspath $(SHAPES))" ]; then \
+	@if [ "$(abspath $(MODEL))" = "$(abspath $(SHAPES))" ] || [ "$(abspath $(MODEL))" = "$(abspath $(DET_MODEL))" ]; then \
 		for f in weights.pt index_to_name.json; do test -f $(MODEL)/$$f || { \
-			echo "error: $(MODEL)/$$f is missing: train the default model first (make train)"; exit 1; }; done; fi
+			echo "error: $(MODEL)/$$f is missing: train the default model first (make train / make train-det)"; exit 1; }; done; fi
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.archive $(MODEL) --name $(NAME) --out model_store
 
 serve: archive
@@ -79,6 +93,7 @@ stop: install
 
 demo: install
 	$(MAKE) archive MODEL=$(SHAPES) NAME=shapes
+	$(MAKE) archive MODEL=$(DET_MODEL) NAME=shapes-det
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve demo
 
 bench-serve: install

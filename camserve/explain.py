@@ -258,8 +258,12 @@ def render_row(image: Optional[Image.Image], options: RequestOptions, cams: torc
                                             else itertools.repeat(None))
     budget = _ByteBudget(max_bytes, options)
     records = []
+    inside = in_box(options)
     for cam, show, hm in zip(cams, shown, maps):
         bbox = heat = over = raw = None
+        if hm is not None and inside and show.box is not None:
+            hm = box_heatmap(cam, plan.map_size, [v * plan.map_size[i % 2] / plan.size[i % 2]
+                                                  for i, v in enumerate(show.box)])
         if hm is not None:
             if "bbox" in outs:
                 bbox = scale_box(bbox_from_heatmap(hm), plan.map_size, plan.size)
@@ -283,6 +287,39 @@ def render_row(image: Optional[Image.Image], options: RequestOptions, cams: torc
             layer=layer, width=plan.size[0], height=plan.size[1], bbox=bbox, heatmap=heat,
             overlay=over, raw=raw, with_bbox="bbox" in outs))
     return records
+
+
+def in_box(options: RequestOptions) -> bool:
+    """A row's maps of targets shown with a box are renormalised inside it: when the request
+    asks (its task options' ``box_normalize``), and always for a gradient-free method (its map
+    is the same for every target)."""
+    from .methods import get_method
+
+    return bool(getattr(options.task, "box_normalize", False)) or \
+        not get_method(options.method).gradients
+
+
+def box_heatmap(cam: torch.Tensor, map_size: tuple[int, int], box: Sequence[float]) -> np.ndarray:
+    """uint8 map (H, W) of ``cam`` (h, w) at ``map_size`` (W, H), min-max normalised inside
+    ``box`` (``x0, y0, x1, y1`` in map pixels) and zero outside it (pytorch-grad-cam's
+    ``renormalize_cam_in_bounding_boxes`` for one box).
+
+    Example::
+
+        >>> m = box_heatmap(torch.arange(16.0).reshape(4, 4), (4, 4), (0, 0, 2, 2))
+        >>> m[:2, :2].tolist(), int(m[3, 3])
+        ([[0, 51], [204, 255]], 0)
+    """
+    from .engine import normalize_maps, to_uint8
+
+    w, h = int(map_size[0]), int(map_size[1])
+    full = normalize_maps(cam[None].float(), (h, w))[0]
+    x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+    x1, y1 = min(w, max(x0 + 1, int(round(box[2])))), min(h, max(y0 + 1, int(round(box[3]))))
+    out = torch.zeros_like(full)
+    if x0 < w and y0 < h:
+        out[y0:y1, x0:x1] = normalize_maps(full[None, y0:y1, x0:x1])[0]
+    return to_uint8(out).cpu().numpy()
 
 
 def explanation_json(record: Explanation, plan: MapPlan) -> dict[str, Any]:

@@ -503,9 +503,11 @@ def locate(model: nn.Module, input_size: Sequence[int] | int = 224,
     :meth:`~camserve.tasks.Task.probe_score`; default the top-1 logit). The probes run in eval
     mode; the model is left as it was (modes restored, hooks removed, BatchNorm statistics
     untouched). Logs one line with the layer, grid and reason."""
+    from .tasks.detectors import detector_layer
+
     size = _pair(input_size)
-    choice: Optional[LayerChoice] = None
-    for rule in FAMILY_RULES:
+    choice: Optional[LayerChoice] = detector_layer(model, size)
+    for rule in () if choice is not None else FAMILY_RULES:
         choice = rule(model, size)
         if choice is not None:
             break
@@ -574,11 +576,16 @@ def choose_layer(model: nn.Module, input_size: Sequence[int] | int = 224,
     size = _pair(input_size)
     if target_layer is None:
         return locate(model, size, score)
+    from .tasks.detectors import detector_layer
+
     model.get_submodule(target_layer)  # AttributeError names the missing part
     try:
         check_layout(layout)
     except LayoutError as exc:
         raise FamilyError(str(exc)) from None
+    det = detector_layer(model, size, target_layer) if layout in (None, "nchw") else None
+    if det is not None:  # a known detector: its own resize makes two probes meaningless
+        return det
     shape = _probe_shape(model, target_layer, size)
     if layout in GRIDLESS_LAYOUTS:
         if len(shape) != 4:

@@ -470,6 +470,7 @@ def from_module(model: nn.Module, spec: ModelSpec, model_dir: Optional[str | Pat
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
+    get_task(spec.task).prepare_model(model, spec)
     n_cls = count_classes(model, spec, device)
     if labels is not None:
         if len(labels) != n_cls:

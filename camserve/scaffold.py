@@ -32,6 +32,7 @@ from torch import nn
 from .families import FamilyError, LayerChoice, choose_layer
 from .parsing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from .sources import SourceError, build_from_source, load_state, logits_of
+from .tasks import available_tasks
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,13 @@ def _copy_into(src: Path, folder: Path) -> str:
 
 def _arch_in_folder(arch: str, folder: Path) -> str:
     """Rewrite ``arch`` so it refers to files inside ``folder``, copying them there."""
+    if arch.startswith("yolo:"):
+        src = Path(arch[5:])
+        if (folder / src).is_file() and not src.is_absolute():
+            return arch
+        if not src.is_file():
+            raise ScaffoldError(f"--arch {arch[:100]!r}: no model .yaml or .pt there")
+        return "yolo:" + _copy_into(src, folder)
     if arch.startswith("hf:"):
         src = Path(arch[3:])
         if (folder / src).is_dir() and not src.is_absolute():
@@ -135,6 +143,12 @@ def write_folder(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     if (folder / CONFIG).exists() and not args.force:
         raise ScaffoldError(f"{folder / CONFIG} exists; pass --force to overwrite it")
     handler: dict[str, Any] = {"arch": _arch_in_folder(args.arch, folder)}
+    if args.task != "classification":
+        handler["task"] = args.task
+    if args.score_threshold is not None:
+        if args.task != "detection":
+            raise ScaffoldError("--score-threshold is a key of the detection task (--task detection)")
+        handler["score_threshold"] = args.score_threshold
     if args.arch_arg:
         arch_args: dict[str, Any] = {}
         for item in args.arch_arg:
@@ -232,10 +246,18 @@ def scaffold(folder: Path, args: argparse.Namespace) -> Scaffolded:
 
     write_folder(folder, args)
     model, choice, labels, size, mean, std = load_folder(folder)
+    from .models import ModelSpec
+    from .tasks import make_task
+
+    spec = ModelSpec.from_config((yaml.safe_load((folder / CONFIG).read_text()) or {}).get("handler"))
+    task = make_task(spec.task, labels, spec.task_settings)
     img = synthetic_image(size)
     x = ((img - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
-    res = CamEngine(model, choice.name, reshape=choice.reshape)(x)
-    return Scaffolded(model, choice, labels, size, mean, std, int(res.targets[0]), res.cams[0])
+    res = CamEngine(model, choice.name, reshape=choice.reshape, task=task)(x)
+    found = res.target_batch.count[0] > 0
+    top = int(res.target_batch.index[0, 0]) if found else -1
+    cam = res.cams[0] if res.cams.dim() == 3 else res.cams[0, 0]
+    return Scaffolded(model, choice, labels, size, mean, std, top, cam)
 
 
 def _report(folder: Path, s: Scaffolded) -> str:
@@ -245,7 +267,10 @@ def _report(folder: Path, s: Scaffolded) -> str:
             f"layer:  {s.choice.name} ({s.choice.layout}, {s.choice.reason})\n"
             f"grid:   {s.cam.shape[0]}x{s.cam.shape[1]} at input {s.input_size[0]}x{s.input_size[1]}\n"
             f"labels: {shown}\n"
-            f"synthetic image: top class {s.top} ({s.labels[s.top]}), map max {float(s.cam.max()):.3g}\n"
+            + (f"synthetic image: top class {s.top} ({s.labels[s.top]}), map max "
+               f"{float(s.cam.max()):.3g}\n" if s.top >= 0 else
+               "synthetic image: nothing detected above the score threshold (random weights? "
+               "lower --score-threshold)\n") +
             f"next:\n"
             f"  make archive MODEL={folder}            # model_store/{name}.mar\n"
             f"  make serve MODEL={folder}\n"
@@ -257,7 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Scaffold a camserve model folder from a checkpoint.")
     p.add_argument("dir", help="the model folder to write")
     p.add_argument("--arch", required=True, help="timm:<name>, hf:<save_pretrained folder>, "
-                   "torchvision.models.<name>, path/file.py:Class or package.module:Class")
+                   "torchvision.models.<name>, path/file.py:Class, package.module:Class or "
+                   "yolo:<model .yaml or .pt>")
+    p.add_argument("--task", default="classification", choices=available_tasks(),
+                   help="what the model's output means (default: classification)")
+    p.add_argument("--score-threshold", type=float, help="detection: the score a detection needs")
     p.add_argument("--weights", help="state_dict (.pt/.pth/.safetensors), copied into DIR")
     p.add_argument("--labels", help="index_to_name.json or a text file with one label per line")
     p.add_argument("--num-classes", type=int, help="classes (default: from --labels or the model)")

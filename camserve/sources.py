@@ -7,13 +7,16 @@ One front door, :func:`build_from_source`, turns an ``arch`` string (plus ``num_
 =============================  ===========================================================
 ``timm:<name>``                ``timm.create_model(name, pretrained=False, num_classes=..., **arch_args)``;
                                mean/std/input size/interpolation/crop from its ``pretrained_cfg``
-``hf:<subfolder>``             a ``save_pretrained`` image classifier inside the model folder
+``hf:<subfolder>``             a ``save_pretrained`` image classifier (or object detector)
+                               inside the model folder
                                (``config.json`` + ``model.safetensors``), local files only;
                                labels from ``id2label``, mean/std/size from
                                ``preprocessor_config.json``
 ``torchvision.models.<name>``  ``torchvision.models.get_model_builder(name)(weights=None, ...)``
 ``FILE:Class``                 ``Class`` from ``FILE.py`` in the model folder
 ``package.module:Class``       an importable class
+``yolo:<file>``                an Ultralytics YOLO detector from a model ``.yaml`` or ``.pt`` in the
+                               folder (``camserve[yolo]``; :mod:`camserve.tasks.detectors.yolo`)
 =============================  ===========================================================
 
 Models that do not return a tensor (Hugging Face output objects, tuples, dicts) are given a
@@ -47,7 +50,7 @@ from .parsing import short_repr
 log = logging.getLogger(__name__)
 
 ARCH_FORMS = ("'timm:<name>'", "'hf:<subfolder>'", "'torchvision.models.<name>'", "'file:Class'",
-              "'package.module:Class'")
+              "'package.module:Class'", "'yolo:<file.yaml or .pt>'")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
@@ -353,8 +356,9 @@ def _build_hf(sub: str, num_classes: Optional[int], arch_args: Mapping[str, Any]
         raise SourceError("arch", f"'hf:{sub[:80]}' needs transformers and safetensors "
                                   f"(pip install 'camserve[hf]')") from None
     task_cls = _task(task)
-    auto = getattr(transformers, task_cls.hf_auto_class)
     kwargs = dict(arch_args)
+    detector = task_cls.name == "detection" or _hf_detector(folder)
+    auto = getattr(transformers, "AutoModelForObjectDetection" if detector else task_cls.hf_auto_class)
     try:
         model = auto.from_pretrained(str(folder), local_files_only=True, **kwargs)
     except (OSError, ValueError, TypeError, KeyError) as e:
@@ -381,9 +385,45 @@ def _build_hf(sub: str, num_classes: Optional[int], arch_args: Mapping[str, Any]
             defaults.crop = float(pre["crop_pct"])
     if defaults.input_size is None:
         defaults.input_size = _size_pair(getattr(model.config, "image_size", None))
-    if task_cls.logits_output:
+    if detector:
+        _hf_detections(model, folder, sub)
+    elif task_cls.logits_output:
         ensure_logits(model, force=True)
     return model, defaults
+
+
+def _hf_detector(folder: Path) -> bool:
+    """The folder's ``config.json`` names an object-detection architecture."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # from_pretrained says what is wrong
+    archs = cfg.get("architectures") if isinstance(cfg, dict) else None
+    return isinstance(archs, list) and any(str(a).endswith("ForObjectDetection") for a in archs)
+
+
+def _hf_detections(model: nn.Module, folder: Path, sub: str) -> None:
+    """A Hugging Face detector returns detections through its folder's image processor (see
+    :mod:`camserve.tasks.detectors.hf`); without a ``preprocessor_config.json``, the processor
+    class of its model type with its defaults."""
+    from transformers import AutoImageProcessor
+
+    from .tasks.detectors.hf import ensure_detections
+
+    try:
+        if (folder / "preprocessor_config.json").is_file():
+            proc = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        else:
+            import transformers
+
+            from .tasks.detectors.hf import PROCESSORS
+
+            name = PROCESSORS.get(str(model.config.model_type), "")  # type: ignore[attr-defined]
+            proc = getattr(transformers, name)()
+        ensure_detections(model, proc)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise SourceError("arch", f"'hf:{sub[:80]}': no image processor with "
+                                  f"post_process_object_detection ({str(e).splitlines()[0][:160]})") from None
 
 
 def _torchvision_builder(arch: str) -> Any:
@@ -396,6 +436,14 @@ def _torchvision_builder(arch: str) -> Any:
         known = ", ".join(sorted(tvm.list_models(module=tvm))[:8])
         raise SourceError("arch", f"{short_repr(arch)} (unknown torchvision model {name[:60]!r}; e.g. "
                                   f"{known}, ...)") from None
+
+
+def _takes(ctor: Any, name: str) -> bool:
+    """``ctor`` has a parameter ``name``."""
+    try:
+        return name in inspect.signature(ctor).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def build_from_source(arch: str, *, num_classes: Optional[int] = None,
@@ -432,6 +480,10 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
         model, defaults = _build_timm(arch[5:], num_classes, arch_args)
     elif arch.startswith("hf:"):
         model, defaults = _build_hf(arch[3:].strip("/"), num_classes, arch_args, model_dir, task)
+    elif arch.startswith("yolo:"):
+        from .tasks.detectors.yolo import build_yolo  # imports ultralytics (AGPL) for yolo: only
+
+        model, defaults = build_yolo(arch[5:].strip("/"), num_classes, arch_args, model_dir)
     else:
         kwargs: dict[str, Any] = dict(arch_args)
         if num_classes is not None:
@@ -441,8 +493,8 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
         elif arch.startswith("torchvision.models.") or "." not in arch:
             ctor = _torchvision_builder(arch)
             kwargs.setdefault("weights", None)
-            if "weights_backbone" in inspect.signature(ctor).parameters:
-                kwargs.setdefault("weights_backbone", None)  # segmentation: no download, ever
+            if _takes(ctor, "weights_backbone"):  # detectors: no pretrained backbone download
+                kwargs.setdefault("weights_backbone", None)
         else:
             raise SourceError("arch", f"{short_repr(arch)} (expected {', '.join(ARCH_FORMS)})")
         try:
@@ -451,10 +503,17 @@ def build_from_source(arch: str, *, num_classes: Optional[int] = None,
             raise SourceError("arch_args", f"{short_repr(arch)} cannot be built with {short_repr(kwargs)}: "
                                            f"{str(e)[:160]}") from None
         defaults = SourceDefaults()
+        if isinstance(model, nn.Module):
+            from .tasks.detectors.torchvision import source_defaults
+
+            defaults = source_defaults(model) or defaults
     if not isinstance(model, nn.Module):
         raise SourceError("arch", f"{short_repr(arch)} did not build an nn.Module")
     model.eval()
-    if input_size is not None and not arch.startswith("hf:") and _task(task).logits_output:
+    from .tasks.detectors import known_family
+
+    if input_size is not None and not arch.startswith(("hf:", "yolo:")) and \
+            _task(task).logits_output and known_family(model) is None:
         ensure_logits(model, torch.zeros(1, 3, *(int(v) for v in input_size)))
     return model, defaults
 

@@ -3,7 +3,7 @@
     python -m scripts.serve start   # start TorchServe in the background, wait until READY
     python -m scripts.serve start --name pets   # serve model_store/pets.mar (make serve MODEL=DIR)
     python -m scripts.serve stop    # torchserve --stop
-    python -m scripts.serve demo    # explain models/shapes/samples, write demo/*.png
+    python -m scripts.serve demo    # explain models/shapes/samples (and shapes-det's scenes), write demo/*.png
 
 Run from the repository root with the venv's python (the Makefile does): TorchServe starts its
 workers with the python that runs ``torchserve``, so the worker gets the venv and its editable
@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config.properties"
 MODEL = "shapes"
 SAMPLES = ROOT / "models" / "shapes" / "samples"
+DET_MODEL = "shapes-det"
+DET_SAMPLES = ROOT / "models" / "shapes-det" / "samples"
 DEMO_OUT = ROOT / "demo"
 LOG_DIR = ROOT / "logs"
 READY_TIMEOUT = 300.0
@@ -145,10 +147,11 @@ def stop() -> int:
     return res.returncode
 
 
-def start(quiet: bool = False, name: Optional[str] = None) -> int:
+def start(quiet: bool = False, name: Optional[str] = None, also: tuple[str, ...] = ()) -> int:
     """Start TorchServe in the background with config.properties and wait for READY workers.
     ``name``: serve ``model_store/NAME.mar`` as model NAME (default: config.properties'
-    ``load_models``, the shapes model)."""
+    ``load_models``, the shapes model); ``also``: more archives served beside it (the demo's
+    detector)."""
     props = read_properties(CONFIG)
     java = check_java()
     pid = running_pid()
@@ -167,7 +170,8 @@ def start(quiet: bool = False, name: Optional[str] = None) -> int:
     else:
         name = MODEL
         mar = store / props.get("load_models", f"{MODEL}.mar").split(",")[0]
-        models_arg = []
+        models_arg = ["--models", f"{MODEL}={mar.name}"] if also else []
+    models_arg += [f"{a}={a}.mar" for a in also if (store / f"{a}.mar").is_file()]
     if not mar.is_file():
         raise ServeError(f"{_rel(mar)} not found: `make archive` builds it"
                          + ("" if name == MODEL else f" (make archive MODEL=DIR NAME={name})"))
@@ -197,6 +201,9 @@ def start(quiet: bool = False, name: Optional[str] = None) -> int:
     mgmt = props.get("management_address", "http://127.0.0.1:8081")
     try:
         desc = wait_until_ready(mgmt, name, token, timeout=READY_TIMEOUT, alive=alive)
+        for a in also:
+            if (store / f"{a}.mar").is_file():
+                wait_until_ready(mgmt, a, token, timeout=READY_TIMEOUT, alive=alive)
     except ClientError as exc:
         logs = (f"--- {_rel(out_log)} ---\n{tail(out_log, 30)}\n"
                 f"--- logs/model_log.log ---\n{tail(LOG_DIR / 'model_log.log', 30)}")
@@ -250,7 +257,7 @@ def demo() -> int:
 
     if running_pid() is None:
         print("TorchServe is not running; starting it (make serve) ...")
-        start(quiet=True)
+        start(quiet=True, also=(DET_MODEL,))
     props = read_properties(CONFIG)
     boxes_file = SAMPLES / "boxes.json"
     if not boxes_file.is_file():
@@ -285,7 +292,45 @@ def demo() -> int:
     n = len(boxes)
     print(f"\n{correct}/{n} correct, bbox hits (IoU >= 0.5) {hits}/{n}, heatmap peak inside the "
           f"true box {peaks}/{n}; overlays in {_rel(DEMO_OUT)}/")
+    if (ROOT / props.get("model_store", "model_store") / f"{DET_MODEL}.mar").is_file():
+        demo_detection(props)
     return 0
+
+
+def demo_detection(props: dict[str, str]) -> None:
+    """Explain the detector's sample scenes: each explained detection's overlay (its box drawn)
+    to demo/<scene>_<i>_<label>.png, and whether its map peaks in the true box."""
+    import numpy as np
+    from PIL import Image
+
+    truth = json.loads((DET_SAMPLES / "boxes.json").read_text())
+    client = CamClient(props.get("inference_address", "http://127.0.0.1:8080"),
+                       token=read_token(ROOT / "key_file.json", "inference"), model=DET_MODEL)
+    print(f"\n{'scene':<16} {'objects':<34} detections (label score, peak in its box)")
+    found = peaks = total = explained = 0
+    for name, objects in sorted(truth.items()):
+        ans = client.explain((DET_SAMPLES / name).read_bytes(), outputs="heatmap,overlay")
+        shown = []
+        for i, d in enumerate(ans["detections"]):
+            e = d.get("explanation")
+            if e is None:
+                continue
+            explained += 1
+            (DEMO_OUT / f"{Path(name).stem}_{i}_{d['label']}.png").write_bytes(
+                base64.b64decode(e["overlay"]))
+            hm = np.asarray(Image.open(io.BytesIO(base64.b64decode(e["heatmap"]))))
+            py, px = np.unravel_index(int(hm.argmax()), hm.shape)
+            gt = next((o["box"] for o in objects if o["label"] == d["label"]), None)
+            peak = gt is not None and gt[0] <= px < gt[2] and gt[1] <= py < gt[3]
+            peaks += peak
+            shown.append(f"{d['label']} {d['score']:.2f} {'yes' if peak else 'no'}")
+        labels = {d["label"] for d in ans["detections"]}
+        found += sum(o["label"] in labels for o in objects)
+        total += len(objects)
+        print(f"{name:<16} {', '.join(o['label'] for o in objects):<34} {'; '.join(shown)}")
+    print(f"\ndetector: {found}/{total} objects found; {peaks}/{explained} maps peak in the true "
+          f"box of their label; "
+          f"overlays (box drawn) in {_rel(DEMO_OUT)}/")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -33,11 +33,11 @@ def test_core_dependencies_are_pinned_and_extra_free() -> None:
     names = {_name(d) for d in deps}
     assert {"torch", "torchvision", "pillow", "numpy", "pyyaml"} <= names
     assert not names & {"torchserve", "onnx", "onnxruntime", "onnxscript", "kserve", "ray",
-                        "transformers", "timm", "requests"}
+                        "transformers", "timm", "requests", "ultralytics"}
 
 
 def test_every_extra_is_pinned_and_all_means_all() -> None:
-    assert set(EXTRAS) == {"serve", "onnx", "timm", "hf", "ray", "kserve", "test", "all"}
+    assert set(EXTRAS) == {"serve", "onnx", "timm", "hf", "ray", "kserve", "yolo", "test", "all"}
     for extra, reqs in EXTRAS.items():
         if extra != "all":
             assert all("==" in r for r in reqs), (extra, reqs)

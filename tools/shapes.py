@@ -1,7 +1,7 @@
 """Synthetic shapes: the dataset, training and evaluation of the project's default model.
 
-The generator draws one to three coloured shapes of 8 classes (:data:`CLASSES`, the order is the class
-index) on a cluttered, noisy 96×96 RGB background and knows the ground-truth box of every shape, so
+The generator draws one to four coloured shapes of 8 classes (:data:`CLASSES`, the order is the
+class index) on a cluttered, noisy 96×96 RGB background and knows the ground-truth box of every shape, so
 the answer to "where is the circle?" is known exactly. Generation needs only numpy and Pillow; every
 random choice is drawn from one ``numpy.random.Generator``, so a seed gives identical images.
 
@@ -68,6 +68,8 @@ Box = tuple[int, int, int, int]
 _RADIUS_SINGLE = (12.0, 24.0)
 _RADIUS_PAIR = (11.0, 18.0)
 _RADIUS_TRIPLE = (10.0, 15.0)
+SCENE_RADIUS = (9.0, 15.0)  # three or four objects (detection scenes)
+MAX_OBJECTS = 4
 _MIN_CONTRAST = 110.0  # minimum RGB distance between a shape and the background under it
 _PAIR_GAP = 2  # px between the boxes of the two objects
 
@@ -158,7 +160,7 @@ def mask_box(mask: np.ndarray, threshold: int = 128) -> Box:
 class Sample:
     """One generated image.
 
-    ``image`` (H, W, 3) uint8; ``labels`` class indices (one to three, all different); ``boxes`` one
+    ``image`` (H, W, 3) uint8; ``labels`` class indices (one to four, all different); ``boxes`` one
     ``[x0, y0, x1, y1]`` per label (exclusive ends); ``masks`` (k, H, W) uint8 coverage per label.
     """
 
@@ -237,16 +239,19 @@ def _place(rng: np.random.Generator, radius: float, size: int,
 
 
 def render_sample(rng: np.random.Generator, labels: Sequence[int], *, size: int = IMAGE_SIZE,
-                  clutter: bool = True) -> Sample:
-    """Draw the shapes ``labels`` (one to three different classes) on a new background.
+                  clutter: bool = True, radius: Optional[tuple[float, float]] = None) -> Sample:
+    """Draw the shapes ``labels`` (one to :data:`MAX_OBJECTS` different classes) on a new
+    background.
 
     With ``clutter`` the background has a colour gradient, blurred blobs, 2-6 random lines and
     Gaussian noise (sigma 2-10) over the whole image; without it, a flat colour and no noise (used
-    by tests to see the drawn pixels). Two shapes never overlap: their boxes are >= 2 px apart.
+    by tests to see the drawn pixels). Shapes never overlap: their boxes are >= 2 px apart.
+    ``radius``: the (low, high) range of the shapes' radii at 96 px; by default it shrinks with the
+    number of shapes (the detection scenes use :data:`SCENE_RADIUS` from three shapes on).
     """
     labels = tuple(int(v) for v in labels)
-    if len(labels) not in (1, 2, 3):
-        raise ValueError(f"invalid value for labels: {labels} (one to three class indices)")
+    if not 1 <= len(labels) <= MAX_OBJECTS:
+        raise ValueError(f"invalid value for labels: {labels} (1 to {MAX_OBJECTS} class indices)")
     if len(set(labels)) != len(labels):
         raise ValueError(f"invalid value for labels: {labels} (the classes must be different)")
     for v in labels:
@@ -254,7 +259,7 @@ def render_sample(rng: np.random.Generator, labels: Sequence[int], *, size: int 
             raise ValueError(f"invalid value for labels: {v} (known: 0..{len(CLASSES) - 1})")
     if size < 48:
         raise ValueError(f"invalid value for size: {size} (at least 48 px)")
-    r_lo, r_hi = (_RADIUS_SINGLE, _RADIUS_PAIR, _RADIUS_TRIPLE)[len(labels) - 1]
+    r_lo, r_hi = radius or (_RADIUS_SINGLE, _RADIUS_PAIR, _RADIUS_TRIPLE, SCENE_RADIUS)[len(labels) - 1]
     scale = size / IMAGE_SIZE
     img = _background(rng, size, clutter)
     while True:  # a pair that does not fit is redrawn smaller; one shape always fits

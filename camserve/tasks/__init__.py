@@ -8,7 +8,7 @@ shapes. A model folder chooses its task with ``handler.task`` (default ``classif
 Example::
 
     >>> available_tasks()
-    ['classification', 'multilabel', 'segmentation', 'embedding']
+    ['classification', 'multilabel', 'segmentation', 'embedding', 'detection']
     >>> make_task("classification", ["cat", "dog"]).name
     'classification'
 """
@@ -19,13 +19,15 @@ from typing import Any, Mapping, Optional, Sequence
 from ..parsing import short_repr
 from .base import GraphInput, Geometry, Shown, TargetBatch, Task, TaskError
 from .classification import Classification, ClassOptions
+from .detection import Detection, DetectionOptions, Detections, ImageDetections
 from .embedding import Embedding
 from .multilabel import Multilabel
 from .segmentation import Segmentation
 
-__all__ = ["Classification", "ClassOptions", "Embedding", "Geometry", "GraphInput", "Multilabel",
-           "Segmentation", "Shown", "TargetBatch", "Task", "TaskError", "available_tasks",
-           "get_task", "make_task", "register_task", "task_config_keys"]
+__all__ = ["Classification", "ClassOptions", "Detection", "DetectionOptions", "Detections",
+           "Embedding", "Geometry", "GraphInput", "ImageDetections", "Multilabel", "Segmentation",
+           "Shown", "TargetBatch", "Task", "TaskError", "available_tasks", "get_task", "make_task",
+           "register_task", "task_config_keys"]
 
 _TASKS: dict[str, type[Task]] = {}
 
@@ -64,5 +66,5 @@ def make_task(name: str, labels: Sequence[str] = (),
     return get_task(name)(labels, settings)
 
 
-for _cls in (Classification, Multilabel, Segmentation, Embedding):
+for _cls in (Classification, Multilabel, Segmentation, Embedding, Detection):
     register_task(_cls)

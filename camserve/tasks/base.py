@@ -240,6 +240,12 @@ class Task:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.labels)} labels)"
 
+    @classmethod
+    def prepare_model(cls, model: Any, spec: Any) -> None:
+        """Adapt a freshly built serving copy of ``model`` to the task and ``spec`` (the loader
+        calls it before counting labels; detectors: their family's thresholds, NMS and resize
+        from the task's keys). Default: nothing."""
+
     def count_labels(self, model: Any, raw: Any) -> int:
         """The number of labels of ``model`` (the width of this task's output), from its raw
         output on a blank input of the model's input size (``raw``) or its configuration; tasks
