@@ -10,7 +10,8 @@ onto its first principal component. Two forms compute it:
 
 A component's sign is arbitrary. ``sign="max"`` (the default) flips a map whose largest magnitude
 is negative, ``|min| > |max|`` (the rule of pytorch-grad-cam's Seg-Eigen-CAM), so every form gives
-the same map; ``sign="svd"`` keeps the decomposition's sign (pytorch-grad-cam's EigenCAM, exactly).
+the same map; ``sign="svd"`` keeps the sign of numpy's SVD (pytorch-grad-cam's EigenCAM, exactly; LAPACK
+builds differ in the signs they give, so this form runs numpy's, on the CPU, and is not exported).
 
 Example::
 
@@ -92,6 +93,10 @@ def principal_projection(X: torch.Tensor, sign: str = "max") -> torch.Tensor:
             u = top_eigenvector(gram)
             lam = (u[..., None, :] @ gram @ u[..., :, None])[..., 0, 0]
             proj = u * lam.clamp_min(0).sqrt()[..., None]
+    elif sign == "svd":  # numpy's SVD, whose sign pytorch-grad-cam keeps (LAPACK builds differ)
+        vh = np.linalg.svd(flat.detach().cpu().numpy(), full_matrices=False)[2]
+        v = torch.from_numpy(np.ascontiguousarray(vh[..., 0, :])).to(flat.device, flat.dtype)
+        proj = (flat @ v[..., None])[..., 0]
     else:
         _, _, vh = torch.linalg.svd(flat, full_matrices=False)
         proj = (flat @ vh[..., 0, :, None])[..., 0]
