@@ -10,7 +10,8 @@ from the same forwards. Forwards run in chunks of at most ``CamEngine.chunk`` co
   constant channel of every row scores the same all-zero input, computed once.
 * SS-CAM (Wang et al., 2020) and IS-CAM (Naidu et al., 2020), torchcam's formulas: masks normalised
   at the layer's resolution then upsampled; SS-CAM adds Gaussian noise to the mask (``samples``
-  draws, ``std``; the noise is torchcam's for the same ``seed`` when H·W is a multiple of 16),
+  draws, ``std``; one draw per mask from a generator seeded with ``seed``: torchcam's noise for the same
+  seed when H·W is a multiple of 16),
   IS-CAM integrates ``samples`` scaled copies.
 * AblationCAM (Desai & Ramaswamy, 2020; pytorch-grad-cam's formula): the drop of the score when a
   channel is set to 0 (or to the row's minimum - 1e7 when its minimum is not 0), on the layers after
@@ -101,8 +102,9 @@ def _mask_scores(ctx: "CamContext", masks_of: Any, pairs: torch.Tensor, skip_zer
     for sl in ctx.chunks(R * C) if noise is not None else [slice(0, R * C)]:
         idx = flat_idx[sl]
         eps = None
-        if noise is not None:
-            eps = torch.randn(int(idx.numel()), *x.shape[-2:], generator=noise) * std
+        if noise is not None:  # one draw per mask: the stream does not depend on the chunks
+            eps = torch.stack([torch.randn(*x.shape[-2:], generator=noise)
+                               for _ in range(int(idx.numel()))]) * std
         idx_live = idx[live[sl]]
         if eps is not None:
             eps = eps[live[sl].cpu()]

@@ -108,7 +108,7 @@ CASES: list[Case] = [
     Case("timm_resnet26d", _timm("resnet26d"), "layer4", (64, 96)),
     Case("timm_vit_tiny", _timm("vit_tiny_patch16_224", img_size=64), "blocks.10.norm1", (64, 64), "tokens"),
     Case("hf_resnet", _hf_resnet, "model.resnet.encoder.stages.3", (48, 64)),
-    Case("hf_vit", _hf_vit, "model.vit.encoder.layer.2.layernorm_before", (32, 32), "tokens"),
+    Case("hf_vit", _hf_vit, "model.vit.layers.2.layernorm_before", (32, 32), "tokens"),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
 
