@@ -637,6 +637,38 @@ class CamEngine:
         self._to_nchw = nchw_converter(self._layer_name, layout, reshape)
         #: per (batch, input shape): whether replaying the prefix matches the whole model
         self._replay_ok: dict[tuple[int, ...], bool] = {}
+        #: the share of the network's multiply-adds after the target layer (costs of suffix
+        #: forwards and backwards; 1.0 until :meth:`measure_suffix_share`)
+        self.suffix_share = 1.0
+
+    def measure_suffix_share(self, x: torch.Tensor) -> float:
+        """Measure :attr:`suffix_share` on input ``x`` (one no-grad forward counting the
+        multiply-adds of layers with weights, before and after the target layer)."""
+        if self._layer is None:
+            self(x[:1])
+        assert self._layer is not None
+        counts = [0.0, 0.0]
+        done = [False]
+
+        def hook(m: nn.Module, args: Any, out: Any) -> None:
+            w = getattr(m, "weight", None)
+            if m is self._layer:
+                done[0] = True
+            if isinstance(w, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() >= 2 \
+                    and not list(m.children()):
+                per = out.numel() / max(1, out.shape[0]) / max(1, w.shape[0])
+                counts[int(done[0])] += float(w.numel()) * per
+
+        handles = [m.register_forward_hook(hook) for m in self.model.modules()]
+        try:
+            with torch.no_grad():
+                self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        total = counts[0] + counts[1]
+        self.suffix_share = max(0.01, counts[1] / total) if total > 0 else 1.0
+        return self.suffix_share
 
     @property
     def layer_name(self) -> Optional[str]:
