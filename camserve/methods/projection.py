@@ -112,7 +112,7 @@ def eigencam(A: torch.Tensor, G: Optional[torch.Tensor] = None, sign: str = "max
     return torch.relu(principal_projection(A, sign))
 
 
-@register_method("eigengradcam", options=(SIGN,))
+@register_method("eigengradcam", options=(SIGN,), exportable=False)
 def eigengradcam(A: torch.Tensor, G: torch.Tensor, sign: str = "max") -> torch.Tensor:
     r"""Eigen-Grad-CAM: the first principal component of :math:`G \odot A` over positions,
     ReLU (pytorch-grad-cam's EigenGradCAM)."""
