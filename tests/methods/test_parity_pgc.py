@@ -67,6 +67,16 @@ def float64_scores():
         ab.np, sc.torch = saved
 
 
+def release(obj: Any) -> None:
+    """Remove a pytorch-grad-cam object's hooks (its own ``release`` fails on gradients that are
+    views, ``detach_``, and would leave them on the model)."""
+    aag = obj.activations_and_grads
+    for h in aag.handles:
+        h.remove()
+    aag.handles.clear()
+    aag.activations, aag.gradients = [], []
+
+
 def _layer_min_is_zero(case: Case, x: torch.Tensor) -> bool:
     from camserve.layers import capture_layer
 
@@ -109,7 +119,7 @@ def pgc_raw(case: Case, method: str, x: torch.Tensor, targets: Any = None, *,
                 A, G = acts[0], grads[0]
             cam = obj.get_cam_image(xin, layer, targets, A, G, eigen_smooth)
     finally:
-        obj.activations_and_grads.release()
+        release(obj)
     return np.maximum(cam, 0)
 
 
@@ -186,7 +196,7 @@ def test_finercam_equals_pytorch_grad_cam(case: Case, method: str, monkeypatch):
     try:
         finer(x.clone().requires_grad_(True), targets=None)
     finally:
-        finer.base_cam.activations_and_grads.release()
+        release(finer.base_cam)
     ref = pgc_raw(case, "gradcam", x, targets=made)
     eng = CamEngine(model, case.layer, layout=case.layout)
     got = eng(x, targets=[t.main_category for t in made], method="finercam").cams
@@ -203,7 +213,7 @@ def _pgc_heatmaps(case: Case, cls: Any, x: torch.Tensor, **call: Any) -> np.ndar
     try:
         return obj(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in TARGETS], **call)
     finally:
-        obj.activations_and_grads.release()
+        release(obj)
 
 
 #: float32 maps at the input's size: pytorch-grad-cam's own rounding (cv2 resize, float32 scaling)
