@@ -35,8 +35,11 @@ from camserve.methods import as_spec, available_methods
 from camserve.testing.nets import calibrate_bn
 
 GRADIENT = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcamelementwise",
-            "eigencam", "eigengradcam", "kpcacam", "randomcam", "shapleycam", "finercam", "fullgrad")
-PERTURBATION = ("scorecam", "ablationcam", "reciprocam", "sscam", "iscam", "smoothgradcam++")
+            "eigencam", "eigengradcam", "kpcacam", "randomcam", "shapleycam", "finercam")
+#: the second setting: thousands of forwards each, or (FullGrad) pytorch-grad-cam's float32 map per
+#: channel of every biased layer at the input size (over 40 GB at batch 8, 224 x 224)
+PERTURBATION = ("scorecam", "ablationcam", "reciprocam", "sscam", "iscam", "smoothgradcam++",
+                "fullgrad")
 
 
 def _sync(device: str) -> None:
@@ -206,7 +209,7 @@ def main() -> None:
         medp = measure(cont, args.pert_rounds, 0, dev)
         limit_t = medp.get("scorecam limit")
         for m in pert:
-            who = "pytorch-grad-cam" if m in ("scorecam", "ablationcam") else \
+            who = "pytorch-grad-cam" if m in ("scorecam", "ablationcam", "fullgrad") else \
                 ("torchcam" if m in ("sscam", "iscam", "smoothgradcam++") else "-")
             rows.append((m, who, medp[f"camserve {m}"], medp.get(f"ref {m}"), args.pert_batch))
 
