@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 
 from .engine import CamEngine, heatmaps_at_sizes
+from .methods import get_method
 from .errors import RequestError, ResponseTooLarge, WorkTooLarge
 from .options import RequestOptions, ServingLimits
 from .records import Explanation
@@ -148,6 +149,58 @@ def plan_maps(options: RequestOptions, size: tuple[int, int], limits: ServingLim
                          f"it; send it again, or {reduce}")
 
 
+def plan_compute(options: RequestOptions, engine: CamEngine, limits: ServingLimits,
+                 allowed: Sequence[str], available: Optional[float] = None) -> float:
+    """The method work of an explaining request in forwards at the model's input size
+    (:meth:`camserve.methods.MethodSpec.cost` on the engine's layer for ``options.maps`` targets,
+    :meth:`camserve.methods.Cost.units` with the engine's suffix share), or 413 ``WorkTooLarge``
+    over ``max_row_forwards`` (or what ``available`` of ``max_batch_forwards`` is left), naming
+    the ``allowed`` methods that fit, and a ``max_channels`` that fits where the method has it.
+
+    Example::
+
+        >>> import torch, torchvision
+        >>> eng = CamEngine(torchvision.models.resnet18(num_classes=3).eval(), "layer4")
+        >>> _ = eng(torch.rand(1, 3, 64, 64))
+        >>> o = RequestOptions(True, None, 1, "scorecam", ("heatmap",))
+        >>> plan_compute(o, eng, ServingLimits(), ("gradcam", "scorecam"))
+        Traceback (most recent call last):
+        ...
+        camserve.errors.WorkTooLarge: work too large: method scorecam costs 512 forwards per request, over the limit of 64 (handler.max_row_forwards); use a cheaper method (gradcam) or option max_channels <= 64
+    """
+    if not options.explain:
+        return 0.0
+    spec = options.spec
+    assert spec is not None
+    size = engine.layer_size
+    if size is None:
+        return 0.0
+    share = engine.suffix_share
+    k = max(1, options.maps)
+    units = spec.cost(size, k).units(share)
+    row = float(limits.max_row_forwards)
+    avail = row if available is None else min(row, available)
+    if units <= avail:
+        return units
+    cheaper = [m for m in allowed if get_method(m).spec().cost(size, k).units(share) <= avail]
+    hints = [f"use a cheaper method ({', '.join(cheaper)})"] if cheaper else []
+    if "max_channels" in spec.method.option_names:
+        per = units / max(1, min(size.channels, spec.get("max_channels") or size.channels))
+        fit = int(avail // per) if per > 0 else 0
+        if fit >= 1:
+            hints.append(f"option max_channels <= {fit}")
+    if spec.get("aug_smooth"):
+        hints.append("drop aug_smooth")
+    what = f"method {spec} costs {units:.0f} forwards per request"
+    fix = "; " + " or ".join(hints) if hints else ""
+    if units > row:
+        raise work_too_large(f"work too large: {what}, over the limit of {limits.max_row_forwards} "
+                             f"(handler.max_row_forwards){fix}")
+    raise work_too_large(f"work too large for this batch: {what}, but only {max(0.0, avail):.0f} "
+                         f"of the batch's {limits.max_batch_forwards} (handler.max_batch_forwards) "
+                         f"are left; send it again{fix}")
+
+
 def drop_hint(options: RequestOptions) -> list[str]:
     """What a request could drop to make its answer smaller."""
     drop = [o for o in ("overlay", "raw", "heatmap") if o in options.outputs]
@@ -158,11 +211,12 @@ def drop_hint(options: RequestOptions) -> list[str]:
 
 @dataclass(frozen=True)
 class BatchCams:
-    """CAMs of the explain rows: ``cams`` (R, K, h, w) raw, ``targets`` their
+    """CAMs of the explain rows: ``cams`` (R, K, h, w) raw (or R tensors (K, h, w) when rows
+    of input- and layer-resolution methods share the batch), ``targets`` their
     :class:`camserve.tasks.TargetBatch` (``count`` real targets per row), ``output`` the task's
     output of the whole batch (detached), the target ``layer``."""
 
-    cams: torch.Tensor
+    cams: Any
     targets: TargetBatch
     output: Any
     layer: str
@@ -183,10 +237,51 @@ def batch_cams(engine: CamEngine, x: torch.Tensor, rows: Sequence[int],
         return task.request_targets(out, [o.task for o in options], geometry,
                                     [o.topk for o in options])
 
-    res = engine(x, targets=targets, method=[o.method for o in options], rows=list(rows))
+    specs = [o.spec or get_method(o.method).spec() for o in options]
+    full = [bool(s.get("aug_smooth") or s.method.input_resolution) for s in specs]
+    if any(full) and not all(full):
+        # maps at the input's resolution and at the layer's: one call each, so that no map is
+        # resized twice (a row's map does not depend on its batch-mates)
+        parts = [[j for j, f in enumerate(full) if not f], [j for j, f in enumerate(full) if f]]
+        row_cams: list[Any] = [None] * len(specs)
+        out = None
+        for part in parts:
+            res = engine(x, targets=lambda o, part=part: task.request_targets(
+                o, [options[j].task for j in part], [geometry[j] for j in part],
+                [options[j].topk for j in part]), method=[specs[j] for j in part],
+                rows=[rows[j] for j in part])
+            c = res.cams if res.cams.dim() == 4 else res.cams[:, None]
+            for i, j in enumerate(part):
+                row_cams[j] = c[i]
+            out = res if out is None else out
+            tbs = {j: res.target_batch.select(torch.tensor([i])) for i, j in enumerate(part)}
+            for j, t in tbs.items():
+                row_cams[j] = (row_cams[j], t)
+        assert out is not None
+        tb = _stack_targets([row_cams[j][1] for j in range(len(specs))])
+        return BatchCams(cams=[row_cams[j][0] for j in range(len(specs))], targets=tb.to("cpu"),
+                         output=out.output, layer=out.layer)
+    res = engine(x, targets=targets, method=specs, rows=list(rows))
     tb = res.target_batch
     cams = res.cams if res.cams.dim() == 4 else res.cams[:, None]
     return BatchCams(cams=cams, targets=tb.to("cpu"), output=res.output, layer=res.layer)
+
+
+def _stack_targets(parts: Sequence[TargetBatch]) -> TargetBatch:
+    """One row's TargetBatch each -> one (padded to the largest K, with each row's first)."""
+    k = max(p.k for p in parts)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[1] == k:
+            return t
+        return torch.cat([t, t[:, :1].expand(t.shape[0], k - t.shape[1], *t.shape[2:])], dim=1)
+    first = parts[0]
+    fields = {}
+    for name in ("region", "box", "reference"):
+        if getattr(first, name) is not None:
+            fields[name] = torch.cat([pad(getattr(p, name).cpu()) for p in parts])
+    return TargetBatch(torch.cat([pad(p.index.cpu()) for p in parts]),
+                       tuple(c for p in parts for c in p.count), mode=first.mode, **fields)
 
 
 def row_maps(cams: torch.Tensor, map_size: tuple[int, int],

@@ -122,6 +122,22 @@ def nchw_converter(layer: Optional[str], layout: Optional[Layout] = None,
     return convert_layer
 
 
+def write_nchw(raw: torch.Tensor, activations: torch.Tensor, as_nchw: Reshape,
+               name: Optional[str] = None) -> torch.Tensor:
+    """Write NCHW ``activations`` into ``raw`` (a layer output of the same rows, changed in
+    place and returned) through its NCHW view ``as_nchw(raw)``, so entries outside the view (a
+    ViT's class token) keep their values; a :class:`LayerError` when the shapes differ or the NCHW
+    form is not a view."""
+    view = as_nchw(raw)
+    if view.shape != activations.shape:
+        raise LayerError(name, f"activations of shape {tuple(activations.shape)} do not fit its "
+                               f"output {tuple(view.shape)}")
+    view.copy_(activations.to(view.dtype))
+    if not torch.equal(as_nchw(raw), view):
+        raise LayerError(name, "cannot replace its output: its NCHW form is not a view")
+    return raw
+
+
 @dataclass
 class LayerCapture:
     """What :func:`capture_layer` saw: the layer's ``name`` and ``module``, the ``mode``, and the
@@ -144,24 +160,11 @@ class LayerCapture:
         return self.outputs[0]
 
 
-def _pinned(name: str, out: torch.Tensor, activations: torch.Tensor, as_nchw: Reshape) -> torch.Tensor:
-    """A copy of the layer's ``out`` whose NCHW view holds ``activations`` (other entries, e.g. a
-    ViT class token, kept): what ``replace`` mode hands on."""
-    new = out.detach().clone()
-    view = as_nchw(new)
-    if view.shape != activations.shape:
-        raise LayerError(name, f"activations of shape {tuple(activations.shape)} do not fit its "
-                               f"output {tuple(view.shape)}")
-    view.copy_(activations.to(view.dtype))
-    if not torch.equal(as_nchw(new), view):
-        raise LayerError(name, "cannot replace its output: its NCHW form is not a view")
-    return new
-
-
 @contextmanager
 def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureMode = "track-grad",
                   *, activations: Optional[torch.Tensor] = None, layout: Optional[Layout] = None,
-                  reshape: Optional[Reshape] = None, once: bool = True, tensors_only: bool = True) -> Iterator[LayerCapture]:
+                  reshape: Optional[Reshape] = None, once: bool = True, tensors_only: bool = True,
+                  raw: bool = False) -> Iterator[LayerCapture]:
     """Hold the one forward hook on ``layer`` for the duration of the block; it is removed on exit,
     also after an exception, and grad mode is restored.
 
@@ -177,7 +180,8 @@ def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureM
     * ``"replace"`` (verification at given activations): the output is replaced by a copy whose
       NCHW view (``reshape``, else :func:`camserve.layouts.to_nchw` with ``layout``; default ``nchw``) holds
       ``activations`` (N, C, h, w), so token and channels-last layers keep their other entries
-      (e.g. a ViT class token).
+      (e.g. a ViT class token); with ``raw=True`` ``activations`` are in the layer's own layout
+      and replace the whole output.
 
     The layer must return a tensor and run once per forward; otherwise the hook raises
     :class:`LayerError`. ``once=False`` captures every call; ``tensors_only=False`` lets other
@@ -221,8 +225,15 @@ def capture_layer(model: nn.Module, layer: Union[str, nn.Module], mode: CaptureM
             cap.outputs.append(out)
             return out.clone()  # later in-place ops must not alter the recorded tensor
         assert activations is not None
-        cap.outputs.append(_pinned(name, out, activations, as_nchw))
-        return cap.outputs[-1]
+        if raw:
+            if activations.shape != out.shape:
+                raise LayerError(name, f"activations of shape {tuple(activations.shape)} do not fit "
+                                       f"its output {tuple(out.shape)}")
+            new = activations.to(out.dtype)
+        else:
+            new = write_nchw(out.detach().clone(), activations, as_nchw, name)
+        cap.outputs.append(new)
+        return new
 
     prev = torch.is_grad_enabled()
     handle = module.register_forward_hook(hook)

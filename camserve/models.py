@@ -98,6 +98,15 @@ def _size(value: Any) -> tuple[int, int]:
 class ModelSpec:
     """The ``handler:`` block of a model config, validated."""
 
+    @property
+    def allowed_methods(self) -> tuple[str, ...]:
+        """The methods requests may ask for: ``handler.methods``, else the cheap ones (and the
+        default ``method``)."""
+        if self.methods is not None:
+            return tuple(self.methods)
+        cheap = available_methods(cheap=True)
+        return tuple(cheap + ([self.method] if self.method not in cheap else []))
+
     arch: str
     num_classes: Optional[int] = None
     weights: Optional[str] = None
@@ -117,6 +126,11 @@ class ModelSpec:
     max_map_side: Optional[int] = None
     max_row_work: Optional[int] = None
     max_batch_work: Optional[int] = None
+    #: the CAM methods requests may ask for (None: the cheap ones, :func:`default_methods`)
+    methods: Optional[tuple[str, ...]] = None
+    #: method work per request / per batch, in forwards at the input size (explain.plan_compute)
+    max_row_forwards: Optional[int] = None
+    max_batch_forwards: Optional[int] = None
     arch_args: dict[str, Any] = field(default_factory=dict)
     interpolation: Optional[str] = None
     crop: Optional[float] = None
@@ -130,7 +144,8 @@ class ModelSpec:
     BASE_KEYS = ("arch", "num_classes", "weights", "labels", "target_layer", "input_size", "mean",
                  "std", "method", "topk", "max_pixels", "outputs", "layout", "formats",
                  "max_response_size", "max_option_length", "max_map_side", "max_row_work",
-                 "max_batch_work", "arch_args", "interpolation", "crop", "task")
+                 "max_batch_work", "arch_args", "interpolation", "crop", "task", "methods",
+                 "max_row_forwards", "max_batch_forwards")
     KEYS = BASE_KEYS + task_config_keys()
     INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
@@ -226,8 +241,16 @@ class ModelSpec:
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise ConfigError(f"invalid value for handler.topk: {k!r} (a positive int)")
             spec.topk = k
+        if cfg.get("methods") is not None:
+            spec.methods = parse_choices(cfg["methods"], tuple(available_methods()),
+                                         key="handler.methods", exc=ConfigError,
+                                         groups={"all": tuple(available_methods()),
+                                                 "cheap": tuple(available_methods(cheap=True))})
+        if spec.methods is not None and spec.method not in spec.methods:
+            raise ConfigError(f"invalid value for handler.method: {spec.method!r} is not in "
+                              f"handler.methods ({', '.join(spec.methods)})")
         for key in ("max_pixels", "max_response_size", "max_option_length", "max_map_side",
-                    "max_row_work", "max_batch_work"):
+                    "max_row_work", "max_batch_work", "max_row_forwards", "max_batch_forwards"):
             if cfg.get(key) is not None:
                 p = cfg[key]
                 if not isinstance(p, int) or isinstance(p, bool) or p < 1:

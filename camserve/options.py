@@ -1,7 +1,9 @@
 """Request options -> :class:`RequestOptions` (strict), and the serving limits that bound them.
 
 Options: ``explain`` (true/false), ``target`` (class index, label, or a list of them), ``topk``,
-``method`` (a registered CAM method), ``outputs`` (a subset of heatmap, overlay, raw, bbox).
+``method`` (a CAM method the model allows: ``handler.methods``, default the cheap ones), the
+method's options (``aug_smooth``, ``eigen_smooth``, ``max_channels``, ...: docs/methods.md),
+``outputs`` (a subset of heatmap, overlay, raw, bbox).
 Unknown options, bad values, over-long strings: :class:`camserve.errors.OptionError` (422),
 never another exception. Integers are parsed strictly (ASCII digits, one optional sign, at most
 18 digits: :func:`camserve.parsing.parse_int`); targets are parsed by the one target parser,
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 from .errors import OptionError
-from .methods import available_methods
+from .methods import MethodError, MethodSpec, available_methods, get_method, method_option_names
 from .models import OUTPUT_KINDS, ConfigError, ModelSpec
 from .parsing import log_name, parse_choices, parse_int, short_repr
 from .tasks import Classification, ClassOptions, Task
@@ -45,6 +47,10 @@ DEFAULT_MAX_MAP_SIDE = 2048
 #: :func:`camserve.explain.plan_maps`.
 DEFAULT_MAX_ROW_WORK = 192
 DEFAULT_MAX_BATCH_WORK = 512
+#: Method work budgets, in forwards of the model at its input size (a backward counts two forwards
+#: of what it runs through): see :func:`camserve.explain.plan_compute`.
+DEFAULT_MAX_ROW_FORWARDS = 64
+DEFAULT_MAX_BATCH_FORWARDS = 256
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,10 @@ class ServingLimits:
     max_map_side: int = DEFAULT_MAX_MAP_SIDE
     max_row_work: int = DEFAULT_MAX_ROW_WORK
     max_batch_work: int = DEFAULT_MAX_BATCH_WORK
+    #: method work per request / per batch, in forwards (``handler.max_row_forwards`` /
+    #: ``handler.max_batch_forwards``)
+    max_row_forwards: int = DEFAULT_MAX_ROW_FORWARDS
+    max_batch_forwards: int = DEFAULT_MAX_BATCH_FORWARDS
 
     @classmethod
     def from_spec(cls, spec: Any, env: Optional[Mapping[str, str]] = None) -> "ServingLimits":
@@ -97,12 +107,16 @@ class ServingLimits:
             raise ConfigError(f"invalid value for handler.max_batch_work: {batch} (at least "
                               f"handler.max_row_work, {row})")
         row = row or DEFAULT_MAX_ROW_WORK
+        rf = getattr(spec, "max_row_forwards", None) or DEFAULT_MAX_ROW_FORWARDS
         return cls(max_response_size=getattr(spec, "max_response_size", None) or size,
                    max_option_length=getattr(spec, "max_option_length", None)
                    or DEFAULT_MAX_OPTION_LENGTH,
                    max_map_side=getattr(spec, "max_map_side", None) or DEFAULT_MAX_MAP_SIDE,
                    max_row_work=row,
-                   max_batch_work=batch or max(row, DEFAULT_MAX_BATCH_WORK))
+                   max_batch_work=batch or max(row, DEFAULT_MAX_BATCH_WORK),
+                   max_row_forwards=rf,
+                   max_batch_forwards=max(rf, getattr(spec, "max_batch_forwards", None)
+                                          or DEFAULT_MAX_BATCH_FORWARDS))
 
 
 @dataclass(frozen=True)
@@ -121,8 +135,12 @@ class RequestOptions:
     maps: int = 1
     task: Any = None
     answer_maps: int = 0
+    #: the method with its options (``method`` and the method options of the request)
+    spec: Optional[MethodSpec] = None
 
     def __post_init__(self) -> None:
+        if self.spec is None:
+            object.__setattr__(self, "spec", get_method(self.method).spec())
         if self.task is None:  # built by hand for a classifier: its class targets are the task's
             object.__setattr__(self, "task", ClassOptions(self.targets))
             object.__setattr__(self, "maps", max(self.maps, len(self.targets or ())))
@@ -164,12 +182,24 @@ def _parse_topk(value: Any, n: int) -> int:
     return num
 
 
-def _parse_method(value: Any) -> str:
+def _parse_method(value: Any, allowed: Sequence[str]) -> str:
     key = value.strip().lower() if isinstance(value, str) else None
-    if key not in available_methods():
-        raise OptionError(f"invalid value for method: {short_repr(value)} (allowed: "
-                          f"{', '.join(available_methods())})")
+    if key not in allowed:
+        known = key in available_methods()
+        raise OptionError(f"invalid value for method: {short_repr(value)} ("
+                          f"{'not allowed for this model; ' if known else ''}allowed: "
+                          f"{', '.join(allowed)})")
     return key  # type: ignore[return-value]
+
+
+def parse_method_spec(method: str, options: Mapping[str, Any]) -> MethodSpec:
+    """``method`` with the request's method options (the keys of :func:`method_option_names`
+    present in ``options``); 422 naming an option the method does not take or a bad value."""
+    given = {k: v for k, v in options.items() if k in method_option_names()}
+    try:
+        return get_method(method).spec(given)
+    except MethodError as exc:
+        raise OptionError(str(exc)) from None
 
 
 def _parse_outputs(value: Any) -> tuple[str, ...]:
@@ -186,7 +216,8 @@ def option_keys(task: Optional[Task] = None) -> tuple[str, ...]:
     """The option names a request may carry: the common ones and the task's
     (:attr:`camserve.tasks.Task.option_keys`; default: classification's)."""
     extra = task.option_keys if task is not None else ("target",)
-    return COMMON_KEYS[:1] + tuple(k for k in extra if k not in COMMON_KEYS) + COMMON_KEYS[1:]
+    base = COMMON_KEYS[:1] + tuple(k for k in extra if k not in COMMON_KEYS) + COMMON_KEYS[1:]
+    return base + tuple(k for k in method_option_names() if k not in base)
 
 
 def check_keys(options: Mapping[Any, Any], task: Optional[Task] = None) -> None:
@@ -220,9 +251,11 @@ def parse_options(options: Mapping[Any, Any], spec: ModelSpec, labels: Sequence[
     parsed = task.parse_options({k: v for k, v in opts.items() if k in task.option_keys},
                                 max_targets=MAX_TARGETS)
     topk = _parse_topk(opts["topk"], n) if "topk" in opts else min(spec.topk, n)
-    method = _parse_method(opts["method"]) if "method" in opts else spec.method
+    method = _parse_method(opts["method"], spec.allowed_methods) if "method" in opts else spec.method
+    method_spec = parse_method_spec(method, opts)
     outputs = _parse_outputs(opts["outputs"]) if "outputs" in opts else spec.outputs
     maps = task.max_targets(parsed)
     return RequestOptions(explain=explain, targets=getattr(parsed, "targets", None), topk=topk,
                           method=method, outputs=outputs, maps=topk if maps is None else maps,
-                          task=parsed, answer_maps=task.answer_maps(parsed))
+                          task=parsed, answer_maps=task.answer_maps(parsed),
+                          spec=method_spec)

@@ -59,10 +59,10 @@ from .engine import CamEngine
 from .envelopes import RawRequest, extract_request
 from .errors import InternalError, InvalidImage, RequestError, ResponseTooLarge, from_image_error
 from .explain import (MEGA, BatchCams, MapPlan, batch_cams, drop_hint, explanation_json,
-                      plan_maps, render_row)
+                      plan_compute, plan_maps, render_row)
 from .images import ImageError, decode_image, preprocess
 from .layers import LayerError
-from .methods import available_methods
+from .methods import get_method
 from .models import (ConfigError, LoadedModel, ModelSpec, load_model,
                      load_model_dir)
 from .options import MAX_TARGETS, RequestOptions, ServingLimits, option_keys, parse_options
@@ -164,17 +164,18 @@ class _CamView:
 
     def __init__(self, cams: BatchCams, slot: int) -> None:
         count = cams.targets.count[slot]
-        self.cams = cams.cams[slot, :count]
+        self.cams = cams.cams[slot][:count]
         self.targets = cams.targets
         self.slot = slot
         self.layer = cams.layer
 
 
 class _Work:
-    """What is left of one batch's work budget (pixels)."""
+    """What is left of one batch's work budgets (map pixels, method forwards)."""
 
-    def __init__(self, pixels: int) -> None:
+    def __init__(self, pixels: int, forwards: float = float("inf")) -> None:
         self.left = pixels
+        self.forwards = forwards
 
 
 _Forward = tuple[Any, Optional[BatchCams], list[int]]
@@ -254,12 +255,13 @@ class CamService:
             raise ConfigError(f"invalid value for handler.target_layer: "
                               f"{self.engine.layer_name!r} ({exc})") from None
         self.engine.predict(x)
+        self.engine.measure_suffix_share(x)
 
     def describe(self) -> dict[str, Any]:
         """What the model serves and which options it takes (TorchServe's customized describe)."""
         return {"arch": self.spec.arch, "num_classes": self.num_classes, "labels": self.labels,
                 "target_layer": self.engine.layer_name, "input_size": list(self.spec.input_size),
-                "task": self.task.name, "methods": available_methods(),
+                "task": self.task.name, "methods": self.describe_methods(),
                 "options": list(option_keys(self.task)),
                 "defaults": {"method": self.spec.method,
                              "topk": min(self.spec.topk, self.num_classes),
@@ -269,7 +271,22 @@ class CamService:
                 "max_option_length": self.limits.max_option_length,
                 "max_map_side": self.limits.max_map_side,
                 "max_row_work": self.limits.max_row_work,
-                "max_batch_work": self.limits.max_batch_work, "device": str(self.device)}
+                "max_batch_work": self.limits.max_batch_work,
+                "max_row_forwards": self.limits.max_row_forwards,
+                "max_batch_forwards": self.limits.max_batch_forwards, "device": str(self.device)}
+
+    def describe_methods(self) -> list[dict[str, Any]]:
+        """The methods this model allows, each with its needs, options and its cost for one
+        target on the served layer (``forwards``: the cost in forwards at the input size)."""
+        out = []
+        size = self.engine.layer_size
+        for name in self.spec.allowed_methods:
+            d = get_method(name).describe(size)
+            if size is not None:
+                d["forwards"] = round(get_method(name).spec().cost(size, 1).units(
+                    self.engine.suffix_share), 3)
+            out.append(d)
+        return out
 
     # -- one batch ------------------------------------------------------------------------------
     def handle_batch(self, rows: Sequence[Any],
@@ -296,7 +313,7 @@ class CamService:
         if len(forced) != len(rows):
             raise ValueError(f"invalid value for force_explain: {len(forced)} flags for "
                              f"{len(rows)} rows")
-        work = _Work(self.limits.max_batch_work * MEGA)
+        work = _Work(self.limits.max_batch_work * MEGA, float(self.limits.max_batch_forwards))
         items = [self._prepare(i, row, f, len(rows), work)
                  for i, (row, f) in enumerate(zip(rows, forced))]
         return Prepared(items, (time.perf_counter() - t0) * 1000.0)
@@ -336,6 +353,9 @@ class CamService:
             raw = row if isinstance(row, RawRequest) else extract_request(row)
             opts = parse_options(raw.options, self.spec, self.labels, explain=explain,
                                  limits=self.limits, task=self.task)
+            # 413 for the method's work, then from the header's size, before any pixel is decoded
+            forwards = plan_compute(opts, self.engine, self.limits, self.spec.allowed_methods,
+                                    work.forwards)
             left = work.left
             rows = [self._image(index, raw.data, opts, work)]
             for part, (name, data) in enumerate(self.task.companions(rows[0].options.task), 1):
@@ -345,6 +365,7 @@ class CamService:
                 except RequestError as exc:
                     work.left = left
                     raise RequestError(f"{name}: {exc.message}", exc.code, exc.type) from None
+            work.forwards -= forwards
             return rows
         except RequestError as exc:
             log.info("camserve: request %d of a batch of %d rejected: %s %s: %s", index, n,

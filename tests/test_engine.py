@@ -10,6 +10,7 @@ from torch import nn
 
 from camserve import CamEngine, available_methods, get_method, heatmaps_at_sizes
 from camserve.engine import normalize_maps
+from camserve.tasks import TargetBatch
 from camserve.testing.zoo import ARCHS, Arch, reshape_for_reference
 
 pytest.importorskip("pytorch_grad_cam")
@@ -303,3 +304,138 @@ def test_cuda_stays_on_device():
     assert res.cams.is_cuda and res.heatmaps((64, 64)).is_cuda
     cpu = CamEngine(model.cpu(), "layer4")(torch.rand(2, 3, 64, 64))
     assert cpu.cams.device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# suffix forwards, chunks, methods mixed per row
+
+
+def _replay_vs_full(model: nn.Module, layer: str, x: torch.Tensor, layout=None) -> tuple[float, int]:
+    from camserve.engine import PrefixCache
+    from camserve.layers import capture_layer
+
+    eng = CamEngine(model, layer, layout=layout)
+    eng(x[:1])  # locate the layout
+    cache = PrefixCache(model, eng._layer, x.shape[0])
+    with torch.no_grad(), capture_layer(model, eng._layer, "record") as cap, cache.recording():
+        model(x)
+    owner = torch.tensor([1, 0, 1])
+    pert = cap.output.index_select(0, owner) * 0.5 + 0.1
+    with torch.no_grad():
+        with cache.replay(owner, pert):
+            a = model(x.index_select(0, owner))
+        b = eng._full_suffix(x.index_select(0, owner), pert)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert _hook_count(model) == 0
+    return float((a - b).abs().max() / b.abs().max()), len(cache.entries)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=[pytest.mark.zoo] if c.zoo else [])
+                                  for c in __import__("tests.methods.archs", fromlist=["CASES"]).CASES])
+def test_suffix_replay_equals_the_whole_model(case):
+    """Replaying the outputs of the modules before the target layer gives the scores the whole
+    model gives on the same perturbed layer output (torchvision, timm, Hugging Face, ViTs)."""
+    from tests.methods.archs import model_of
+
+    d, n = _replay_vs_full(model_of(case), case.layer, case.input(2), case.layout)
+    print(f"replay {case.name}: {n} modules replayed, max rel {d:.1e}")
+    assert n >= 1 and d <= 1e-12
+
+
+class _BatchFreeOutput(nn.Module):
+    """A module whose output does not depend on the batch but has the batch's length."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.arange(2.0)
+
+
+class _Tricky(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.const = _BatchFreeOutput()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.const(x)  # (2,), recorded as if it were per row
+        a = self.conv(x)
+        return self.head(a.mean(dim=(2, 3))) + c.sum()
+
+
+def test_a_replay_that_differs_falls_back_to_the_whole_model(caplog):
+    torch.manual_seed(0)
+    model = _Tricky().eval()
+    x = torch.rand(2, 3, 8, 8)
+    eng = CamEngine(model, "conv", layout="nchw", chunk=3)
+    with caplog.at_level("WARNING", logger="camserve.engine"):
+        res = eng(x, targets=[0, 1], method="reciprocam")
+    assert "running the whole model" in caplog.text
+    ref = CamEngine(model, "conv", layout="nchw", chunk=3)
+    ref._replay_ok[(2, 3, 8, 8)] = False
+    torch.testing.assert_close(res.cams, ref(x, targets=[0, 1], method="reciprocam").cams)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def _counting(model: nn.Module) -> list[int]:
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda m, a: sizes.append(int(a[0].shape[0])))
+    return sizes
+
+
+@pytest.mark.parametrize("method,options", [("scorecam", None), ("ablationcam", None),
+                                            ("reciprocam", None), ("iscam", {"samples": 2}),
+                                            ("sscam", {"samples": 2})])
+def test_perturbation_runs_in_bounded_chunks_and_chunks_do_not_change_maps(method, options):
+    model = _small_net().eval()
+    x = torch.rand(2, 3, 10, 12, dtype=torch.float64)
+    model = model.double()
+    big = CamEngine(model, "3", chunk=64)(x, targets=[1, 2], method=method, options=options).cams
+    eng = CamEngine(model, "3", chunk=5)
+    eng(x, method="gradcam")  # the layout is decided (probe forwards) before counting
+    sizes = _counting(model)
+    small = eng(x, targets=[1, 2], method=method, options=options).cams
+    model._forward_pre_hooks.clear()
+    torch.testing.assert_close(small, big, rtol=1e-10, atol=1e-12)
+    assert max(sizes[1:]) <= 5 and len(sizes) > 4  # the first forward is the batch itself
+
+
+def test_methods_mixed_per_row_equal_their_own_calls():
+    """One call with a method per row (gradient, gradient-free, perturbation, aug_smooth) gives
+    each row the map of its own method; rows of one gradient method share one backward."""
+    from camserve.methods import as_spec
+
+    model = _small_net().double().eval()
+    x = torch.rand(4, 3, 10, 12, dtype=torch.float64)
+    specs = ["gradcam", "eigencam", as_spec("scorecam", {"max_channels": 4}), "gradcam"]
+    eng = CamEngine(model, "3")
+    mixed = eng(x, targets=[1, 2, 3, 4], method=specs).cams
+    for i, s in enumerate(specs):
+        alone = eng(x[i:i + 1], targets=[[1, 2, 3, 4][i]], method=s).cams
+        torch.testing.assert_close(mixed[i], alone[0], rtol=1e-9, atol=1e-12)
+
+
+def test_max_channels_scores_only_the_most_varied_channels():
+    model = _small_net().double().eval()
+    x = torch.rand(1, 3, 10, 12, dtype=torch.float64)
+    eng = CamEngine(model, "3", chunk=64)
+    eng(x, method="gradcam")
+    sizes = _counting(model)
+    eng(x, targets=[1], method="scorecam", options={"max_channels": 3})
+    model._forward_pre_hooks.clear()
+    assert sum(sizes[1:]) <= 3 + 1  # three masked inputs (and the all-zero one, if any)
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam", "reciprocam", "gradcam", "eigencam"])
+def test_perturbation_methods_serve_multilabel_through_task_scores(method):
+    from camserve.tasks import make_task
+
+    model = _small_net().double().eval()
+    x = torch.rand(2, 3, 10, 12, dtype=torch.float64)
+    task = make_task("multilabel", [str(i) for i in range(5)])
+    res = CamEngine(model, "3", task=task)(x, targets=TargetBatch.of_classes([[1, 3], [2]]),
+                                           method=method, options={"max_channels": 8}
+                                           if method in ("scorecam", "ablationcam") else None)
+    assert res.cams.shape[:2] == (2, 2) and torch.isfinite(res.cams).all()
+    cls = CamEngine(model, "3")(x, targets=torch.tensor([[1, 3], [2, 2]]), method=method,
+                                options={"max_channels": 8} if method in ("scorecam", "ablationcam") else None)
+    torch.testing.assert_close(res.cams, cls.cams)  # both score the label's logit

@@ -244,15 +244,59 @@ def test_image_formats(service, fmt, kw, png):
     assert res.status == 200 and len(body_of(res)["explanations"]) == 1
 
 
-def test_all_methods_in_one_batch(service, png, decode_png):
+@pytest.fixture(scope="module")
+def every_method_service() -> CamService:
+    return make_service(spec_of(methods="all", max_row_forwards=10**6, max_batch_forwards=10**6))
+
+
+@pytest.mark.slow
+def test_all_methods_in_one_batch(every_method_service, png, decode_png):
+    """Every method, one row each, in one batch (input- and layer-resolution maps mixed): each
+    row's map is its method's map alone."""
+    svc = every_method_service
     data = png(seed=21)
     methods = available_methods()
     rows = [{"data": data, "method": m, "target": 2} for m in methods]
-    out = service.handle_batch(rows, [True] * len(rows)).results
+    rows.append({"data": data, "method": "gradcam", "aug_smooth": "true", "target": 2})
+    out = svc.handle_batch(rows, [True] * len(rows)).results
     for m, res in zip(methods, out):
         e = body_of(res)["explanations"][0]
         assert e["method"] == m
-        assert_maps_close(decode_png(e["heatmap"]), direct_heatmap(service, data, 2, m))
+        assert_maps_close(decode_png(e["heatmap"]), direct_heatmap(svc, data, 2, m))
+    assert out[-1].status == 200
+
+
+def test_method_options_budgets_and_allowed_methods_per_row(png):
+    """Bad and over-budget method requests beside good rows in one batch: each bad row gets its
+    own 4xx naming what is allowed, the others their 200."""
+    svc = make_service(spec_of(methods="all", max_row_forwards=8, max_batch_forwards=40))
+    data = png(seed=3)
+    rows = [{"data": data, "method": "gradcam"},
+            {"data": data, "method": "scorecam"},                      # 16 channels > 8
+            {"data": data, "method": "scorecam", "max_channels": "4"},
+            {"data": data, "method": "gradcam", "max_channels": "4"},  # not its option
+            {"data": data, "method": "eigencam", "sign": "up"},        # bad value
+            {"data": data, "method": "layercam", "eigen_smooth": "yes"},
+            {"data": data, "method": "nope"}]
+    out = svc.handle_batch(rows, [True] * len(rows)).results
+    assert [r.status for r in out] == [200, 413, 200, 422, 422, 200, 422]
+    msg = error_body(out[1])["message"]
+    assert "WorkTooLarge" in error_body(out[1])["type"] or "work too large" in msg
+    assert "scorecam costs 16 forwards" in msg and "max_channels <= 8" in msg and "gradcam" in msg
+    assert "invalid option 'max_channels' for method 'gradcam'" in error_body(out[3])["message"]
+    assert "invalid value for sign" in error_body(out[4])["message"]
+    assert "allowed:" in error_body(out[6])["message"]
+
+
+def test_cheap_methods_by_default_and_describe_lists_costs(service, png):
+    [res] = service.handle_batch([{"data": png(seed=1), "method": "scorecam"}], [True]).results
+    assert res.status == 422 and "not allowed for this model" in error_body(res)["message"]
+    d = service.describe()
+    names = [m["name"] for m in d["methods"]]
+    assert "gradcam" in names and "scorecam" not in names
+    grad = d["methods"][names.index("gradcam")]
+    assert grad["cost"] == {"backwards": 1.0} and 0 < grad["forwards"] <= 2
+    assert d["max_row_forwards"] >= 1
 
 
 def test_heatmaps_at_sizes_groups_equal_sizes_without_changing_results():

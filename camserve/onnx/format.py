@@ -63,6 +63,7 @@ ALWAYS_WRITTEN: tuple[str, ...] = ("interpolation", "crop")
 #: labels themselves are written) and the limits of the REST server.
 NOT_WRITTEN: tuple[str, ...] = ("weights", "labels", "formats", "max_response_size",
                                 "max_option_length", "max_map_side", "max_row_work", "max_batch_work",
+                                "methods", "max_row_forwards", "max_batch_forwards",
                                 "given")
 #: The other keys. ``grid``: (h, w) of the graph's maps; ``prefix_tokens``: the leading tokens
 #: (class, distillation, register) a token layer's map leaves out (JSON ``null`` when unknown or

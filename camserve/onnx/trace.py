@@ -283,7 +283,10 @@ def trace_cam_graph(model: nn.Module, target_layer: LayerSpec, example: torch.Te
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # attention as matmul + softmax: the fused CPU kernel's backward has no ONNX translation
-    with frozen_parameters(model), sdpa_kernel(SDPBackend.MATH):
+    # principal projections (EigenCAM, KPCA-CAM) in their ONNX-exportable form
+    from ..methods.projection import exportable_form
+
+    with frozen_parameters(model), sdpa_kernel(SDPBackend.MATH), exportable_form():
         gm = _trace_batch_dynamic(cg, table, example, targets)
     if functional:
         functionalize_inplace(gm)
