@@ -1,6 +1,7 @@
 """Batched explanation in stages with plain data between them.
 
-1. :func:`batch_cams` — one forward over the whole batch; the explain rows' targets come from
+1. :func:`batch_cams` — one pass of the model's backend (:mod:`camserve.backends`) over the whole
+   batch; the explain rows' targets come from
    their task (:meth:`camserve.tasks.Task.request_targets`: what each request asked for, or the
    task's default, read from the same forward's output) as one
    :class:`camserve.tasks.TargetBatch`; gradients only for the explain rows, each row by its own
@@ -41,19 +42,22 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .engine import CamEngine, heatmaps_at_sizes
+from .engine import heatmaps_at_sizes
 from .errors import RequestError, ResponseTooLarge, WorkTooLarge
 from .options import RequestOptions, ServingLimits
 from .records import Explanation
-from .tasks import Geometry, Shown, TargetBatch
+from .tasks import Geometry, Shown, TargetBatch, Task
 from .render import (OutputTooLarge, b64, bbox_from_heatmap, capped_size, heatmap_png,
                      overlay_png, resize_map, scale_box)
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 MAP_OUTPUTS = frozenset({"heatmap", "overlay", "bbox"})
 PNG_OUTPUTS = ("heatmap", "overlay")
@@ -167,20 +171,37 @@ class BatchCams:
         return self.output
 
 
-def batch_cams(engine: CamEngine, x: torch.Tensor, rows: Sequence[int],
+@dataclass(frozen=True)
+class CamRequest:
+    """What the explain rows of a batch ask a backend for: each row's ``options`` (its method, and
+    the task's parsed options its targets come from) and ``geometry``."""
+
+    options: tuple[RequestOptions, ...]
+    geometry: tuple[Geometry, ...]
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """One method per explain row."""
+        return tuple(o.method for o in self.options)
+
+    def targets(self, task: Task, out: Any) -> TargetBatch:
+        """The rows' targets from their task output ``out`` (detached, explain rows only)."""
+        return task.request_targets(out, [o.task for o in self.options], self.geometry,
+                                    [o.topk for o in self.options])
+
+    def known_targets(self, task: Task) -> Optional[TargetBatch]:
+        """The rows' targets as far as they are known before the forward
+        (:meth:`camserve.tasks.Task.known_targets`: ``-1`` for a row's default target)."""
+        return task.known_targets([o.task for o in self.options], self.geometry,
+                                  [o.topk for o in self.options])
+
+
+def batch_cams(backend: "Backend", x: torch.Tensor, rows: Sequence[int],
                options: Sequence[RequestOptions], geometry: Sequence[Geometry]) -> BatchCams:
-    """One engine call over batch ``x`` explaining ``rows`` (their ``options`` and image
-    ``geometry``): targets from the task, one method per row."""
-    task = engine.task
-
-    def targets(out: Any) -> TargetBatch:
-        return task.request_targets(out, [o.task for o in options], geometry,
-                                    [o.topk for o in options])
-
-    res = engine(x, targets=targets, method=[o.method for o in options], rows=list(rows))
-    tb = res.target_batch
-    cams = res.cams if res.cams.dim() == 4 else res.cams[:, None]
-    return BatchCams(cams=cams, targets=tb.to("cpu"), output=res.output, layer=res.layer)
+    """One backend pass over batch ``x`` explaining ``rows`` (their ``options`` and image
+    ``geometry``): targets from the task, one method per row (:class:`camserve.backends.Backend`:
+    the PyTorch engine or an onnxruntime session)."""
+    return backend.explain(x, list(rows), CamRequest(tuple(options), tuple(geometry)))
 
 
 def row_maps(cams: torch.Tensor, map_size: tuple[int, int],

@@ -3,7 +3,8 @@
 Options: ``explain`` (true/false), ``target`` (class index, label, or a list of them), ``topk``,
 ``method`` (a registered CAM method), ``outputs`` (a subset of heatmap, overlay, raw, bbox).
 Unknown options, bad values, over-long strings: :class:`camserve.errors.OptionError` (422),
-never another exception. Integers are parsed strictly (ASCII digits, one optional sign, at most
+never another exception — except a known method the model's backend does not serve, 400
+:class:`camserve.errors.MethodUnavailable`. Integers are parsed strictly (ASCII digits, one optional sign, at most
 18 digits: :func:`camserve.parsing.parse_int`); targets are parsed by the one target parser,
 :func:`camserve.records.parse_targets`.
 
@@ -22,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from .errors import OptionError
+from .errors import MethodUnavailable, OptionError
 from .methods import available_methods
 from .models import OUTPUT_KINDS, ConfigError, ModelSpec
 from .parsing import log_name, parse_choices, parse_int, short_repr
@@ -161,11 +162,16 @@ def _parse_topk(value: Any, n: int) -> int:
     return num
 
 
-def _parse_method(value: Any) -> str:
+def _parse_method(value: Any, served: Optional[Sequence[str]] = None) -> str:
+    """A method name: 422 when no such method exists, 400 ``MethodUnavailable`` when it exists
+    but the model does not serve it (``served``: default every registered method)."""
+    served = available_methods() if served is None else list(served)
     key = value.strip().lower() if isinstance(value, str) else None
     if key not in available_methods():
         raise OptionError(f"invalid value for method: {short_repr(value)} (allowed: "
-                          f"{', '.join(available_methods())})")
+                          f"{', '.join(served)})")
+    if key not in served:
+        raise MethodUnavailable(key, served)  # type: ignore[arg-type]
     return key  # type: ignore[return-value]
 
 
@@ -197,13 +203,15 @@ def check_keys(options: Mapping[Any, Any], task: Optional[Task] = None) -> None:
 
 def parse_options(options: Mapping[Any, Any], spec: ModelSpec, labels: Sequence[str], *,
                   explain: bool = False, limits: ServingLimits = ServingLimits(),
-                  task: Optional[Task] = None) -> RequestOptions:
+                  task: Optional[Task] = None,
+                  methods: Optional[Sequence[str]] = None) -> RequestOptions:
     """Validate one request's options against the model; :class:`OptionError` (422) otherwise.
 
     ``explain``: True forces explaining (TorchServe's ``/explanations`` route, KServe's
     ``:explain``); otherwise the ``explain`` option decides. ``task``: the model's task, which
     parses its own options (targets, thresholds, regions, boxes, references); default:
-    classification over ``labels``.
+    classification over ``labels``. ``methods``: the CAM methods the model's backend serves
+    (default: every registered one); another known method is 400 ``MethodUnavailable``.
     """
     if task is None:
         task = Classification(labels)
@@ -215,7 +223,7 @@ def parse_options(options: Mapping[Any, Any], spec: ModelSpec, labels: Sequence[
     parsed = task.parse_options({k: v for k, v in opts.items() if k in task.option_keys},
                                 max_targets=MAX_TARGETS)
     topk = _parse_topk(opts["topk"], n) if "topk" in opts else min(spec.topk, n)
-    method = _parse_method(opts["method"]) if "method" in opts else spec.method
+    method = _parse_method(opts["method"], methods) if "method" in opts else spec.method
     outputs = _parse_outputs(opts["outputs"]) if "outputs" in opts else spec.outputs
     return RequestOptions(explain=explain, targets=getattr(parsed, "targets", None), topk=topk,
                           method=method, outputs=outputs, maps=task.max_targets(parsed),
