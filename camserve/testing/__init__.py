@@ -12,7 +12,8 @@ and only :mod:`camserve.testing.torchserve` and :mod:`camserve.testing.kserve` n
   config, per-row request headers, per-row response status and content type, recorded metrics);
 * :mod:`camserve.testing.handler`: load a handler file the way TorchServe 0.12's model loader does;
 * :mod:`camserve.testing.nets`: tiny networks for tests and BatchNorm calibration of random nets;
-* :mod:`camserve.testing.hostile`: a corpus of hostile image files with their expected outcomes.
+* :mod:`camserve.testing.hostile`: a corpus of hostile image files with their expected outcomes;
+* :mod:`camserve.testing.equality`: how far two servers' (or backends') answers are apart.
 
 None of it is part of the public API.
 """
