@@ -48,17 +48,20 @@ bench-engine: install
 	$(BIN)/python -m bench.engine
 
 # -- TorchServe: archive, serve, stop, demo, serving benchmark ---------------------------------------
-# make archive [MODEL=DIR] [NAME=name] -> model_store/NAME.mar (NAME: the folder's name), for any
-# model folder (python -m camserve.scaffold writes one); make serve [MODEL=DIR] [NAME=name] serves it.
+# make archive [MODEL=DIR] [NAME=name] [BACKEND=torch|onnxruntime] -> model_store/NAME.mar (NAME: the
+# folder's name), for any model folder (python -m camserve.scaffold writes one); BACKEND=onnxruntime
+# packs the folder's CAM graph (exported into the folder first when it has none or it is stale) and
+# no model code. make serve [MODEL=DIR] [NAME=name] serves it.
 # `make demo` serves and explains the shapes model.
 NAME ?= $(notdir $(abspath $(MODEL)))
+BACKEND ?=
 SHAPES := models/shapes
 
 archive: install
 	@if [ "$(abspath $(MODEL))" = "$(abspath $(SHAPES))" ]; then \
 		for f in weights.pt index_to_name.json; do test -f $(MODEL)/$$f || { \
 			echo "error: $(MODEL)/$$f is missing: train the default model first (make train)"; exit 1; }; done; fi
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.archive $(MODEL) --name $(NAME) --out model_store
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.archive $(MODEL) --name $(NAME) --out model_store $(if $(BACKEND),--backend $(BACKEND))
 
 serve: archive
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve start --name $(NAME)
