@@ -23,6 +23,7 @@ A model folder (and a TorchServe archive, once extracted) holds ``model-config.y
       max_pixels: 40000000
       outputs: [heatmap, bbox]
       backend: torch                 # or onnxruntime: serve from the folder's model.cam.onnx
+      optimize: true                 # torch: serve a faster copy (BatchNorm folded, channels-last)
 
 Mean, std, input size, interpolation and crop default to what the model knows itself (timm's
 ``pretrained_cfg``, a Hugging Face ``preprocessor_config.json``) where the ``handler:`` block does
@@ -129,13 +130,16 @@ class ModelSpec:
     task_settings: dict[str, Any] = field(default_factory=dict)
     #: what runs a served batch (:data:`BACKENDS`)
     backend: str = "torch"
+    #: the torch backend serves a faster copy of the model (:mod:`camserve.backends.pytorch`)
+    optimize: bool = True
     #: the keys the config set (the model's own preprocessing defaults fill in the others)
     given: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
 
     BASE_KEYS = ("arch", "num_classes", "weights", "labels", "target_layer", "input_size", "mean",
                  "std", "method", "topk", "max_pixels", "outputs", "layout", "formats",
                  "max_response_size", "max_option_length", "max_map_side", "max_row_work",
-                 "max_batch_work", "arch_args", "interpolation", "crop", "task", "backend")
+                 "max_batch_work", "arch_args", "interpolation", "crop", "task", "backend",
+                 "optimize")
     KEYS = BASE_KEYS + task_config_keys()
     INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
@@ -187,6 +191,11 @@ class ModelSpec:
                 raise ConfigError(f"invalid value for handler.backend: {short_repr(b)} (known: "
                                   f"{', '.join(BACKENDS)})")
             spec.backend = b.strip().lower()
+        if cfg.get("optimize") is not None:
+            if not isinstance(cfg["optimize"], bool):
+                raise ConfigError(f"invalid value for handler.optimize: "
+                                  f"{short_repr(cfg['optimize'])} (true or false)")
+            spec.optimize = cfg["optimize"]
         if cfg.get("arch_args") is not None:
             aa = cfg["arch_args"]
             if not isinstance(aa, Mapping) or not all(isinstance(k, str) for k in aa):

@@ -137,3 +137,15 @@ def test_predict_rows_run_in_inference_mode_on_the_copy(calibrate_bn):
     assert seen == [(True, 3)] and backend.model is not lm.model
     assert backend.describe()["optimizations"] == ["batchnorm folded into 1 convolution",
                                                   "channels-last"]
+
+
+def test_handler_optimize_false_serves_the_model_as_loaded(calibrate_bn):
+    from camserve.models import ConfigError
+
+    lm = loaded("tinybn", calibrate_bn)
+    lm.spec = ModelSpec.from_config({"arch": "x:tinybn", "input_size": 40, "optimize": False})
+    backend = TorchBackend(lm)
+    assert backend.model is lm.model and backend.optimizations == ()
+    assert TorchBackend(lm, optimize=True).optimizations
+    with pytest.raises(ConfigError, match=r"handler.optimize: 'yes' \(true or false\)"):
+        ModelSpec.from_config({"arch": "x:Y", "optimize": "yes"})
