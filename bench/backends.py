@@ -34,11 +34,12 @@ import torch
 import torchvision
 
 from camserve import CamEngine
-from camserve.backends import TorchBackend, cpu_count
+from camserve.backends import TorchBackend
 from camserve.backends.ort import OnnxBackend
 from camserve.backends.pytorch import fold_batchnorm
 from camserve.models import ModelSpec, from_module, recalibrate_batchnorm
 from camserve.onnx.export import export_cam_onnx
+from camserve.onnx.session import available_cpus
 
 SETTLE_S = 0.3
 
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: every CPU)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (predict)")
     args = ap.parse_args()
-    threads = args.threads or cpu_count()
+    threads = args.threads or available_cpus()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = recalibrate_batchnorm(torchvision.models.resnet50(weights=None).eval(), (224, 224))

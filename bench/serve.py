@@ -44,7 +44,8 @@ import torch
 import yaml
 from PIL import Image
 
-from camserve.backends import GRAPH_FILE, cpu_count
+from camserve.backends import GRAPH_FILE
+from camserve.onnx.session import available_cpus
 from camserve.testing.load import closed_loop
 from camserve.testing.nets import write_model_folder
 from camserve.testing.torchserve import LocalTorchServe, archive
@@ -215,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("error: Java not found: TorchServe needs Java 17+", file=sys.stderr)
         return 2
     home = Path(tempfile.mkdtemp(prefix="camserve_bench_serve_"))
-    threads = cpu_count()  # one worker per model, one model busy at a time
+    threads = available_cpus()  # one worker per model, one model busy at a time
     series: dict[tuple[str, str, str], Series] = {}
     bare: dict[tuple[str, str], list[float]] = {}
     try:

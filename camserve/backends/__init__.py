@@ -30,9 +30,9 @@ import torch
 from ..models import ModelSpec, load_model
 from .base import GRAPH_FILE, Backend
 from .pytorch import TorchBackend
-from .threads import cpu_count, torchserve_workers, worker_threads
+from .threads import torchserve_workers, worker_threads
 
-__all__ = ["Backend", "GRAPH_FILE", "TorchBackend", "cpu_count", "graph_path", "load_backend",
+__all__ = ["Backend", "GRAPH_FILE", "TorchBackend", "graph_path", "load_backend",
            "torchserve_workers", "worker_threads"]
 
 

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -74,8 +72,9 @@ class OnnxBackend(Backend):
         graph: the ``.onnx`` file (exported by :func:`camserve.onnx.export.export_cam_onnx`).
         spec: the folder's :class:`~camserve.models.ModelSpec` (how the model is served); default:
             the graph's own.
-        device: ``cpu``, or ``cuda`` / ``cuda:N`` for onnxruntime's CUDA provider (CPU, with a
-            warning, where onnxruntime has none).
+        device: ``cpu``, or ``cuda`` / ``cuda:N`` for onnxruntime's CUDA (and TensorRT)
+            providers (:func:`camserve.onnx.session.providers`: the CPU, with a warning, where
+            onnxruntime has no CUDA provider).
         threads: intra-op threads of each session (the worker's share of the cores,
             :func:`camserve.backends.threads.worker_threads`); None: onnxruntime's default.
         chunk: graph rows per session run.
@@ -110,7 +109,7 @@ class OnnxBackend(Backend):
         self.chunk = max(1, int(chunk))
         self.threads = threads
         self.device = torch.device("cpu")  # inputs are fed and outputs read on the host
-        self.provider_device = _provider_device(device)
+        self.provider_device = str(device)  # the session factory checks it
         self.cam_session = self._session(self.graph)
         self._check_inputs()
         self.forward_session = self._session(forward_graph(self.graph))
@@ -119,16 +118,8 @@ class OnnxBackend(Backend):
     def _session(self, model: str | Path | bytes) -> Any:
         from ..onnx.session import ort_session
 
-        kind = self.provider_device.split(":")[0]
-        if isinstance(model, bytes):  # the factory opens files: hand it one for the subgraph
-            fd, tmp = tempfile.mkstemp(suffix=".onnx", prefix="camserve-forward-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(model)
-                return ort_session(tmp, device=kind, threads=self.threads, spinning=False)
-            finally:
-                os.unlink(tmp)
-        return ort_session(model, device=kind, threads=self.threads, spinning=False)
+        return ort_session(model, device=self.provider_device, threads=self.threads,
+                           spinning=False)
 
     def _check_inputs(self) -> None:
         names = [i.name for i in self.cam_session.get_inputs()]
@@ -231,14 +222,6 @@ class OnnxBackend(Backend):
 def _host(x: torch.Tensor) -> np.ndarray:
     """A batch as the contiguous float32 array a session is fed."""
     return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-
-
-def _provider_device(device: str | torch.device) -> str:
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"invalid value for device: {short_repr(str(device))} (allowed: cpu, cuda, "
-                         f"cuda:N)")
-    return str(dev)
 
 
 def _check_resolved(known: TargetBatch, resolved: TargetBatch) -> None:

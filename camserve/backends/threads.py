@@ -17,33 +17,16 @@ Example::
 """
 from __future__ import annotations
 
-import math
-import os
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-
-
-def cpu_count(cgroup: Path = CGROUP_CPU_MAX) -> int:
-    """The CPUs this process may use: its affinity, bounded by the cgroup's CPU quota (a container
-    limited to 2 CPUs on a 64-core host counts 2)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = cgroup.read_text().split()[:2]
-        if quota != "max" and int(period) > 0:
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 limit readable: the affinity stands
-    return max(1, cpus)
+from ..onnx.session import available_cpus
 
 
 def worker_threads(workers: int, cpus: Optional[int] = None) -> int:
-    """One worker's share of ``cpus`` (default :func:`cpu_count`) among ``workers``: at least 1."""
-    total = cpu_count() if cpus is None else int(cpus)
+    """One worker's share of ``cpus`` (default
+    :func:`camserve.onnx.session.available_cpus`: affinity and cgroup quota) among ``workers``:
+    at least 1."""
+    total = available_cpus() if cpus is None else int(cpus)
     return max(1, total // max(1, int(workers)))
 
 
@@ -59,4 +42,4 @@ def torchserve_workers(model_config: Optional[Mapping[str, Any]], *, gpu: bool,
             return value
     if gpu:
         return max(1, gpus)
-    return cpu_count() if cpus is None else max(1, int(cpus))
+    return available_cpus() if cpus is None else max(1, int(cpus))

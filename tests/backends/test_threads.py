@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from camserve.backends.threads import cpu_count, torchserve_workers, worker_threads
+from camserve.backends.threads import torchserve_workers, worker_threads
+from camserve.onnx.session import available_cpus
 
 
 @pytest.mark.parametrize("workers, cpus, share", [(1, 2, 2), (2, 2, 1), (3, 2, 1), (2, 16, 8),
@@ -25,18 +26,6 @@ def test_the_share_never_oversubscribes(workers, cpus, share):
 ])
 def test_torchserve_worker_count(config, gpu, expected):
     assert torchserve_workers(config, gpu=gpu, cpus=6, gpus=2) == expected
-
-
-def test_cpu_count_reads_the_cgroup_quota(tmp_path):
-    affinity = len(os.sched_getaffinity(0))
-    quota = tmp_path / "cpu.max"
-    quota.write_text("150000 100000\n")
-    assert cpu_count(quota) == min(affinity, 2)
-    quota.write_text("max 100000\n")
-    assert cpu_count(quota) == affinity
-    assert cpu_count(tmp_path / "missing") == affinity
-    quota.write_text("garbage")
-    assert cpu_count(quota) == affinity
 
 
 # -- a real TorchServe: two workers on the cores do not oversubscribe them ------------------------
@@ -75,7 +64,7 @@ def test_two_workers_share_the_cores(tmp_path, shapes_dir, handler_file, png):
 
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.skip("Java is not installed: TorchServe's frontend needs Java 17+")
-    cores = cpu_count()
+    cores = available_cpus()
     src = tmp_path / "src"
     shutil.copytree(shapes_dir, src, ignore=shutil.ignore_patterns("samples", "model.cam.onnx"))
     base = yaml.safe_load((shapes_dir / "model-config.yaml").read_text())
