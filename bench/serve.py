@@ -1,8 +1,9 @@
-"""Serving benchmark: predict and explain through a real TorchServe on each backend, side by side.
+"""Serving benchmark: predict and explain through a real server on each backend, side by side.
 
-Starts its own TorchServe (a temporary directory, free loopback ports, token auth on), one worker
-per model, the same batching for all (``--batch`` rows, ``--delay`` ms), each model archived as
-``make archive`` does (:func:`scripts.archive.build_archive`):
+Starts its own TorchServe (a temporary directory, free loopback ports, token auth on; each model
+archived as ``make archive`` does, :func:`scripts.archive.build_archive`) — or, with ``--server
+kserve``, one camserve KServe predictor per model and backend (``camserve-kserve``, KServe v1
+bodies) — one worker per model, the same batching for all (``--batch`` rows, ``--delay`` ms):
 
 * ``resnet50``: torchvision ResNet-50 (random weights, BatchNorm calibrated), 224×224 input,
   target ``layer4``, 640×480 synthetic JPEGs (heatmap + bbox back at 640×480);
@@ -22,10 +23,13 @@ images, for the serving ÷ bare ratio.
 
     python -m bench.serve                  # make bench-serve [BACKEND=torch|onnxruntime]
     python -m bench.serve --rounds 5 --r50-requests 64 --models resnet50
+    python -m bench.serve --server kserve  # the same on the KServe predictor
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import io
 import os
 import platform
@@ -49,7 +53,7 @@ from camserve.onnx.session import available_cpus
 from camserve.testing.load import closed_loop
 from camserve.testing.nets import write_model_folder
 from camserve.testing.torchserve import LocalTorchServe, archive
-from scripts.archive import build_archive
+from scripts.archive import build_archive, export_graph, plan_archive, stale_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "models" / "shapes"
@@ -145,17 +149,83 @@ def stock_archive(home: Path, folder: Path, delay: int) -> str:
     return "resnet50_stock"
 
 
-def run_load(ts: LocalTorchServe, model: str, route: str, images: list[bytes], total: int,
-             clients: int) -> tuple[float, list[float], int]:
-    """``clients`` threads send ``total`` requests in all; (seconds, latencies, errors)."""
-    headers = {"Authorization": f"Bearer {ts.token}"}
+def run_load(url: str, kind: str, images: list[bytes], total: int, clients: int,
+             headers: dict[str, str]) -> tuple[float, list[float], int]:
+    """``clients`` threads send ``total`` requests to ``url`` in all, TorchServe's raw body or
+    KServe's v1 body (``kind``); (seconds, latencies, errors)."""
+    bodies = [{"instances": [{"data": base64.b64encode(i).decode()}]} for i in images]
 
     def send(sess: requests.Session, i: int) -> bool:
-        r = sess.post(f"{ts.url}/{route}/{model}", data=images[i % len(images)], headers=headers,
-                      timeout=600)
+        if kind == "kserve":
+            r = sess.post(url, json=bodies[i % len(bodies)], headers=headers, timeout=600)
+            return r.status_code == 200 and '"code"' not in r.text
+        r = sess.post(url, data=images[i % len(images)], headers=headers, timeout=600)
         return r.status_code == 200
 
     return closed_loop(total, clients, send, requests.Session)
+
+
+def contender_folder(home: Path, folder: Path, name: str, backend: str, batch: int,
+                     delay: int) -> Path:
+    """A folder serving ``folder``'s model on ``backend`` (:data:`BACKENDS` label): its files
+    linked, its config rewritten."""
+    kind, optimize = BACKENDS[backend]
+    out = home / "kserve" / name
+    out.mkdir(parents=True)
+    for f in folder.iterdir():
+        if f.name != "model-config.yaml":
+            (out / f.name).symlink_to(f.resolve())
+    doc = yaml.safe_load((folder / "model-config.yaml").read_text())
+    doc.update(batchSize=batch, maxBatchDelay=delay)
+    doc["handler"].update(backend=kind, optimize=optimize)
+    (out / "model-config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+class Servers:
+    """The servers of a run: TorchServe with one archive per (model, backend), or one KServe
+    predictor each; :meth:`url` and :attr:`headers` for a request."""
+
+    def __init__(self, kind: str, home: Path, folders: dict[str, Path], backends: list[str],
+                 args: argparse.Namespace) -> None:
+        self.kind = kind
+        self.stack = contextlib.ExitStack()
+        self.headers: dict[str, str] = {}
+        self.urls: dict[str, str] = {}
+        if kind == "torchserve":
+            names = build_store(home, folders, backends, args.batch, args.delay)
+            if args.stock and "resnet50" in folders:
+                names.append(stock_archive(home, folders["resnet50"], args.delay))
+            ts = self.stack.enter_context(LocalTorchServe(
+                home, names, properties={"max_request_size": 52428800,
+                                         "max_response_size": 104857600}))
+            self.headers = {"Authorization": f"Bearer {ts.token}"}
+            self.urls = {n: ts.url for n in names}
+            return
+        from camserve.testing.kserve import LocalPredictor
+
+        if "onnxruntime" in backends:
+            for folder in folders.values():  # the graph, as make archive would export it
+                if stale_graph(plan_archive(folder, "onnxruntime")):
+                    export_graph(folder)
+        for m, folder in folders.items():
+            for b in backends:
+                name = f"{m}_{b}"
+                served = contender_folder(home, folder, name, b, args.batch, args.delay)
+                pred = self.stack.enter_context(LocalPredictor(
+                    served, name, log_path=home / f"{name}.log", ready_timeout=600,
+                    args=["--grpc-port", "0", "--max-batch-size", str(args.batch),
+                          "--max-batch-delay", str(args.delay)], env={"CAMSERVE_DEVICE": "cpu"}))
+                self.urls[name] = pred.url
+
+    def url(self, name: str, route: str) -> str:
+        if self.kind == "kserve":
+            verb = "explain" if route == "explanations" else "predict"
+            return f"{self.urls[name]}/v1/models/{name}:{verb}"
+        return f"{self.urls[name]}/{route}/{name}"
+
+    def close(self) -> None:
+        self.stack.close()
 
 
 class Bare:
@@ -199,8 +269,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--r50-requests", type=int, default=48, help="requests per mode, ResNet-50")
     ap.add_argument("--batch", type=int, default=8, help="batchSize")
     ap.add_argument("--delay", type=int, default=20, help="maxBatchDelay (ms)")
+    ap.add_argument("--server", choices=("torchserve", "kserve"), default="torchserve")
     ap.add_argument("--stock", action="store_true",
-                    help="also the stock image_classifier handler's Captum explain (slow)")
+                    help="TorchServe: also the stock image_classifier handler's Captum explain "
+                         "(slow)")
     ap.add_argument("--stock-requests", type=int, default=8)
     ap.add_argument("--shapes-dir", type=Path, default=SHAPES, help="the default model's folder")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -212,7 +284,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     backends = ["torch0"] + [b for b in ("torch", "onnxruntime") if b in chosen]
-    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+    if args.server == "torchserve" and shutil.which("java") is None \
+            and not os.environ.get("JAVA_HOME"):
         print("error: Java not found: TorchServe needs Java 17+", file=sys.stderr)
         return 2
     home = Path(tempfile.mkdtemp(prefix="camserve_bench_serve_"))
@@ -225,27 +298,28 @@ def main(argv: Optional[list[str]] = None) -> int:
             folders["resnet50"] = resnet50_folder(home)
         if "shapes" in models:
             folders["shapes"] = shapes_folder(home, args.shapes_dir)
-        names = build_store(home, folders, backends, args.batch, args.delay)
-        if args.stock and "resnet50" in folders:
-            names.append(stock_archive(home, folders["resnet50"], args.delay))
         images = {"resnet50": synthetic_jpegs(16, (640, 480)),
                   "shapes": [p.read_bytes() for p in sorted((args.shapes_dir / "samples")
                                                              .glob("*.png"))]}
         total = {"resnet50": args.r50_requests, "shapes": args.requests}
-        bares = {m: Bare(folders[m] / GRAPH_FILE, images[m] * 2, args.batch, threads)
-                 for m in folders if "onnxruntime" in backends}
-        with LocalTorchServe(home, names, properties={"max_request_size": 52428800,
-                                                      "max_response_size": 104857600}) as ts:
+        servers = Servers(args.server, home, folders, backends, args)
+        try:
+            bares = {m: Bare(folders[m] / GRAPH_FILE, images[m] * 2, args.batch, threads)
+                     for m in folders if "onnxruntime" in backends}
+
+            def load(name: str, route: str, m: str, n: int) -> tuple[float, list[float], int]:
+                return run_load(servers.url(name, route), args.server, images[m], n,
+                                args.clients, servers.headers)
+
             plan = [(m, b) for m in folders for b in backends]
             for m, b in plan:  # warm-up: every worker, both modes
                 for route in MODES:
-                    run_load(ts, f"{m}_{b}", route, images[m], args.clients, args.clients)
+                    load(f"{m}_{b}", route, m, args.clients)
             for r in range(args.rounds):
                 order = plan[r % len(plan):] + plan[:r % len(plan)]
                 for m, b in order:
                     for route in (MODES if r % 2 == 0 else MODES[::-1]):
-                        sec, lat, err = run_load(ts, f"{m}_{b}", route, images[m], total[m],
-                                                 args.clients)
+                        sec, lat, err = load(f"{m}_{b}", route, m, total[m])
                         s = series.setdefault((m, b, route), Series())
                         s.rps.append(total[m] / sec)
                         s.latencies += lat
@@ -255,13 +329,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for m, bs in bares.items():
                     for route in MODES:
                         bare.setdefault((m, route), []).append(bs.rate(route))
-            if args.stock and "resnet50" in folders:
+            if "resnet50_stock" in servers.urls:
                 for route, n in (("predictions", args.r50_requests),
                                  ("explanations", args.stock_requests)):
-                    run_load(ts, "resnet50_stock", route, images["resnet50"], 1, 1)
-                    sec, lat, err = run_load(ts, "resnet50_stock", route, images["resnet50"], n,
-                                             args.clients)
+                    load("resnet50_stock", route, "resnet50", 1)
+                    sec, lat, err = load("resnet50_stock", route, "resnet50", n)
                     series[("resnet50", "stock", route)] = Series([n / sec], lat, err)
+        finally:
+            servers.close()
     finally:
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)
@@ -274,7 +349,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def report(args: argparse.Namespace, series: dict[tuple[str, str, str], Series],
            bare: dict[tuple[str, str], list[float]], threads: int) -> None:
     gpu = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
-    print(f"\nServing benchmark — TorchServe, {args.clients} concurrent clients, loopback, 1 worker "
+    server = "TorchServe" if args.server == "torchserve" else "camserve KServe predictor"
+    print(f"\nServing benchmark — {server}, {args.clients} concurrent clients, loopback, 1 worker "
           f"per model ({threads} threads), batchSize {args.batch} / maxBatchDelay {args.delay} ms, "
           f"{args.rounds} alternating rounds (req/s: median of the rounds; p50/p99: all requests)")
     print(f"machine: {os.cpu_count()} CPU cores, {gpu}; torch {torch.__version__}; Python "

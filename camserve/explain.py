@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
@@ -213,7 +214,29 @@ def row_maps(cams: torch.Tensor, map_size: tuple[int, int],
     per = max(1, chunk_pixels // max(1, w * h))
     for i in range(0, int(cams.shape[0]), per):
         part = cams[i:i + per]
-        yield from heatmaps_at_sizes(part, [(h, w)] * int(part.shape[0]))
+        with one_thread(part.device):
+            maps = heatmaps_at_sizes(part, [(h, w)] * int(part.shape[0]))
+        yield from maps
+
+
+@contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """Inside the block, this thread's CPU torch ops run on one intra-op thread (restored after).
+
+    The maps' resize, normalisation and rounding are a handful of memory-bound elementwise ops;
+    spread over a worker's intra-op threads they gain little on a quiet machine, and on a busy
+    one every parallel region waits for its slowest thread (``round_`` of one 96×96 map measured
+    at 0.24 ms on 2 threads against 4 µs on one; 2.3 ms against 0.13 ms for a 640×480 map).
+    """
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _raw(cam: torch.Tensor) -> dict:

@@ -62,7 +62,7 @@ from .backends import Backend, TorchBackend, load_backend
 from .envelopes import RawRequest, extract_request
 from .errors import InternalError, InvalidImage, RequestError, ResponseTooLarge, from_image_error
 from .explain import (MEGA, BatchCams, MapPlan, batch_cams, drop_hint, explanation_json,
-                      plan_maps, render_row)
+                      one_thread, plan_maps, render_row)
 from .images import ImageError, decode_image, preprocess
 from .layers import LayerError
 from .models import ConfigError, LoadedModel, ModelSpec, spec_of_dir
@@ -352,8 +352,9 @@ class CamService:
             img = self._decode(raw.data, budget)
             plan = plan_maps(opts, img.size, self.limits, work.left)
             work.left -= plan.work
-            x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std,
-                           interpolation=self.spec.interpolation)
+            with one_thread(torch.device("cpu")):  # a few small ops: see one_thread
+                x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std,
+                               interpolation=self.spec.interpolation)
             keep = None
             if opts.explain and "overlay" in opts.outputs:
                 keep = img if not plan.scaled else img.resize(plan.render_size, Image.BILINEAR)

@@ -213,3 +213,23 @@ def test_render_stops_once_the_answer_passes_its_byte_limit(monkeypatch):
                    max_bytes=200_000)
     assert len(calls) == 1 and calls[0] == 150_000  # the first overlay alone passes the limit
     assert "overlay" in e.value.message and e.value.size > 200_000
+
+
+def test_maps_are_made_on_one_thread_and_the_count_comes_back():
+    from camserve.explain import one_thread
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        with one_thread(torch.device("cpu")):
+            seen.append(torch.get_num_threads())
+        with one_thread(torch.device("cuda")):  # not CPU work: left alone
+            seen.append(torch.get_num_threads())
+        with pytest.raises(ZeroDivisionError), one_thread(torch.device("cpu")):
+            raise ZeroDivisionError
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        maps = list(row_maps(torch.rand(3, 4, 4), (9, 7)))
+        assert [m.shape for m in maps] == [(7, 9)] * 3 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
