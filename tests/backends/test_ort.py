@@ -112,7 +112,8 @@ def raw_diff(a: list[dict], b: list[dict]) -> float:
     return worst
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow)
+                                  if a in ("shapesnet", "resnet18") else a for a in ARCHS])
 def test_both_backends_answer_alike(arch, graphs, calibrate_bn, png):
     loaded = loaded_arch(arch, calibrate_bn)
     graph = graphs(arch, loaded)
