@@ -51,6 +51,7 @@ import logging
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -204,10 +205,14 @@ class CamService:
             or an onnxruntime session, :func:`camserve.backends.load_backend`), or a loaded model
             (:func:`camserve.models.load_model_dir`), served by the PyTorch engine.
         limits: serving budgets (default: :class:`ServingLimits` of the spec).
+        threads: the worker's threads (:func:`camserve.backends.worker_threads`): the rows of a
+            batch that explain are rendered on as many (default 1: one after the other).
     """
 
-    def __init__(self, source: LoadedModel | Backend, limits: Optional[ServingLimits] = None) -> None:
+    def __init__(self, source: LoadedModel | Backend, limits: Optional[ServingLimits] = None, *,
+                 threads: Optional[int] = None) -> None:
         self.backend = source if isinstance(source, Backend) else TorchBackend(source)
+        self.threads = max(1, int(threads or 1))
         self.spec = self.backend.spec
         self.labels: list[str] = list(self.backend.labels)
         self.num_classes = len(self.labels)
@@ -231,11 +236,11 @@ class CamService:
                        threads: Optional[int] = None) -> "CamService":
         """Build the service from a model folder (or an extracted archive) with the backend its
         ``handler.backend`` names (:func:`camserve.backends.load_backend`; ``weights`` and
-        ``overrides`` as in :func:`camserve.models.load_model_dir`, ``threads`` the onnxruntime
-        sessions'); the serving limits come from the same ``handler:`` block
+        ``overrides`` as in :func:`camserve.models.load_model_dir`, ``threads`` the worker's: the
+        onnxruntime sessions' and the rendering's); the serving limits come from the same ``handler:`` block
         (:meth:`ServingLimits.from_spec`)."""
         return cls(load_backend(spec_of_dir(model_dir, overrides), model_dir, weights=weights,
-                                device=device, threads=threads))
+                                device=device, threads=threads), threads=threads)
 
     @classmethod
     def from_handler_config(cls, handler: Optional[Mapping[str, Any]], model_dir: str | Path, *,
@@ -246,7 +251,8 @@ class CamService:
         handler the archive's config, whatever its file name) and the folder holding the model
         file, weights and labels (or the graph)."""
         spec = ModelSpec.from_config(handler)
-        return cls(load_backend(spec, model_dir, weights=weights, device=device, threads=threads))
+        return cls(load_backend(spec, model_dir, weights=weights, device=device, threads=threads),
+                   threads=threads)
 
     def warm_up(self) -> None:
         """One explain pass and one predict pass on a blank input; a target layer that cannot
@@ -424,15 +430,21 @@ class CamService:
             views = {j: _CamView(cams, p) for p, j in enumerate(explain)}
             stats.explained_rows += len(explain)
             stats.maps += sum(cams.targets.count)
-        out = []
-        for j, row in enumerate(rows):
+        def answer(j: int) -> RowResult:
             try:
-                out.append(self._answer(row, self.task.row(output, j), views.get(j)))
+                return self._answer(rows[j], self.task.row(output, j), views.get(j))
             except RequestError as exc:
-                out.append(RowResult.error(exc))
+                return RowResult.error(exc)
             except Exception:
-                out.append(internal_error(f"rendering request {row.index}"))
-        return out
+                return internal_error(f"rendering request {rows[j].index}")
+
+        if self.threads <= 1 or len(views) < 2:
+            return [answer(j) for j in range(len(rows))]
+        # rows render independently (PNG encoding, the bbox's labelling and image resizing
+        # release the GIL): on the worker's threads, answers in row order
+        with ThreadPoolExecutor(min(self.threads, len(rows)),
+                                thread_name_prefix="camserve-render") as pool:
+            return list(pool.map(answer, range(len(rows))))
 
     def _answer(self, row: _Row, out_row: Any, view: Optional["_CamView"]) -> RowResult:
         """One row's 200 answer (the task's predictions, and explanations when it explains),

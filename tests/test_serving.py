@@ -635,3 +635,31 @@ def test_worst_allowed_requests_in_a_fresh_process_within_memory_and_time(case):
     assert r["statuses"] == [200], r
     assert r["peak_above_idle_mb"] < 1536 and r["wall_s"] < 30, r
     assert r["scaled"] == (case == 0), r
+
+
+def test_rows_render_on_the_workers_threads_with_the_same_answers(png, broken_render):
+    """threads=3: explain rows render side by side; answers, order and each row's own 500 are
+    those of the one-thread service."""
+    import threading
+
+    seen = set()
+    real = Image.Image.save
+
+    def save(im, *a, **kw):  # the PNG encoder runs on the render threads
+        seen.add(threading.current_thread().name.split("_")[0])
+        return real(im, *a, **kw)
+
+    rows = [{"data": png(seed=i, size=(40 + 4 * i, 36)), "explain": "1",
+             "method": "hirescam" if i == 2 else "gradcam", "target": str(i % 6)}
+            for i in range(6)] + [{"body": png(seed=9)}]
+    one = make_service().handle_batch(rows)
+    Image.Image.save = save
+    try:
+        three = CamService(tiny_loaded(), threads=3).handle_batch(rows)
+    finally:
+        Image.Image.save = real
+    assert [r.status for r in three.results] == [r.status for r in one.results] == \
+        [200, 200, 500, 200, 200, 200, 200]
+    ok = [i for i, r in enumerate(one.results) if r.status == 200]
+    assert [three.results[i].text for i in ok] == [one.results[i].text for i in ok]
+    assert "camserve-render" in seen
