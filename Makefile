@@ -74,7 +74,7 @@ demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve demo
 
 bench-serve: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.serve $(if $(BACKEND),--backends $(BACKEND))
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.serve $(if $(BACKEND),--backends $(BACKEND)) $(if $(SERVER),--server $(SERVER))
 
 # -- ONNX companion: export a CAM graph, explain folders offline, benchmark ------------------------
 # make export [MODEL=models/shapes] [METHODS=gradcam,gradcam++] -> model_store/shapes.cam.onnx

@@ -14,9 +14,10 @@ each on three backends: ``torch0`` — the PyTorch backend as it was before the 
 (the exported CAM graph; ``--backends`` chooses which of the last two run, the baseline always
 does). The same client (:func:`camserve.testing.load.closed_loop`, ``--clients`` threads) sends
 ``--requests`` requests per mode; rounds alternate the order of the models and backends, and the
-table gives the median req/s of the rounds and p50/p99 latency over all of them. Between rounds
-the bare CAM-graph session (the worker's thread count) runs the same batches of preprocessed
-images, for the serving ÷ bare ratio.
+table gives the median req/s of the rounds and p50/p99 latency over all of them; each ratio is
+the median (and range) of the ratios within a round, both sides measured back to back. After each
+round the bare CAM-graph session (the worker's thread count) runs the same batches of
+preprocessed images, for the serving ÷ bare ratio.
 
 ``--stock`` adds the stock TorchServe ``image_classifier`` handler on the same ResNet-50, whose
 ``/explanations`` runs Captum IntegratedGradients (batch size 1), against camserve's explain.
@@ -346,6 +347,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 1 if any(s.errors for s in series.values()) else 0
 
 
+def ratio(a: list[float], b: list[float]) -> str:
+    """The median of the per-round ratios a/b (measured side by side in each round), and their
+    range: the load of a shared machine moves both sides of a round together."""
+    r = sorted(x / y for x, y in zip(a, b))
+    return f"{statistics.median(r):.2f}" + (f" [{r[0]:.2f}..{r[-1]:.2f}]" if len(r) > 1 else "")
+
+
 def report(args: argparse.Namespace, series: dict[tuple[str, str, str], Series],
            bare: dict[tuple[str, str], list[float]], threads: int) -> None:
     gpu = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
@@ -370,15 +378,16 @@ def report(args: argparse.Namespace, series: dict[tuple[str, str, str], Series],
             e, p = series.get((m, b, "explanations")), series.get((m, b, "predictions"))
             if e is None or p is None:
                 continue
-            line = f"{m} {b}: explain / predict = {e.median / p.median:.2f} (goal >= 0.9)"
+            line = f"{m} {b}: explain / predict = {ratio(e.rps, p.rps)} (goal >= 0.9)"
             if b != "torch0" and base is not None:
-                line += f"; explain vs torch0 = {e.median / base.median:.2f}x"
+                line += f"; explain vs torch0 = {ratio(e.rps, base.rps)}x"
                 if b == "onnxruntime" and m == "resnet50":
                     line += " (goal >= 1.8)"
             if b == "onnxruntime" and (m, "explanations") in bare:
-                bare_ips = statistics.median(bare[(m, "explanations")])
-                line += (f"; explain vs the bare CAM-graph session ({bare_ips:.1f} images/s) = "
-                         f"{e.median / bare_ips:.2f} (goal >= 0.9)")
+                bare_ips = bare[(m, "explanations")]
+                line += (f"; explain vs the bare CAM-graph session "
+                         f"({statistics.median(bare_ips):.1f} images/s) = "
+                         f"{ratio(e.rps, bare_ips)} (goal >= 0.9)")
             print(line)
         stock = series.get((m, "stock", "explanations"))
         if stock is not None and base is not None:
