@@ -73,17 +73,20 @@ bench-tasks: install
 	$(BIN)/python -m bench.tasks
 
 # -- TorchServe: archive, serve, stop, demo, serving benchmark ---------------------------------------
-# make archive [MODEL=DIR] [NAME=name] -> model_store/NAME.mar (NAME: the folder's name), for any
-# model folder (camserve-scaffold writes one); make serve [MODEL=DIR] [NAME=name] serves it.
+# make archive [MODEL=DIR] [NAME=name] [BACKEND=torch|onnxruntime] -> model_store/NAME.mar (NAME: the
+# folder's name), for any model folder (camserve-scaffold writes one); BACKEND=onnxruntime
+# packs the folder's CAM graph (exported into the folder first when it has none or it is stale) and
+# no model code. make serve [MODEL=DIR] [NAME=name] serves it.
 # `make demo` serves and explains the shapes model.
 NAME ?= $(notdir $(abspath $(MODEL)))
+BACKEND ?=
 SHAPES := models/shapes
 
 archive: install
 	@if [ "$(abspath $(MODEL))" = "$(abspath $(SHAPES))" ] || [ "$(abspath $(MODEL))" = "$(abspath $(DET_MODEL))" ]; then \
 		for f in weights.pt index_to_name.json; do test -f $(MODEL)/$$f || { \
 			echo "error: $(MODEL)/$$f is missing: train the default model first (make train / make train-det)"; exit 1; }; done; fi
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.archive $(MODEL) --name $(NAME) --out model_store
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.archive $(MODEL) --name $(NAME) --out model_store $(if $(BACKEND),--backend $(BACKEND))
 
 serve: archive
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve start --name $(NAME)
@@ -97,7 +100,7 @@ demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.serve demo
 
 bench-serve: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.serve
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.serve $(if $(BACKEND),--backends $(BACKEND)) $(if $(SERVER),--server $(SERVER))
 
 # -- ONNX companion: export a CAM graph, explain folders offline, benchmark ------------------------
 # make export [MODEL=models/shapes] [METHODS=gradcam,gradcam++] -> model_store/shapes.cam.onnx

@@ -1,7 +1,7 @@
 """Typed request errors with their HTTP status: what a row of a batch answers when it cannot be
 served. Every error body is ``{"code": int, "type": str, "message": str}``.
 
-Types: ``InvalidImage`` / ``InvalidRequest`` (400), ``ImageTooLarge`` / ``ResponseTooLarge`` /
+Types: ``InvalidImage`` / ``InvalidRequest`` / ``MethodUnavailable`` (400), ``ImageTooLarge`` / ``ResponseTooLarge`` /
 ``WorkTooLarge`` (413), ``InvalidOption`` (422), ``InternalError`` (500, the message carries a
 short error id that is also in the log next to the traceback).
 
@@ -54,6 +54,18 @@ class OptionError(RequestError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, 422, "InvalidOption")
+
+
+class MethodUnavailable(RequestError):
+    """A known CAM method this model does not serve (400), e.g. one its exported graph does not
+    carry; the message names the methods it has."""
+
+    def __init__(self, method: str, available: Sequence[str], what: str = "") -> None:
+        why = f"; {what}" if what else ""
+        super().__init__(f"invalid value for method: {method!r} is not served by this model "
+                         f"(available: {', '.join(available)}{why})", 400, "MethodUnavailable")
+        self.method = method
+        self.available = tuple(available)
 
 
 class ResponseTooLarge(RequestError):

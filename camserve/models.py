@@ -22,6 +22,8 @@ A model folder (and a TorchServe archive, once extracted) holds ``model-config.y
       topk: 3
       max_pixels: 40000000
       outputs: [heatmap, bbox]
+      backend: torch                 # or onnxruntime: serve from the folder's model.cam.onnx
+      optimize: true                 # torch: serve a faster copy (BatchNorm folded, channels-last)
 
 Mean, std, input size, interpolation and crop default to what the model knows itself (timm's
 ``pretrained_cfg``, a Hugging Face ``preprocessor_config.json``) where the ``handler:`` block does
@@ -59,6 +61,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OUTPUT_KINDS: tuple[str, ...] = ("heatmap", "overlay", "raw", "bbox")
+#: What runs a served batch (:mod:`camserve.backends`): the PyTorch engine, or an onnxruntime
+#: session over the folder's exported CAM graph.
+BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
 LABELS_FILE = "index_to_name.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -138,6 +143,10 @@ class ModelSpec:
     task: str = "classification"
     #: the task's own ``handler:`` keys (e.g. ``threshold``), validated by the task
     task_settings: dict[str, Any] = field(default_factory=dict)
+    #: what runs a served batch (:data:`BACKENDS`)
+    backend: str = "torch"
+    #: the torch backend serves a faster copy of the model (:mod:`camserve.backends.pytorch`)
+    optimize: bool = True
     #: the keys the config set (the model's own preprocessing defaults fill in the others)
     given: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
 
@@ -145,7 +154,7 @@ class ModelSpec:
                  "std", "method", "topk", "max_pixels", "outputs", "layout", "formats",
                  "max_response_size", "max_option_length", "max_map_side", "max_row_work",
                  "max_batch_work", "arch_args", "interpolation", "crop", "task", "methods",
-                 "max_row_forwards", "max_batch_forwards")
+                 "max_row_forwards", "max_batch_forwards", "backend", "optimize")
     KEYS = BASE_KEYS + task_config_keys()
     INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
@@ -191,6 +200,17 @@ class ModelSpec:
             make_task(spec.task, (), spec.task_settings)  # the task validates its own keys
         except TaskError as exc:
             raise ConfigError(str(exc)) from None
+        if cfg.get("backend") is not None:
+            b = cfg["backend"]
+            if not isinstance(b, str) or b.strip().lower() not in BACKENDS:
+                raise ConfigError(f"invalid value for handler.backend: {short_repr(b)} (known: "
+                                  f"{', '.join(BACKENDS)})")
+            spec.backend = b.strip().lower()
+        if cfg.get("optimize") is not None:
+            if not isinstance(cfg["optimize"], bool):
+                raise ConfigError(f"invalid value for handler.optimize: "
+                                  f"{short_repr(cfg['optimize'])} (true or false)")
+            spec.optimize = cfg["optimize"]
         if cfg.get("arch_args") is not None:
             aa = cfg["arch_args"]
             if not isinstance(aa, Mapping) or not all(isinstance(k, str) for k in aa):
@@ -554,6 +574,12 @@ def load_model_dir(model_dir: str | Path, *, weights: Optional[str | Path] = Non
     archive's serialized file here). ``overrides``: ``handler:`` keys that replace the config's
     (validated like the file's; ``None`` values are ignored), e.g. ``{"target_layer": "layer3"}``.
     """
+    return load_model(spec_of_dir(model_dir, overrides), model_dir, weights=weights, device=device)
+
+
+def spec_of_dir(model_dir: str | Path, overrides: Optional[Mapping[str, Any]] = None) -> ModelSpec:
+    """The :class:`ModelSpec` of a model folder's ``handler:`` block, with ``overrides`` (see
+    :func:`load_model_dir`) applied."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConfigError(f"invalid value for model folder: {short_repr(model_dir)} is not a folder")
@@ -562,5 +588,4 @@ def load_model_dir(model_dir: str | Path, *, weights: Optional[str | Path] = Non
         if not isinstance(cfg, Mapping):
             cfg = {}
         cfg = {**cfg, **{k: v for k, v in overrides.items() if v is not None}}
-    spec = ModelSpec.from_config(cfg)
-    return load_model(spec, model_dir, weights=weights, device=device)
+    return ModelSpec.from_config(cfg)

@@ -5,7 +5,8 @@ Options: ``explain`` (true/false), ``target`` (class index, label, or a list of 
 method's options (``aug_smooth``, ``eigen_smooth``, ``max_channels``, ...: docs/methods.md),
 ``outputs`` (a subset of heatmap, overlay, raw, bbox).
 Unknown options, bad values, over-long strings: :class:`camserve.errors.OptionError` (422),
-never another exception. Integers are parsed strictly (ASCII digits, one optional sign, at most
+never another exception — except a known method the model's backend does not serve, 400
+:class:`camserve.errors.MethodUnavailable`. Integers are parsed strictly (ASCII digits, one optional sign, at most
 18 digits: :func:`camserve.parsing.parse_int`); targets are parsed by the one target parser,
 :func:`camserve.records.parse_targets`.
 
@@ -24,7 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from .errors import OptionError
+from .errors import MethodUnavailable, OptionError
 from .methods import MethodError, MethodSpec, available_methods, get_method, method_option_names
 from .models import OUTPUT_KINDS, ConfigError, ModelSpec
 from .parsing import log_name, parse_choices, parse_int, short_repr
@@ -182,13 +183,19 @@ def _parse_topk(value: Any, n: int) -> int:
     return num
 
 
-def _parse_method(value: Any, allowed: Sequence[str]) -> str:
+def _parse_method(value: Any, allowed: Sequence[str], served: Optional[Sequence[str]] = None) -> str:
+    """A method name: 422 when no such method exists or the model's ``handler.methods`` does not
+    allow it (``allowed``), 400 ``MethodUnavailable`` when it is allowed but the model's backend
+    does not run it (``served``: default every registered method; an exported graph carries
+    some)."""
     key = value.strip().lower() if isinstance(value, str) else None
     if key not in allowed:
         known = key in available_methods()
         raise OptionError(f"invalid value for method: {short_repr(value)} ("
                           f"{'not allowed for this model; ' if known else ''}allowed: "
                           f"{', '.join(allowed)})")
+    if served is not None and key not in served:
+        raise MethodUnavailable(key, [m for m in allowed if m in served])  # type: ignore[arg-type]
     return key  # type: ignore[return-value]
 
 
@@ -231,13 +238,15 @@ def check_keys(options: Mapping[Any, Any], task: Optional[Task] = None) -> None:
 
 def parse_options(options: Mapping[Any, Any], spec: ModelSpec, labels: Sequence[str], *,
                   explain: bool = False, limits: ServingLimits = ServingLimits(),
-                  task: Optional[Task] = None) -> RequestOptions:
+                  task: Optional[Task] = None,
+                  methods: Optional[Sequence[str]] = None) -> RequestOptions:
     """Validate one request's options against the model; :class:`OptionError` (422) otherwise.
 
     ``explain``: True forces explaining (TorchServe's ``/explanations`` route, KServe's
     ``:explain``); otherwise the ``explain`` option decides. ``task``: the model's task, which
     parses its own options (targets, thresholds, regions, boxes, references); default:
-    classification over ``labels``.
+    classification over ``labels``. ``methods``: the CAM methods the model's backend serves
+    (default: every registered one); another known method is 400 ``MethodUnavailable``.
     """
     if task is None:
         task = Classification(labels)
@@ -251,7 +260,8 @@ def parse_options(options: Mapping[Any, Any], spec: ModelSpec, labels: Sequence[
     parsed = task.parse_options({k: v for k, v in opts.items() if k in task.option_keys},
                                 max_targets=MAX_TARGETS)
     topk = _parse_topk(opts["topk"], n) if "topk" in opts else min(spec.topk, n)
-    method = _parse_method(opts["method"], spec.allowed_methods) if "method" in opts else spec.method
+    method = (_parse_method(opts["method"], spec.allowed_methods, methods) if "method" in opts
+              else spec.method)
     method_spec = parse_method_spec(method, opts)
     outputs = _parse_outputs(opts["outputs"]) if "outputs" in opts else spec.outputs
     maps = task.max_targets(parsed)

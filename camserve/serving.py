@@ -1,7 +1,10 @@
 """Serving core: a batch of request rows -> one answer per row, with the batch's stats.
 
-Everything a model server needs except the server: the TorchServe handler
-(``handler/gradcam_handler.py``) and the KServe adapter are thin layers over :class:`CamService`,
+Everything a model server needs except the server and the model runtime: the batches run on a
+:class:`camserve.backends.Backend` (the PyTorch engine or an onnxruntime session over the
+exported CAM graph, ``handler.backend``), which this module never tells apart. The TorchServe
+handler (``handler/gradcam_handler.py``) and the KServe adapter are thin layers over
+:class:`CamService`,
 and this module never imports TorchServe. The stages live in their own modules with plain data
 between them: :mod:`camserve.envelopes` (row -> :class:`RawRequest`), :mod:`camserve.options`
 (-> :class:`RequestOptions`), :mod:`camserve.images` (decode, preprocess), :mod:`camserve.explain`
@@ -48,6 +51,7 @@ import logging
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -55,19 +59,18 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from PIL import Image
 
-from .engine import CamEngine
+from .backends import Backend, TorchBackend, load_backend
 from .envelopes import RawRequest, extract_request
 from .errors import InternalError, InvalidImage, RequestError, ResponseTooLarge, from_image_error
 from .explain import (MEGA, BatchCams, MapPlan, batch_cams, drop_hint, explanation_json,
-                      plan_compute, plan_maps, render_row)
+                      one_thread, plan_compute, plan_maps, render_row)
 from .images import ImageError, decode_image, preprocess
 from .layers import LayerError
 from .methods import get_method
-from .models import (ConfigError, LoadedModel, ModelSpec, load_model,
-                     load_model_dir)
+from .models import ConfigError, LoadedModel, ModelSpec, spec_of_dir
 from .options import MAX_TARGETS, RequestOptions, ServingLimits, option_keys, parse_options
 from .parsing import short_repr
-from .tasks import Geometry, make_task
+from .tasks import Geometry
 
 log = logging.getLogger(__name__)
 
@@ -200,67 +203,89 @@ def internal_error(what: str) -> RowResult:
 
 
 class CamService:
-    """One worker's model, engine and limits; :meth:`handle_batch` answers a batch of requests.
+    """One worker's model backend and limits; :meth:`handle_batch` answers a batch of requests.
 
     Args:
-        loaded: the model ready to explain (:func:`camserve.models.load_model_dir`).
-        limits: serving budgets (default: :class:`ServingLimits` defaults).
+        source: what runs the batches: a :class:`camserve.backends.Backend` (the PyTorch engine
+            or an onnxruntime session, :func:`camserve.backends.load_backend`), or a loaded model
+            (:func:`camserve.models.load_model_dir`), served by the PyTorch engine.
+        limits: serving budgets (default: :class:`ServingLimits` of the spec).
+        threads: the worker's threads (:func:`camserve.backends.worker_threads`): the rows of a
+            batch that explain are rendered on as many (default 1: one after the other).
     """
 
-    def __init__(self, loaded: LoadedModel, limits: Optional[ServingLimits] = None) -> None:
-        self.loaded = loaded
-        self.model = loaded.model
-        self.spec = loaded.spec
-        self.labels: list[str] = list(loaded.labels)
-        self.num_classes = loaded.num_classes
-        self.device = torch.device(loaded.device)
+    def __init__(self, source: LoadedModel | Backend, limits: Optional[ServingLimits] = None, *,
+                 threads: Optional[int] = None) -> None:
+        self.backend = source if isinstance(source, Backend) else TorchBackend(source)
+        self.threads = max(1, int(threads or 1))
+        self.spec = self.backend.spec
+        self.labels: list[str] = list(self.backend.labels)
+        self.num_classes = len(self.labels)
+        self.device = torch.device(self.backend.device)
         self.limits = limits or ServingLimits.from_spec(self.spec)
-        self.task = make_task(self.spec.task, self.labels, self.spec.task_settings)
-        self.engine = CamEngine(self.model, loaded.layer, layout=self.spec.layout,  # type: ignore[arg-type]
-                                reshape=loaded.reshape, task=self.task)
+        self.task = self.backend.task
         self.warm_up()
-        log.info("camserve: serving %s (%s, %d classes, layer %r, input %s) on %s", self.spec.arch,
-                 self.task.name, self.num_classes, self.engine.layer_name, self.spec.input_size,
-                 self.device)
+        log.info("camserve: serving %s (%s, %d classes, layer %r, input %s) on %s with the %s "
+                 "backend", self.spec.arch, self.task.name, self.num_classes, self.layer,
+                 self.spec.input_size, self.device, self.backend.name)
+
+    @property
+    def layer(self) -> str:
+        """The target layer's dotted name."""
+        return self.backend.layer
+
+    @property
+    def served_methods(self) -> tuple[str, ...]:
+        """The methods requests may ask for: those ``handler.methods`` allows that the backend
+        runs."""
+        return tuple(m for m in self.spec.allowed_methods if m in self.backend.methods)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, *, weights: Optional[str | Path] = None,
                        overrides: Optional[Mapping[str, Any]] = None,
-                       device: torch.device | str = "cpu") -> "CamService":
-        """Build the service from a model folder (or an extracted archive): see
-        :func:`camserve.models.load_model_dir`; the serving limits come from the same
-        ``handler:`` block (:meth:`ServingLimits.from_spec`)."""
-        return cls(load_model_dir(model_dir, weights=weights, overrides=overrides, device=device))
+                       device: torch.device | str = "cpu",
+                       threads: Optional[int] = None) -> "CamService":
+        """Build the service from a model folder (or an extracted archive) with the backend its
+        ``handler.backend`` names (:func:`camserve.backends.load_backend`; ``weights`` and
+        ``overrides`` as in :func:`camserve.models.load_model_dir`, ``threads`` the worker's: the
+        onnxruntime sessions' and the rendering's); the serving limits come from the same ``handler:`` block
+        (:meth:`ServingLimits.from_spec`)."""
+        return cls(load_backend(spec_of_dir(model_dir, overrides), model_dir, weights=weights,
+                                device=device, threads=threads), threads=threads)
 
     @classmethod
     def from_handler_config(cls, handler: Optional[Mapping[str, Any]], model_dir: str | Path, *,
                             weights: Optional[str | Path] = None,
-                            device: torch.device | str = "cpu") -> "CamService":
+                            device: torch.device | str = "cpu",
+                            threads: Optional[int] = None) -> "CamService":
         """Build the service from an already parsed ``handler:`` block (TorchServe hands the
         handler the archive's config, whatever its file name) and the folder holding the model
-        file, weights and labels."""
+        file, weights and labels (or the graph)."""
         spec = ModelSpec.from_config(handler)
-        return cls(load_model(spec, model_dir, weights=weights, device=device))
+        return cls(load_backend(spec, model_dir, weights=weights, device=device, threads=threads),
+                   threads=threads)
 
     def warm_up(self) -> None:
         """One explain pass and one predict pass on a blank input; a target layer that cannot
         give a map is a :class:`ConfigError` naming ``handler.target_layer``."""
         h, w = self.spec.input_size
         x = torch.zeros(1, 3, h, w, device=self.device)
+        opts = parse_options({}, self.spec, self.labels, explain=True, limits=self.limits,
+                             task=self.task, methods=self.backend.methods)
         try:
-            self.engine(x, method=self.spec.method)
+            batch_cams(self.backend, x, [0], [opts], [Geometry((w, h), (h, w))])
         except LayerError as exc:
             raise ConfigError(exc.message_for("handler.target_layer")) from None
         except ValueError as exc:
             raise ConfigError(f"invalid value for handler.target_layer: "
-                              f"{self.engine.layer_name!r} ({exc})") from None
-        self.engine.predict(x)
-        self.engine.measure_suffix_share(x)
+                              f"{self.layer!r} ({exc})") from None
+        self.backend.predict(x)
+        self.backend.measure(x)
 
     def describe(self) -> dict[str, Any]:
         """What the model serves and which options it takes (TorchServe's customized describe)."""
         return {"arch": self.spec.arch, "num_classes": self.num_classes, "labels": self.labels,
-                "target_layer": self.engine.layer_name, "input_size": list(self.spec.input_size),
+                "target_layer": self.layer, "input_size": list(self.spec.input_size),
                 "task": self.task.name, "methods": self.describe_methods(),
                 "options": list(option_keys(self.task)),
                 "defaults": {"method": self.spec.method,
@@ -273,18 +298,19 @@ class CamService:
                 "max_row_work": self.limits.max_row_work,
                 "max_batch_work": self.limits.max_batch_work,
                 "max_row_forwards": self.limits.max_row_forwards,
-                "max_batch_forwards": self.limits.max_batch_forwards, "device": str(self.device)}
+                "max_batch_forwards": self.limits.max_batch_forwards, "device": str(self.device),
+                **self.backend.describe()}
 
     def describe_methods(self) -> list[dict[str, Any]]:
         """The methods this model allows, each with its needs, options and its cost for one
         target on the served layer (``forwards``: the cost in forwards at the input size)."""
         out = []
-        size = self.engine.layer_size
-        for name in self.spec.allowed_methods:
+        size = self.backend.layer_size
+        for name in self.served_methods:
             d = get_method(name).describe(size)
             if size is not None:
                 d["forwards"] = round(get_method(name).spec().cost(size, 1).units(
-                    self.engine.suffix_share), 3)
+                    self.backend.suffix_share), 3)
             out.append(d)
         return out
 
@@ -352,9 +378,11 @@ class CamService:
                 raise row
             raw = row if isinstance(row, RawRequest) else extract_request(row)
             opts = parse_options(raw.options, self.spec, self.labels, explain=explain,
-                                 limits=self.limits, task=self.task)
+                                 limits=self.limits, task=self.task, methods=self.backend.methods)
+            if opts.explain and opts.spec is not None:
+                self.backend.check(opts.spec)
             # 413 for the method's work, then from the header's size, before any pixel is decoded
-            forwards = plan_compute(opts, self.engine, self.limits, self.spec.allowed_methods,
+            forwards = plan_compute(opts, self.backend, self.limits, self.served_methods,
                                     work.forwards)
             left = work.left
             rows = [self._image(index, raw.data, opts, work)]
@@ -386,8 +414,9 @@ class CamService:
                             plan.render_size)
         opts = replace(opts, task=self.task.bind(opts.task, geometry))
         work.left -= plan.work
-        x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std,
-                       interpolation=self.spec.interpolation)
+        with one_thread(torch.device("cpu")):  # a few small ops: see one_thread
+            x = preprocess(img, self.spec.input_size, self.spec.mean, self.spec.std,
+                           interpolation=self.spec.interpolation)
         keep = None
         if opts.explain and "overlay" in opts.outputs:
             keep = img if not plan.scaled else img.resize(plan.render_size, Image.BILINEAR)
@@ -435,9 +464,9 @@ class CamService:
             else x.to(self.device)
         explain = [j for j, r in enumerate(rows) if r.options.explain]
         if not explain:
-            return self.engine.predict(x), None, explain
+            return self.backend.predict(x), None, explain
         t_cam = time.perf_counter()
-        cams = batch_cams(self.engine, x, explain, [rows[j].options for j in explain],
+        cams = batch_cams(self.backend, x, explain, [rows[j].options for j in explain],
                           [rows[j].geometry for j in explain])
         stats.cam_ms += (time.perf_counter() - t_cam) * 1000.0
         return cams.output, cams, explain
@@ -452,19 +481,28 @@ class CamService:
             views = {j: _CamView(cams, p) for p, j in enumerate(explain)}
             stats.explained_rows += len(explain)
             stats.maps += sum(cams.targets.count)
-        out = []
-        start = 0
+        bounds: list[range] = []
         for req in requests:
-            at = range(start, start + len(req))
-            start += len(req)
+            start = bounds[-1].stop if bounds else 0
+            bounds.append(range(start, start + len(req)))
+
+        def answer(k: int) -> RowResult:
+            req, at = requests[k], bounds[k]
             try:
-                out.append(self._answer(req, [self.task.row(output, j) for j in at],
-                                        [views.get(j) for j in at]))
+                return self._answer(req, [self.task.row(output, j) for j in at],
+                                    [views.get(j) for j in at])
             except RequestError as exc:
-                out.append(RowResult.error(exc))
+                return RowResult.error(exc)
             except Exception:
-                out.append(internal_error(f"rendering request {req[0].index}"))
-        return out
+                return internal_error(f"rendering request {req[0].index}")
+
+        if self.threads <= 1 or len(views) < 2:
+            return [answer(k) for k in range(len(requests))]
+        # requests render independently (PNG encoding, the bbox's labelling and image resizing
+        # release the GIL): on the worker's threads, answers in request order
+        with ThreadPoolExecutor(min(self.threads, len(requests)),
+                                thread_name_prefix="camserve-render") as pool:
+            return list(pool.map(answer, range(len(requests))))
 
     def _answer(self, req: list[_Row], out_rows: list[Any],
                 views: list[Optional["_CamView"]]) -> RowResult:

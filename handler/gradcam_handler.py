@@ -10,6 +10,10 @@ A plain class with ``initialize`` and ``handle`` (all TorchServe needs): it does
 TF32 matmuls (``torch.set_float32_matmul_precision("high")``) on Ampere and newer GPUs. TorchServe
 0.12's loader requires exactly one class in this module.
 
+The worker's threads are its share of the cores (:func:`camserve.backends.worker_threads` over
+the model config's ``maxWorkers``/``minWorkers``, else TorchServe's default of one worker per
+core): torch's intra-op threads, and each onnxruntime session's.
+
 Per request (per row of a batch): ``/explanations`` (and the KServe explain routes, which set the
 ``explain: True`` request header) or the option ``explain=true`` explain; other rows only predict.
 Every row gets its own status and JSON body; a bad row never changes its batch-mates' answers nor
@@ -31,6 +35,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from camserve.backends import torchserve_workers, worker_threads
 from camserve.errors import InternalError
 from camserve.serving import BatchStats, CamService, RowResult, safe_traceback
 
@@ -78,28 +83,35 @@ class GradCamHandler:
     def __init__(self) -> None:
         self.service: Optional[CamService] = None
         self.device = torch.device("cpu")
+        self.threads = 1
         self.initialized = False
 
     def initialize(self, context: Any) -> None:
-        """Pick the device, build the model from the archive's ``handler:`` block (the archive's
-        serialized file as its weights), load labels, warm up."""
+        """Pick the device and the worker's threads, build the backend from the archive's
+        ``handler:`` block (the archive's serialized file: the weights, or the CAM graph for
+        ``backend: onnxruntime``), load labels, warm up."""
         props = context.system_properties
         gpu_id = props.get("gpu_id")
-        if gpu_id is not None and torch.cuda.is_available():
+        gpu = gpu_id is not None and torch.cuda.is_available()
+        if gpu:
             self.device = torch.device(f"cuda:{gpu_id}")
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
+        config = getattr(context, "model_yaml_config", None) or {}
+        self.threads = worker_threads(torchserve_workers(
+            config, gpu=gpu, gpus=torch.cuda.device_count() if gpu else 1))
+        torch.set_num_threads(self.threads)  # this worker's share, not every core per worker
         model_dir = props.get("model_dir")
         serialized = ((context.manifest or {}).get("model") or {}).get("serializedFile")
         weights = os.path.join(model_dir, serialized) if serialized else None
-        handler_block = (getattr(context, "model_yaml_config", None) or {}).get("handler")
-        self.service = CamService.from_handler_config(handler_block, model_dir, weights=weights,
-                                                      device=self.device)
+        self.service = CamService.from_handler_config(config.get("handler"), model_dir,
+                                                      weights=weights, device=self.device,
+                                                      threads=self.threads)
         self.initialized = True
-        logger.info("GradCamHandler ready on %s (layer %r, %d classes, batch size %s)",
-                    self.device, self.service.engine.layer_name, self.service.num_classes,
-                    props.get("batch_size"))
+        logger.info("GradCamHandler ready on %s (%s backend, layer %r, %d classes, batch size %s, "
+                    "%d threads)", self.device, self.service.backend.name, self.service.layer,
+                    self.service.num_classes, props.get("batch_size"), self.threads)
 
     def handle(self, data: list[Any], context: Any) -> list[str]:
         """Answer a batch: one JSON text per row, with its own status code and content type."""

@@ -311,12 +311,15 @@ def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
 @pytest.fixture(scope="session")
 def fake_context() -> Callable[..., FakeContext]:
     """``fake_context(model_dir, *, headers=None, **kw) -> FakeContext`` (see
-    :class:`camserve.testing.context.FakeContext`; ``model_file`` defaults to ``model.py`` when the
-    folder has one); ``headers`` (one mapping per row) starts a batch."""
+    :class:`camserve.testing.context.FakeContext`; ``model_file`` defaults to ``model.py`` and
+    ``serialized_file`` to the CAM graph ``model.cam.onnx`` when the folder has one); ``headers``
+    (one mapping per row) starts a batch."""
     def make(model_dir: str | Path, *, headers: Optional[Sequence[Mapping[str, str]]] = None,
              **kw: Any) -> FakeContext:
         if "model_file" not in kw and (Path(model_dir) / "model.py").is_file():
             kw["model_file"] = "model.py"
+        if "serialized_file" not in kw and (Path(model_dir) / "model.cam.onnx").is_file():
+            kw["serialized_file"] = "model.cam.onnx"
         ctx = FakeContext(model_dir, **kw)
         if headers is not None:
             ctx.set_requests(headers)

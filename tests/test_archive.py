@@ -79,3 +79,66 @@ def test_build_hf_archive(tmp_path: Path) -> None:
     assert not {n for n in names if "junk" in n or n == "extra.txt"}
     manifest = json.loads(zipfile.ZipFile(mar).read("MAR-INF/MANIFEST.json"))
     assert manifest["model"]["modelName"] == "demo" and "serializedFile" not in manifest["model"]
+
+
+# -- the onnxruntime backend: the graph, no model code ---------------------------------------------
+
+def test_plan_for_onnxruntime_packs_the_graph_and_labels_only() -> None:
+    plan = plan_archive(ROOT / "models" / "shapes", "onnxruntime")
+    assert plan.members() == ["model-config.yaml", "model.cam.onnx", "index_to_name.json"]
+    assert plan.backend == "onnxruntime" and plan.model_file is None
+    assert [p.name for p in plan.sources] == ["weights.pt", "model.py", "index_to_name.json"]
+    with pytest.raises(ArchiveError, match="--backend: 'tf'"):
+        plan_archive(ROOT / "models" / "shapes", "tf")
+
+
+@pytest.fixture()
+def onnx_ready(model_folder):
+    """A TinyBNNet folder (``backend: onnxruntime``) with a current graph."""
+    from scripts.archive import export_graph
+
+    folder = model_folder()
+    cfg = yaml.safe_load((folder / "model-config.yaml").read_text())
+    cfg["handler"]["backend"] = "onnxruntime"
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    export_graph(folder, ["hirescam", "gradcam"], verify=False)
+    return folder
+
+
+def test_a_graph_is_exported_again_only_when_it_is_stale(onnx_ready) -> None:
+    import os
+
+    from scripts.archive import stale_graph
+
+    folder = onnx_ready
+    plan = plan_archive(folder)
+    assert plan.backend == "onnxruntime" and stale_graph(plan) is None
+    later = (folder / "model.cam.onnx").stat().st_mtime + 10
+    os.utime(folder / "weights.pt", (later, later))
+    assert stale_graph(plan) == "model.cam.onnx is older than weights.pt"
+    os.utime(folder / "weights.pt", (later - 20, later - 20))
+    cfg = yaml.safe_load((folder / "model-config.yaml").read_text())
+    cfg["handler"]["input_size"] = [48, 48]
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    assert "handler.input_size: [48, 48], but the graph" in stale_graph(plan)
+    (folder / "model.cam.onnx").unlink()
+    assert stale_graph(plan) == "the folder has no model.cam.onnx"
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torch-model-archiver").is_file()
+                    and shutil.which("torch-model-archiver") is None,
+                    reason="torch-model-archiver not installed")
+def test_build_onnxruntime_archive_exports_the_missing_graph(model_folder, tmp_path: Path) -> None:
+    folder = model_folder()
+    mar = build_archive(folder, "tiny", tmp_path / "store", backend="onnxruntime",
+                        methods=["hirescam", "gradcam"])
+    assert (folder / "model.cam.onnx").is_file()  # exported (and verified) into the folder
+    z = zipfile.ZipFile(mar)
+    assert set(z.namelist()) == {"model-config.yaml", "model.cam.onnx", "index_to_name.json",
+                                 "gradcam_handler.py", "MAR-INF/MANIFEST.json"}
+    manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+    assert manifest["serializedFile"] == "model.cam.onnx" and "modelFile" not in manifest
+    cfg = yaml.safe_load(z.read("model-config.yaml"))
+    assert cfg["handler"]["backend"] == "onnxruntime" and cfg["handler"]["method"] == "hirescam"
+    folder_cfg = yaml.safe_load((folder / "model-config.yaml").read_text())
+    assert "backend" not in folder_cfg["handler"]  # the folder's own config is left alone

@@ -9,15 +9,17 @@ import torch
 from PIL import Image
 
 from camserve import CamEngine
+from camserve.backends import TorchBackend
 from camserve.engine import normalize_maps, to_uint8
 from camserve.explain import (MapPlan, batch_cams, explanation_json, plan_maps, render_row,
                               row_maps)
 from camserve.errors import RequestError, ResponseTooLarge
 from camserve.methods import available_methods
 from camserve.options import RequestOptions, ServingLimits
+from camserve.models import LoadedModel
 from camserve.records import Explanation
 from camserve.tasks import Classification, Geometry, Shown
-from camserve.testing.nets import TinyNet
+from camserve.testing.nets import TinyNet, tiny_spec
 
 LABELS = ["circle", "square", "triangle", "star", "cross", "ring"]
 
@@ -55,11 +57,13 @@ def test_engine_rows_match_a_sub_batch():
 def test_batch_cams_per_row_methods_equal_their_own_engine_call():
     model = TinyNet(len(LABELS), seed=2).eval()
     eng = CamEngine(model, "features")
+    backend = TorchBackend(LoadedModel(model, tiny_spec(), LABELS, "features",
+                                       torch.device("cpu")), optimize=False)
     x = torch.randn(4, 3, 32, 32)
     methods = available_methods()[:3]
     options = [opts((2, 1), methods[0]), opts(None, methods[1]), opts((3,), methods[2])]
     rows = [0, 2, 3]
-    out = batch_cams(eng, x, rows, options, [GEOM] * 3)
+    out = batch_cams(backend, x, rows, options, [GEOM] * 3)
     assert out.cams.shape[:2] == (3, 2) and out.logits.shape == (4, len(LABELS))
     top1 = int(out.logits[2].argmax())
     assert out.targets.index.tolist() == [[2, 1], [top1, top1], [3, 3]]
@@ -209,3 +213,23 @@ def test_render_stops_once_the_answer_passes_its_byte_limit(monkeypatch):
                    max_bytes=200_000)
     assert len(calls) == 1 and calls[0] == 150_000  # the first overlay alone passes the limit
     assert "overlay" in e.value.message and e.value.size > 200_000
+
+
+def test_maps_are_made_on_one_thread_and_the_count_comes_back():
+    from camserve.explain import one_thread
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        with one_thread(torch.device("cpu")):
+            seen.append(torch.get_num_threads())
+        with one_thread(torch.device("cuda")):  # not CPU work: left alone
+            seen.append(torch.get_num_threads())
+        with pytest.raises(ZeroDivisionError), one_thread(torch.device("cpu")):
+            raise ZeroDivisionError
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        maps = list(row_maps(torch.rand(3, 4, 4), (9, 7)))
+        assert [m.shape for m in maps] == [(7, 9)] * 3 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)

@@ -22,6 +22,7 @@ import torch
 pytest.importorskip("ts", reason="TorchServe (the ts package) is not installed")
 from ts.utils.util import list_classes_from_module  # noqa: E402
 
+from camserve.backends import GRAPH_FILE  # noqa: E402
 from camserve.models import ConfigError  # noqa: E402
 from camserve.testing.context import FakeContext  # noqa: E402
 from camserve.testing.handler import load_handler  # noqa: E402
@@ -35,6 +36,29 @@ LABELS = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "h
 def model_dir(shapes_folder) -> Path:
     """A folder laid out like the extracted shapes archive (random ShapesNet weights); read-only."""
     return shapes_folder("shapes_mar")
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model_dir, tmp_path_factory) -> Path:
+    """The same model laid out like an extracted archive for the onnxruntime backend: the config
+    (``backend: onnxruntime``), the labels and the exported CAM graph; no model code, no weights."""
+    import shutil
+
+    import yaml
+
+    from camserve.methods import available_methods
+    from camserve.models import load_model_dir
+    from camserve.onnx.export import export_cam_onnx
+
+    folder = tmp_path_factory.mktemp("shapes_onnx") / "shapes"
+    folder.mkdir()
+    export_cam_onnx(load_model_dir(model_dir), folder / GRAPH_FILE,
+                    methods=available_methods(exportable=True), verify=False)
+    cfg = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    cfg["handler"]["backend"] = "onnxruntime"
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    shutil.copy(model_dir / "index_to_name.json", folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +80,27 @@ def uninitialised(handler_file: Path):
     return load_handler(handler_file, initialize=False).instance
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """initialize sets the worker's torch threads; the test process gets its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def handler(handler_file, new_context):
+def torch_handler(handler_file, new_context):
     return new_handler(handler_file, new_context())
+
+
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def handler(request, handler_file, new_context, onnx_dir, torch_handler):
+    """The handler over the shapes folder on each backend (onnxruntime: its archive's folder)."""
+    if request.param == "torch":
+        return torch_handler
+    h = new_handler(handler_file, new_context(onnx_dir))
+    assert h.service.backend.name == "onnxruntime"
+    return h
 
 
 def answers(handler, ctx: FakeContext, rows: list) -> list[dict]:
@@ -75,17 +117,18 @@ def test_initialize_reads_the_folder(handler):
     assert handler.initialized and handler.device == torch.device("cpu")
     svc = handler.service
     assert svc.labels == LABELS and svc.num_classes == 8
-    assert svc.engine.layer_name == "features"
+    assert svc.layer == "features"
 
 
-def test_initialize_gives_a_frozen_eval_model(handler):
-    model = handler.service.model
+def test_initialize_gives_a_frozen_eval_model(torch_handler):
+    model = torch_handler.service.backend.model
     assert all(not p.requires_grad for p in model.parameters()) and not model.training
 
 
-def test_initialize_loads_the_archive_weights_not_a_fresh_init(handler, model_dir):
+def test_initialize_loads_the_archive_weights_not_a_fresh_init(torch_handler, model_dir):
     state = torch.load(model_dir / "weights.pt", weights_only=True)
-    torch.testing.assert_close(handler.service.model.state_dict()["fc.weight"], state["fc.weight"])
+    torch.testing.assert_close(torch_handler.service.backend.model.state_dict()["fc.weight"],
+                               state["fc.weight"])
 
 
 def test_gpu_id_without_cuda_falls_back_to_cpu(handler_file, new_context, monkeypatch):
@@ -208,9 +251,10 @@ def assert_same_answer(a: dict, b: dict, decode_png) -> None:
         assert np.abs(np.subtract(ea["bbox"], eb["bbox"])).max() <= 1
 
 
-def test_predict_rows_under_inference_mode_and_cam_outside(handler, new_context, png):
+def test_predict_rows_under_inference_mode_and_cam_outside(torch_handler, new_context, png):
+    handler = torch_handler
     seen: list[bool] = []
-    hook = handler.service.model.register_forward_pre_hook(
+    hook = handler.service.backend.model.register_forward_pre_hook(
         lambda m, a: seen.append(torch.is_inference_mode_enabled()))
     rows = [{"body": png(seed=1, size=(96, 96))}, {"body": png(seed=2, size=(96, 96))}]
     try:
@@ -257,7 +301,7 @@ def test_torchvision_arch_by_name(tmp_path, handler_file, new_context, png):
         {"arch": "torchvision.models.resnet18", "num_classes": len(LABELS),
          "weights": "weights.pt", "target_layer": "layer4", "input_size": 64}, labels=LABELS)
     h = new_handler(handler_file, new_context(folder))
-    assert h.service.engine.layer_name == "layer4" and h.service.labels == LABELS
+    assert h.service.layer == "layer4" and h.service.labels == LABELS
     [body] = answers(h, new_context(folder, headers=[{"explain": "True"}]),
                      [{"body": png(seed=1, size=(70, 50))}])
     assert (body["explanations"][0]["width"], body["explanations"][0]["height"]) == (70, 50)
@@ -265,7 +309,7 @@ def test_torchvision_arch_by_name(tmp_path, handler_file, new_context, png):
 
 def test_auto_located_layer_when_config_leaves_it_out(handler_file, new_context, shapes_config):
     h = new_handler(handler_file, new_context(config=shapes_config(target_layer=None)))
-    assert h.service.engine.layer_name  # found by the warm-up pass
+    assert h.service.layer  # found by the warm-up pass
 
 
 @pytest.mark.parametrize("whole, over, needle", [

@@ -1,7 +1,9 @@
 """camserve.serving: CamService.handle_batch -> BatchOutcome; per-row isolation, budgets.
 
 No TorchServe here: rows are given as TorchServe presents them (``{"body": ...}``, form fields,
-parsed JSON) and the service is built around a small random ShapesNet-like CNN. Request
+parsed JSON) and the service is built around a small random ShapesNet-like CNN, on each backend
+(the PyTorch engine, and onnxruntime over the same net's exported CAM graph): the answers, the
+bad-input and the batch-isolation suites hold on both. Request
 envelopes, options and the explain stages have their own test files.
 """
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +21,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from camserve.engine import normalize_maps, to_uint8
+from camserve.backends import GRAPH_FILE
+from camserve.engine import CamEngine, normalize_maps, to_uint8
 from camserve.methods import available_methods
 from camserve.models import LoadedModel, ModelSpec
 from camserve.options import ServingLimits
@@ -29,17 +33,46 @@ LABELS = list(TINY_LABELS)
 spec_of = tiny_spec
 
 
+BACKENDS = ["torch", "onnxruntime"]
+
+
+def tiny_loaded(model: nn.Module | None = None, spec: ModelSpec | None = None) -> LoadedModel:
+    return LoadedModel(model=frozen(model or TinyNet(len(LABELS), seed=0)), spec=spec or spec_of(),
+                       labels=list(LABELS), layer="features", device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_graph(tmp_path_factory) -> Path:
+    """The default TinyNet's CAM graph with every exportable method."""
+    from camserve.onnx.export import export_cam_onnx
+
+    path = tmp_path_factory.mktemp("tinygraph") / GRAPH_FILE
+    export_cam_onnx(tiny_loaded(), path, methods=available_methods(exportable=True), verify=False)
+    return path
+
+
 def make_service(spec: ModelSpec | None = None, limits: ServingLimits | None = None,
-                 model: nn.Module | None = None) -> CamService:
-    model = frozen(model or TinyNet(len(LABELS), seed=0))
-    loaded = LoadedModel(model=model, spec=spec or spec_of(), labels=list(LABELS),
-                         layer="features", device=torch.device("cpu"))
-    return CamService(loaded, limits)
+                 model: nn.Module | None = None, backend: str = "torch",
+                 graph: Path | None = None) -> CamService:
+    """The TinyNet service on ``backend`` (onnxruntime: over ``graph``, the default TinyNet's)."""
+    if backend == "onnxruntime":
+        from camserve.backends.ort import OnnxBackend
+
+        assert model is None and graph is not None
+        return CamService(OnnxBackend(graph, spec=spec or spec_of(), threads=1), limits)
+    return CamService(tiny_loaded(model, spec), limits)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def service(request, tiny_graph) -> CamService:
+    """The TinyNet service on each backend."""
+    return make_service(backend=request.param, graph=tiny_graph)
 
 
 @pytest.fixture(scope="module")
-def service() -> CamService:
-    return make_service()
+def reference() -> CamEngine:
+    """The PyTorch engine over the same TinyNet: what every backend must answer."""
+    return CamEngine(frozen(TinyNet(len(LABELS), seed=0)), "features")
 
 
 def body_of(res) -> dict:
@@ -47,11 +80,11 @@ def body_of(res) -> dict:
 
 
 # -- the service --------------------------------------------------------------------------------------
-def direct_heatmap(svc: CamService, data: bytes, target: int, method: str) -> np.ndarray:
+def direct_heatmap(engine: CamEngine, data: bytes, target: int, method: str) -> np.ndarray:
     from camserve.images import decode_image, preprocess
     img = decode_image(data)
-    x = preprocess(img, svc.spec.input_size, svc.spec.mean, svc.spec.std)[None]
-    res = svc.engine(x, targets=[target], method=method)
+    x = preprocess(img, (32, 32), (0.5,) * 3, (0.25,) * 3)[None]
+    res = engine(x, targets=[target], method=method)
     return to_uint8(normalize_maps(res.cams[0], (img.height, img.width))).numpy()
 
 
@@ -87,30 +120,30 @@ def test_mixed_batch_rows_are_answered_and_explained_per_row(mixed):
     assert len(bodies[3]["predictions"]) == 2 and len(bodies[0]["predictions"]) == 3
 
 
-def test_predictions_equal_the_models_own_softmax(service, mixed):
+def test_predictions_equal_the_models_own_softmax(reference, mixed):
     from camserve.images import decode_image, preprocess
 
     imgs, _, bodies = mixed
     for data, b in zip(imgs, bodies):
         x = preprocess(decode_image(data), (32, 32), (0.5,) * 3, (0.25,) * 3)[None]
-        probs = torch.softmax(service.engine.predict(x), 1)[0]
+        probs = torch.softmax(reference.predict(x), 1)[0]
         top = torch.topk(probs, len(b["predictions"]))
         assert [p["index"] for p in b["predictions"]] == top.indices.tolist()
         assert [p["score"] for p in b["predictions"]] == pytest.approx(top.values.tolist(), abs=1e-5)
         assert [p["label"] for p in b["predictions"]] == [LABELS[i] for i in top.indices.tolist()]
 
 
-def test_target_label_and_method_from_form_fields(service, mixed, decode_png):
+def test_target_label_and_method_from_form_fields(reference, mixed, decode_png):
     imgs, _, bodies = mixed
     e1 = bodies[1]["explanations"]
     assert [(e["target"], e["label"], e["method"]) for e in e1] == [(3, "star", "layercam")]
     assert set(e1[0]) == {"target", "label", "score", "method", "layer", "width", "height",
                           "heatmap", "bbox"}
     assert_maps_close(decode_png(e1[0]["heatmap"]),
-                      direct_heatmap(service, imgs[1], 3, "layercam"))
+                      direct_heatmap(reference, imgs[1], 3, "layercam"))
 
 
-def test_json_targets_and_all_outputs(service, mixed, decode_png):
+def test_json_targets_and_all_outputs(reference, mixed, decode_png):
     imgs, _, bodies = mixed
     e2 = bodies[2]["explanations"]
     assert [(e["target"], e["method"]) for e in e2] == [(1, "gradcam"), (4, "gradcam")]
@@ -118,7 +151,7 @@ def test_json_targets_and_all_outputs(service, mixed, decode_png):
         assert set(e) >= {"heatmap", "overlay", "raw", "bbox"}
         assert e["raw"]["shape"] == [8, 8] and np.asarray(e["raw"]["data"]).shape == (8, 8)
         assert_maps_close(decode_png(e["heatmap"]),
-                          direct_heatmap(service, imgs[2], e["target"], "gradcam"))
+                          direct_heatmap(reference, imgs[2], e["target"], "gradcam"))
         assert decode_png(e["overlay"]).shape[:2] == (40, 64)
 
 
@@ -139,7 +172,9 @@ def test_mixed_batch_stats(mixed):
 
 
 @pytest.mark.parametrize("layout", ["mixed", "predict_only", "k3_beside_k1"])
-def test_one_forward_per_batch(service, png, layout):
+def test_one_forward_per_batch(png, layout):
+    service = make_service()
+    model = service.backend.model
     calls = []
     rows = [{"body": png(seed=i)} for i in range(4)]
     flags = [True, False, False, True]
@@ -147,13 +182,13 @@ def test_one_forward_per_batch(service, png, layout):
         flags = None
     elif layout == "k3_beside_k1":
         rows[1] = {"data": png(seed=9), "explain": "1", "target": [0, 1, 2]}
-    h = service.model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    h = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     try:
         service.handle_batch(rows, flags)
     finally:
         h.remove()
     assert calls == [4]
-    assert not service.model._forward_pre_hooks and not service.model.features._forward_hooks
+    assert not model._forward_pre_hooks and not model.features._forward_hooks
 
 
 def test_explained_rows_match_a_batch_of_their_own(service, png, decode_png):
@@ -216,9 +251,10 @@ def test_a_batch_of_only_bad_rows(service):
     assert [r.status for r in out] == [400, 400]
 
 
-def test_pixel_limit_is_413_before_decoding(png):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pixel_limit_is_413_before_decoding(png, backend, tiny_graph):
     torch.manual_seed(0)
-    svc = make_service(spec_of(max_pixels=100 * 100))
+    svc = make_service(spec_of(max_pixels=100 * 100), backend=backend, graph=tiny_graph)
     out = svc.handle_batch([{"body": png(size=(101, 100))}, {"body": png(size=(100, 100))}]).results
     assert [r.status for r in out] == [413, 200]
     assert body_of(out[0])["type"] == "ImageTooLarge" and "10100" in body_of(out[0])["message"]
@@ -255,7 +291,9 @@ def test_all_methods_in_one_batch(every_method_service, png, decode_png):
     row's map is its method's map alone."""
     svc = every_method_service
     data = png(seed=21)
-    methods = available_methods()
+    methods = list(service.backend.methods)
+    assert methods == available_methods(exportable=True if service.backend.name ==
+                                        "onnxruntime" else None)
     rows = [{"data": data, "method": m, "target": 2} for m in methods]
     rows.append({"data": data, "method": "gradcam", "aug_smooth": "true", "target": 2})
     out = svc.handle_batch(rows, [True] * len(rows)).results
@@ -410,8 +448,29 @@ class PoisonNet(TinyNet):
         return super().forward(x)
 
 
-def test_a_failing_batched_pass_is_retried_row_by_row(png):
-    svc = make_service(model=PoisonNet(len(LABELS), seed=0))
+class PoisonSession:
+    """An onnxruntime session that fails a run holding an all-white image, like PoisonNet."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    def run(self, fetch, feed):
+        if bool((feed["input"].reshape(len(feed["input"]), -1).min(1) > 1.9).any()):
+            raise RuntimeError("poisoned batch")
+        return self.session.run(fetch, feed)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failing_batched_pass_is_retried_row_by_row(png, backend, tiny_graph):
+    if backend == "torch":
+        svc = make_service(model=PoisonNet(len(LABELS), seed=0))
+    else:
+        svc = make_service(backend=backend, graph=tiny_graph)
+        svc.backend.cam_session = PoisonSession(svc.backend.cam_session)
+        svc.backend.forward_session = PoisonSession(svc.backend.forward_session)
     white = png(color=(255, 255, 255))
     rows = [{"data": png(seed=1), "explain": "1"}, {"body": white}, {"body": png(seed=2)},
             {"data": white, "explain": "1"}, {"data": png(seed=4), "explain": "1", "target": "2,3"}]
@@ -423,8 +482,10 @@ def test_a_failing_batched_pass_is_retried_row_by_row(png):
     assert [e["target"] for e in a["explanations"]] == [e["target"] for e in b["explanations"]] == [2, 3]
 
 
-def test_an_answer_over_the_response_limit_is_413_naming_what_to_drop(png):
-    svc = make_service(limits=ServingLimits(max_response_size=60_000))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_answer_over_the_response_limit_is_413_naming_what_to_drop(png, backend, tiny_graph):
+    svc = make_service(limits=ServingLimits(max_response_size=60_000), backend=backend,
+                       graph=tiny_graph)
     big = png(seed=7, size=(200, 150))
     rows = [{"data": big, "explain": "1", "outputs": "overlay,heatmap,raw", "target": "0,1,2"},
             {"data": big, "explain": "1", "outputs": "bbox"}, {"body": big}]
@@ -458,7 +519,7 @@ def test_from_model_dir_reads_the_serving_limits(model_folder, monkeypatch):
     folder = tiny_folder_with(model_folder)
     monkeypatch.delenv("TS_MAX_RESPONSE_SIZE", raising=False)
     svc = CamService.from_model_dir(folder)
-    assert svc.limits == ServingLimits() and svc.engine.layer_name == "features.3"
+    assert svc.limits == ServingLimits() and svc.layer == "features.3"
     svc = CamService.from_model_dir(folder, overrides={"max_response_size": 1234})
     assert svc.limits.max_response_size == 1234 and svc.spec.max_response_size == 1234
 
@@ -491,8 +552,11 @@ def test_work_over_the_row_budget_is_413_before_decoding(service, monkeypatch, p
     assert (6000, 6000) not in decoded and decoded  # the 36 MP GIF was never decoded
 
 
-def test_large_image_is_explained_at_the_capped_side_and_says_so(png, decode_png):
-    svc = make_service(limits=ServingLimits(max_map_side=256, max_row_work=1))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_image_is_explained_at_the_capped_side_and_says_so(png, decode_png, backend,
+                                                                  tiny_graph):
+    svc = make_service(limits=ServingLimits(max_map_side=256, max_row_work=1), backend=backend,
+                       graph=tiny_graph)
     data = png(size=(1200, 600), color=(20, 200, 20))
     rows = [{"data": data, "explain": "1", "outputs": ALL_OUTPUTS, "target": "0,1"},
             {"data": data, "explain": "1", "outputs": "heatmap,bbox"}]  # 0.72 + 0.03 MP: full
@@ -516,8 +580,10 @@ def test_large_image_is_explained_at_the_capped_side_and_says_so(png, decode_png
                                              "raw"}
 
 
-def test_batch_budget_scales_then_refuses_later_rows(png):
-    svc = make_service(limits=ServingLimits(max_map_side=500, max_row_work=1, max_batch_work=2))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_budget_scales_then_refuses_later_rows(png, backend, tiny_graph):
+    svc = make_service(limits=ServingLimits(max_map_side=500, max_row_work=1, max_batch_work=2),
+                       backend=backend, graph=tiny_graph)
     data = png(size=(1200, 600), color=(20, 20, 200))
     row = {"data": data, "explain": "1", "outputs": "heatmap,bbox"}  # full .845, capped .25 MP
     out = svc.handle_batch([dict(row) for _ in range(5)] + [{"body": data}])
@@ -613,3 +679,31 @@ def test_worst_allowed_requests_in_a_fresh_process_within_memory_and_time(case):
     assert r["statuses"] == [200], r
     assert r["peak_above_idle_mb"] < 1536 and r["wall_s"] < 30, r
     assert r["scaled"] == (case == 0), r
+
+
+def test_rows_render_on_the_workers_threads_with_the_same_answers(png, broken_render):
+    """threads=3: explain rows render side by side; answers, order and each row's own 500 are
+    those of the one-thread service."""
+    import threading
+
+    seen = set()
+    real = Image.Image.save
+
+    def save(im, *a, **kw):  # the PNG encoder runs on the render threads
+        seen.add(threading.current_thread().name.split("_")[0])
+        return real(im, *a, **kw)
+
+    rows = [{"data": png(seed=i, size=(40 + 4 * i, 36)), "explain": "1",
+             "method": "hirescam" if i == 2 else "gradcam", "target": str(i % 6)}
+            for i in range(6)] + [{"body": png(seed=9)}]
+    one = make_service().handle_batch(rows)
+    Image.Image.save = save
+    try:
+        three = CamService(tiny_loaded(), threads=3).handle_batch(rows)
+    finally:
+        Image.Image.save = real
+    assert [r.status for r in three.results] == [r.status for r in one.results] == \
+        [200, 200, 500, 200, 200, 200, 200]
+    ok = [i for i, r in enumerate(one.results) if r.status == 200]
+    assert [three.results[i].text for i in ok] == [one.results[i].text for i in ok]
+    assert "camserve-render" in seen

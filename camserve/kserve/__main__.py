@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..models import BACKENDS
 from .batcher import DEFAULT_PREPARE_THREADS
 from .wire import DEFAULT_MAX_INSTANCES
 
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images allowed in one request")
     ap.add_argument("--prepare-threads", type=int, default=DEFAULT_PREPARE_THREADS,
                     help="threads decoding and preparing requests beside the model thread")
+    ap.add_argument("--backend", choices=BACKENDS, default=None,
+                    help="what runs the model: torch, or onnxruntime over the folder's "
+                         "model.cam.onnx (default: the folder's handler.backend)")
     return ap
 
 
@@ -79,7 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     model = CamModel(model_name(args), args.model_dir, max_batch_size=args.max_batch_size,
                      max_batch_delay_ms=args.max_batch_delay, max_instances=args.max_instances,
-                     prepare_threads=args.prepare_threads)
+                     prepare_threads=args.prepare_threads, backend=args.backend,
+                     workers=args.workers)
     model.load()
     serve(model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
           workers=args.workers)

@@ -41,6 +41,7 @@ from kserve.model import InferenceVerb  # noqa: E402
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse  # noqa: E402
 from prometheus_client import REGISTRY, Counter, Histogram  # noqa: E402
 
+from ..backends import worker_threads  # noqa: E402
 from ..errors import RequestError  # noqa: E402
 from ..explain import MEGA  # noqa: E402
 from ..serving import CamService, Prepared, RowResult  # noqa: E402
@@ -117,15 +118,22 @@ class CamModel(Model):
         max_batch_delay_ms: how long a batch waits for more requests after its first.
         max_instances: images allowed in one request.
         prepare_threads: threads decoding and preparing requests (beside the model thread).
+        backend: ``torch`` or ``onnxruntime`` (default: the folder's ``handler.backend``).
+        workers: server processes, each with its own copy of the model: each gets its share of
+            the cores for torch's threads and the onnxruntime sessions'
+            (:func:`camserve.backends.worker_threads`).
     """
 
     def __init__(self, name: str, model_dir: str | Path, device: Optional[str] = None,
                  max_batch_size: int = 8, max_batch_delay_ms: float = 5.0,
                  max_instances: int = DEFAULT_MAX_INSTANCES,
-                 prepare_threads: int = DEFAULT_PREPARE_THREADS) -> None:
+                 prepare_threads: int = DEFAULT_PREPARE_THREADS,
+                 backend: Optional[str] = None, workers: int = 1) -> None:
         super().__init__(name)
         self.model_dir = Path(model_dir)
         self.device = device or default_device()
+        self.backend = backend
+        self.threads = worker_threads(workers)
         self.max_instances = max_instances
         self.max_batch_size = max_batch_size
         self.max_batch_delay_ms = max_batch_delay_ms
@@ -150,7 +158,12 @@ class CamModel(Model):
         install(kserve_app(), self)
         with self._load_lock:
             if self.service is None:
-                service = CamService.from_model_dir(self.model_dir, device=self.device)
+                import torch
+
+                torch.set_num_threads(self.threads)  # this process's share, not every core
+                service = CamService.from_model_dir(self.model_dir, device=self.device,
+                                                    overrides={"backend": self.backend},
+                                                    threads=self.threads)
                 self.batcher.max_work = service.limits.max_batch_work * MEGA
                 # prepared requests waiting for the model hold at most about one more batch
                 self.gate.capacity = 2 * self.batcher.max_work

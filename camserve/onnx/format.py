@@ -60,11 +60,11 @@ SPEC_KEYS: dict[str, str] = {
 #: Spec fields written even when unset (JSON ``null``), so every graph has the key.
 ALWAYS_WRITTEN: tuple[str, ...] = ("interpolation", "crop")
 #: ModelSpec fields the graph does not record: files of a model folder (``weights``, ``labels``: the
-#: labels themselves are written) and the limits of the REST server.
+#: labels themselves are written), the limits of the REST server and how it runs (``backend``, ``optimize``).
 NOT_WRITTEN: tuple[str, ...] = ("weights", "labels", "formats", "max_response_size",
                                 "max_option_length", "max_map_side", "max_row_work", "max_batch_work",
                                 "methods", "max_row_forwards", "max_batch_forwards",
-                                "given")
+                                "given", "backend", "optimize")
 #: The other keys. ``grid``: (h, w) of the graph's maps; ``prefix_tokens``: the leading tokens
 #: (class, distillation, register) a token layer's map leaves out (JSON ``null`` when unknown or
 #: not a token layer).

@@ -211,7 +211,8 @@ class Task:
 
     Engine side: :meth:`output`, :meth:`select`, :meth:`scores`, :meth:`default_targets`,
     :meth:`as_targets`. Serving side: :attr:`option_keys`, :meth:`parse_options`,
-    :meth:`max_targets`, :meth:`request_targets`, :meth:`answer`. A subclass overrides what
+    :meth:`max_targets`, :meth:`request_targets` (and :meth:`known_targets` for a graph
+    backend), :meth:`answer`. A subclass overrides what
     differs; the defaults are those of a model whose output is one score vector per row.
     """
 
@@ -366,6 +367,14 @@ class Task:
         """The targets of explained rows from their parsed options, their detached output, their
         geometry and their ``topk`` (a row may get no target: count 0)."""
         raise NotImplementedError
+
+    def known_targets(self, parsed: Sequence[Any], geometry: Sequence[Geometry],
+                      topk: Sequence[int]) -> Optional[TargetBatch]:
+        """The explained rows' targets as far as they are known before the forward, for a backend
+        that feeds them to a CAM graph: index ``-1`` stands for the row's default target, which
+        the graph takes from its own output as :meth:`request_targets` would; None (the default)
+        when they depend on the output (the backend then runs the forward first)."""
+        return None
 
     def shown(self, out_row: Any, targets: TargetBatch, r: int, geometry: Geometry) -> list[Shown]:
         """How row ``r``'s explained targets are shown (label, score, box)."""

@@ -139,6 +139,11 @@ class Classification(Task):
         lists = [list(p.targets) if p.targets else [top1[r]] for r, p in enumerate(parsed)]
         return TargetBatch.of_classes(lists, out.device)
 
+    def known_targets(self, parsed: Sequence[ClassOptions], geometry: Sequence[Geometry],
+                      topk: Sequence[int]) -> TargetBatch:
+        """The classes asked for, ``-1`` (the row's top-1 class) where none is."""
+        return TargetBatch.of_classes([list(p.targets) if p.targets else [-1] for p in parsed])
+
     def shown(self, out_row: torch.Tensor, targets: TargetBatch, r: int,
               geometry: Geometry) -> list[Shown]:
         probs = self.probabilities(out_row).tolist()

@@ -101,6 +101,13 @@ class Multilabel(Classification):
                 lists.append([q.index for q in self.labels_of(out[r], p.threshold)][:topk[r]])
         return TargetBatch.of_classes(lists, out.device)
 
+    def known_targets(self, parsed: Sequence[MultilabelOptions], geometry: Sequence[Geometry],
+                      topk: Sequence[int]) -> Optional[TargetBatch]:
+        """Known only when every row names its labels (the predicted ones need the output)."""
+        if all(p.targets for p in parsed):
+            return TargetBatch.of_classes([list(p.targets) for p in parsed])
+        return None
+
     def answer(self, out_row: torch.Tensor, parsed: MultilabelOptions, topk: int,
                geometry: Geometry, explanations: Optional[list[dict[str, Any]]]) -> dict[str, Any]:
         body: dict[str, Any] = {

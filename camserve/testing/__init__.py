@@ -16,6 +16,7 @@ and only :mod:`camserve.testing.torchserve` and :mod:`camserve.testing.kserve` n
 * :mod:`camserve.testing.zoo`: the torchvision architectures the contract tests run over, and
   their ONNX exports (the zoo tests, ``python -m bench.onnx_parity``);
 * :mod:`camserve.testing.load`: a closed-loop load generator for the serving benchmarks.
+* :mod:`camserve.testing.equality`: how far two servers' (or backends') answers are apart.
 
 None of it is part of the public API.
 """

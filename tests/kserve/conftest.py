@@ -4,6 +4,7 @@ handler), which the predictor's answers are compared with."""
 from __future__ import annotations
 
 import base64
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +31,15 @@ def handler_answers(service: CamService, rows: list[Any],
 @pytest.fixture(scope="module")
 def service() -> CamService:
     return CamService.from_model_dir(MODEL_DIR, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def onnx_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the shapes folder with its exported CAM graph (for ``--backend onnxruntime``)."""
+    from camserve.backends import GRAPH_FILE
+    from scripts.archive import export_graph
+
+    folder = tmp_path_factory.mktemp("kserve_onnx") / NAME
+    shutil.copytree(MODEL_DIR, folder, ignore=shutil.ignore_patterns("samples", GRAPH_FILE))
+    export_graph(folder, verify=False)
+    return folder

@@ -152,3 +152,23 @@ def test_prepared_requests_hold_work_until_answered(model: CamModel) -> None:
         del model.predict
     assert model.gate.capacity == 2 * 512 * 10**6
     assert seen == [96 * 96 * 4]  # one target: heatmap (1) + overlay (3) at 96x96
+
+
+def test_each_server_process_gets_its_share_of_the_cores(onnx_model_dir) -> None:
+    """``--workers 2``: each process's onnxruntime sessions (and torch) get half the cores."""
+    import torch
+
+    from camserve.onnx.session import available_cpus
+
+    threads = torch.get_num_threads()
+    try:
+        m = CamModel(NAME, onnx_model_dir, device="cpu", backend="onnxruntime", workers=2)
+        m.load()
+        share = max(1, available_cpus() // 2)
+        assert m.threads == share and torch.get_num_threads() == share
+        backend = m.service.backend
+        assert backend.name == "onnxruntime" and backend.threads == share
+        assert backend.cam_session.get_session_options().intra_op_num_threads == share
+        assert CamModel(NAME, MODEL_DIR, device="cpu", workers=1).threads == available_cpus()
+    finally:
+        torch.set_num_threads(threads)

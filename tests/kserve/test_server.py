@@ -47,14 +47,32 @@ def test_a_folder_without_config_is_refused(tmp_path: Path) -> None:
     assert main([str(tmp_path)]) == 2
 
 
-# -- a real server ------------------------------------------------------------------------------------
+# -- a real server, on each backend --------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPredictor]:
+def served_dir(backend: str, onnx_model_dir: Path) -> Path:
+    """The folder the server serves: the shapes folder, or its copy with the exported graph."""
+    return onnx_model_dir if backend == "onnxruntime" else MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, backend: str,
+           served_dir: Path) -> Iterator[LocalPredictor]:
     log = tmp_path_factory.mktemp("kserve") / "server.log"
-    with LocalPredictor(MODEL_DIR, NAME, args=["--max-batch-delay", "100",
-                                               "--max-instances", "16"], log_path=log,
-                        env={"CAMSERVE_DEVICE": "cpu"}) as srv:
+    with LocalPredictor(served_dir, NAME, args=["--max-batch-delay", "100",
+                                                "--max-instances", "16", "--backend", backend],
+                        log_path=log, env={"CAMSERVE_DEVICE": "cpu"}) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def service(backend: str, served_dir: Path) -> CamService:
+    """What the TorchServe handler answers on the same backend (the answers must be identical)."""
+    return CamService.from_model_dir(served_dir, device="cpu", overrides={"backend": backend})
 
 
 def post(server: LocalPredictor, route: str, body: Any) -> requests.Response:
@@ -321,3 +339,40 @@ def test_v2_over_grpc_answers_every_element(server: LocalPredictor, service: Cam
         with pytest.raises(grpc.RpcError) as info:  # nothing to answer: INVALID_ARGUMENT
             stub.ModelInfer(pb.ModelInferRequest(model_name=NAME, inputs=[]), timeout=60)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- the backends answer alike -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def torch_service() -> CamService:
+    return CamService.from_model_dir(MODEL_DIR, device="cpu")
+
+
+def test_the_onnxruntime_predictor_answers_as_the_torch_handler(
+        server: LocalPredictor, backend: str, torch_service: CamService,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The hidden-style sample set through the predictor on the onnxruntime backend against the
+    torch backend: labels, scores within 1e-4, heatmaps within one grey level, the same bbox."""
+    if backend != "onnxruntime":
+        pytest.skip("compares the onnxruntime predictor with the torch handler")
+    from camserve.testing.equality import compare_answers
+    from tools.shapes import write_samples
+
+    out = tmp_path_factory.mktemp("hidden_style")
+    write_samples(out, seed=4321, n=24)
+    images = [p.read_bytes() for p in sorted(out.glob("*.png"))]
+    methods = ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"]
+    opts = [{} if i % 2 else {"target": f"{i % 8},{(i + 3) % 8}", "method": methods[i % 5],
+                              "outputs": "heatmap,bbox,raw"} for i in range(len(images))]
+    got = []
+    for k in range(0, len(images), 8):
+        r = post(server, f"/v1/models/{NAME}:explain",
+                 {"instances": [{"data": b64(i), **o} for i, o in
+                                zip(images[k:k + 8], opts[k:k + 8])]})
+        assert r.status_code == 200, r.text
+        got += r.json()["predictions"]
+    want = [res.body for res in handler_answers(
+        torch_service, [{"data": i, **o} for i, o in zip(images, opts)], explain_route=True)]
+    diff = compare_answers(want, got)
+    print(f"KServe, torch vs onnxruntime over {len(images)} hidden-style requests: {diff}")
+    assert diff.maps == 12 + 2 * 12
+    diff.check()
