@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass
