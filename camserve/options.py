@@ -189,13 +189,14 @@ def _parse_method(value: Any, allowed: Sequence[str], served: Optional[Sequence[
     does not run it (``served``: default every registered method; an exported graph carries
     some)."""
     key = value.strip().lower() if isinstance(value, str) else None
+    usable = [m for m in allowed if served is None or m in served]
     if key not in allowed:
         known = key in available_methods()
         raise OptionError(f"invalid value for method: {short_repr(value)} ("
                           f"{'not allowed for this model; ' if known else ''}allowed: "
-                          f"{', '.join(allowed)})")
-    if served is not None and key not in served:
-        raise MethodUnavailable(key, [m for m in allowed if m in served])  # type: ignore[arg-type]
+                          f"{', '.join(usable)})")
+    if key not in usable:
+        raise MethodUnavailable(key, usable)  # type: ignore[arg-type]
     return key  # type: ignore[return-value]
 
 

@@ -135,6 +135,18 @@ class OnnxBackend(Backend):
                               f"{missing[0]!r} (its metadata names it)")
 
     @property
+    def layer_size(self) -> Any:
+        """The target layer's (channels, h, w) from the graph's ``activations`` output, where
+        static: what the served methods' costs are counted on."""
+        from ..methods import LayerSize
+
+        for o in self.cam_session.get_outputs():
+            if o.name == "activations" and len(o.shape) == 4 and \
+                    all(isinstance(d, int) for d in o.shape[1:]):
+                return LayerSize(*(int(d) for d in o.shape[1:]))
+        return None
+
+    @property
     def providers(self) -> list[str]:
         """The providers of the CAM graph's session, in order."""
         return list(self.cam_session.get_providers())

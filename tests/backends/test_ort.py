@@ -26,7 +26,7 @@ from camserve.models import ConfigError, LoadedModel, ModelSpec, from_module, lo
 from camserve.onnx.export import export_cam_onnx  # noqa: E402
 from camserve.serving import CamService  # noqa: E402
 from camserve.testing.equality import compare_answers  # noqa: E402
-from camserve.testing.nets import (TINY_LABELS, TinyBNNet, TinyNet, frozen,  # noqa: E402
+from camserve.testing.nets import (TINY_LABELS, calibrate_bn, TinyBNNet, TinyNet, frozen,  # noqa: E402
                                    small_sequential)
 
 GRAPH_METHODS = tuple(available_methods(exportable=True))
@@ -60,7 +60,7 @@ ARCHS = {
 }
 
 
-def loaded_arch(name: str, calibrate_bn) -> LoadedModel:
+def loaded_arch(name: str) -> LoadedModel:
     build, layer, size = ARCHS[name]
     model = calibrate_bn(build(len(TINY_LABELS)), (size, size))
     spec = ModelSpec.from_config({"arch": f"x:{name}", "target_layer": layer, "input_size": size,
@@ -114,8 +114,8 @@ def raw_diff(a: list[dict], b: list[dict]) -> float:
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow)
                                   if a in ("shapesnet", "resnet18") else a for a in ARCHS])
-def test_both_backends_answer_alike(arch, graphs, calibrate_bn, png):
-    loaded = loaded_arch(arch, calibrate_bn)
+def test_both_backends_answer_alike(arch, graphs, png):
+    loaded = loaded_arch(arch)
     graph = graphs(arch, loaded)
     torch_svc = CamService(loaded)
     onnx_svc = CamService(OnnxBackend(graph, spec=loaded.spec, threads=1))
@@ -147,9 +147,9 @@ class Counting:
 
 
 @pytest.fixture()
-def counted(graphs, calibrate_bn):
+def counted(graphs):
     """A TinyNet service on onnxruntime whose two sessions count their runs."""
-    loaded = loaded_arch("tinynet", calibrate_bn)
+    loaded = loaded_arch("tinynet")
     backend = OnnxBackend(graphs("tinynet", loaded), spec=loaded.spec, threads=1, chunk=4)
     svc = CamService(backend)
     backend.cam_session = Counting(backend.cam_session)
@@ -184,8 +184,8 @@ def test_targets_are_graph_rows_in_chunks_fetching_the_methods_asked(counted, pn
     assert backend.forward_session.runs == []
 
 
-def test_chunking_does_not_change_answers(graphs, calibrate_bn, png):
-    loaded = loaded_arch("tinynet", calibrate_bn)
+def test_chunking_does_not_change_answers(graphs, png):
+    loaded = loaded_arch("tinynet")
     rows = [{"data": png(seed=i), "explain": "1", "target": "0,1,2,3"} for i in range(3)]
     outs = [CamService(OnnxBackend(graphs("tinynet", loaded), spec=loaded.spec, chunk=c,
                                    threads=1)).handle_batch(rows) for c in (1, 5, 32)]
@@ -207,7 +207,7 @@ def two_method_graph(tmp_path_factory) -> tuple[Path, LoadedModel]:
 
 def test_a_method_the_graph_lacks_is_400_naming_the_ones_it_has(two_method_graph, png):
     svc = CamService(OnnxBackend(two_method_graph[0], threads=1))
-    assert svc.describe()["methods"] == ["gradcam", "layercam"]
+    assert [m["name"] for m in svc.describe()["methods"]] == ["gradcam", "layercam"]
     out = svc.handle_batch([{"data": png(seed=1), "explain": "1", "method": "hirescam"},
                             {"data": png(seed=1), "explain": "1", "method": "eigencam"},
                             {"data": png(seed=1), "explain": "1", "method": "nope"},
@@ -253,7 +253,7 @@ def test_the_forward_graph_is_the_cam_graphs_forward(two_method_graph):
 
 # -- a task whose targets need the output: the forward graph first ------------------------------
 
-def test_multilabel_predicted_labels_are_explained_alike(tmp_path, calibrate_bn, png):
+def test_multilabel_predicted_labels_are_explained_alike(tmp_path, png):
     model = frozen(calibrate_bn(TinyNet(len(TINY_LABELS), seed=5), (32, 32)))
     spec = ModelSpec.from_config({"arch": "x:TinyNet", "task": "multilabel", "threshold": 0.3,
                                   "target_layer": "features", "input_size": 32, "topk": 4})

@@ -19,7 +19,7 @@ from camserve.backends.pytorch import TorchBackend, fold_batchnorm, optimize_mod
 from camserve.models import ModelSpec, from_module
 from camserve.serving import CamService
 from camserve.testing.equality import compare_answers
-from camserve.testing.nets import TINY_LABELS, TinyBNNet, frozen, small_sequential
+from camserve.testing.nets import TINY_LABELS, TinyBNNet, calibrate_bn, frozen, small_sequential
 
 
 def _tv(name: str):
@@ -45,7 +45,7 @@ ARCHS = {
 }
 
 
-def loaded(name: str, calibrate_bn):
+def loaded(name: str):
     build, size, _ = ARCHS[name]
     torch.manual_seed(0)
     model = frozen(calibrate_bn(build(), (size, size)))
@@ -54,8 +54,8 @@ def loaded(name: str, calibrate_bn):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_the_optimised_copy_answers_alike_and_leaves_the_model_alone(arch, calibrate_bn, png):
-    lm = loaded(arch, calibrate_bn)
+def test_the_optimised_copy_answers_alike_and_leaves_the_model_alone(arch, png):
+    lm = loaded(arch)
     before = copy.deepcopy(lm.model.state_dict())
     fast, done = optimize_model(lm.model, lm.layer, lm.spec.input_size)
     folds = ARCHS[arch][2]
@@ -124,8 +124,8 @@ def test_a_model_that_needs_nchw_strides_is_served_unoptimised(caplog):
                for r in caplog.records)
 
 
-def test_predict_rows_run_in_inference_mode_on_the_copy(calibrate_bn):
-    lm = loaded("tinybn", calibrate_bn)
+def test_predict_rows_run_in_inference_mode_on_the_copy():
+    lm = loaded("tinybn")
     backend = TorchBackend(lm)
     seen = []
     h = backend.model.register_forward_pre_hook(
@@ -139,10 +139,10 @@ def test_predict_rows_run_in_inference_mode_on_the_copy(calibrate_bn):
                                                   "channels-last"]
 
 
-def test_handler_optimize_false_serves_the_model_as_loaded(calibrate_bn):
+def test_handler_optimize_false_serves_the_model_as_loaded():
     from camserve.models import ConfigError
 
-    lm = loaded("tinybn", calibrate_bn)
+    lm = loaded("tinybn")
     lm.spec = ModelSpec.from_config({"arch": "x:tinybn", "input_size": 40, "optimize": False})
     backend = TorchBackend(lm)
     assert backend.model is lm.model and backend.optimizations == ()
