@@ -4,7 +4,7 @@ data as script files in chunks beside it.
 Layout (``<t>``: a fresh token per generation)::
 
     OUT_DIR/report.html                     the page (data-free: a title and the file names)
-    OUT_DIR/report_files/report.js, .css    the viewer (package data, copied)
+    OUT_DIR/report_files/report.js, .css, favicon.svg   the viewer (package data, copied)
     OUT_DIR/report_files/data-<t>/manifest.js   the summary and the tables of labels, methods, ...
     OUT_DIR/report_files/data-<t>/index-NNNNN.js  :data:`INDEX_ROWS` gallery rows each (all loaded)
     OUT_DIR/report_files/data-<t>/detail-NNNNN.js :data:`DETAIL_ROWS` detail records each (loaded
@@ -56,6 +56,8 @@ DETAIL_ROWS = 200
 HISTOGRAM_BINS = 20
 #: errors and failed previews listed in the summary (the gallery's filters show all of them)
 SUMMARY_LIST = 100
+#: the viewer's files, copied from the package into report_files/
+ASSET_FILES = ("report.js", "report.css", "favicon.svg")
 _DATA_DIR = re.compile(r"data-[0-9a-f]{16}")
 
 __all__ = ["write_report", "ReportStats", "PAGE", "ASSETS", "INDEX_ROWS", "DETAIL_ROWS"]
@@ -311,7 +313,7 @@ def _asset(name: str) -> bytes:
 
 def _write_page(out_dir: Path, title: str, token: str, folder: str) -> None:
     """The script and style, then the page (last: it names the new data folder)."""
-    for name in ("report.js", "report.css"):
+    for name in ASSET_FILES:
         write_file(out_dir, f"{ASSETS}/{name}", _asset(name))
     page = Template(_asset("report.html").decode("utf-8")).substitute(
         title=html.escape(title, quote=True), token=token, data=folder)

@@ -30,8 +30,10 @@ from camserve.testing.jobs import write_job
 ROOT = Path(__file__).resolve().parents[2]
 #: the hostile and unusual file names of ``shapes_job`` (bytes: one is not UTF-8)
 HOSTILE_NAME = "<img src=x onerror=window.__pwned=1>.png"
-SCRIPT_NAME = "<script>window.__pwned=2</script>.png"
+SVG_NAME = "<svg onload=window.__pwned=2>.png"
 LATIN1_NAME = b"caf\xe9.png"
+CSP_WATCH = ("window.__csp = []; document.addEventListener('securitypolicyviolation', "
+             "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
 _CALL = re.compile(rb'^camserveReport\.receive\("(\w+)",(\d+),(.*)\);\n$', re.S)
 
 
@@ -113,7 +115,7 @@ class ShapesJob:
 
 @pytest.fixture(scope="session")
 def shapes_job(tmp_path_factory: pytest.TempPathFactory) -> ShapesJob:
-    """The shapes samples, a copy under a hostile name, one under a ``<script>`` name, one under
+    """The shapes samples, copies under two hostile names (an ``<img onerror>`` and an ``<svg onload>``), one under
     a name that is not UTF-8, and a truncated PNG, through the exported graph and the batch CLI
     (in this process) with ``--save heatmap,overlay --metrics avg_drop,deletion``."""
     from camserve.onnx.batch import EXIT_PARTIAL
@@ -129,7 +131,7 @@ def shapes_job(tmp_path_factory: pytest.TempPathFactory) -> ShapesJob:
     for png in sorted(samples.glob("*.png")):
         shutil.copy(png, inputs / png.name)
     shutil.copy(samples / "circle_000.png", inputs / HOSTILE_NAME)
-    shutil.copy(samples / "square_001.png", inputs / SCRIPT_NAME)
+    shutil.copy(samples / "square_001.png", inputs / SVG_NAME)
     shutil.copy(samples / "star_003.png", os.fsencode(inputs) + b"/" + LATIN1_NAME)
     (inputs / "truncated.png").write_bytes((samples / "ring_005.png").read_bytes()[:300])
     out = root / "job"
@@ -150,4 +152,7 @@ def chromium() -> Iterator[Any]:
         pytest.skip(MISSING)
     pytest.importorskip("websocket", reason="websocket-client (the test extra) is not installed")
     with Chromium(size=(1400, 1000)) as browser:
+        # every page records the Content-Security-Policy violations it sees: an injected inline
+        # script or handler would be one
+        browser.call("Page.addScriptToEvaluateOnNewDocument", {"source": CSP_WATCH})
         yield browser

@@ -199,7 +199,8 @@ def test_assets_are_package_data() -> None:
 
     project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     globs = project["tool"]["setuptools"]["package-data"]["camserve.report"]
-    for name in ("report.html", "report.js", "report.css"):
+    for name in ("report.html", *P.ASSET_FILES):
+        assert (ASSETS / name).is_file()
         assert any(Path("assets", name).match(g) for g in globs), name
     assert project["project"]["scripts"]["camserve-report"] == "camserve.report.cli:main"
 

@@ -130,9 +130,8 @@
     if (c.previewFailures) countItem(dl, "Failed previews", c.previewFailures, "warn");
     const malformed = c.malformedResults + c.malformedErrors;
     if (malformed) countItem(dl, "Malformed lines (skipped)", malformed, "warn");
-    if (m.tasks.length > 1 || (m.tasks.length === 1 && m.tasks[0] !== "classification" && m.tasks[0] !== "error")) {
-      countItem(dl, "Tasks", m.tasks.filter(function (t) { return t !== "error"; }).join(", "));
-    }
+    const tasks = m.tasks.filter(function (t) { return t !== "error"; });
+    if (tasks.length > 1 || (tasks.length === 1 && tasks[0] !== "classification")) countItem(dl, "Tasks", tasks.join(", "));
     if (m.methods.length) countItem(dl, "Methods", m.methods.join(", "));
     countItem(dl, "Thumbnails made now", c.thumbsMade);
 
@@ -379,7 +378,8 @@
     const thumbs = h("div", "thumbs");
     if (err) thumbs.append(placeholder(m.errorTypes[r.e]));
     else thumbs.append(thumb(r, "image"), thumb(r, "overlay"));
-    const path = h("p", "path", r.p);
+    const path = h("p", "path"), cut = r.p.lastIndexOf("/") + 1;   // the file name never hides
+    path.append(h("span", "dir", r.p.slice(0, cut)), h("span", "file", r.p.slice(cut)));
     path.title = r.p;
     a.append(thumbs, path);
     if (err) {
