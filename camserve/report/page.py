@@ -237,6 +237,7 @@ def write_report(out_dir: Path, *, title: Optional[str] = None,
     thumbs = Thumbnailer(out_dir, thumb_side, max_pixels=max_pixels, max_file_size=max_file_size)
     writer = _Writer(out_dir, token)
     entries: list[dict[str, Any]] = []
+    # the batch job's pool size (not imported from camserve.onnx.batch, which will import this)
     workers = workers or min(8, max(2, len(os.sched_getaffinity(0))))
     window: deque[tuple[Future[Preview], dict[str, Any]]] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="report_thumbs") as pool:

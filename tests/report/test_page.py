@@ -219,3 +219,14 @@ def test_cli(job, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert main([str(out), "--workers", "0"]) == 2
     with pytest.raises(SystemExit):
         main([str(out), "--max-pixels", "lots"])
+
+
+def test_the_report_imports_no_onnx_runtime() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, camserve.report, camserve.report.cli; "
+            "print([m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert out.stdout.strip() == "[]"
