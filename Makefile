@@ -19,15 +19,33 @@ PYTEST      = $(BIN)/python -m pytest -q
 TEST_PATHS  = tests camserve tools --doctest-modules
 FAST_MARKS  = not zoo and not torchserve and not train and not slow
 
-.PHONY: install test test-fast train train-seg train-multi train-det evaluate samples samples-det bench-engine bench-tasks bench-detection archive serve stop demo export batch bench-serve bench-offline clean
+.PHONY: install browser test test-fast train train-seg train-multi train-det evaluate samples samples-det bench-engine bench-tasks bench-detection archive serve stop demo export batch report bench-serve bench-offline clean
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (camserve needs Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all]'
 	touch $(STAMP)
+
+# Headless Chromium for the browser test tier (tests marked `browser`: the HTML report): Debian's
+# chromium from apt, as root. Where it is already there (or CAMSERVE_CHROMIUM names one), where
+# apt-get is missing, or where the user is not root, this says so and goes on: the browser tests
+# then skip with the reason.
+browser:
+	@if [ -n "$$CAMSERVE_CHROMIUM" ] || command -v chromium >/dev/null 2>&1 \
+			|| command -v chromium-browser >/dev/null 2>&1; then \
+		echo "browser: $${CAMSERVE_CHROMIUM:-$$(command -v chromium || command -v chromium-browser)}"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "browser: no apt-get here: install Chromium (or set CAMSERVE_CHROMIUM) for the browser tests; they skip without it"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "browser: not root: 'sudo apt-get install chromium' for the browser tests; they skip without it"; \
+	else \
+		echo "browser: apt-get install chromium"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+			|| echo "browser: apt-get could not install chromium; the browser tests will skip"; \
+	fi
 
 test: install
 	$(PYTEST) $(TEST_PATHS)
@@ -120,6 +138,10 @@ $(CAM_ONNX): $(wildcard $(MODEL)/*.py $(MODEL)/*.yaml $(MODEL)/*.pt $(MODEL)/*.j
 
 batch: install $(CAM_ONNX)
 	$(BIN)/python -m export.batch_cam --model $(CAM_ONNX) $(INPUT) --out $(BATCH_OUT) $(BATCH_ARGS)
+
+# make report [BATCH_OUT=batch_out] -> BATCH_OUT/report.html (docs/report.md)
+report: install
+	$(BIN)/python -m camserve.report $(BATCH_OUT)
 
 bench-offline: install
 	$(BIN)/python -m bench.offline

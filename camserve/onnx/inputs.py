@@ -201,7 +201,7 @@ def _iter_list(list_file: Path) -> Iterator[Item]:
     folder = list_file.parent
     where = str(list_file)
     try:
-        fh = _open_regular(list_file)
+        fh = open_regular(list_file)
     except Refused as exc:
         yield Item(where, "", (exc.type, f"list file: {exc.reason}"))
         return
@@ -287,7 +287,7 @@ def os_reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def _open_regular(path: str | Path) -> int:
+def open_regular(path: str | Path) -> int:
     """A read-only descriptor of a regular file: refused (:class:`Refused`) without opening it
     when ``stat`` says it is anything else (a FIFO would block, a device never ends), and checked
     again with ``fstat`` on the descriptor (opened with ``O_NONBLOCK``: a file swapped for a FIFO
@@ -313,7 +313,7 @@ def _open_regular(path: str | Path) -> int:
 def read_file(path: str | Path, max_size: int = DEFAULT_MAX_FILE_SIZE) -> bytes:
     """The bytes of a regular file of at most ``max_size`` bytes, read with a bounded read.
     :class:`Refused` for a special file or a larger one; OSError when it cannot be read."""
-    fd = _open_regular(path)
+    fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
         if size > max_size:

@@ -310,7 +310,7 @@ class Outputs:
             self.errors.close()
 
 
-def _read_lines(fh: BinaryIO, limit: int) -> Iterator[tuple[bytes, bool]]:
+def read_lines(fh: BinaryIO, limit: int) -> Iterator[tuple[bytes, bool]]:
     """``(line, whole)`` of a binary file, each at most ``limit`` bytes read into memory: a longer
     line is returned cut, with ``whole`` False. The last line may lack its newline."""
     while True:
@@ -344,7 +344,7 @@ def _read_done(path: Path) -> tuple[set[str], set[str], int]:
     torn = False
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as fh:
-        for raw, whole in _read_lines(fh, MAX_RESULT_LINE_BYTES):
+        for raw, whole in read_lines(fh, MAX_RESULT_LINE_BYTES):
             if whole and not raw.endswith(b"\n"):
                 torn = True
                 break

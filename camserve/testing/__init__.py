@@ -17,6 +17,10 @@ and only :mod:`camserve.testing.torchserve` and :mod:`camserve.testing.kserve` n
   their ONNX exports (the zoo tests, ``python -m bench.onnx_parity``);
 * :mod:`camserve.testing.load`: a closed-loop load generator for the serving benchmarks.
 * :mod:`camserve.testing.equality`: how far two servers' (or backends') answers are apart.
+* :mod:`camserve.testing.jobs`: synthetic batch-job folders (results lines and artefacts) for the
+  report's tests and benchmark;
+* :mod:`camserve.testing.browser`: a private headless Chromium driven over the DevTools protocol
+  (needs Chromium and websocket-client, the ``test`` extra).
 
 None of it is part of the public API.
 """

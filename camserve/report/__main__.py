@@ -1,0 +1,9 @@
+"""``python -m camserve.report OUT_DIR``: the same as ``camserve-report`` (:mod:`.cli`)."""
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
