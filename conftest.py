@@ -11,13 +11,13 @@ import importlib.util
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "camserve/onnx/*.py": ("onnx", "onnxruntime", "onnxscript"),
     "camserve/onnx/ray.py": ("ray",),
-    "camserve/graph.py": ("onnx", "onnxscript"),
+    "camserve/backends/ort.py": ("onnx", "onnxruntime"),
     "camserve/kserve/*.py": ("kserve",),
     "camserve/client.py": ("requests",),
     "camserve/testing/torchserve.py": ("requests",),
     "camserve/testing/kserve.py": ("requests",),
-    "camserve/timm*.py": ("timm",),
-    "camserve/hf*.py": ("transformers",),
+    "camserve/tasks/detectors/yolo.py": ("ultralytics",),
+    "camserve/testing/browser.py": ("websocket",),
 }
 
 
