@@ -11,12 +11,18 @@ preprocessing). Two sessions over the one file:
   starts — for predict-only rows (onnxruntime runs every node of a graph whatever is fetched, so
   asking the CAM graph for logits alone would still run its backward).
 
-Targets: a task that knows its targets before the forward
-(:meth:`camserve.tasks.Task.known_targets`; classification) feeds them with ``-1`` for a row's
-default (its top-1 class, resolved inside the graph); otherwise the forward graph runs first and
-the task picks the targets from its output. Either way the targets the answer shows come from the
-task and the graph's logits (:meth:`camserve.tasks.Task.request_targets`), exactly as with the
-PyTorch engine, and the raw maps go to the same rendering.
+Targets are the task's (:meth:`camserve.tasks.Task.graph_inputs` names the graph's target inputs:
+a class, a segmentation ``region``, an embedding's ``reference``). A task that knows its targets
+before the forward (:meth:`camserve.tasks.Task.known_targets`; classification, multilabel with
+named labels) feeds them with ``-1`` for a row's default (its top-1 class, resolved inside the
+graph); otherwise the forward graph runs first and the task picks the targets from its output
+(multilabel: the labels over the threshold; segmentation: the predicted classes over their
+predicted masks, or the request's region; embedding: the ``reference_embedding`` or the
+reference image's embedding, a companion row of the same batch), and each graph row is fed its
+target's class, region or reference. Either way the targets the answer shows come from the task
+and the graph's output (:meth:`camserve.tasks.Task.request_targets`), exactly as with the
+PyTorch engine, and the raw maps go to the same rendering. Detection graphs are not served
+(a :class:`~camserve.models.ConfigError`: serve detectors with ``backend: torch``).
 
 The served :class:`~camserve.models.ModelSpec` is the graph's for what the graph fixes (arch,
 classes, layer, input size, mean, std, interpolation, task) and the folder's for how it is served
@@ -62,8 +68,11 @@ DEFAULT_CHUNK = 32
 #: ModelSpec fields the graph fixes (the folder may repeat them, not contradict them).
 MODEL_FIELDS: tuple[str, ...] = ("arch", "num_classes", "target_layer", "input_size", "mean", "std",
                                  "layout", "arch_args", "interpolation", "crop", "task")
-#: The graph inputs this backend feeds.
-FED_INPUTS: tuple[str, ...] = ("input", "target")
+#: What a graph input of each kind (:data:`camserve.tasks.GRAPH_INPUT_KINDS`) is fed from: the
+#: :class:`~camserve.tasks.TargetBatch` field of the graph row's target.
+FED_FROM: dict[str, str] = {"class": "index", "region": "region", "vector": "reference"}
+#: Tasks whose CAM graphs this backend does not serve (their targets are not rows of tensors yet).
+NOT_SERVED: tuple[str, ...] = ("detection",)
 
 
 class OnnxBackend(Backend):
@@ -98,10 +107,16 @@ class OnnxBackend(Backend):
             self.meta = GraphMeta.from_file(self.graph)
         except GraphFormatError as exc:
             raise ConfigError(f"invalid value for handler.backend: {self.graph.name}: {exc}") from None
+        if self.meta.spec.task in NOT_SERVED:
+            raise ConfigError(f"invalid value for handler.backend: onnxruntime does not serve "
+                              f"{self.meta.spec.task} graphs ({self.graph.name}); serve this model "
+                              f"with backend: torch")
         self.spec = serving_spec(self.meta, spec)
         self.labels = list(self.meta.labels)
         self.task = make_task(self.spec.task, self.labels, self.spec.task_settings)
         self.layer = self.meta.layer
+        self.inputs = self.task.graph_inputs(self.spec.input_size)
+        self.output_name = self.task.graph_output
         self.methods = tuple(self.meta.methods)
         if self.spec.method not in self.methods:
             raise ConfigError(f"invalid value for handler.method: {self.spec.method!r} is not in "
@@ -113,7 +128,7 @@ class OnnxBackend(Backend):
         self.provider_device = str(device)  # the session factory checks it
         self.cam_session = self._session(self.graph)
         self._check_inputs()
-        self.forward_session = self._session(forward_graph(self.graph))
+        self.forward_session = self._session(forward_graph(self.graph, self.output_name))
 
     # -- sessions -------------------------------------------------------------------------------
     def _session(self, model: str | Path | bytes) -> Any:
@@ -123,13 +138,17 @@ class OnnxBackend(Backend):
                            spinning=False)
 
     def _check_inputs(self) -> None:
-        names = [i.name for i in self.cam_session.get_inputs()]
-        other = [n for n in names if n not in FED_INPUTS]
-        if other or "input" not in names:
+        # an optional target input is an initializer the graph's caller may override
+        required = [i.name for i in self.cam_session.get_inputs()]
+        overridable = {i.name for i in self.cam_session.get_overridable_initializers()}
+        want = ["input", *(g.name for g in self.inputs)]
+        if [n for n in required if n not in want] or [n for n in want if n not in required and
+                                                      (n == "input" or n not in overridable)]:
             raise ConfigError(f"invalid value for handler.backend: {self.graph.name} takes inputs "
-                              f"{names} (this backend feeds {', '.join(FED_INPUTS)})")
+                              f"{required}, but the {self.task.name} task feeds {', '.join(want)} "
+                              f"(export the graph again)")
         outs = {o.name for o in self.cam_session.get_outputs()}
-        missing = [o for o in ["logits", *self.meta.cam_outputs.values()] if o not in outs]
+        missing = [o for o in [self.output_name, *self.meta.cam_outputs.values()] if o not in outs]
         if missing:
             raise ConfigError(f"invalid value for handler.backend: {self.graph.name} has no output "
                               f"{missing[0]!r} (its metadata names it)")
@@ -169,56 +188,76 @@ class OnnxBackend(Backend):
     def explain(self, x: torch.Tensor, rows: Sequence[int], request: CamRequest) -> BatchCams:
         xn = _host(x)
         rows = [int(r) for r in rows]
-        logits = np.empty((xn.shape[0], len(self.labels)), dtype=np.float32)
-        done: set[int] = set()
+        outs: dict[int, np.ndarray] = {}  # batch row -> its output row
         known = request.known_targets(self.task)
+        resolved = known is None
         if known is None:  # the targets need the output: the forward graph first
-            logits[rows] = self._forward(xn[rows])
-            done.update(rows)
-            out = self.task.output(torch.from_numpy(logits[rows]))
+            first = self._forward(xn[rows])
+            outs.update(zip(rows, first))
+            out = self.task.output(torch.from_numpy(first))
             known = request.targets(self.task, self.task.detach(out)).to("cpu")
-        if any(t is not None for t in (known.region, known.box, known.reference)):
-            raise ValueError(f"{self.graph.name} takes class targets only; this batch's targets "
-                             f"hold regions, boxes or references")
         owner = [r for r in range(len(rows)) for _ in range(known.count[r])]
         slot = [k for r in range(len(rows)) for k in range(known.count[r])]
-        target = (known.index.cpu()[owner, slot].numpy() if owner
-                  else np.zeros(0, dtype=np.int64))
         methods = request.methods
         names = {m: self.meta.output_for(m) for m in dict.fromkeys(methods)}
-        logits_g, maps = self._run_cam(xn[rows][owner], target, list(names.values()))
+        out_g, maps = self._run_cam(xn[rows][owner], self._feed(known, owner, slot),
+                                    list(names.values()))
         # the batch's output: explained rows from their first graph row, the others forward only
         for g, r in enumerate(owner):
-            if rows[r] not in done:
-                logits[rows[r]] = logits_g[g]
-                done.add(rows[r])
-        rest = [i for i in range(xn.shape[0]) if i not in done]
+            outs.setdefault(rows[r], out_g[g])
+        rest = [i for i in range(xn.shape[0]) if i not in outs]
         if rest:
-            logits[rest] = self._forward(xn[rest])
-        output = self.task.output(torch.from_numpy(logits))
-        chosen = self.task.select(output, torch.tensor(rows, dtype=torch.long))
-        tb = request.targets(self.task, self.task.detach(chosen)).to("cpu")
-        _check_resolved(known, tb)
+            outs.update(zip(rest, self._forward(xn[rest])))
+        output = self.task.output(torch.from_numpy(np.stack([outs[i] for i in range(len(outs))])))
+        if resolved:  # the targets were picked from this very output
+            tb = known
+        else:
+            chosen = self.task.select(output, torch.tensor(rows, dtype=torch.long))
+            tb = request.targets(self.task, self.task.detach(chosen)).to("cpu")
+            _check_resolved(known, tb)
         cams = self._assemble(tb, owner, slot, [methods[r] for r in owner], names, maps)
         return BatchCams(cams=cams, targets=tb, output=output, layer=self.layer)
 
     # -- internals ------------------------------------------------------------------------------
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        """Logits of ``x`` from the forward graph, in runs of at most ``chunk`` rows."""
-        parts = [self.forward_session.run(["logits"], {"input": x[i:i + self.chunk]})[0]
+        """The task's output of ``x`` from the forward graph, in runs of at most ``chunk`` rows
+        (``x`` has at least one row)."""
+        parts = [self.forward_session.run([self.output_name], {"input": x[i:i + self.chunk]})[0]
                  for i in range(0, x.shape[0], self.chunk)]
-        return np.concatenate(parts) if parts else np.zeros((0, len(self.labels)), np.float32)
+        return np.concatenate(parts)
 
-    def _run_cam(self, x: np.ndarray, target: np.ndarray,
+    def _feed(self, targets: TargetBatch, owner: list[int], slot: list[int]) -> dict[str, np.ndarray]:
+        """The graph's target inputs of the graph rows (``owner[g]``, ``slot[g]``): each input from
+        the target's field of its kind (:data:`FED_FROM`); an optional input whose field the
+        targets lack gets the graph's default."""
+        feed: dict[str, np.ndarray] = {}
+        for g in self.inputs:
+            value = getattr(targets, FED_FROM[g.kind])
+            if value is None:
+                if not g.optional:
+                    raise RuntimeError(f"the {self.task.name} task gave no {FED_FROM[g.kind]} for "
+                                       f"the graph input {g.name!r}")
+                feed[g.name] = g.fill(len(owner)).numpy()
+                continue
+            rows = value.cpu()[owner, slot] if owner else value.cpu()[:0, 0]
+            if tuple(rows.shape[1:]) != tuple(g.shape):
+                raise RuntimeError(f"the graph input {g.name!r} takes rows of shape {g.shape}, the "
+                                   f"task's targets have {tuple(rows.shape[1:])}")
+            feed[g.name] = np.ascontiguousarray(rows.to(g.dtype).numpy())
+        return feed
+
+    def _run_cam(self, x: np.ndarray, feed: dict[str, np.ndarray],
                  outputs: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Logits (G, C) and the maps ``outputs`` (each (G, h, w)) of G graph rows."""
-        fetch = ["logits", *outputs]
+        """The task's output (G, ...) and the maps ``outputs`` (each (G, h, w)) of G graph rows
+        (``x`` and each target input of ``feed`` row by row)."""
+        fetch = [self.output_name, *outputs]
         parts: list[list[np.ndarray]] = []
         for i in range(0, x.shape[0], self.chunk):
-            feed = {"input": x[i:i + self.chunk], "target": target[i:i + self.chunk]}
-            parts.append(self.cam_session.run(fetch, feed))
+            part = {"input": x[i:i + self.chunk],
+                    **{k: v[i:i + self.chunk] for k, v in feed.items()}}
+            parts.append(self.cam_session.run(fetch, part))
         if not parts:
-            return np.zeros((0, len(self.labels)), np.float32), {}
+            return np.zeros((0,), np.float32), {}
         joined = [np.concatenate([p[j] for p in parts]) for j in range(len(fetch))]
         return joined[0], dict(zip(outputs, joined[1:]))
 
@@ -289,14 +328,15 @@ def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def forward_graph(path: str | Path) -> bytes:
-    """The ``input -> logits`` subgraph of the CAM graph at ``path`` (the forward pass only), as
-    a serialized ONNX model with the same metadata."""
+def forward_graph(path: str | Path, output: str = "logits") -> bytes:
+    """The ``input -> output`` subgraph of the CAM graph at ``path`` (the forward pass only; the
+    task's output, :attr:`camserve.tasks.Task.graph_output`), as a serialized ONNX model with the
+    same metadata."""
     import onnx
     from onnx.utils import Extractor
 
     model = onnx.load(str(path))
-    sub = Extractor(model).extract_model(["input"], ["logits"])
+    sub = Extractor(model).extract_model(["input"], [output])
     del sub.metadata_props[:]
     sub.metadata_props.extend(model.metadata_props)
     return sub.SerializeToString()

@@ -4,7 +4,9 @@
 requests, in order, and measures how far apart they are: the largest score difference (predictions
 and explanations), the largest heatmap difference in grey levels (overlays: their size), the largest bbox difference in
 pixels, and whether everything discrete — statuses, error types, predicted and explained classes,
-labels, methods, layers, sizes — is equal. :meth:`AnswerDiff.check` holds them to the project's
+labels, methods, layers, sizes — is equal. Per task: a segmentation's class mask (pixels that
+differ) and its classes' shares, an embedding's vector and similarity (as scores), the role of
+each explanation's image. :meth:`AnswerDiff.check` holds them to the project's
 bar: scores within 1e-4, heatmaps within one grey level, the same bbox.
 
 Example::
@@ -26,7 +28,9 @@ import numpy as np
 
 #: keys of an explanation that must be equal (besides score, heatmap, bbox)
 EXPLANATION_KEYS = ("target", "label", "method", "layer", "width", "height", "scaled",
-                    "map_width", "map_height")
+                    "map_width", "map_height", "image")
+#: keys of a segmentation answer that must be equal (besides its mask and shares)
+SEGMENTATION_KEYS = ("width", "height", "scaled", "mask_width", "mask_height")
 
 
 @dataclass
@@ -39,6 +43,8 @@ class AnswerDiff:
     max_score: float = 0.0
     max_grey: int = 0
     max_bbox: int = 0
+    #: segmentation masks: the most pixels of one mask that differ
+    mask_pixels: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -46,22 +52,23 @@ class AnswerDiff:
         """Statuses, classes, labels, methods, sizes: all equal."""
         return not self.problems
 
-    def ok(self, score: float = 1e-4, grey: int = 1, bbox: int = 0) -> bool:
+    def ok(self, score: float = 1e-4, grey: int = 1, bbox: int = 0, mask: int = 0) -> bool:
         """Within the bar: scores within ``score``, heatmaps within ``grey`` levels, bboxes within
-        ``bbox`` pixels, and nothing discrete differs."""
+        ``bbox`` pixels, at most ``mask`` pixels of a segmentation mask differ, and nothing
+        discrete differs."""
         return (self.same_discrete and self.max_score <= score and self.max_grey <= grey
-                and self.max_bbox <= bbox)
+                and self.max_bbox <= bbox and self.mask_pixels <= mask)
 
-    def check(self, score: float = 1e-4, grey: int = 1, bbox: int = 0) -> None:
+    def check(self, score: float = 1e-4, grey: int = 1, bbox: int = 0, mask: int = 0) -> None:
         """AssertionError saying what is over the bar."""
-        if not self.ok(score, grey, bbox):
+        if not self.ok(score, grey, bbox, mask):
             raise AssertionError(f"answers differ: {self}")
 
     def __str__(self) -> str:
         first = "; ".join(self.problems[:3]) or "none"
         return (f"{self.rows} rows, {self.maps} maps: max score diff {self.max_score:.2e}, max "
                 f"heatmap diff {self.max_grey} grey levels, max bbox diff {self.max_bbox} px, "
-                f"discrete differences: {first}")
+                f"mask pixels differing {self.mask_pixels}, discrete differences: {first}")
 
 
 def _png(text: str) -> np.ndarray:
@@ -79,6 +86,32 @@ def _scores(diff: AnswerDiff, where: str, a: Sequence[dict], b: Sequence[dict]) 
         return
     for p, q in zip(a, b):
         diff.max_score = max(diff.max_score, abs(float(p["score"]) - float(q["score"])))
+
+
+def _values(diff: AnswerDiff, where: str, a: Any, b: Any) -> None:
+    """Numbers compared as scores (an embedding, a similarity); None only against None."""
+    if (a is None) != (b is None) or np.shape(a) != np.shape(b):
+        diff.problems.append(f"{where}: {np.shape(a) if a is not None else None} vs "
+                             f"{np.shape(b) if b is not None else None}")
+    elif a is not None and np.size(a):
+        diff.max_score = max(diff.max_score, float(np.abs(np.subtract(a, b, dtype=float)).max()))
+
+
+def _segmentation(diff: AnswerDiff, where: str, s: dict, t: dict) -> None:
+    for key in SEGMENTATION_KEYS:
+        if s.get(key) != t.get(key):
+            diff.problems.append(f"{where}.{key}: {s.get(key)!r} vs {t.get(key)!r}")
+    ma, mb = _png(s["mask"]), _png(t["mask"])
+    differ = int((ma != mb).sum()) if ma.shape == mb.shape else ma.size
+    if ma.shape != mb.shape:
+        diff.problems.append(f"{where}.mask: shape {ma.shape} vs {mb.shape}")
+    diff.mask_pixels = max(diff.mask_pixels, differ)
+    ca = {c["index"]: c["share"] for c in s.get("classes", ())}
+    cb = {c["index"]: c["share"] for c in t.get("classes", ())}
+    if differ == 0 and list(ca) != list(cb):  # the same mask lists the same classes
+        diff.problems.append(f"{where}.classes: {list(ca)} vs {list(cb)}")
+    for c in set(ca) & set(cb):
+        diff.max_score = max(diff.max_score, abs(float(ca[c]) - float(cb[c])))
 
 
 def _explanation(diff: AnswerDiff, where: str, e: dict, f: dict) -> None:
@@ -123,6 +156,16 @@ def compare_answers(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]],
                 diff.problems.append(f"row {i}: {key} in one answer only")
             elif key in x:
                 _scores(diff, f"row {i}.{key}", x[key], y[key])
+        if ("segmentation" in x) != ("segmentation" in y):
+            diff.problems.append(f"row {i}: segmentation in one answer only")
+        elif "segmentation" in x:
+            _segmentation(diff, f"row {i}.segmentation", x["segmentation"], y["segmentation"])
+        for key in ("embedding", "similarity"):
+            if key in x or key in y:
+                _values(diff, f"row {i}.{key}", x.get(key), y.get(key))
+        if x.get("reference") != y.get("reference"):
+            diff.problems.append(f"row {i}.reference: {x.get('reference')!r} vs "
+                                 f"{y.get('reference')!r}")
         ex, ey = x.get("explanations"), y.get("explanations")
         if (ex is None) != (ey is None) or len(ex or ()) != len(ey or ()):
             diff.problems.append(f"row {i}: {len(ex or ())} explanations vs {len(ey or ())}")

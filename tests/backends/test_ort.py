@@ -26,8 +26,8 @@ from camserve.models import ConfigError, LoadedModel, ModelSpec, from_module, lo
 from camserve.onnx.export import export_cam_onnx  # noqa: E402
 from camserve.serving import CamService  # noqa: E402
 from camserve.testing.equality import compare_answers  # noqa: E402
-from camserve.testing.nets import (TINY_LABELS, calibrate_bn, TinyBNNet, TinyNet, frozen,  # noqa: E402
-                                   small_sequential)
+from camserve.testing.nets import (TINY_LABELS, TinyBNNet, TinyEmbedNet, TinyNet,  # noqa: E402
+                                   TinySegNet, calibrate_bn, frozen, small_sequential)
 
 GRAPH_METHODS = tuple(available_methods(exportable=True))
 
@@ -137,9 +137,11 @@ class Counting:
     def __init__(self, session) -> None:
         self.session = session
         self.runs: list[tuple[int, tuple[str, ...]]] = []
+        self.feeds: list[dict] = []
 
     def run(self, fetch, feed):
         self.runs.append((len(feed["input"]), tuple(fetch)))
+        self.feeds.append({k: np.array(v) for k, v in feed.items()})
         return self.session.run(fetch, feed)
 
     def __getattr__(self, name):
@@ -251,21 +253,144 @@ def test_the_forward_graph_is_the_cam_graphs_forward(two_method_graph):
     torch.testing.assert_close(backend.predict(x), lm.model(x), rtol=1e-4, atol=1e-5)
 
 
-# -- a task whose targets need the output: the forward graph first ------------------------------
+# -- every task whose graph exports: the task's target inputs ---------------------------------------
 
-def test_multilabel_predicted_labels_are_explained_alike(tmp_path, png):
-    model = frozen(calibrate_bn(TinyNet(len(TINY_LABELS), seed=5), (32, 32)))
-    spec = ModelSpec.from_config({"arch": "x:TinyNet", "task": "multilabel", "threshold": 0.3,
-                                  "target_layer": "features", "input_size": 32, "topk": 4})
-    lm = from_module(model, spec, labels=TINY_LABELS)
-    export_cam_onnx(lm, tmp_path / GRAPH_FILE, methods=GRAPH_METHODS, verify=False)
-    rows = [{"data": png(seed=i), "explain": "1"} for i in range(4)] + [
-        {"data": png(seed=9), "explain": "1", "target": "star,ring"}, {"body": png(seed=8)}]
+SEG_LABELS = ["background", "a", "b", "c"]
+EMB_LABELS = [str(i) for i in range(6)]
+#: task -> (random-weight net, labels, handler keys, input size (H, W))
+TASK_NETS = {
+    "multilabel": (lambda: TinyNet(len(TINY_LABELS), seed=5), TINY_LABELS, {"threshold": 0.3}, 32),
+    "segmentation": (lambda: TinySegNet(4, seed=1), SEG_LABELS, {"background": 0}, [24, 40]),
+    "embedding": (lambda: TinyEmbedNet(6, seed=1), EMB_LABELS, {}, [24, 40]),
+}
+
+
+def task_loaded(task: str) -> LoadedModel:
+    build, labels, keys, size = TASK_NETS[task]
+    spec = ModelSpec.from_config({"arch": "x:Net", "task": task, "target_layer": "features",
+                                  "input_size": size, "topk": 3, **keys})
+    return from_module(frozen(calibrate_bn(build(), spec.input_size)), spec, labels=labels)
+
+
+def mask_png(size: tuple[int, int], box: tuple[int, int, int, int]) -> bytes:
+    """A region mask PNG of ``size`` (W, H): 255 inside ``box``."""
+    import io
+
+    from PIL import Image
+
+    arr = np.zeros((size[1], size[0]), np.uint8)
+    arr[box[1]:box[3], box[0]:box[2]] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr, "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def task_rows(task: str, png) -> list[dict]:
+    """Predict rows, default targets, named targets, the task's own targets (a region as a box
+    and as a mask; a reference embedding and a reference image), several methods and outputs."""
+    img = [png(seed=70 + s, size=(48 + 8 * (s % 3), 30)) for s in range(9)]
+    if task == "multilabel":
+        return [{"data": img[i], "explain": "1"} for i in range(4)] + [
+            {"data": img[4], "explain": "1", "target": "star,ring", "method": "layercam"},
+            {"data": img[5], "explain": "1", "threshold": "0.9"}, {"body": img[6]}]
+    if task == "segmentation":
+        return [{"body": img[0]},
+                {"data": img[1], "explain": "1"},
+                {"data": img[2], "explain": "1", "target": "a,c", "method": "layercam"},
+                {"data": img[3], "explain": "1", "region": "[2, 3, 30, 20]"},
+                {"data": img[4], "explain": "1", "target": "b", "method": "gradcam++",
+                 "region": base64.b64encode(mask_png((48 + 8 * (4 % 3), 30), (5, 5, 40, 25))).decode(),
+                 "outputs": "heatmap,overlay,raw,bbox"},
+                {"data": img[5], "explain": "1", "method": "hirescam", "topk": "1"},
+                {"data": img[6], "region": "[0, 0, 10, 10]"}]
+    return [{"body": img[0]},
+            {"data": img[1], "explain": "1", "reference_embedding": "[1, 0.5, -1, 0, 2, 1]"},
+            {"data": img[2], "explain": "1", "reference": img[3], "method": "layercam"},
+            {"data": img[4], "explain": "1"},
+            {"data": img[5], "reference": img[6]},
+            {"data": img[7], "explain": "1", "reference": base64.b64encode(img[8]).decode(),
+             "method": "xgradcam", "outputs": "heatmap,bbox,raw"}]
+
+
+@pytest.fixture(scope="module")
+def task_graphs(tmp_path_factory):
+    """``task_graphs(task) -> (LoadedModel, graph path)``, each exported once."""
+    made: dict[str, tuple[LoadedModel, Path]] = {}
+
+    def get(task: str) -> tuple[LoadedModel, Path]:
+        if task not in made:
+            lm = task_loaded(task)
+            path = tmp_path_factory.mktemp(task) / GRAPH_FILE
+            export_cam_onnx(lm, path, methods=GRAPH_METHODS, verify=False)
+            made[task] = lm, path
+        return made[task]
+    return get
+
+
+#: task -> explanations the rows of :func:`task_rows` get (each target its map)
+TASK_MAPS = {"multilabel": None, "segmentation": None, "embedding": 5}
+
+
+@pytest.mark.parametrize("task", list(TASK_NETS))
+def test_every_task_is_served_alike(task, task_graphs, png):
+    lm, graph = task_graphs(task)
+    rows = task_rows(task, png)
     a = CamService(lm).handle_batch(rows)
-    b = CamService(OnnxBackend(tmp_path / GRAPH_FILE, spec=spec, threads=1)).handle_batch(rows)
-    assert [r.status for r in b.results] == [200] * 6
-    assert sum(len(r.body.get("explanations", ())) for r in a.results) > 5
-    compare_answers(bodies(a), bodies(b)).check()
+    backend = OnnxBackend(graph, spec=lm.spec, threads=1)
+    b = CamService(backend).handle_batch(rows)
+    assert [r.status for r in a.results] == [200] * len(rows), [r.body for r in a.results]
+    diff = compare_answers(bodies(a), bodies(b), ([r.status for r in a.results],
+                                                  [r.status for r in b.results]))
+    diff.check()
+    assert raw_diff(bodies(a), bodies(b)) < 1e-3
+    assert diff.maps == a.stats.maps == b.stats.maps > len(rows) // 2
+    if TASK_MAPS[task] is not None:
+        assert diff.maps == TASK_MAPS[task]
+    assert [g.name for g in backend.inputs] == [i.name for i in backend.meta.inputs]
+
+
+def test_segmentation_rows_feed_their_regions(task_graphs, png):
+    """A box region is fed as its weights at the input size; a default target as its class's
+    predicted mask (not the graph's default, so that the answer's targets are the task's)."""
+    lm, graph = task_graphs("segmentation")
+    backend = OnnxBackend(graph, spec=lm.spec, threads=1)
+    svc = CamService(backend)
+    backend.cam_session = Counting(backend.cam_session)
+    rows = [{"data": png(seed=1, size=(80, 48)), "explain": "1", "region": "[0, 0, 40, 24]",
+             "target": "b"}, {"data": png(seed=2, size=(40, 24)), "explain": "1", "target": "c"}]
+    out = svc.handle_batch(rows)
+    assert [r.status for r in out.results] == [200, 200]
+    [feed] = backend.cam_session.feeds
+    assert feed["target"].tolist() == [2, 3] and feed["region"].shape == (2, 24, 40)
+    assert feed["region"][0, :12, :20].min() == 1.0 and feed["region"][0].sum() == 12 * 20
+    predicted = backend.predict(torch.from_numpy(feed["input"][1:])).argmax(dim=1)[0] == 3
+    np.testing.assert_array_equal(feed["region"][1], predicted.float().numpy())
+
+
+def test_embedding_rows_without_a_reference_run_no_cam_graph(task_graphs, png):
+    lm, graph = task_graphs("embedding")
+    backend = OnnxBackend(graph, spec=lm.spec, threads=1)
+    svc = CamService(backend)
+    backend.cam_session = Counting(backend.cam_session)
+    backend.forward_session = Counting(backend.forward_session)
+    out = svc.handle_batch([{"data": png(seed=i), "explain": "1"} for i in range(3)])
+    assert [r.status for r in out.results] == [200] * 3
+    assert all(r.body["explanations"] == [] and r.body["similarity"] is None for r in out.results)
+    assert backend.cam_session.runs == [] and backend.forward_session.runs == [(3, ("embedding",))]
+
+
+def test_a_detection_graph_is_refused_naming_the_torch_backend(two_method_graph, monkeypatch):
+    import dataclasses
+
+    from camserve.onnx.format import GraphMeta
+
+    meta = GraphMeta.from_file(two_method_graph[0])
+    detection = dataclasses.replace(meta, spec=dataclasses.replace(meta.spec, task="detection"))
+    monkeypatch.setattr(GraphMeta, "from_file", classmethod(lambda cls, path: detection))
+    with pytest.raises(ConfigError, match=r"handler.backend: onnxruntime does not serve detection "
+                                          r"graphs \(model.cam.onnx\); serve this model with "
+                                          r"backend: torch"):
+        OnnxBackend(two_method_graph[0], threads=1)
 
 
 # -- the folder against its graph --------------------------------------------------------------------
