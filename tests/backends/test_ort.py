@@ -9,6 +9,7 @@ forward graph for predict rows, runs in chunks, the graph's methods, the folder 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from pathlib import Path
 
@@ -483,3 +484,61 @@ def test_an_unknown_backend_is_a_config_error():
     with pytest.raises(ConfigError, match=r"handler.backend: 'tensorflow' \(known: torch, "
                                           r"onnxruntime\)"):
         ModelSpec.from_config({"arch": "x:Y", "backend": "tensorflow"})
+
+
+# -- the trained dense models ------------------------------------------------------------------------
+
+def _dense_rows(task: str, n: int) -> list[dict]:
+    """Evaluation-stream images of the dense shapes (one to three shapes each): predict rows,
+    default targets, every graph method, and the task's own targets (a ground-truth box as the
+    region of the class drawn there; named labels)."""
+    import io
+
+    from PIL import Image
+
+    from tools.dense_shapes import make_dense_dataset
+
+    data = make_dense_dataset(4321, n, stream="evaluate")
+    methods = list(GRAPH_METHODS)
+    rows = []
+    for i, img in enumerate(data.images):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "PNG")
+        row: dict = {"data": buf.getvalue()}
+        if i % 3 == 1:
+            row.update(explain="1", method=methods[i % len(methods)])
+        elif i % 3 == 2:
+            row.update(explain="1", outputs="heatmap,bbox,raw", method=methods[(i + 2) % len(methods)])
+            lab = int(data.labels[i, 0])
+            if task == "segmentation":
+                row.update(region=json.dumps([int(v) for v in data.boxes[i, 0]]), target=str(lab + 1))
+            else:
+                row.update(target=f"{lab},{(lab + 3) % 8}")
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", ["shapes-seg", "shapes-multi"])
+def test_the_trained_dense_models_are_served_alike(folder, tmp_path):
+    """models/shapes-seg and models/shapes-multi, their graphs exported as ``make archive
+    BACKEND=onnxruntime`` does, on both backends over 24 evaluation-stream images."""
+    import shutil
+
+    from scripts.archive import export_graph
+
+    root = Path(__file__).resolve().parents[2]
+    served = tmp_path / folder
+    shutil.copytree(root / "models" / folder, served,
+                    ignore=shutil.ignore_patterns("samples", GRAPH_FILE))
+    export_graph(served, verify=False)
+    a_svc = CamService.from_model_dir(served, overrides={"backend": "torch"}, threads=1)
+    b_svc = CamService.from_model_dir(served, overrides={"backend": "onnxruntime"}, threads=1)
+    rows = _dense_rows(a_svc.task.name, 24)
+    a, b = a_svc.handle_batch(rows), b_svc.handle_batch(rows)
+    assert [r.status for r in a.results] == [200] * len(rows)
+    diff = compare_answers(bodies(a), bodies(b), ([r.status for r in a.results],
+                                                  [r.status for r in b.results]))
+    print(f"{folder}, torch vs onnxruntime over {len(rows)} images: {diff}")
+    diff.check()
+    assert diff.maps >= 16 and raw_diff(bodies(a), bodies(b)) < 1e-3
