@@ -2,9 +2,13 @@
 child process on free loopback ports (stopped by its PID at the end), its answers compared with
 the TorchServe handler's (the serving core in-process, given the rows TorchServe would hand the
 handler: raw body or form fields, the explain flag on the explain routes); and its command line.
+Every server test runs on each backend (torch, and onnxruntime over the exported graph): the
+answers, the hidden-style set against the torch backend, bad input and poison requests sharing
+batches with good ones; the two backends' predictors side by side in the slow tier.
 """
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import json
 import re
@@ -347,32 +351,128 @@ def torch_service() -> CamService:
     return CamService.from_model_dir(MODEL_DIR, device="cpu")
 
 
-def test_the_onnxruntime_predictor_answers_as_the_torch_handler(
-        server: LocalPredictor, backend: str, torch_service: CamService,
-        tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The hidden-style sample set through the predictor on the onnxruntime backend against the
-    torch backend: labels, scores within 1e-4, heatmaps within one grey level, the same bbox."""
-    if backend != "onnxruntime":
-        pytest.skip("compares the onnxruntime predictor with the torch handler")
-    from camserve.testing.equality import compare_answers
+@pytest.fixture(scope="module")
+def hidden_style() -> tuple[list[bytes], list[dict[str, Any]]]:
+    """24 fresh samples drawn like the hidden evaluation set (tools.shapes, another seed), and
+    their options: default targets, and two targets by index with each graph method and raw maps."""
+    import tempfile
+
     from tools.shapes import write_samples
 
-    out = tmp_path_factory.mktemp("hidden_style")
-    write_samples(out, seed=4321, n=24)
-    images = [p.read_bytes() for p in sorted(out.glob("*.png"))]
+    with tempfile.TemporaryDirectory() as d:
+        write_samples(d, seed=4321, n=24)
+        images = [p.read_bytes() for p in sorted(Path(d).glob("*.png"))]
     methods = ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"]
     opts = [{} if i % 2 else {"target": f"{i % 8},{(i + 3) % 8}", "method": methods[i % 5],
                               "outputs": "heatmap,bbox,raw"} for i in range(len(images))]
-    got = []
-    for k in range(0, len(images), 8):
-        r = post(server, f"/v1/models/{NAME}:explain",
-                 {"instances": [{"data": b64(i), **o} for i, o in
-                                zip(images[k:k + 8], opts[k:k + 8])]})
+    return images, opts
+
+
+def explain_concurrently(server: LocalPredictor, images: list[bytes],
+                         opts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One v1 explain request per image, 8 at a time (they share the predictor's batches)."""
+    def one(i: int) -> dict[str, Any]:
+        r = post(server, f"/v1/models/{NAME}:explain", {"instances": [{"data": b64(images[i]),
+                                                                        **opts[i]}]})
         assert r.status_code == 200, r.text
-        got += r.json()["predictions"]
+        return r.json()["predictions"][0]
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        return list(ex.map(one, range(len(images))))
+
+
+def test_the_predictor_answers_as_the_torch_handler(
+        server: LocalPredictor, torch_service: CamService, hidden_style: Any) -> None:
+    """The hidden-style sample set through the predictor on each backend against the torch
+    backend in process: labels, scores within 1e-4, heatmaps within one grey level, the same
+    bbox."""
+    from camserve.testing.equality import compare_answers
+
+    images, opts = hidden_style
+    got = explain_concurrently(server, images, opts)
     want = [res.body for res in handler_answers(
         torch_service, [{"data": i, **o} for i, o in zip(images, opts)], explain_route=True)]
     diff = compare_answers(want, got)
+    assert diff.maps == 12 + 2 * 12
+    diff.check()
+
+
+@pytest.mark.slow
+def test_both_backends_answer_the_hidden_style_set_alike_on_kserve(
+        tmp_path: Path, onnx_model_dir: Path, hidden_style: Any) -> None:
+    """Two real predictors side by side, one per backend, the same concurrent requests: labels,
+    scores within 1e-4, heatmaps within one grey level, the same bbox."""
+    from camserve.testing.equality import compare_answers
+
+    images, opts = hidden_style
+    answers = {}
+    for backend, folder in (("torch", MODEL_DIR), ("onnxruntime", onnx_model_dir)):
+        with LocalPredictor(folder, NAME, args=["--max-batch-delay", "50", "--backend", backend],
+                            log_path=tmp_path / f"{backend}.log",
+                            env={"CAMSERVE_DEVICE": "cpu"}) as srv:
+            answers[backend] = explain_concurrently(srv, images, opts)
+    diff = compare_answers(answers["torch"], answers["onnxruntime"])
     print(f"KServe, torch vs onnxruntime over {len(images)} hidden-style requests: {diff}")
     assert diff.maps == 12 + 2 * 12
     diff.check()
+
+
+# -- bad input and batch isolation, on each backend ---------------------------------------------------
+def test_poison_requests_share_batches_with_good_ones(server: LocalPredictor,
+                                                      service: CamService) -> None:
+    """Eight concurrent requests, poison and good alternating, within one batch delay: each poison
+    request gets its own 4xx, each good one the handler's answer, and the server lives on."""
+    good = [p.read_bytes() for p in SAMPLES[:4]]
+    deep = '{"instances": [{"data": ' + "[" * 100_000 + "]" * 100_000 + "}]}"
+    jobs: list[tuple[str, Any, int]] = [
+        ("explain", {"instances": [{"data": b64(good[0])}]}, 200),
+        ("explain", {"instances": [{"data": b64(good[1]), "target": "\u00b2"}]}, 422),
+        ("predict", {"instances": [{"data": b64(good[1]), "topk": 2}]}, 200),
+        ("explain", deep, 400),
+        ("explain", {"instances": [{"data": b64(good[2]), "target": "1,star",
+                                    "outputs": "bbox"}]}, 200),
+        ("explain", {"instances": [{"data": b64(good[3]), "method": "m" * 3_000_000}]}, 422),
+        ("predict", {"instances": [{"data": b64(good[3]), "bad\nINFO forged": 1}]}, 422),
+        ("explain", {"instances": [{"data": b64(good[3][: len(good[3]) // 2])}]}, 400),
+    ]
+
+    def go(job: tuple[str, Any, int]) -> requests.Response:
+        verb, body, _ = job
+        url = f"{server.url}/v1/models/{NAME}:{verb}"
+        if isinstance(body, str):
+            return requests.post(url, data=body, timeout=120,
+                                 headers={"Content-Type": "application/json"})
+        return requests.post(url, json=body, timeout=120)
+
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        answers = list(ex.map(go, jobs))
+    assert [r.status_code for r in answers] == [j[2] for j in jobs], [r.text[:200] for r in answers]
+    for (verb, body, want), r in zip(jobs, answers):
+        assert len(r.content) < 2000 or want == 200
+        if want == 200:
+            [inst] = body["instances"]
+            row = {"data": base64.b64decode(inst["data"]),
+                   **{k: str(v) for k, v in inst.items() if k != "data"}}
+            [res] = handler_answers(service, [row], explain_route=verb == "explain")
+            assert r.json()["predictions"] == [res.body]
+    assert server.proc is not None and server.proc.poll() is None  # the process lives on
+    assert requests.get(f"{server.url}/v2/health/ready", timeout=10).json() == {"ready": True}
+
+
+def test_the_hostile_corpus_beside_good_images(server: LocalPredictor, service: CamService) -> None:
+    """Every entry of the hostile corpus (bombs, truncated and mislabelled files, odd modes) as
+    an instance beside a good one: each its decoder's status and type, the good ones 200."""
+    from camserve.testing.hostile import hostile_corpus
+
+    corpus = [c for c in hostile_corpus().values() if not c.heavy]
+    good = SAMPLES[0].read_bytes()
+    [want] = handler_answers(service, [{"body": good}])
+    for k in range(0, len(corpus), 15):
+        part = corpus[k:k + 15]
+        r = post(server, f"/v1/models/{NAME}:predict",
+                 {"instances": [{"data": b64(c.data)} for c in part] + [{"data": b64(good)}]})
+        got = r.json()["predictions"]
+        assert [g.get("code", 200) for g in got] == [c.status for c in part] + [200], \
+            [(c.name, g.get("code", 200)) for c, g in zip(part, got)]
+        assert [g.get("type") for g in got[:-1]] == [c.error_type for c in part]
+        assert got[-1] == want.body
