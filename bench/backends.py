@@ -3,7 +3,8 @@
 ResNet-50 (random weights, BatchNorm calibrated), batch ``--batch`` at 224×224, CPU, ``--threads``
 intra-op threads for torch and onnxruntime alike. Each round times every contender once in a
 rotating order (after a pause, so no contender pays for another's spinning threads); the table
-gives medians over the rounds as images/s and ratios to today's engine:
+gives medians over the rounds as images/s and, for each ratio (to the model as loaded, to
+onnxruntime), the median of the ratios within a round:
 
 explain (Grad-CAM at layer4, maps included):
 
@@ -13,9 +14,10 @@ explain (Grad-CAM at layer4, maps included):
 * TorchBackend (both)          — :class:`camserve.backends.TorchBackend`: both steps;
 * onnxruntime CAM graph        — :class:`camserve.backends.ort.OnnxBackend`'s CAM session;
 
-predict (logits only, ``torch.inference_mode``):
+predict (logits only):
 
-* model as loaded / TorchBackend's copy / onnxruntime forward graph;
+* model as loaded under ``torch.no_grad`` (what inference mode is measured against) and under
+  ``torch.inference_mode`` / TorchBackend's copy / onnxruntime forward graph;
 * ``torch.compile`` of the copy (``--compile``; inductor with freezing), with its compile time.
 
     python -m bench.backends [--batch 8] [--rounds 7] [--threads N] [--compile]
@@ -80,9 +82,10 @@ def main() -> None:
     def explain(engine: CamEngine) -> Callable[[], None]:
         return lambda: engine(x, method="gradcam").heatmaps_uint8((224, 224))
 
-    def predict(m: torch.nn.Module) -> Callable[[], None]:
+    def predict(m: torch.nn.Module, mode: Callable[[], object] = torch.inference_mode
+                ) -> Callable[[], None]:
         def run() -> None:
-            with torch.inference_mode():
+            with mode():  # type: ignore[attr-defined]
                 m(x)
         return run
 
@@ -90,6 +93,7 @@ def main() -> None:
                                                  for k, e in engines.items()}
     contenders["explain: onnxruntime CAM graph"] = lambda: ort.cam_session.run(
         ["logits", "cam"], {"input": xn, "target": target})
+    contenders["predict: model as loaded, no_grad"] = predict(model, torch.no_grad)
     contenders["predict: model as loaded"] = predict(model)
     contenders["predict: TorchBackend's copy"] = predict(backend.model)
     contenders["predict: onnxruntime forward graph"] = lambda: ort.forward_session.run(
@@ -116,17 +120,22 @@ def main() -> None:
             if r >= args.warmup:
                 times[name].append(time.perf_counter() - t)
     ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
+
+    def ratio(k: str, base: str) -> float:
+        """Median over the rounds of the speed ratio k / base within each round."""
+        return statistics.median(b / t for t, b in zip(times[k], times[base]))
+
     print(f"\nResNet-50, batch {args.batch}, 224x224, CPU, {threads} threads, median of "
-          f"{args.rounds} rounds after {args.warmup} warm-up (TorchBackend: "
-          f"{', '.join(backend.optimizations)})")
-    print(f"| {'contender':42} | images/s | x today's engine | x onnxruntime |")
-    print(f"|{'-' * 44}|----------|------------------|---------------|")
+          f"{args.rounds} rounds after {args.warmup} warm-up; ratios: medians of the ratios "
+          f"within a round (TorchBackend: {', '.join(backend.optimizations)})")
+    print(f"| {'contender':42} | images/s | x as loaded | x onnxruntime |")
+    print(f"|{'-' * 44}|----------|-------------|---------------|")
     for k in names:
-        base = ips["explain: engine, as loaded"] if k.startswith("explain") else \
-            ips["predict: model as loaded"]
-        ort_ips = ips["explain: onnxruntime CAM graph"] if k.startswith("explain") else \
-            ips["predict: onnxruntime forward graph"]
-        print(f"| {k:42} | {ips[k]:8.1f} | {ips[k] / base:16.2f} | {ips[k] / ort_ips:13.2f} |")
+        explain_row = k.startswith("explain")
+        base = "explain: engine, as loaded" if explain_row else "predict: model as loaded, no_grad"
+        ort = "explain: onnxruntime CAM graph" if explain_row else \
+            "predict: onnxruntime forward graph"
+        print(f"| {k:42} | {ips[k]:8.1f} | {ratio(k, base):11.2f} | {ratio(k, ort):13.2f} |")
     if compile_s is not None:
         print(f"torch.compile: {compile_s:.1f} s to compile (at every worker start)")
 

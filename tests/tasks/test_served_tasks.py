@@ -1,6 +1,7 @@
 """The dense tasks where camserve serves: the KServe predictor (v1, v2 and gRPC-style bodies,
-in-process) and a real TorchServe (multipart form files, JSON), each answering as the serving
-core does, a hostile row beside good ones."""
+in-process, on each backend: the folder's exported graph for onnxruntime) and a real TorchServe
+(multipart form files, JSON), each answering as the serving core does, a hostile row beside good
+ones."""
 from __future__ import annotations
 
 import asyncio
@@ -62,8 +63,20 @@ def _rows(kind: str) -> list[dict[str, Any]]:
             {"data": _png(4), "reference": b64(_png(5))}]
 
 
+@pytest.fixture(scope="module")
+def graphs(folders: dict[str, Path]) -> dict[str, Path]:
+    """The folders with their exported CAM graphs (what ``--backend onnxruntime`` serves)."""
+    from scripts.archive import export_graph
+
+    for folder in folders.values():
+        export_graph(folder, methods=("gradcam",), verify=False)
+    return folders
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("kind", ["seg", "emb"])
-def test_kserve_v1_and_v2_answer_as_the_core(kind: str, folders: dict[str, Path]) -> None:
+def test_kserve_v1_and_v2_answer_as_the_core(kind: str, backend: str,
+                                             graphs: dict[str, Path]) -> None:
     from camserve.kserve import import_kserve
 
     import_kserve()
@@ -71,15 +84,20 @@ def test_kserve_v1_and_v2_answer_as_the_core(kind: str, folders: dict[str, Path]
 
     from camserve.kserve.model import CamModel
     from camserve.kserve.server import AnswerError, V2Body
+    from camserve.testing.equality import compare_answers
 
-    model = CamModel(kind, folders[kind], device="cpu", max_batch_delay_ms=1.0)
+    model = CamModel(kind, graphs[kind], device="cpu", max_batch_delay_ms=1.0, backend=backend)
     model.load()
-    service = CamService.from_model_dir(folders[kind])
+    service = CamService.from_model_dir(graphs[kind], overrides={"backend": backend})
     rows = _rows(kind)
     want = [r.body for r in service.handle_batch(rows, [True] * len(rows)).results]
     assert [("code" in w) for w in want] == [False, True, False]
     v1, _ = asyncio.run(model({"instances": rows}, verb=InferenceVerb.EXPLAIN))
     assert v1 == {"predictions": want}
+    if backend == "onnxruntime":  # and the torch backend's answers, within the bar
+        torch_core = CamService.from_model_dir(graphs[kind], overrides={"backend": "torch"})
+        compare_answers([r.body for r in torch_core.handle_batch(rows, [True] * 3).results],
+                        v1["predictions"]).check()
     # v2: one image per request here, the task's options as request parameters
     for row, expected in zip(rows, want):
         params = {k: v for k, v in row.items() if k != "data"}
