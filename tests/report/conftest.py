@@ -7,8 +7,8 @@
 * ``report_data`` — ``report_data(out_dir) -> Data``: a generated report's manifest, gallery rows
   and detail records, read back from its data scripts;
 * ``shapes_job`` — a real batch job over the shapes samples plus hostile names (session, cached):
-  the exported graph, the job run by the batch CLI with ``--save heatmap,overlay`` and
-  ``--metrics``;
+  the exported graph, the job run by the batch CLI with ``--save heatmap,overlay``,
+  ``--metrics`` and ``--report``;
 * ``chromium`` — a headless Chromium for a module (the browser tier; skipped with the reason when
   no Chromium is installed).
 """
@@ -117,9 +117,10 @@ class ShapesJob:
 def shapes_job(tmp_path_factory: pytest.TempPathFactory) -> ShapesJob:
     """The shapes samples, copies under two hostile names (an ``<img onerror>`` and an ``<svg onload>``), one under
     a name that is not UTF-8, and a truncated PNG, through the exported graph and the batch CLI
-    (in this process) with ``--save heatmap,overlay --metrics avg_drop,deletion``."""
-    from camserve.onnx.batch import EXIT_PARTIAL
-    from camserve.onnx.batch import main as batch_main
+    (in this process) with ``--save heatmap,overlay --metrics avg_drop,deletion --report``: the
+    job's own page is in ``out``."""
+    from camserve.onnx.cli import main as batch_main
+    from camserve.onnx.job import EXIT_PARTIAL
     from export import onnx_export
 
     root = tmp_path_factory.mktemp("shapes_job")
@@ -137,8 +138,9 @@ def shapes_job(tmp_path_factory: pytest.TempPathFactory) -> ShapesJob:
     out = root / "job"
     status = batch_main(["--model", str(graph), str(inputs), "--out", str(out), "--batch-size", "4",
                          "--save", "heatmap,overlay", "--metrics", "avg_drop,deletion",
-                         "--metrics-steps", "8", "--no-progress"])
-    assert status == EXIT_PARTIAL  # the truncated file
+                         "--metrics-steps", "8", "--no-progress", "--report"])
+    assert status == EXIT_PARTIAL  # the truncated file; the page is written all the same
+    assert (out / "report.html").is_file()
     return ShapesJob(root, inputs, out, graph)
 
 
