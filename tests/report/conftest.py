@@ -9,8 +9,7 @@
 * ``shapes_job`` — a real batch job over the shapes samples plus hostile names (session, cached):
   the exported graph, the job run by the batch CLI with ``--save heatmap,overlay``,
   ``--metrics`` and ``--report``;
-* ``chromium`` — a headless Chromium for a module (the browser tier; skipped with the reason when
-  no Chromium is installed).
+* ``chromium`` (tests/conftest.py) — a headless Chromium for a module.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import pytest
 
@@ -32,8 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 HOSTILE_NAME = "<img src=x onerror=window.__pwned=1>.png"
 SVG_NAME = "<svg onload=window.__pwned=2>.png"
 LATIN1_NAME = b"caf\xe9.png"
-CSP_WATCH = ("window.__csp = []; document.addEventListener('securitypolicyviolation', "
-             "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
 _CALL = re.compile(rb'^camserveReport\.receive\("(\w+)",(\d+),(.*)\);\n$', re.S)
 
 
@@ -142,19 +139,3 @@ def shapes_job(tmp_path_factory: pytest.TempPathFactory) -> ShapesJob:
     assert status == EXIT_PARTIAL  # the truncated file; the page is written all the same
     assert (out / "report.html").is_file()
     return ShapesJob(root, inputs, out, graph)
-
-
-# -- the browser tier -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    from camserve.testing.browser import MISSING, Chromium, find_chromium
-
-    if find_chromium() is None:
-        pytest.skip(MISSING)
-    pytest.importorskip("websocket", reason="websocket-client (the test extra) is not installed")
-    with Chromium(size=(1400, 1000)) as browser:
-        # every page records the Content-Security-Policy violations it sees: an injected inline
-        # script or handler would be one
-        browser.call("Page.addScriptToEvaluateOnNewDocument", {"source": CSP_WATCH})
-        yield browser

@@ -20,6 +20,7 @@ from PIL import Image
 from camserve.report import page as P
 from camserve.report import write_report
 
+from ..conftest import assert_ran_nothing
 from .conftest import HOSTILE_NAME, LATIN1_NAME, ROOT, SVG_NAME, ShapesJob
 
 pytestmark = pytest.mark.browser
@@ -60,18 +61,6 @@ def texts(b: Any, selector: str) -> list[str]:
 def open_detail(b: Any, row: int) -> None:
     b.click(f'#gallery .card[data-row="{row}"]')
     b.wait_for("document.querySelector('#d-body .detail-grid') !== null")
-
-
-def assert_ran_nothing(b: Any) -> None:
-    """No uncaught exception or console error, no CSP violation (an injected inline script or
-    handler would be one), no dialog, and no flag set by an injected handler."""
-    b.pump(0.3)
-    assert b.problems() == []
-    assert b.evaluate("window.__csp") == []
-    assert b.events("Page.javascriptDialogOpening") == []
-    assert b.evaluate("typeof window.__pwned") == "undefined"
-    assert b.evaluate("document.querySelectorAll('[onerror], [onload], #gallery script, "
-                      "#d-body script, #summary script').length") == 0
 
 
 # -- the real job (slow: the graph is exported and the job run once per session) ------------------------
