@@ -117,7 +117,7 @@ def measure(root: Path, n: int, opens: int, workers: int | None,
             b.evaluate("document.getElementById('f-text').value = '';")
             sort.append(_sync(b, "const s = document.getElementById('f-sort'); s.value = 'x0';"
                                  " s.dispatchEvent(new Event('change'));"))
-            assert b.evaluate(cards) == min(100, 10 * repeat)      # img_00000..img_000090
+            assert b.evaluate(cards) == min(100, n * repeat)       # every row: the first page
             detail.append(_in_page(
                 b, "document.querySelectorAll('#gallery .card')[57].click();",
                 "(() => { const i = Array.from(document.querySelectorAll('#d-body figure img'));"

@@ -32,7 +32,11 @@ Fixtures:
   shapes config (overridable handler keys); ``shapes_config``: that config as a dict;
 * ``fake_context``: a factory of :class:`camserve.testing.context.FakeContext`;
 * ``start_torchserve``: ``with start_torchserve(LocalTorchServe(...)) as ts:`` starts a private
-  TorchServe or fails the test with its logs, and stops it.
+  TorchServe or fails the test with its logs, and stops it;
+* ``chromium``: a headless Chromium (:class:`camserve.testing.browser.Chromium`) for a module, whose
+  pages record their Content-Security-Policy violations in ``window.__csp`` (an injected inline
+  script or handler would be one); the ``browser`` tier, skipped with the reason when no
+  Chromium is installed.
 """
 from __future__ import annotations
 
@@ -357,3 +361,35 @@ def start_torchserve() -> Callable[["LocalTorchServe"], ContextManager["LocalTor
     tail of its output and worker log; on exit ``torchserve --stop``, then its process group is
     killed (:meth:`camserve.testing.torchserve.LocalTorchServe.stop`)."""
     return _started
+
+
+# -- the browser tier -----------------------------------------------------------------------------------
+
+#: run in every page before its own scripts: CSP violations are kept in ``window.__csp``
+CSP_WATCH = ("window.__csp = []; document.addEventListener('securitypolicyviolation', "
+             "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    from camserve.testing.browser import MISSING, Chromium, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip(MISSING)
+    pytest.importorskip("websocket", reason="websocket-client (the test extra) is not installed")
+    with Chromium(size=(1400, 1000)) as browser:
+        browser.call("Page.addScriptToEvaluateOnNewDocument", {"source": CSP_WATCH})
+        yield browser
+
+
+def assert_ran_nothing(b: Any) -> None:
+    """No uncaught exception or console error on the page of ``b`` (a ``chromium``), no CSP
+    violation (an injected inline script or handler would be one), no dialog, no flag set by an
+    injected handler (``window.__pwned``) and no element with an inline handler."""
+    b.pump(0.3)
+    assert b.problems() == []
+    assert b.evaluate("window.__csp") == []
+    assert b.events("Page.javascriptDialogOpening") == []
+    assert b.evaluate("typeof window.__pwned") == "undefined"
+    assert b.evaluate("document.querySelectorAll('[onerror], [onload], [onclick], body script:not([src])')"
+                      ".length") == 0

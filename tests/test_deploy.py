@@ -126,6 +126,7 @@ def test_native_predictor_manifest() -> None:
     from camserve.kserve.__main__ import build_parser
     args = build_parser().parse_args(c.args)
     assert args.host == "0.0.0.0" and args.http_port == 8080 and args.model_name == name
+    assert args.no_ui  # the pod serves the API only; the viewer page is for a local predictor
 
 
 def test_torchserve_runtime_and_inferenceservice() -> None:

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", choices=BACKENDS, default=None,
                     help="what runs the model: torch, or onnxruntime over the folder's "
                          "model.cam.onnx (default: the folder's handler.backend)")
+    ap.add_argument("--no-ui", action="store_true",
+                    help="no viewer page at GET / (it calls this predictor's own v1 routes; "
+                         "see docs/kserve.md)")
     return ap
 
 
@@ -84,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = CamModel(model_name(args), args.model_dir, max_batch_size=args.max_batch_size,
                      max_batch_delay_ms=args.max_batch_delay, max_instances=args.max_instances,
                      prepare_threads=args.prepare_threads, backend=args.backend,
-                     workers=args.workers)
+                     workers=args.workers, ui=not args.no_ui)
     model.load()
     serve(model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
           workers=args.workers)

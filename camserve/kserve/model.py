@@ -122,14 +122,16 @@ class CamModel(Model):
         workers: server processes, each with its own copy of the model: each gets its share of
             the cores for torch's threads and the onnxruntime sessions'
             (:func:`camserve.backends.worker_threads`).
+        ui: serve the viewer page ``GET /`` (:mod:`camserve.kserve.viewer`).
     """
 
     def __init__(self, name: str, model_dir: str | Path, device: Optional[str] = None,
                  max_batch_size: int = 8, max_batch_delay_ms: float = 5.0,
                  max_instances: int = DEFAULT_MAX_INSTANCES,
                  prepare_threads: int = DEFAULT_PREPARE_THREADS,
-                 backend: Optional[str] = None, workers: int = 1) -> None:
+                 backend: Optional[str] = None, workers: int = 1, ui: bool = False) -> None:
         super().__init__(name)
+        self.ui = ui
         self.model_dir = Path(model_dir)
         self.device = device or default_device()
         self.backend = backend

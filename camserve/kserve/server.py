@@ -19,6 +19,11 @@
   and gives back the work a request held however the call ends; ``validate`` takes the
   preprocessed request as it is (KServe 0.21 checks it as a v1/v2 body).
 
+Added beside KServe's routes, not overriding any: ``GET /v1/models/NAME/describe`` (what the
+model serves and which options it takes, the record TorchServe's describe gives) and the viewer
+page ``GET /`` with its files (:mod:`camserve.kserve.viewer`; it replaces KServe's ``/``
+liveness answer, ``/v2/health/live`` stays; off with ``--no-ui``).
+
 The model (:class:`camserve.kserve.model.CamModel`) calls :func:`install` when it loads, in
 every server process (KServe's ``--workers`` processes each build their own app). Adding a route
 is one more ``add_api_route`` in :func:`install`.
@@ -115,16 +120,32 @@ def _v2_infer_route(model: Model) -> Callable[[Request], Any]:
     return infer
 
 
+def _describe_route(model: Model) -> Callable[[], Any]:
+    async def describe() -> Response:
+        if not model.ready or getattr(model, "service", None) is None:
+            raise ModelNotReady(model.name)
+        return JSONResponse(model.service.describe())
+
+    return describe
+
+
 def install(app: FastAPI, model: Model) -> None:
     """camserve's handler and routes on KServe's app (once per process and model): answers with
-    their own status, and ``POST /v2/models/NAME/infer`` ahead of KServe's route."""
+    their own status, ``POST /v2/models/NAME/infer`` ahead of KServe's route, ``GET
+    /v1/models/NAME/describe`` (the TorchServe handler's describe record), and the viewer page
+    ``GET /`` unless the model's ``ui`` is off (:mod:`camserve.kserve.viewer`)."""
     if AnswerError not in app.exception_handlers:
         app.add_exception_handler(AnswerError, _answer_error_handler)
+    if getattr(model, "ui", False):
+        from .viewer import install_viewer
+
+        install_viewer(app, model.name)
     path = f"/v2/models/{model.name}/infer"
     if any(getattr(r, "path", None) == path for r in app.router.routes):
         return
     app.add_api_route(path, _v2_infer_route(model), methods=["POST"])
     app.router.routes.insert(0, app.router.routes.pop())  # matched before KServe's own routes
+    app.add_api_route(f"/v1/models/{model.name}/describe", _describe_route(model), methods=["GET"])
 
 
 def kserve_app() -> FastAPI:

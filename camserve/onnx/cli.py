@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..parsing import parse_choices, short_repr
+from ..report import write_report
 from .audit import AUDIT_KEYS, BASELINES, cost_help, format_means, parse_metric_keys, \
     runs_per_image
 from .batch import run_job
@@ -90,6 +91,9 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="decode while the session runs (default: when the session leaves CPUs "
                         "free, i.e. --device cuda or --threads below the CPU count)")
+    p.add_argument("--report", action="store_true",
+                   help="after the run (also one with failed items) write DIR/report.html, the "
+                        "page camserve-report writes (docs/report.md)")
 
 
 def _limit_options(g: argparse._ArgumentGroup) -> None:
@@ -271,7 +275,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(summary(stats, args.out))
     if stats.failed:
         print(f"see {args.out / ERRORS}", file=sys.stderr)
+    if args.report:
+        return _report(args, stats.exit_status)
     return stats.exit_status
+
+
+def _report(args: argparse.Namespace, status: int) -> int:
+    """``--report``: the job's page, after a run that wrote its lines (exit status 0 or 3); a
+    report that cannot be written makes the exit status 1."""
+    try:
+        stats = write_report(args.out, workers=args.workers, max_file_size=args.max_file_size,
+                             **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}))
+    except Exception as exc:  # the job's files are there; the page is not
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: the report could not be written: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"report: {stats.page} ({stats.preview_failures} failed previews)")
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m camserve.onnx.cli

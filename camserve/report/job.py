@@ -186,7 +186,6 @@ class Sources:
     overlay: Optional[str] = None
     heatmap: Optional[str] = None
     mask: Optional[str] = None
-    classes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -228,19 +227,21 @@ def _files(line: dict[str, Any], loc: Locator) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _explanation(d: Any, loc: Locator) -> dict[str, Any]:
-    """A detection's ``explanation``: method, bbox, heatmap and overlay (URLs)."""
+def _explanation(d: Any, loc: Locator) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+    """A detection's ``explanation`` (``{method, bbox, files: {heatmap, overlay}}``): its record
+    for the detail view (method, bbox, heatmap and overlay URLs) and its files."""
     d = d if isinstance(d, dict) else {}
+    files = _files(d, loc)
     out: dict[str, Any] = {"method": _label(d.get("method"), SHORT_CHARS), "bbox": _box(d.get("bbox"))}
     for kind in ("heatmap", "overlay"):
-        found = loc.artefact(d.get(kind))
-        out[kind] = None if found is None else found[1]
-    return out
+        out[kind] = files[kind][1] if kind in files else None
+    return out, files
 
 
-def _classification(line: dict[str, Any], row: Row, loc: Locator) -> None:
+def _explained(line: dict[str, Any], row: Row, loc: Locator) -> None:
+    """What every line but a detection's holds: the explained target (``target``, ``label``,
+    ``score``), ``topk``, the CAM's ``bbox`` and ``files`` (the gallery's overlay)."""
     label = _str(line.get("label"))
-    row.labels = (display_text(label),) if label is not None else ()
     row.score = _num(line.get("score"))
     files = _files(line, loc)
     row.sources.overlay = files.get("overlay", (None,))[0]
@@ -254,18 +255,22 @@ def _classification(line: dict[str, Any], row: Row, loc: Locator) -> None:
     })
 
 
+def _classification(line: dict[str, Any], row: Row, loc: Locator) -> None:
+    _explained(line, row, loc)
+    label = _str(line.get("label"))
+    row.labels = (display_text(label),) if label is not None else ()
+
+
 def _detection(line: dict[str, Any], row: Row, loc: Locator) -> None:
     dets = []
     for d in _dicts(line.get("detections")):
-        det = {**_class(d), "box": _box(d.get("box")), "explanation": _explanation(
-            d.get("explanation"), loc)}
+        explanation, files = _explanation(d.get("explanation"), loc)
+        det = {**_class(d), "box": _box(d.get("box")), "explanation": explanation}
         dets.append(det)
-        raw = d.get("explanation") if isinstance(d.get("explanation"), dict) else {}
         if row.sources.overlay is None and row.sources.heatmap is None:
             for kind in ("overlay", "heatmap"):
-                found = loc.artefact(raw.get(kind))
-                if found is not None:
-                    setattr(row.sources, kind, found[0])
+                if kind in files:
+                    setattr(row.sources, kind, files[kind][0])
         if row.method is None:
             row.method = det["explanation"]["method"]
     row.labels = _row_labels(_dicts(line.get("detections")))
@@ -276,27 +281,25 @@ def _detection(line: dict[str, Any], row: Row, loc: Locator) -> None:
 
 
 def _segmentation(line: dict[str, Any], row: Row, loc: Locator) -> None:
+    _explained(line, row, loc)
     seg = line.get("segmentation") if isinstance(line.get("segmentation"), dict) else {}
     classes = [{"index": _int(c.get("index")), "label": _label(c.get("label")),
                 "share": _num(c.get("share"))} for c in _dicts(seg.get("classes"))]
     mask = loc.artefact(seg.get("mask"))
     row.sources.mask = None if mask is None else mask[0]
-    row.sources.classes = tuple(c["index"] for c in classes
-                                if c["index"] is not None and 0 <= c["index"] < 256)
     row.labels = _row_labels(_dicts(seg.get("classes")),
                              lambda c: (_num(c.get("share")) or 0) > 0)
     row.detail["segmentation"] = {"classes": classes, "mask": None if mask is None else mask[1]}
 
 
 def _multilabel(line: dict[str, Any], row: Row, loc: Locator) -> None:
+    _explained(line, row, loc)
     labels = [_class(d) for d in _dicts(line.get("labels"))]
     row.labels = _row_labels(_dicts(line.get("labels")))
     scores = [d["score"] for d in labels if d["score"] is not None]
-    row.score = max(scores) if scores else None
-    files = _files(line, loc)
-    row.sources.overlay = files.get("overlay", (None,))[0]
-    row.sources.heatmap = files.get("heatmap", (None,))[0]
-    row.detail.update({"labels": labels, "files": {k: v[1] for k, v in files.items()}})
+    if row.score is None and scores:  # the explained label's, else the best label's
+        row.score = max(scores)
+    row.detail.update({"labels": labels, "threshold": _num(line.get("threshold"))})
 
 
 #: task name -> reader filling a row from its line; a line without ``task`` is classification

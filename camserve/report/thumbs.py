@@ -10,9 +10,10 @@ exception.
 
 Names: ``thumbs/<k[:2]>/<k>.<kind><side>.<ext>`` where ``k`` is :func:`thumb_key` of the row's
 output name (hex, so no name ever reaches a URL or the filesystem) and kind is ``i`` (image),
-``o`` (overlay: the job's overlay, else its heatmap over the image thumbnail, else the segmentation
-mask over it) or ``m`` (the colour mask of a segmentation row, RGBA PNG at most
-:data:`MASK_SIDE` pixels, for the detail view; class 0 is left transparent).
+``o`` (overlay: the job's overlay, else its heatmap over the image thumbnail), and for a
+segmentation row ``s`` (its colour mask over the image thumbnail) and ``m`` (the colour mask alone,
+RGBA PNG at most :data:`MASK_SIDE` pixels, drawn over the original in the detail view); class 0
+is left transparent.
 
 Example::
 
@@ -52,7 +53,7 @@ JPEG_QUALITY = 80
 #: alpha of the colour mask over the image (0..255)
 MASK_ALPHA = 140
 
-#: bits of :attr:`Preview.flags`: the thumbnails that exist
+#: bits of :attr:`Preview.flags`: the thumbnails that exist (MASK: ``s`` and ``m``)
 IMAGE, OVERLAY, MASK = 1, 2, 4
 
 
@@ -136,40 +137,44 @@ class Thumbnailer:
             except Exception as exc:
                 p.failures.append(f"image: {self._reason(exc, src.image)}")
                 p.missing_original = isinstance(exc, FileNotFoundError)
-        rel_o = thumb_rel(key, "o", self.side)
-        over = src.mask or src.overlay or src.heatmap
-        if over is not None:
-            deps = [over] + ([str(self.out_dir / rel_i)] if src.overlay is None and
-                             p.flags & IMAGE else [])
+        image_thumb = [str(self.out_dir / rel_i)] if p.flags & IMAGE else []
+        for flag, source, deps, rels, make in (
+                (MASK, src.mask, image_thumb, (thumb_rel(key, "s", self.side),
+                                               thumb_rel(key, "m", MASK_SIDE)), self._make_mask),
+                (OVERLAY, src.overlay or src.heatmap, [] if src.overlay else image_thumb,
+                 (thumb_rel(key, "o", self.side),), self._make_overlay)):
+            if source is None:
+                continue
             try:
-                if self._fresh(rel_o, deps) and (src.mask is None or
-                                                 self._fresh(thumb_rel(key, "m", MASK_SIDE), deps)):
-                    p.flags |= OVERLAY | (MASK if src.mask is not None else 0)
-                else:
-                    if base is None and p.flags & IMAGE and src.overlay is None:
-                        base = self._decode(str(self.out_dir / rel_i))
-                    p.made += self._make_overlay(key, src, base)
-                    p.flags |= OVERLAY | (MASK if src.mask is not None else 0)
+                if not all(self._fresh(rel, [source, *deps]) for rel in rels):
+                    if base is None and deps:
+                        base = self._decode(deps[0])
+                    p.made += make(key, src, base)
+                p.flags |= flag
             except Exception as exc:
-                p.failures.append(f"overlay: {self._reason(exc, over)}")
+                p.failures.append(f"{'mask' if flag == MASK else 'overlay'}: "
+                                  f"{self._reason(exc, source)}")
         return p
 
+    def _make_mask(self, key: str, src: Sources, base: Optional[Image.Image]) -> int:
+        """The colour mask (RGBA, :data:`MASK_SIDE`) and its thumbnail over the image (``s``)."""
+        index = np.asarray(self._decode(str(src.mask)))[:, :, 0]
+        rgba = Image.fromarray(_PALETTE[index], "RGB")
+        rgba.putalpha(Image.fromarray(np.where(index > 0, MASK_ALPHA, 0).astype(np.uint8), "L"))
+        del index
+        big = rgba.resize(capped_size(rgba.size, MASK_SIDE), Image.NEAREST)
+        self._write(thumb_rel(key, "m", MASK_SIDE), _png(big))
+        small = rgba.resize(capped_size(rgba.size, self.side), Image.NEAREST)
+        canvas = (base.resize(small.size, Image.BILINEAR) if base is not None
+                  else Image.new("RGB", small.size, (255, 255, 255)))
+        canvas.paste(small, mask=small.getchannel("A"))
+        self._write_jpeg(thumb_rel(key, "s", self.side), canvas)
+        return 2
+
     def _make_overlay(self, key: str, src: Sources, base: Optional[Image.Image]) -> int:
-        """Write the overlay thumbnail (and the colour mask); the number of files written."""
+        """The overlay thumbnail: the job's overlay, else its heatmap over the image thumbnail
+        (alone, colour-mapped, without one)."""
         rel_o = thumb_rel(key, "o", self.side)
-        if src.mask is not None:
-            index = np.asarray(self._decode(src.mask))[:, :, 0]
-            rgba = Image.fromarray(_PALETTE[index], "RGB")
-            rgba.putalpha(Image.fromarray(np.where(index > 0, MASK_ALPHA, 0).astype(np.uint8), "L"))
-            del index
-            big = rgba.resize(capped_size(rgba.size, MASK_SIDE), Image.NEAREST)
-            self._write(thumb_rel(key, "m", MASK_SIDE), _png(big))
-            small = rgba.resize(capped_size(rgba.size, self.side), Image.NEAREST)
-            canvas = (base.resize(small.size, Image.BILINEAR) if base is not None
-                      else Image.new("RGB", small.size, (255, 255, 255)))
-            canvas.paste(small, mask=small.getchannel("A"))
-            self._write_jpeg(rel_o, canvas)
-            return 2
         if src.overlay is not None:
             self._write_jpeg(rel_o, self._thumb(self._decode(src.overlay)))
             return 1

@@ -284,6 +284,15 @@ class Chromium:
                              f" if (!e) return false; e.click(); return true; }})()"):
             raise BrowserError(f"no element matches {selector!r}")
 
+    def set_files(self, selector: str, paths: list[str | Path]) -> None:
+        """Choose ``paths`` in the file input matching ``selector``, as a user would (the input's
+        ``change`` event fires); BrowserError when there is no such element."""
+        root = self.call("DOM.getDocument", {"depth": 0})["root"]["nodeId"]
+        node = self.call("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+        if not node:
+            raise BrowserError(f"no element matches {selector!r}")
+        self.call("DOM.setFileInputFiles", {"nodeId": node, "files": [str(p) for p in paths]})
+
     def screenshot(self, path: str | Path, *, full_page: bool = False) -> Path:
         """A PNG of the page (the window, or the whole page) written to ``path``."""
         params: dict[str, Any] = {"format": "png"}

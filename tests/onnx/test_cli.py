@@ -12,7 +12,7 @@ import torch
 from camserve.onnx.cli import check_address, main, parse_actors, parse_bytes, ray_options
 from camserve.onnx.export import export_plain_onnx
 from camserve.onnx.inputs import UsageError
-from camserve.onnx.job import EXIT_OK, EXIT_USAGE, JobConfig
+from camserve.onnx.job import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, JobConfig
 from camserve.onnx.batch import run_job
 from camserve.onnx.ray import RayOptions
 
@@ -58,6 +58,32 @@ def test_usage_errors(graph: Path, images: dict[str, Path], tmp_path: Path, mode
     with pytest.raises(SystemExit) as exc:
         main(["--model", str(graph), "--out", out])  # no INPUT: argparse
     assert exc.value.code == 2
+
+
+def test_report_after_the_run_not_after_a_usage_error(graph: Path, images: dict[str, Path],
+                                                     tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``--report`` writes DIR/report.html after a run with failed items (the job's exit status
+    stays), nothing after a usage error, and exit status 1 when the page cannot be written."""
+    out = tmp_path / "out"
+    base = ["--model", str(graph), str(images["root"]), "--out", str(out), "--report",
+            "--save", "heatmap,overlay"]
+    assert main(base + ["--method", "scorecam"]) == EXIT_USAGE
+    assert not (out / "report.html").exists()
+    capsys.readouterr()
+    assert main(base + ["--batch-size", "2"]) == EXIT_PARTIAL               # 5 images, 3 broken
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.html'} (0 failed previews)" in printed
+    assert "report_files/report.js" in (out / "report.html").read_text()
+    assert len(list((out / "thumbs").glob("*/*.jpg"))) == 2 * 5             # image and overlay
+    # a page that cannot be written: the job's files are there, the status says the page is not
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report_files").write_text("a file where the page's folder goes\n")
+    assert main(["--model", str(graph), str(images["a"]), "--out", str(other),
+                 "--report"]) == EXIT_FAILURE
+    assert "error: the report could not be written" in capsys.readouterr().err
+    assert (other / "results.jsonl").read_text().count("\n") == 1
 
 
 def test_metrics_usage_errors_and_default_off(graph: Path, images: dict[str, Path], tmp_path: Path,

@@ -282,9 +282,12 @@ def test_same_as_local_job(cluster: str, shapes_graph: Path, tmp_path: Path,
                     save=("heatmap", "npy"))
     assert run_job(cfg).exit_status == EXIT_PARTIAL
     res = _job(shapes_graph, [root], out, cluster, "--batch-size", "4", "--save", "heatmap,npy",
-               "--actors", "2")
+               "--actors", "2", "--report")
     assert res.returncode == EXIT_PARTIAL, res.stderr[-2000:]
     assert "24 images explained, 2 failed, 0 skipped (resume)" in res.stdout
+    # --report on Ray: the page over every line, a thumbnail of each image and its heatmap
+    assert f"report: {out / 'report.html'} (0 failed previews)" in res.stdout
+    assert len(list((out / "thumbs").glob("*/*.jpg"))) == 2 * 24
     mine = sorted(json_lines(out / "results.jsonl"), key=lambda r: r["path"])
     theirs = sorted(json_lines(local / "results.jsonl"), key=lambda r: r["path"])
     assert [r["path"] for r in mine] == [r["path"] for r in theirs]

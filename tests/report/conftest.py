@@ -7,10 +7,9 @@
 * ``report_data`` — ``report_data(out_dir) -> Data``: a generated report's manifest, gallery rows
   and detail records, read back from its data scripts;
 * ``shapes_job`` — a real batch job over the shapes samples plus hostile names (session, cached):
-  the exported graph, the job run by the batch CLI with ``--save heatmap,overlay`` and
-  ``--metrics``;
-* ``chromium`` — a headless Chromium for a module (the browser tier; skipped with the reason when
-  no Chromium is installed).
+  the exported graph, the job run by the batch CLI with ``--save heatmap,overlay``,
+  ``--metrics`` and ``--report``;
+* ``chromium`` (tests/conftest.py) — a headless Chromium for a module.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import pytest
 
@@ -32,8 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 HOSTILE_NAME = "<img src=x onerror=window.__pwned=1>.png"
 SVG_NAME = "<svg onload=window.__pwned=2>.png"
 LATIN1_NAME = b"caf\xe9.png"
-CSP_WATCH = ("window.__csp = []; document.addEventListener('securitypolicyviolation', "
-             "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
 _CALL = re.compile(rb'^camserveReport\.receive\("(\w+)",(\d+),(.*)\);\n$', re.S)
 
 
@@ -117,9 +114,10 @@ class ShapesJob:
 def shapes_job(tmp_path_factory: pytest.TempPathFactory) -> ShapesJob:
     """The shapes samples, copies under two hostile names (an ``<img onerror>`` and an ``<svg onload>``), one under
     a name that is not UTF-8, and a truncated PNG, through the exported graph and the batch CLI
-    (in this process) with ``--save heatmap,overlay --metrics avg_drop,deletion``."""
-    from camserve.onnx.batch import EXIT_PARTIAL
-    from camserve.onnx.batch import main as batch_main
+    (in this process) with ``--save heatmap,overlay --metrics avg_drop,deletion --report``: the
+    job's own page is in ``out``."""
+    from camserve.onnx.cli import main as batch_main
+    from camserve.onnx.job import EXIT_PARTIAL
     from export import onnx_export
 
     root = tmp_path_factory.mktemp("shapes_job")
@@ -137,22 +135,7 @@ def shapes_job(tmp_path_factory: pytest.TempPathFactory) -> ShapesJob:
     out = root / "job"
     status = batch_main(["--model", str(graph), str(inputs), "--out", str(out), "--batch-size", "4",
                          "--save", "heatmap,overlay", "--metrics", "avg_drop,deletion",
-                         "--metrics-steps", "8", "--no-progress"])
-    assert status == EXIT_PARTIAL  # the truncated file
+                         "--metrics-steps", "8", "--no-progress", "--report"])
+    assert status == EXIT_PARTIAL  # the truncated file; the page is written all the same
+    assert (out / "report.html").is_file()
     return ShapesJob(root, inputs, out, graph)
-
-
-# -- the browser tier -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    from camserve.testing.browser import MISSING, Chromium, find_chromium
-
-    if find_chromium() is None:
-        pytest.skip(MISSING)
-    pytest.importorskip("websocket", reason="websocket-client (the test extra) is not installed")
-    with Chromium(size=(1400, 1000)) as browser:
-        # every page records the Content-Security-Policy violations it sees: an injected inline
-        # script or handler would be one
-        browser.call("Page.addScriptToEvaluateOnNewDocument", {"source": CSP_WATCH})
-        yield browser

@@ -20,6 +20,7 @@ from PIL import Image
 from camserve.report import page as P
 from camserve.report import write_report
 
+from ..conftest import assert_ran_nothing
 from .conftest import HOSTILE_NAME, LATIN1_NAME, ROOT, SVG_NAME, ShapesJob
 
 pytestmark = pytest.mark.browser
@@ -62,23 +63,11 @@ def open_detail(b: Any, row: int) -> None:
     b.wait_for("document.querySelector('#d-body .detail-grid') !== null")
 
 
-def assert_ran_nothing(b: Any) -> None:
-    """No uncaught exception or console error, no CSP violation (an injected inline script or
-    handler would be one), no dialog, and no flag set by an injected handler."""
-    b.pump(0.3)
-    assert b.problems() == []
-    assert b.evaluate("window.__csp") == []
-    assert b.events("Page.javascriptDialogOpening") == []
-    assert b.evaluate("typeof window.__pwned") == "undefined"
-    assert b.evaluate("document.querySelectorAll('[onerror], [onload], #gallery script, "
-                      "#d-body script, #summary script').length") == 0
-
-
 # -- the real job (slow: the graph is exported and the job run once per session) ------------------------
 
 @pytest.fixture(scope="module")
 def shapes_report(shapes_job: ShapesJob) -> ShapesJob:
-    write_report(shapes_job.out, input_root=shapes_job.root)
+    """The job's page as ``camserve-batch --report`` wrote it."""
     return shapes_job
 
 
@@ -296,9 +285,9 @@ def test_detection_boxes_segmentation_masks_and_multilabel(chromium: Any, tmp_pa
         {"path": "in/street.png", "name": "in/street.png", "task": "detection", "width": 200,
          "height": 100, "detections": [
              {"box": [10, 10, 90, 90], "label": "car", "index": 2, "score": 0.9,
-              "explanation": {"method": "gradcam", "bbox": [20, 20, 80, 80],
-                              "heatmap": "in/street.png.0.heatmap.png",
-                              "overlay": "in/street.png.0.overlay.png"}},
+              "explanation": {"method": "gradcam", "bbox": [20, 20, 80, 80], "files": {
+                  "heatmap": "in/street.png.0.heatmap.png",
+                  "overlay": "in/street.png.0.overlay.png"}}},
              {"box": [120, 30, 190, 70], "label": "person", "index": 0, "score": 0.7}]},
         {"path": "in/road.png", "name": "in/road.png", "task": "segmentation", "width": 120,
          "height": 80, "segmentation": {"mask": "in/road.png.mask.png", "classes": [
@@ -310,10 +299,13 @@ def test_detection_boxes_segmentation_masks_and_multilabel(chromium: Any, tmp_pa
     stats = write_report(out, input_root=tmp_path)
     assert stats.preview_failures == 0
     open_page(chromium, (out / "report.html").as_uri())
-    assert chromium.wait_for(THUMBS_LOADED) == 5                      # the multilabel row: no map
+    assert chromium.wait_for(THUMBS_LOADED) == 4          # no map: segmentation and multilabel
     control(chromium, "f-sort", "order")
     control(chromium, "f-order", "asc")
     assert gallery_rows(chromium) == [0, 1, 2]
+    # the segmentation row's image thumbnail is the one with its mask in colour
+    assert chromium.evaluate("document.querySelectorAll('#gallery .card')[1]"
+                             ".querySelector('img').src").endswith(".s128.jpg")
     assert chromium.evaluate("document.querySelectorAll('#gallery .card')[0]"
                              ".querySelectorAll('.box.det').length") == 2
     assert texts(chromium, "#gallery .card .pred .label") == ["car, person", "background, road",
@@ -366,4 +358,74 @@ def test_pages_chunks_and_detail_navigation(chromium: Any, job: Any, tmp_path: P
     loaded = chromium.evaluate("Array.from(document.scripts).map((s) => s.src.split('/').pop())")
     assert sorted(n for n in loaded if n.startswith("detail-")) == ["detail-00012.js"]
     assert len([n for n in loaded if n.startswith("index-")]) == 6
+    assert_ran_nothing(chromium)
+
+
+#: labels of the synthetic task jobs: markup, an entity, a bidi override, plain words
+TASK_LABELS = ("background", "<img src=x onerror=window.__pwned=9>",
+               "<script>window.__pwned=10</script>", "car & bus", "road", "sky\u202egnp.exe",
+               "<b>sea</b>", "tree")
+
+
+def _task_labels(task: str, line: dict[str, Any]) -> list[str]:
+    """A line's predicted labels as the report shows them (in the line's order)."""
+    if task == "multilabel":
+        found = [x["label"] for x in line["labels"]]
+    elif task == "segmentation":
+        found = [c["label"] for c in line["segmentation"]["classes"] if c["share"] > 0]
+    else:
+        found = [d["label"] for d in line["detections"]]
+    return [x.replace("\u202e", "\\u202e") for x in dict.fromkeys(found)]
+
+
+@pytest.mark.parametrize("task", ["multilabel", "segmentation", "detection"])
+def test_each_task_is_drawn_filtered_by_label_and_its_labels_are_text(
+        chromium: Any, job: Any, tmp_path: Path, task: str) -> None:
+    out = job(6, task=task, labels=TASK_LABELS, metrics=(), size=(80, 60))
+    lines = [json.loads(t) for t in (out / "results.jsonl").read_text().splitlines()]
+    assert write_report(out, input_root=tmp_path).preview_failures == 0
+    open_page(chromium, (out / "report.html").as_uri())
+    control(chromium, "f-sort", "order")
+    control(chromium, "f-order", "asc")
+    assert chromium.wait_for(THUMBS_LOADED) == 12                    # image (+ mask), overlay
+    shown = [_task_labels(task, x) for x in lines]
+    assert texts(chromium, "#gallery .card .pred .label") == [
+        ", ".join(x[:3]) + (f" +{len(x) - 3}" if len(x) > 3 else "") for x in shown]
+    if task == "detection":
+        assert chromium.evaluate("Array.from(document.querySelectorAll('#gallery .card'))"
+                                 ".map((c) => c.querySelectorAll('.thumb')[0]"
+                                 ".querySelectorAll('.box.det').length)") == [2] * 6
+    if task == "segmentation":
+        assert all(src.endswith(".s128.jpg") for src in chromium.evaluate(
+            "Array.from(document.querySelectorAll('#gallery .card')).map((c) =>"
+            " c.querySelector('img').src)"))
+    # the label filter: every label shows exactly the rows predicting it
+    options = chromium.evaluate("Array.from(document.getElementById('f-label').options)"
+                                ".slice(1).map((o) => [o.value, o.textContent])")
+    assert {t.rsplit(" (", 1)[0] for _, t in options} == {x for row in shown for x in row}
+    for value, text in options:
+        control(chromium, "f-label", value)
+        label = text.rsplit(" (", 1)[0]
+        assert gallery_rows(chromium) == [i for i, x in enumerate(shown) if label in x], label
+    control(chromium, "f-label", "")
+    open_detail(chromium, 0)
+    chromium.wait_for(DETAIL_LOADED)
+    if task == "detection":
+        assert chromium.evaluate("document.querySelectorAll('#d-body figure')[0]"
+                                 ".querySelectorAll('.box.det').length") == 2
+        assert texts(chromium, "#d-body figure:first-child .box-label") == [
+            f"{k + 1}. {d['label']} {d['score']:.2f}".replace("\u202e", "\\u202e")
+            for k, d in enumerate(lines[0]["detections"])]
+        assert len(texts(chromium, "#d-body figcaption")) == 1 + 2 * 2   # image, 2 × (overlay, heatmap)
+    elif task == "segmentation":
+        chromium.wait_for("(() => { const l = document.querySelector('#d-body img.layer');"
+                          " return l !== null && l.complete && l.naturalWidth === 80; })()")
+        assert len(texts(chromium, "#d-body .swatch")) == 2
+        chromium.click("#d-mask")
+        assert chromium.evaluate("document.querySelector('#d-body img.layer').hidden") is True
+        assert texts(chromium, "#d-body figcaption") == ["image", "overlay", "heatmap"]
+    else:
+        assert [t for t in texts(chromium, "#d-body table tr td:first-child")][-len(shown[0]):] \
+            == shown[0]
+    chromium.screenshot(BUILD / f"{task}.png")
     assert_ran_nothing(chromium)

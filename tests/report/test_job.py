@@ -82,28 +82,41 @@ def test_classification_line(tmp_path: Path) -> None:
 def test_detection_segmentation_multilabel_lines(tmp_path: Path) -> None:
     det = _row({"path": "a.jpg", "task": "detection", "width": 100, "height": 50, "detections": [
         {"box": [10, 5, 60, 45], "label": "cat", "index": 3, "score": 0.8,
-         "explanation": {"method": "gradcam", "bbox": [12, 6, 50, 40],
-                         "heatmap": "a.jpg.0.heatmap.png", "overlay": "a.jpg.0.overlay.png"}},
-        {"box": [0, 0, 5, 5], "label": "dog", "index": 4, "score": 0.95},
+         "explanation": {"method": "gradcam", "bbox": [12, 6, 50, 40], "files": {
+             "heatmap": "a.jpg.0.heatmap.png", "overlay": "a.jpg.0.overlay.png"}}},
+        {"box": [0, 0, 5, 5], "label": "dog", "index": 4, "score": 0.95,
+         "explanation": {"method": "gradcam", "files": {"overlay": "../../etc/passwd"}}},
         {"box": "nope", "label": "cat", "score": float("inf")}]}, tmp_path)
     assert det.labels == ("cat", "dog") and det.score == 0.95 and det.method == "gradcam"
     assert det.boxes == [[10, 5, 60, 45], [0, 0, 5, 5]]
     assert det.sources.overlay == str(tmp_path / "job" / "a.jpg.0.overlay.png")
     assert det.detail["detections"][0]["explanation"]["overlay"] == "a.jpg.0.overlay.png"
+    assert det.detail["detections"][1]["explanation"]["overlay"] is None   # outside the job
     assert det.detail["detections"][2]["box"] is None and det.detail["detections"][2]["score"] is None
 
-    seg = _row({"path": "b.png", "task": "segmentation", "segmentation": {
+    seg = _row({"path": "b.png", "task": "segmentation", "target": 5, "label": "road",
+                "score": 0.81, "bbox": [1, 2, 30, 40], "method": "gradcam",
+                "files": {"overlay": "b.png.overlay.png"}, "segmentation": {
         "mask": "b.png.mask.png", "classes": [{"index": 0, "label": "background", "share": 0.7},
                                               {"index": 5, "label": "road", "share": 0.3},
                                               {"index": 9, "label": "car", "share": 0.0}]}},
                tmp_path)
-    assert seg.labels == ("background", "road") and seg.score is None
-    assert seg.sources.mask == str(tmp_path / "job" / "b.png.mask.png") and seg.sources.classes == (0, 5, 9)
+    assert seg.labels == ("background", "road") and seg.score == 0.81
+    assert seg.sources.mask == str(tmp_path / "job" / "b.png.mask.png")
+    assert seg.sources.overlay == str(tmp_path / "job" / "b.png.overlay.png")
+    assert seg.detail["target"] == {"index": 5, "label": "road", "score": 0.81}
+    assert seg.detail["bbox"] == [1, 2, 30, 40]
+    assert [c["share"] for c in seg.detail["segmentation"]["classes"]] == [0.7, 0.3, 0.0]
 
     ml = _row({"path": "c.png", "task": "multilabel",
                "labels": [{"index": 1, "label": "sky", "score": 0.6},
                           {"index": 2, "label": "sea", "score": 0.7}]}, tmp_path)
-    assert ml.labels == ("sky", "sea") and ml.score == 0.7
+    assert ml.labels == ("sky", "sea") and ml.score == 0.7           # no explained label: the best
+    ml = _row({"path": "c.png", "task": "multilabel", "target": 1, "label": "sky", "score": 0.6,
+               "threshold": 0.5, "topk": [{"index": 2, "label": "sea", "score": 0.7}],
+               "labels": [{"index": 1, "label": "sky", "score": 0.6},
+                          {"index": 2, "label": "sea", "score": 0.7}]}, tmp_path)
+    assert ml.score == 0.6 and ml.detail["threshold"] == 0.5 and ml.detail["topk"][0]["label"] == "sea"
 
 
 def test_unknown_task_and_wrong_types_are_absent_values(tmp_path: Path) -> None:

@@ -148,16 +148,25 @@ def test_segmentation_mask_colours_and_legend_palette(tmp_path: Path, out: Path)
     mask = _write(out / "a.png.mask.png", Image.fromarray(index, "L"))
     image = _write(tmp_path / "a.png", Image.new("RGB", (90, 60), (255, 255, 255)))
     key = thumb_key("a.png")
-    p = Thumbnailer(out, 45).make(key, Sources(image=image, mask=mask, classes=(0, 1, 7)))
-    assert p.flags == IMAGE | OVERLAY | MASK and p.made == 3
+    heatmap = _write(out / "a.png.heatmap.png", Image.new("L", (90, 60), 200))
+    p = Thumbnailer(out, 45).make(key, Sources(image=image, mask=mask, heatmap=heatmap))
+    assert p.flags == IMAGE | OVERLAY | MASK and p.made == 4          # i, s, m, o
     rgba = np.asarray(_open(out / thumb_rel(key, "m", MASK_SIDE)))
     assert rgba.shape == (60, 90, 4)
     assert rgba[0, 0, 3] == 0                                        # class 0: transparent
     assert tuple(rgba[0, 40]) == (*palette(1), MASK_ALPHA)
     assert tuple(rgba[0, 80]) == (*palette(7), MASK_ALPHA)
-    thumb = np.asarray(_open(out / thumb_rel(key, "o", 45))).astype(int)
+    thumb = np.asarray(_open(out / thumb_rel(key, "s", 45))).astype(int)
     assert abs(thumb[10, 5] - 255).max() < 12                        # white image shows through
     assert thumb[10, 25, 0] > thumb[10, 25, 1] + 40                  # class 1 is red-ish over it
+    # the CAM's overlay is its own thumbnail; made again only when a source is newer
+    assert _open(out / thumb_rel(key, "o", 45)).size == (45, 30)
+    again = Thumbnailer(out, 45).make(key, Sources(image=image, mask=mask, heatmap=heatmap))
+    assert again.flags == p.flags and again.made == 0
+    # a mask that cannot be read: the image and the overlay are there all the same
+    Path(mask).write_bytes(b"not a png")
+    broken = Thumbnailer(out, 45).make(key, Sources(image=image, mask=mask, heatmap=heatmap))
+    assert broken.flags == IMAGE | OVERLAY and broken.failures[0].startswith("mask: InvalidImage")
     assert len({palette(i) for i in range(256)}) == 256
 
 

@@ -343,8 +343,11 @@
     return d;
   }
 
+  /* A gallery thumbnail: the image (a segmentation row's: with its mask in colour) or the
+   * overlay, with the detection boxes over the image. */
   function thumb(r, kind) {
     const t = S.m.thumbs, wrap = h("div", "thumb");
+    if (kind === "image" && (r.f & t.flags.mask)) kind = "mask";
     const url = safeUrl(r.k ? r.k + t[kind] : null);
     if (!(r.f & t.flags[kind]) || !url) {
       wrap.append(placeholder(kind === "image" ? "no image preview" : "no overlay"));
@@ -358,7 +361,7 @@
     img.addEventListener("error", function () { frame.replaceWith(placeholder("preview missing")); }, { once: true });
     img.src = url;
     frame.append(img);
-    if (kind === "image" && r.b) for (const b of r.b) frame.append(boxDiv(b, "det"));
+    if (kind !== "overlay" && r.b) for (const b of r.b) frame.append(boxDiv(b, "det"));
     wrap.append(frame);
     return wrap;
   }
@@ -586,6 +589,17 @@
       if (safeUrl(ex.heatmap)) figs.append(figure(name + ": heatmap", ex.heatmap, d, box));
     });
     body.append(figs);
+    if (layer) {   // the mask over the original: on by default, a switch to look under it
+      const lab = h("label", "toggle"), box = h("input");
+      box.type = "checkbox";
+      box.checked = true;
+      box.id = "d-mask";
+      box.addEventListener("change", function () {
+        for (const l of figs.querySelectorAll("img.layer")) l.hidden = !box.checked;
+      });
+      lab.append(box, document.createTextNode(" segmentation mask"));
+      figs.prepend(lab);
+    }
 
     const side = h("div", "side");
     const t = d.target || {};
