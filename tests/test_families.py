@@ -223,6 +223,31 @@ def test_torchvision_swin_and_vit_rules() -> None:
     assert isinstance(c.reshape, TokenGrid) and c.reshape.prefix == 1
 
 
+def tiny_tv_maxvit() -> nn.Module:
+    """torchvision MaxViT at 64x64 (built for one input size; its grid partition is square)."""
+    import torchvision
+
+    return torchvision.models.MaxVit(input_size=(64, 64), stem_channels=8, partition_size=2,
+                                     block_channels=[8, 16, 16, 16], block_layers=[1, 1, 1, 1],
+                                     head_dim=4, stochastic_depth_prob=0.0, num_classes=3).eval()
+
+
+def test_torchvision_maxvit_rule() -> None:
+    """MaxViT accepts no second input size, yet its blocks are NCHW: the family says so, for the
+    located layer (Grad-CAM parity) and for named stem/block/block-layer outputs; an attention
+    partition inside a layer (B, windows, tokens, C) still asks for ``layout:``."""
+    from camserve.families import choose_layer
+
+    torch.manual_seed(0)
+    check_family(tiny_tv_maxvit(), (64, 64), "blocks.3", (2, 2), nchw, "tv maxvit")
+    m = tiny_tv_maxvit()
+    assert [(c.layout, c.grid) for c in (choose_layer(m, 64, n) for n in
+            ("blocks.2", "blocks.3.layers.0", "stem"))] == [("nchw", (4, 4)), ("nchw", (2, 2)),
+                                                            ("nchw", (32, 32))]
+    with pytest.raises(FamilyError, match="set layout"):
+        choose_layer(m, 64, "blocks.3.layers.0.layers.window_attention.partition_op")
+
+
 def test_square_channels_first_map_is_not_channels_last() -> None:
     """resnet18 layer1 on 256x128 gives (1, 64, 64, 32): channels-first, 64x32 maps."""
     import torchvision
