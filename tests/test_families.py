@@ -124,7 +124,7 @@ def test_timm_family(case) -> None:
 
 # -- Hugging Face: tiny configs, random weights, save_pretrained, loaded back through hf: ---------
 
-def _hf_cases() -> list[tuple[str, Callable[[], nn.Module], tuple[int, int], str, tuple[int, int], Callable]]:
+def hf_cases() -> list[tuple[str, Callable[[], nn.Module], tuple[int, int], str, tuple[int, int], Callable]]:
     tr = pytest.importorskip("transformers")
     vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                num_labels=3)
@@ -166,7 +166,7 @@ def save_hf(model: nn.Module, folder: Path, size: tuple[int, int]) -> None:
 @pytest.mark.parametrize("idx", range(len(HF_IDS)), ids=HF_IDS)
 def test_hf_family(idx: int, tmp_path: Path) -> None:
     pytest.importorskip("safetensors")
-    name, make, size, layer, grid, reshape = _hf_cases()[idx]
+    name, make, size, layer, grid, reshape = hf_cases()[idx]
     torch.manual_seed(0)
     save_hf(make(), tmp_path / "hf", size)
     model, d = build_from_source("hf:hf", model_dir=tmp_path)
@@ -188,7 +188,7 @@ def test_smoke_timm_vit_non_square() -> None:
 def test_smoke_hf_vit_distilled(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
-    name, make, size, layer, grid, reshape = _hf_cases()[1]
+    name, make, size, layer, grid, reshape = hf_cases()[1]
     torch.manual_seed(0)
     save_hf(make(), tmp_path / "hf", size)
     model, _ = build_from_source("hf:hf", model_dir=tmp_path)
