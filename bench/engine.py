@@ -69,15 +69,18 @@ def pgc_contender(name: str, model: torch.nn.Module, layer: torch.nn.Module, x: 
                "scorecam": p.ScoreCAM, "ablationcam": p.AblationCAM}
     if name not in classes:
         return None
-    kw = {}
-    if name == "scorecam":
-        kw = {}
-    with contextlib.redirect_stdout(io.StringIO()):
-        obj = classes[name](model, [layer], **kw) if name != "finercam" else p.FinerCAM(model, [layer])
-    if name == "scorecam":
-        obj.batch_size = 64
-    return _quiet(lambda: obj(input_tensor=x, targets=None) if name != "finercam"
-                  else obj(x, targets=None))
+
+    def run() -> None:
+        # built per call and released after: pytorch-grad-cam's hooks on the layer must not run
+        # (and keep activations) during the other contenders' forwards
+        obj = classes[name](model, [layer])
+        if name == "scorecam":
+            obj.batch_size = 64
+        try:
+            obj(input_tensor=x, targets=None) if name != "finercam" else obj(x, targets=None)
+        finally:
+            getattr(obj, "base_cam", obj).activations_and_grads.release()
+    return _quiet(run)
 
 
 def torchcam_contender(name: str, model: torch.nn.Module, x: torch.Tensor, samples: int,
