@@ -17,6 +17,9 @@ the layer each family gets: docs/byom.md.
 * **Swin-style channels-last stages**: timm ``layers[-1]`` and torchvision ``features[-1]``
   (``(B, h, w, C)``), Hugging Face Swin's final ``layernorm`` (tokens ``(B, h*w, C)``; the grid
   from the patch size and the patch merges).
+* **torchvision MaxViT**: the last block ``blocks[-1]`` (``(B, C, h, w)``: its window and grid
+  attention partition and restore channels-first maps inside each layer). The model is built for
+  one input size, so the second probe of the generic search cannot run; the family says NCHW.
 * **Segmentation models**: the backbone's last stage (torchvision FCN / DeepLabV3 / LR-ASPP:
   the last stage their ``IntermediateLayerGetter`` keeps), the encoder's last stage (Hugging Face
   SegFormer), the last feature map of an ``AutoBackbone`` (Hugging Face UperNet) — not the
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -258,8 +262,21 @@ def _hf_swin(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:
                        f"patch size and {len(cfg.depths) - 1} patch merges")
 
 
+def _tv_maxvit(model: nn.Module, size: tuple[int, int]) -> Optional[LayerChoice]:
+    if not _is_torchvision(model, "MaxVit"):
+        return None
+    name = f"blocks.{len(model.blocks) - 1}"
+    shape = _probe_shape(model, name, size)
+    if len(shape) != 4:
+        raise FamilyError(f"torchvision MaxVit: {name!r} gives {shape}, expected (B, C, h, w); pass "
+                          f"target_layer and layout")
+    return LayerChoice(name, "nchw", ChannelsFirst(), grid_of(shape, "nchw"), shape,
+                       "torchvision MaxVit", "MaxViT blocks are channels-first (the attention "
+                       "partitions are restored inside each layer): the last block")
+
+
 FAMILY_RULES: tuple[Callable[[nn.Module, tuple[int, int]], Optional[LayerChoice]], ...] = (
-    _timm_vit, _tv_vit, _hf_vit, _timm_swin, _tv_swin, _hf_swin)
+    _timm_vit, _tv_vit, _hf_vit, _timm_swin, _tv_swin, _hf_swin, _tv_maxvit)
 
 
 # -- the generic search (conv nets and hybrids) -------------------------------------------------
@@ -527,7 +544,8 @@ def probe_layout(model: nn.Module, layer: str, input_size: Sequence[int] | int =
                  ) -> tuple[str, tuple[int, int]]:
     """Layout (``nchw``/``nhwc``) and grid of a named 4-D layer, decided by probing two input
     sizes (the dimensions that follow the input are spatial), else by module type; a
-    :class:`FamilyError` asking for ``layout:`` where neither tells. For ``target_layer`` given
+    :class:`FamilyError` asking for ``layout:`` where neither tells (torchvision MaxViT, built
+    for one input size: its stem, blocks and block layers are channels-first by its family). For ``target_layer`` given
     by name (the case ``detect_layout`` used to guess from the shape alone).
 
     Example::
@@ -549,6 +567,9 @@ def probe_layout(model: nn.Module, layer: str, input_size: Sequence[int] | int =
     except Exception:  # noqa: BLE001 - a model fixed to one input size
         b, probed = None, False
     lay = _layout_from_probes(a, b, model.get_submodule(layer), probed)
+    if lay not in GRIDLESS_LAYOUTS and _is_torchvision(model, "MaxVit") \
+            and re.fullmatch(r"stem|blocks\.\d+(\.layers\.\d+)?", layer):
+        lay = "nchw"  # a fixed-size model: its stem, blocks and block layers are channels-first
     if lay not in GRIDLESS_LAYOUTS:
         raise FamilyError(f"cannot tell the layout of layer {layer!r} (output {a}); set layout: "
                           f"nchw or nhwc")
@@ -596,7 +617,8 @@ def choose_layer(model: nn.Module, input_size: Sequence[int] | int = 224,
     if len(shape) == 4 and layout is None:
         lay, grid = probe_layout(model, target_layer, size)
         return LayerChoice(target_layer, lay, reshape_for(lay), grid, shape, "",
-                           f"named in the config; {lay} by probing two input sizes or by module type")
+                           f"named in the config; {lay} by probing two input sizes, by module type or "
+                                                          f"by family")
     if len(shape) == 3:
         fam = next((c for c in (rule(model, size) for rule in FAMILY_RULES[:3]) if c is not None), None)
         if fam is None:

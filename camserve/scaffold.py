@@ -30,6 +30,7 @@ import yaml
 from torch import nn
 
 from .families import FamilyError, LayerChoice, choose_layer
+from .layouts import LAYOUTS
 from .parsing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from .sources import SourceError, build_from_source, load_state, logits_of
 from .tasks import available_tasks
@@ -175,6 +176,10 @@ def write_folder(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         handler["labels"] = LABELS_FILE
     if args.layer and args.layer != "auto":
         handler["target_layer"] = args.layer
+    if args.layout:
+        if "target_layer" not in handler:
+            raise ScaffoldError(f"--layout {args.layout} describes a named layer: pass --layer too")
+        handler["layout"] = args.layout
     if args.input_size:
         handler["input_size"] = list(_parse_size(args.input_size))
     head = ("# written by `python -m camserve.scaffold`; keys: see camserve.models. Mean, std and\n"
@@ -291,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="index_to_name.json or a text file with one label per line")
     p.add_argument("--num-classes", type=int, help="classes (default: from --labels or the model)")
     p.add_argument("--layer", default="auto", help="target layer (dotted name) or auto")
+    p.add_argument("--layout", choices=LAYOUTS, help="how the --layer output maps to (B, C, h, w) "
+                   "where camserve cannot tell (default: probed or from the family)")
     p.add_argument("--input-size", help="H or H,W (default: what the model knows, else 224)")
     p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="constructor argument (VALUE read as YAML); repeatable")

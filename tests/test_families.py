@@ -124,7 +124,7 @@ def test_timm_family(case) -> None:
 
 # -- Hugging Face: tiny configs, random weights, save_pretrained, loaded back through hf: ---------
 
-def _hf_cases() -> list[tuple[str, Callable[[], nn.Module], tuple[int, int], str, tuple[int, int], Callable]]:
+def hf_cases() -> list[tuple[str, Callable[[], nn.Module], tuple[int, int], str, tuple[int, int], Callable]]:
     tr = pytest.importorskip("transformers")
     vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                num_labels=3)
@@ -166,7 +166,7 @@ def save_hf(model: nn.Module, folder: Path, size: tuple[int, int]) -> None:
 @pytest.mark.parametrize("idx", range(len(HF_IDS)), ids=HF_IDS)
 def test_hf_family(idx: int, tmp_path: Path) -> None:
     pytest.importorskip("safetensors")
-    name, make, size, layer, grid, reshape = _hf_cases()[idx]
+    name, make, size, layer, grid, reshape = hf_cases()[idx]
     torch.manual_seed(0)
     save_hf(make(), tmp_path / "hf", size)
     model, d = build_from_source("hf:hf", model_dir=tmp_path)
@@ -188,7 +188,7 @@ def test_smoke_timm_vit_non_square() -> None:
 def test_smoke_hf_vit_distilled(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
-    name, make, size, layer, grid, reshape = _hf_cases()[1]
+    name, make, size, layer, grid, reshape = hf_cases()[1]
     torch.manual_seed(0)
     save_hf(make(), tmp_path / "hf", size)
     model, _ = build_from_source("hf:hf", model_dir=tmp_path)
@@ -221,6 +221,31 @@ def test_torchvision_swin_and_vit_rules() -> None:
     c = locate(vit, 32)
     assert (c.name, c.layout, c.grid) == ("encoder.layers.encoder_layer_0.ln_1", "tokens", (4, 4))
     assert isinstance(c.reshape, TokenGrid) and c.reshape.prefix == 1
+
+
+def tiny_tv_maxvit() -> nn.Module:
+    """torchvision MaxViT at 64x64 (built for one input size; its grid partition is square)."""
+    import torchvision
+
+    return torchvision.models.MaxVit(input_size=(64, 64), stem_channels=8, partition_size=2,
+                                     block_channels=[8, 16, 16, 16], block_layers=[1, 1, 1, 1],
+                                     head_dim=4, stochastic_depth_prob=0.0, num_classes=3).eval()
+
+
+def test_torchvision_maxvit_rule() -> None:
+    """MaxViT accepts no second input size, yet its blocks are NCHW: the family says so, for the
+    located layer (Grad-CAM parity) and for named stem/block/block-layer outputs; an attention
+    partition inside a layer (B, windows, tokens, C) still asks for ``layout:``."""
+    from camserve.families import choose_layer
+
+    torch.manual_seed(0)
+    check_family(tiny_tv_maxvit(), (64, 64), "blocks.3", (2, 2), nchw, "tv maxvit")
+    m = tiny_tv_maxvit()
+    assert [(c.layout, c.grid) for c in (choose_layer(m, 64, n) for n in
+            ("blocks.2", "blocks.3.layers.0", "stem"))] == [("nchw", (4, 4)), ("nchw", (2, 2)),
+                                                            ("nchw", (32, 32))]
+    with pytest.raises(FamilyError, match="set layout"):
+        choose_layer(m, 64, "blocks.3.layers.0.layers.window_attention.partition_op")
 
 
 def test_square_channels_first_map_is_not_channels_last() -> None:

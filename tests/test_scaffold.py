@@ -122,6 +122,37 @@ def test_file_class_is_copied_and_named_layer(tmp_path: Path, capsys) -> None:
     assert "layer:  body (nchw" in out and "grid:   24x40" in out
 
 
+def test_layout_for_a_layer_that_cannot_be_probed(tmp_path: Path, capsys) -> None:
+    """A fixed-size model whose map comes from a Linear (B, H, W, C): the error asks for
+    ``layout:``, ``--layout nhwc`` writes it and the folder explains; ``--layout`` needs a layer
+    and one of the known layouts."""
+    src = tmp_path / "fixed.py"
+    src.write_text(
+        "from torch import nn\n"
+        "class Fixed(nn.Module):\n"
+        "    def __init__(self, num_classes=2):\n"
+        "        super().__init__()\n"
+        "        self.mix = nn.Linear(3, 8)\n"
+        "        self.fc = nn.Linear(8, num_classes)\n"
+        "    def forward(self, x):\n"
+        "        if tuple(x.shape[-2:]) != (16, 24):\n"
+        "            raise ValueError('fixed input size')\n"
+        "        return self.fc(self.mix(x.permute(0, 2, 3, 1)).mean((1, 2)))\n")
+    base = ["--arch", f"{src}:Fixed", "--num-classes", "2", "--input-size", "16,24", "--layer", "mix"]
+    assert main([str(tmp_path / "a"), *base, "--quiet"]) == 1
+    assert "set layout: nchw or nhwc" in capsys.readouterr().err
+    assert main([str(tmp_path / "b"), *base, "--layout", "nhwc"]) == 0
+    out = capsys.readouterr().out
+    assert "layer:  mix (nhwc, layout nhwc from the config)" in out and "grid:   16x24" in out
+    cfg = yaml.safe_load((tmp_path / "b" / "model-config.yaml").read_text())["handler"]
+    assert (cfg["target_layer"], cfg["layout"]) == ("mix", "nhwc")
+    assert load_folder(tmp_path / "b")[1].grid == (16, 24)
+    assert main([str(tmp_path / "c"), *base[:-2], "--layout", "nhwc"]) == 2
+    assert "pass --layer too" in capsys.readouterr().err
+    assert main([str(tmp_path / "d"), *base, "--layout", "chw"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_read_labels(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text(json.dumps({"1": "dog", "0": ["n0", "cat"]}))
     assert read_labels(tmp_path / "a.json") == ["cat", "dog"]

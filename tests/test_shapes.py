@@ -294,7 +294,9 @@ def test_evaluate_cli_meets_the_thresholds(capsys) -> None:
                         "--metrics-n", "16", "--road-n", "2", "--steps", "10"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     metrics = json.loads(out[-1])
-    assert set(metrics) == set(THRESHOLDS) | {"metrics"}
+    assert set(metrics) == set(THRESHOLDS) | {"metrics", "method_cost"}
+    assert set(metrics["method_cost"]) == set(available_methods())
+    assert all(c["forwards"] >= 1 and c["ms"] > 0 for c in metrics["method_cost"].values())
     for key, low in THRESHOLDS.items():
         assert metrics[key] >= low, (key, metrics)
     rows = metrics["metrics"]
@@ -353,6 +355,10 @@ def test_comparison_rows_keys_and_undefined_randomization(comparison) -> None:
         v["random"]["energy_in_box"], v["center"]["energy_in_box"])
     assert comparison.n == 16 and comparison.road_n == 0 and comparison.steps == 10
     assert comparison.cost["deletion"] == 10 and "road_morf" not in comparison.cost
+    # what each map costs: the declared forwards (the shared one included) and the measured time
+    mc = comparison.method_cost
+    assert list(mc) == available_methods() and all(c["ms"] > 0 for c in mc.values())
+    assert mc["gradcam"]["forwards"] < 2 <= mc["scorecam"]["forwards"] and mc["eigencam"]["forwards"] == 1
     assert json.loads(json.dumps(comparison.rounded())) == comparison.rounded()
 
 
@@ -365,6 +371,11 @@ def test_comparison_table_marks_directions_best_rows_and_undefined_cells() -> No
                                 "randomization_rank_corr", "↓"]
     assert lines[1].split() == ["gradcam", "0.2000*", "0.9000*", "12.35*", "0.1000*"]
     assert lines[2].split() == ["random", "0.5000", "0.3000", "50.00", "-"]
+    costed = shapes.Comparison(n=1, road_n=0, steps=5, baseline="mean", cost={}, seconds=0.0,
+                               values=c.values, method_cost={"gradcam": {"forwards": 1.4, "ms": 2.25}})
+    lines = costed.table().splitlines()
+    assert lines[0].split()[-2:] == ["forwards/img", "ms/img"]
+    assert lines[1].split()[-2:] == ["1.4", "2.2"] and lines[2].split()[-2:] == ["-", "-"]
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -651,6 +651,8 @@ class EvalReport:
         out: dict[str, Any] = dict(self.metrics())
         if self.comparison is not None:
             out["metrics"] = self.comparison.rounded()
+            out["method_cost"] = {row: {k: round(v, 2) for k, v in c.items()}
+                                  for row, c in self.comparison.method_cost.items()}
         return out
 
 
@@ -672,12 +674,13 @@ def pointing_hits(heatmaps: "torch.Tensor", boxes: np.ndarray, tolerance: int) -
 
 #: The metric keys of the method comparison, in table order (see :mod:`camserve.metrics`).
 COMPARISON_KEYS: tuple[str, ...] = ("deletion", "insertion", "road_morf", "road_lerf", "avg_drop",
-                                    "avg_increase", "energy_in_box", "randomization_rank_corr")
+                                    "avg_increase", "energy_in_box", "pointing_game",
+                                    "randomization_rank_corr")
 #: The two reference rows of the comparison: maps that know nothing of the model.
 BASELINE_ROWS: tuple[str, ...] = ("random", "center")
 #: Perturbation substrates of ``--baseline`` (what replaces the removed pixels).
 PERTURBATION_BASELINES: tuple[str, ...] = ("mean", "blur")
-_CHEAP_KEYS = ("deletion", "insertion", "avg_drop", "avg_increase", "energy_in_box")
+_CHEAP_KEYS = ("deletion", "insertion", "avg_drop", "avg_increase", "energy_in_box", "pointing_game")
 _ROAD_KEYS = ("road_morf", "road_lerf")
 
 
@@ -690,7 +693,10 @@ class Comparison:
     (``randomization_rank_corr`` of the baselines, which do not depend on the model). ``n``: images
     for deletion, insertion, avg_drop, avg_increase, energy_in_box and the randomisation check;
     ``road_n``: the first ``road_n`` of them for ROAD. ``cost``: forward passes per image and row
-    (:func:`camserve.metrics.cost`).
+    (:func:`camserve.metrics.cost`). ``method_cost[row]``: what one map costs, ``forwards`` (the
+    method's declared cost in whole-forward units, the shared forward included:
+    :meth:`camserve.methods.Cost.units` with the measured suffix share) and ``ms`` (measured
+    milliseconds per image of the engine call, batch of the comparison, this run).
     """
 
     n: int
@@ -700,6 +706,7 @@ class Comparison:
     values: dict[str, dict[str, Optional[float]]]
     cost: dict[str, int]
     seconds: float
+    method_cost: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def rounded(self, digits: int = 4) -> dict[str, dict[str, Optional[float]]]:
         """``values`` rounded to ``digits`` (the JSON of ``evaluate``)."""
@@ -731,7 +738,8 @@ class Comparison:
             best[k] = (min(vals) if k in LOWER_IS_BETTER else max(vals)) if vals else None
         heads = [f"{k} {'↓' if k in LOWER_IS_BETTER else '↑'}" for k in keys]
         width0 = max([len("method")] + [len(r) for r in self.values])
-        lines = ["  ".join([f"{'method':<{width0}}"] + heads).rstrip()]
+        costs = ["forwards/img", "ms/img"] if self.method_cost else []
+        lines = ["  ".join([f"{'method':<{width0}}"] + heads + costs).rstrip()]
         for row, vals in self.values.items():
             cells = [f"{row:<{width0}}"]
             for k, head in zip(keys, heads):
@@ -740,6 +748,10 @@ class Comparison:
                 mark = "*" if v is not None and v == best[k] else " "
                 cells.append(f"{text:>{len(head) - 1}}{mark}" if v is not None else
                              f"{text:>{len(head) - 1}} ")
+            if costs:
+                mc = self.method_cost.get(row)
+                cells += [f"{mc['forwards']:>12.4g}", f"{mc['ms']:>6.1f}"] if mc else \
+                    [f"{'-':>12}", f"{'-':>6}"]
             lines.append("  ".join(cells).rstrip())
         return "\n".join(lines)
 
@@ -796,7 +808,9 @@ def compare_methods(loaded: "LoadedModel", data: ShapesData, *, n: int = 64, roa
     t0 = time.monotonic()
     spec, model, layer = loaded.spec, loaded.model, loaded.layer
     engine = CamEngine(model, layer)
+    engine.measure_suffix_share(preprocess_images(data.images[:1], spec))
     map_gen = torch.Generator().manual_seed(seed)
+    map_seconds = {name: 0.0 for name in methods}
     settings = dict(steps=steps, baseline=baseline)
     cost = M.cost(_CHEAP_KEYS + ("randomization_rank_corr",) + (_ROAD_KEYS if road_n else ()),
                   steps=steps)
@@ -813,7 +827,9 @@ def compare_methods(loaded: "LoadedModel", data: ShapesData, *, n: int = 64, roa
         road_rows = max(0, min(road_n, j) - i)
         maps: dict[str, "torch.Tensor"] = {}
         for name in methods:
+            t_map = time.perf_counter()
             maps[name] = engine(x, targets=t, method=name).cams
+            map_seconds[name] += time.perf_counter() - t_map
         cam_size = tuple(next(iter(maps.values())).shape[-2:]) if maps else tuple(x.shape[-2:])
         maps["random"] = M.random_map((j - i, *cam_size), map_gen)
         maps["center"] = M.center_map((j - i, *cam_size))
@@ -839,8 +855,14 @@ def compare_methods(loaded: "LoadedModel", data: ShapesData, *, n: int = 64, roa
         got = {k: float(torch.cat(v).double().mean()) for k, v in per_image[row].items()}
         values[row] = {k: got.get(k) for k in COMPARISON_KEYS
                        if k not in _ROAD_KEYS or road_n > 0}
+    from camserve.methods import get_method
+
+    size = engine.layer_size
+    method_cost = {name: {"forwards": 1.0 + get_method(name).spec().cost(size, 1).units(
+                              engine.suffix_share),
+                          "ms": 1000.0 * map_seconds[name] / n} for name in methods}
     return Comparison(n=n, road_n=road_n, steps=steps, baseline=baseline, values=values,
-                      cost=cost, seconds=time.monotonic() - t0)
+                      cost=cost, seconds=time.monotonic() - t0, method_cost=method_cost)
 
 
 def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, seed: int = 1234, *, n: int = 640,

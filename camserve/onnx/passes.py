@@ -1,5 +1,6 @@
 """FX graph passes on traced ATen graphs: rewrite in-place operations out of place
-(:func:`functionalize_inplace`) and turn tensor constants into inputs (:func:`lift_constants`).
+(:func:`functionalize_inplace`), turn tensor constants into inputs (:func:`lift_constants`) and
+element counts into products of sizes (:func:`numel_from_sizes`).
 
 Example::
 
@@ -22,7 +23,7 @@ import torch
 
 aten = torch.ops.aten
 
-__all__ = ["functionalize_inplace", "lift_constants"]
+__all__ = ["functionalize_inplace", "lift_constants", "numel_from_sizes"]
 
 
 def _returns_alias(node: torch.fx.Node) -> bool:
@@ -167,3 +168,57 @@ def lift_constants(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     gm.graph.lint()
     gm.recompile()
     return consts
+
+
+def numel_from_sizes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Replace every ``aten.sym_numel(t)`` by the product of ``t``'s sizes, in place on ``gm``:
+    ``aten.sym_size.int`` for a symbolic dimension, the number for a static one — operations the
+    ONNX translation knows. (A reshape to ``-1`` of a tensor with a symbolic batch size, such as
+    Hugging Face Swin's attention mask expanded over the batch, traces to ``sym_numel``.)
+
+    Example::
+
+        >>> from torch.fx.experimental.proxy_tensor import make_fx
+        >>> gm = make_fx(lambda x: x.expand(2, -1, -1).reshape(-1, 4), tracing_mode="symbolic")(
+        ...     torch.randn(1, 3, 4))
+        >>> _ = numel_from_sizes(gm)
+        >>> any(n.target is aten.sym_numel.default for n in gm.graph.nodes)
+        False
+        >>> gm(torch.randn(1, 5, 4)).shape
+        torch.Size([10, 4])
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.sym_numel.default:
+            continue
+        src: torch.fx.Node = node.args[0]  # type: ignore[assignment]
+        val = src.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ValueError(f"cannot rewrite {node.format_node()}: the shape of its input is unknown")
+        static, product = 1, None
+        with gm.graph.inserting_before(node):
+            for dim, size in enumerate(val.shape):
+                if isinstance(size, int):
+                    static *= size
+                    continue
+                size_node = gm.graph.call_function(aten.sym_size.int, (src, dim))
+                size_node.meta["val"] = size
+                if product is None:
+                    product = size_node
+                else:
+                    prev = product
+                    product = gm.graph.call_function(operator.mul, (prev, size_node))
+                    product.meta["val"] = prev.meta["val"] * size
+            if product is not None and static != 1:
+                prev = product
+                product = gm.graph.call_function(operator.mul, (prev, static))
+                product.meta["val"] = prev.meta["val"] * static
+        if product is None:  # every dimension static: the count itself
+            for user in list(node.users):
+                user.args = torch.fx.node.map_arg(user.args, lambda a: static if a is node else a)
+                user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a: static if a is node else a)
+        else:
+            node.replace_all_uses_with(product)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -120,20 +120,29 @@ class CamGraph(nn.Module):
 
 @contextmanager
 def _contiguous_outputs(model: nn.Module) -> Iterator[None]:
-    """Inside the block every submodule's tensor output is made contiguous.
+    """Inside the block every submodule's tensor output, and the input of every adaptive average
+    pooling module, is made contiguous.
 
     Values do not change, only strides — which ONNX does not have. It keeps channels-last views
-    (ConvNeXt and Swin blocks permute) from reaching operations such as a 1×1 adaptive average
-    pool, which then restrides its output in place (``as_strided_``) and whose backward writes
-    through a strided view: operations with no functional ONNX form. (Not a target-layer capture:
-    it watches every module and changes strides only.)
+    (ConvNeXt and Swin blocks permute; Hugging Face Swin pools ``tokens.transpose(1, 2)`` with an
+    ``AdaptiveAvgPool1d``) from reaching a 1×1 adaptive average pool, which then restrides its
+    output in place (``as_strided_``) and whose backward writes through a strided view
+    (``copy_`` into ``as_strided``): operations with no functional ONNX form. (Not a target-layer
+    capture: it watches every module and changes strides only.)
     """
     def hook(_mod: nn.Module, _inp: Any, out: Any) -> Any:
         if isinstance(out, torch.Tensor) and not out.is_contiguous():
             return out.contiguous()
         return None
 
+    def pre_hook(_mod: nn.Module, args: tuple[Any, ...]) -> Any:
+        if any(isinstance(a, torch.Tensor) and not a.is_contiguous() for a in args):
+            return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        return None
+
+    pools = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
     handles = [m.register_forward_hook(hook) for m in model.modules()]
+    handles += [m.register_forward_pre_hook(pre_hook) for m in model.modules() if isinstance(m, pools)]
     try:
         yield
     finally:

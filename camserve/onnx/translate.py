@@ -38,7 +38,7 @@ import torch
 
 from .. import __version__
 from .format import BATCH_DIM
-from .passes import lift_constants
+from .passes import lift_constants, numel_from_sizes
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def _translate_fast(gm: torch.fx.GraphModule, input_names: Sequence[str],
     gm = copy.copy(gm)  # the passes below rewrite the graph; keep the caller's intact
     gm.graph = copy.deepcopy(gm.graph)
     consts = lift_constants(gm)
+    numel_from_sizes(gm)
     _fx_passes.insert_type_promotion_nodes(gm)
     gm = _fx_passes.remove_assertion_nodes(gm)
     for node in gm.graph.nodes:  # no module scopes in a make_fx graph; say so (else a warning per node)

@@ -71,6 +71,77 @@ def test_zoo_graph_equals_engine(arch: Arch, layer: str, zoo_results: dict[str, 
     assert row["logits_std"] > 1e-3  # a non-degenerate test model
 
 
+# -- every family of docs/byom.md (timm, Hugging Face, torchvision MaxViT/Swin): exact gradients ---
+
+def _family_cases() -> list[Any]:
+    """(id, builder, input size) of the families the layer table of docs/byom.md lists, in the
+    configurations of tests/test_families.py (small, random weights, non-square where the family
+    allows)."""
+    from camserve.sources import build_from_source
+    from tests.test_families import HF_IDS, TIMM_ZOO, hf_cases, tiny_tv_maxvit, tiny_tv_swin
+
+    cases: list[Any] = [
+        pytest.param(lambda n=name, a=args: build_from_source(f"timm:{n}", num_classes=3, arch_args=a)[0],
+                     size, id=f"timm:{name}" + ("_reg" if "reg_tokens" in args else ""))
+        for name, args, size, *_ in TIMM_ZOO]
+    cases += [pytest.param(make, size, id=f"hf:{hid}")
+              for hid, (_, make, size, *_) in zip(HF_IDS, hf_cases())]
+    cases += [pytest.param(tiny_tv_maxvit, (64, 64), id="torchvision:maxvit"),
+              pytest.param(tiny_tv_swin, (64, 96), id="torchvision:swin")]
+    return cases
+
+
+def export_family(model: nn.Module, size: tuple[int, int], out: Path) -> Any:
+    """Export the located layer of a random-weight model (BatchNorm calibrated) with the fast
+    exporter and verify it against the engine (VerificationError otherwise)."""
+    from camserve.testing.nets import calibrate_bn
+
+    torch.manual_seed(0)
+    calibrate_bn(model, size, steps=2, seed=0)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    src = from_module(model, ModelSpec(arch="family", input_size=size), labels=["a", "b", "c"])
+    return export_cam_onnx(src, out, methods=("gradcam",), exporter="fast", threads=1)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("make,size", _family_cases())
+def test_family_exports_with_exact_gradients(make: Any, size: tuple[int, int], tmp_path: Path) -> None:
+    """The located layer of each family exports with the fast exporter (gradients traced, not a
+    fallback) and verifies at every target form and at batch 1 (Hugging Face Swin included: its
+    pooled transposed tokens and its attention mask expanded over the batch)."""
+    info = export_family(make(), size, tmp_path / "f.onnx")
+    assert info.exporter == "fast"
+    assert set(info.errors) == {"explicit", "-1", "omitted", "batch1"}
+    assert all(e <= TOL or e <= allowed_error(TOL, DEFAULT_FACTOR, info.baseline[case][name])
+               for case, row in info.errors.items() for name, e in row.items())
+
+
+class _PooledTokens(nn.Module):
+    """Tokens pooled by an ``AdaptiveAvgPool1d`` over ``tokens.transpose(1, 2)`` (channels-last
+    strides: the pool restrides in place) and a mask expanded over the batch then reshaped with
+    -1 (``sym_numel``): the two patterns of Hugging Face Swin that had no functional ONNX form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(8, 3)
+        self.register_buffer("mask", torch.linspace(-1, 1, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(self.embed(x).flatten(2).transpose(1, 2))            # (B, N, 8)
+        m = self.mask[None, None].expand(x.shape[0], -1, -1).reshape(-1, 8)  # (B, 8)
+        return self.head(self.pool(t.transpose(1, 2)).flatten(1) + m)
+
+
+def test_pooled_transposed_tokens_export_with_the_fast_exporter(tmp_path: Path) -> None:
+    info = export_family(_PooledTokens(), (16, 24), tmp_path / "p.onnx")
+    assert info.exporter == "fast" and info.layer == "embed"
+
+
 # -- the graph contract, on one model ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
