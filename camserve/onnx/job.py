@@ -608,6 +608,8 @@ class BatchExplainer:
         self.sess = sess
         self.providers: list[str] = list(sess.get_providers())
         self.in_name = sess.get_inputs()[0].name
+        #: a graph traced at batch size 1 (a gradient-free detection graph) runs image by image
+        self.one_by_one = sess.get_inputs()[0].shape[0] == 1
         self.fetch = [plan.meta.output_names[0], plan.cam_output]
         self.task = plan.meta.task
         self.reference = self._reference()
@@ -647,6 +649,14 @@ class BatchExplainer:
             feed["reference"] = np.tile(np.asarray(self.reference, np.float32), (len(x), 1))
         return feed
 
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """The task's output and the chosen map of the images ``x``: one session run, or one per
+        image for a graph of batch size 1."""
+        if not self.one_by_one:
+            return self.sess.run(self.fetch, self.feed(x))
+        parts = [self.sess.run(self.fetch, self.feed(x[i:i + 1])) for i in range(len(x))]
+        return [np.concatenate(p) for p in zip(*parts)]
+
     def explain(self, batch: Sequence[Decoded], submit: Submit) -> ExplainedBatch:
         """Explain ``batch`` (at least one image): one session run, the results lines, each
         image's :meth:`artefacts` started with ``submit`` and, with ``--metrics``, the audit.
@@ -654,7 +664,7 @@ class BatchExplainer:
         plan = self.plan
         x = np.stack([d.tensor.numpy() for d in batch])
         t0 = time.perf_counter()
-        logits, cams = self.sess.run(self.fetch, self.feed(x))
+        logits, cams = self.run(x)
         out = ExplainedBatch([], session_seconds=time.perf_counter() - t0)
         if self.task.graph_per_target:
             return self._explain_boxes(batch, logits, cams, out, submit)

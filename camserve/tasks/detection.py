@@ -464,13 +464,11 @@ class Detection(Task):
             return out
         m = self.max_detections
         rows = []
-        for d in out:
+        for d in out:  # padded by concatenation and a fixed slice: traceable whatever len(d)
             d = d.detach()
-            n = min(len(d), m)
-            boxes = torch.zeros(m, 4, dtype=d.boxes.dtype, device=d.boxes.device)
-            scores = torch.zeros(m, dtype=d.boxes.dtype, device=d.boxes.device)
-            labels = torch.full((m,), -1, dtype=torch.long, device=d.boxes.device)
-            boxes[:n], scores[:n], labels[:n] = d.boxes[:n], d.scores[:n].to(d.boxes.dtype), d.labels[:n]
+            boxes = torch.cat([d.boxes, d.boxes.new_zeros(m, 4)])[:m]
+            scores = torch.cat([d.scores.to(d.boxes.dtype), d.boxes.new_zeros(m)])[:m]
+            labels = torch.cat([d.labels, d.labels.new_full((m,), -1)])[:m]
             rows.append(pack_detections(boxes, scores, labels, labels >= 0))
         if not rows:
             return torch.zeros(0, m, 6)

@@ -262,3 +262,83 @@ def test_ray_worker_writes_the_local_lines(det_graph: Path, tmp_path: Path,
         for d in line["detections"]:
             for rel in d.get("explanation", {}).get("files", {}).values():
                 assert (out / rel).read_bytes() == (local / rel).read_bytes()
+
+
+# -- gradient-free graphs of detectors with NMS / RoIAlign decoding -----------------------------------
+
+TV_SIZE = (96, 128)  # non-square
+#: torchvision families (random weights, threshold 0): SSDlite's random heads score every box
+#: alike (ties: NMS may keep another of the equal boxes), so its detections are not compared
+TV_FAMILIES = [
+    ("fasterrcnn_mobilenet_v3_large_fpn", True),
+    ("ssdlite320_mobilenet_v3_large", False),
+    pytest.param("fasterrcnn_resnet50_fpn", True, marks=[pytest.mark.slow, pytest.mark.zoo]),
+    pytest.param("fasterrcnn_resnet50_fpn_v2", True, marks=[pytest.mark.slow, pytest.mark.zoo]),
+    pytest.param("maskrcnn_resnet50_fpn", True, marks=[pytest.mark.slow, pytest.mark.zoo]),
+    pytest.param("retinanet_resnet50_fpn", True, marks=[pytest.mark.slow, pytest.mark.zoo]),
+    pytest.param("fcos_resnet50_fpn", True, marks=[pytest.mark.slow, pytest.mark.zoo]),
+    pytest.param("ssd300_vgg16", True, marks=[pytest.mark.slow, pytest.mark.zoo]),
+]
+
+
+def _tv_detector(arch: str):
+    from camserve.models import ModelSpec, load_model
+
+    spec = ModelSpec.from_config({"arch": f"torchvision.models.{arch}", "num_classes": 4,
+                                  "task": "detection", "input_size": list(TV_SIZE),
+                                  "score_threshold": 0.0, "max_detections": 30, "explain_top": 3})
+    torch.manual_seed(0)
+    return load_model(spec)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("arch,untied", TV_FAMILIES)
+def test_torchvision_detectors_export_gradient_free(arch: str, untied: bool, tmp_path: Path) -> None:
+    """Every torchvision family exports for inference with its activations and EigenCAM (batch
+    size 1, no gradients output); activations and maps match PyTorch, and so do the detections
+    where scores are not tied. A method that needs gradients is refused, naming the usable
+    ones."""
+    from camserve.onnx.translate import ExportError
+
+    lm = _tv_detector(arch)
+    info = export_cam_onnx(lm, tmp_path / "g.onnx", methods=("eigencam",), threads=1)
+    assert info.exporter == "torchscript" and info.outputs == ["detections", "activations", "cam"]
+    errors = info.errors["random"]
+    assert errors["activations"] <= 1e-4 and errors["cam"] <= 1e-4
+    if untied:
+        assert errors["detections_mismatch"] == 0.0 and errors["detections"] <= 1e-4
+    sess = ort_session(info.path, threads=1)
+    assert sess.get_inputs()[0].shape == [1, 3, *TV_SIZE]
+    dets, cam = sess.run(["detections", "cam"], {"input": np.random.default_rng(0).random(
+        (1, 3, *TV_SIZE), dtype=np.float32)})
+    assert dets.shape == (1, 30, 6) and (dets[0, :, 5] >= 0).any()
+    assert cam.shape[:2] == (1, 3) and np.array_equal(cam[0, 0], cam[0, 2])  # one map, every box
+    assert GraphMeta.from_file(info.path).task.graph_top == 3
+    with pytest.raises(ExportError, match="no ONNX gradient.*'gradcam'.*eigencam"):
+        export_cam_onnx(lm, tmp_path / "x.onnx", methods=("gradcam",))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_job_over_a_gradient_free_graph(tmp_path: Path, json_lines: JsonLines) -> None:
+    """A batch-size-1 graph runs image by image inside batches of 3: every image gets its
+    detections line, each explained box its own map renormalised inside the box."""
+    lm = _tv_detector("fasterrcnn_mobilenet_v3_large_fpn")
+    graph = export_cam_onnx(lm, tmp_path / "g.onnx", methods=("eigencam",), threads=1).path
+    src = tmp_path / "in"
+    write_samples(src, 4, 5)
+    (src / "boxes.json").unlink()
+    (src / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert main(["--model", str(graph), str(src), "--out", str(out), "--batch-size", "3",
+                 "--threads", "1", "--save", "heatmap"]) == EXIT_PARTIAL
+    lines = json_lines(out / "results.jsonl")
+    assert len(lines) == 5 and len(json_lines(out / "errors.jsonl")) == 1
+    for line in lines:
+        explained = [d for d in line["detections"] if "explanation" in d]
+        assert len(explained) == 3 and line["method"] == "eigencam"
+        for d in explained:
+            hm = np.asarray(Image.open(out / d["explanation"]["files"]["heatmap"]))
+            b = d["box"]
+            inside = hm[int(b[1]):int(round(b[3])), int(b[0]):int(round(b[2]))]
+            assert hm.sum() == inside.sum()
