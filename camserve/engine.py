@@ -148,16 +148,23 @@ class CamStep(NamedTuple):
 
 
 def layer_gradients(scores: torch.Tensor, activation: torch.Tensor,
-                    rows: Optional[torch.Tensor] = None, retain: bool = False) -> torch.Tensor:
+                    rows: Optional[torch.Tensor] = None, retain: bool = False,
+                    batched: bool = True) -> torch.Tensor:
     """d scores / d activation, raw layout: (R, ...) for (R,) scores — one backward for the whole
     batch, rows of a batch being independent in eval mode — and (K, R, ...) for (R, K) scores —
-    one batched backward (``is_grads_batched=True``, one target per gradient). ``rows`` (R,):
-    the explained rows' indices in ``activation`` (None: all, R == B); ``retain``: keep the graph
-    for more backwards."""
+    one batched backward (``is_grads_batched=True``, one target per gradient), or with
+    ``batched=False`` K backwards in turn (what a traced graph with a symbolic batch size can
+    record). ``rows`` (R,): the explained rows' indices in ``activation`` (None: all, R == B);
+    ``retain``: keep the graph for more backwards."""
     if scores.dim() == 1:
         (g_raw,) = torch.autograd.grad(scores.sum(), activation, retain_graph=retain)
         return g_raw if rows is None else g_raw.index_select(0, rows)
     k = scores.shape[1]
+    if not batched:
+        g_raw = torch.stack([torch.autograd.grad(scores[:, j].sum(), activation,
+                                                 retain_graph=retain or j < k - 1)[0]
+                             for j in range(k)])
+        return g_raw if rows is None else g_raw.index_select(1, rows)
     eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
     grad_out = eye[:, None, :].expand(k, scores.shape[0], k)
     (g_raw,) = torch.autograd.grad(scores, activation, grad_outputs=grad_out, is_grads_batched=True,
@@ -167,7 +174,7 @@ def layer_gradients(scores: torch.Tensor, activation: torch.Tensor,
 
 def cam_step(scores: torch.Tensor, activation: torch.Tensor,
              methods: Sequence[Union[str, Method]], to_nchw: Callable[[torch.Tensor], torch.Tensor],
-             rows: Optional[torch.Tensor] = None) -> CamStep:
+             rows: Optional[torch.Tensor] = None, batched: bool = True) -> CamStep:
     """The one CAM step of the pure methods, shared by :class:`CamEngine` and the traced ONNX
     graph: target scores -> gradient to the layer -> NCHW -> method(s).
 
@@ -181,6 +188,8 @@ def cam_step(scores: torch.Tensor, activation: torch.Tensor,
             needs gradients.
         to_nchw: the layer's layout function (:func:`camserve.layers.nchw_converter`).
         rows: (R,) indices of the explained rows in ``activation`` (None: all of them, R == B).
+        batched: (R, K) scores get one batched backward; False: K backwards
+            (:func:`layer_gradients`).
 
     Example::
 
@@ -204,7 +213,7 @@ def cam_step(scores: torch.Tensor, activation: torch.Tensor,
     A = to_nchw(a_sel)
     G = None
     if any(m.gradients for m in fns):
-        g_raw = layer_gradients(scores, activation, rows)
+        g_raw = layer_gradients(scores, activation, rows, batched=batched)
         G = to_nchw(g_raw) if scores.dim() == 1 else \
             torch.stack([to_nchw(g) for g in g_raw.unbind(0)], dim=1)  # (R, K, C, h, w)
     if scores.dim() == 1:

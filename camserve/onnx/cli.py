@@ -82,6 +82,9 @@ def _job_options(p: argparse.ArgumentParser) -> None:
                         ".json / .npy vector of the graph's dimension")
     p.add_argument("--topk", type=int, help="predictions per image in results.jsonl "
                                             "(default: the graph's)")
+    p.add_argument("--explain-top", type=int, metavar="N",
+                   help="detection graphs: maps for each image's N best detections (0..the "
+                        "graph's explain_top; default: all the graph computes)")
     p.add_argument("--resume", action="store_true",
                    help="skip images already in DIR/results.jsonl")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -160,7 +163,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
                      max_file_size=args.max_file_size, max_pixels=args.max_pixels,
                      window_bytes=args.window_bytes, metrics=_parse_metrics(args.metrics),
                      metrics_steps=args.metrics_steps, metrics_baseline=args.metrics_baseline,
-                     reference=args.reference)
+                     reference=args.reference, explain_top=args.explain_top)
 
 
 def _parse_save(text: str) -> tuple[str, ...]:

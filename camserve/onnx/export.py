@@ -148,6 +148,12 @@ def export_cam_onnx(loaded: LoadedModel, out: str | Path, *, methods: Sequence[s
         raise ValueError(f"invalid value for opset: {opset} (allowed: {BASE_OPSET} or newer)")
     methods = check_methods(methods)
     meta = GraphMeta.from_loaded(loaded, methods)
+    if meta.task.graph_per_target:
+        from .detectors import export_detector_onnx, traceable_with_gradients
+
+        if not traceable_with_gradients(loaded.model):  # NMS/RoIAlign decoding: gradient-free
+            return export_detector_onnx(loaded, out, methods=methods, verify=verify,
+                                        tolerance=tolerance, seed=seed, threads=threads)
     spec, layer = meta.spec, meta.layer
     reshape = loaded.reshape if layer == loaded.layer else None
     t0 = time.perf_counter()

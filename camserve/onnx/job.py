@@ -35,7 +35,7 @@ from .audit import AUDIT_KEYS, BASELINES, MetricMeans, audit_batch, cost_help, f
 from .format import GraphMeta
 from .inputs import DEFAULT_MAX_FILE_SIZE, Decoded, Failed, Item, Refused, UsageError, \
     iter_inputs, load_item, read_file, unique_items
-from .outputs import Outputs, finish_image
+from .outputs import Outputs, finish_boxes, finish_image
 from .session import ort_session
 
 log = logging.getLogger("camserve.onnx.batch")
@@ -78,6 +78,7 @@ class JobConfig:
     metrics_steps: int = 50
     metrics_baseline: str = "mean"
     reference: Optional[str] = None
+    explain_top: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class JobPlan:
     #: an embedding graph's --reference: a vector, or an image (absolute path) embedded first
     reference: Optional[tuple[float, ...]] = None
     reference_image: Optional[str] = None
+    #: a detection graph: how many of each image's top detections get maps (at most the graph's)
+    explain_top: int = 0
 
 
 @dataclass
@@ -164,13 +167,36 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     if target >= 0 and "target" not in meta.input_names:
         raise UsageError(f"invalid value for --target: the {meta.spec.task} graph has no target "
                          f"input")
+    explain_top = _explain_top(cfg.explain_top, meta)
+    if cfg.metrics and meta.task.graph_per_target:
+        raise UsageError("invalid value for --metrics: none applies to a detection graph (the "
+                         "faithfulness metrics score one target per image; box pointing and "
+                         "energy in the box need ground-truth boxes: docs/batch.md)")
     return JobPlan(model=str(cfg.model.resolve()), out=str(cfg.out.resolve()),
                    cam_output=cam_output, method=method.lower(), target=target, topk=topk,
                    save=tuple(cfg.save), max_pixels=_max_pixels(cfg.max_pixels, meta), meta=meta,
                    max_file_size=cfg.max_file_size, window_bytes=cfg.window_bytes,
                    metrics=tuple(dict.fromkeys(cfg.metrics)), metrics_steps=cfg.metrics_steps,
                    metrics_baseline=cfg.metrics_baseline, reference=vector,
-                   reference_image=image)
+                   reference_image=image, explain_top=explain_top)
+
+
+def _explain_top(value: Optional[int], meta: GraphMeta) -> int:
+    """A detection graph's ``--explain-top``: 0 .. the graph's own count (its metadata's
+    ``explain_top``, the maps it computes per image), default all of them; other graphs take
+    none."""
+    if not meta.task.graph_per_target:
+        if value is not None:
+            raise UsageError(f"invalid value for --explain-top: the {meta.spec.task} graph takes "
+                             f"none (detection graphs only)")
+        return 0
+    most = meta.task.graph_top
+    if value is None:
+        return most
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise UsageError(f"invalid value for --explain-top: {short_repr(value)} (allowed: 0..{most}, "
+                         f"the maps this graph computes per image)")
+    return value
 
 
 def _resolve_reference(value: Optional[str], meta: GraphMeta
@@ -312,7 +338,11 @@ def check_session(meta: GraphMeta, inputs: Sequence[Any], outputs: Sequence[Any]
     if name not in outs:
         raise bad(f"it has no output {name!r}")
     width = outs[name][1] if len(outs[name]) >= 2 else None
-    if isinstance(width, int) and width != len(meta.labels):
+    if meta.task.graph_per_target:  # detections (N, M, 6)
+        dims = outs[name]
+        if len(dims) != 3 or (isinstance(dims[2], int) and dims[2] != 6):
+            raise bad(f"output {name!r} has shape {short_repr(outs[name])}, expected (N, M, 6)")
+    elif isinstance(width, int) and width != len(meta.labels):
         raise bad(f"{len(meta.labels)} labels for {width} {name}")
     missing = [f"{m} ({o})" for m, o in meta.cam_outputs.items() if o not in outs]
     if missing:
@@ -413,6 +443,37 @@ def result_lines(items: Sequence[Item], sizes: Sequence[tuple[int, int]], logits
     return lines
 
 
+def detection_lines(items: Sequence[Item], sizes: Sequence[tuple[int, int]], dets: np.ndarray,
+                    cams: np.ndarray, meta: GraphMeta, method: str, explain_top: int
+                    ) -> list[Union[dict[str, Any], Failed]]:
+    """The results.jsonl lines of a detection graph's run: per image its ``detections`` (boxes in
+    original pixels, as the servers answer: :meth:`camserve.tasks.Detection.detections_json`),
+    the first ``explain_top`` with an ``explanation`` (``method``; ``bbox`` and ``files`` are
+    filled in when its maps are done). ``dets`` is the graph's packed ``detections`` (N, M, 6),
+    ``cams`` its maps (N, K, h, w). An image whose detections or explained maps are not finite
+    gets a :class:`Failed` record (``InvalidOutput``)."""
+    task = meta.task
+    out = torch.from_numpy(np.asarray(dets)).float()
+    lines: list[Union[dict[str, Any], Failed]] = []
+    for j, (item, size) in enumerate(zip(items, sizes)):
+        if not bool(torch.isfinite(out[j]).all()):
+            lines.append(Failed(item, "InvalidOutput", "the graph returned non-finite detections "
+                                                       "(NaN or infinity) for this image"))
+            continue
+        found = task.detections_json(out[j], Geometry((size[1], size[0]), meta.input_size))
+        shown = min(explain_top, len(found))
+        if not bool(np.isfinite(cams[j, :shown]).all()):
+            lines.append(Failed(item, "InvalidOutput", "the graph returned a non-finite CAM (NaN "
+                                                       "or infinity) for this image"))
+            continue
+        for det in found[:shown]:
+            det["explanation"] = {"method": method, "bbox": None, "files": {}}
+        lines.append({"path": item.path, "name": item.name, "width": size[1], "height": size[0],
+                      "task": "detection", "detections": found, "method": method,
+                      "layer": meta.layer})
+    return lines
+
+
 # -- --metrics ----------------------------------------------------------------------------------------
 
 def audit_lines(sess: Any, x: np.ndarray, cams: np.ndarray, lines: Sequence[dict[str, Any]],
@@ -503,15 +564,20 @@ class Explained:
     its unrounded metrics (None where they failed)."""
 
     line: dict[str, Any]
-    files: Future[Union[Files, Failed]]
+    files: Future[Union[Files, list[Files], Failed]]
     metrics: Optional[dict[str, float]] = None
 
     def result(self) -> Union[dict[str, Any], Failed]:
-        """Wait for the artefacts: the finished line (``files`` and ``bbox`` in), or the image's
-        :class:`Failed` record when they could not be made."""
+        """Wait for the artefacts: the finished line (``files`` and ``bbox`` in; a detection
+        line's in each explained detection's ``explanation``), or the image's :class:`Failed`
+        record when they could not be made."""
         done = self.files.result()
         if isinstance(done, Failed):
             return done
+        if isinstance(done, list):
+            for det, (files, bbox) in zip(self.line["detections"], done):
+                det["explanation"]["files"], det["explanation"]["bbox"] = files, bbox
+            return self.line
         self.line["files"], self.line["bbox"] = done
         return self.line
 
@@ -542,6 +608,8 @@ class BatchExplainer:
         self.sess = sess
         self.providers: list[str] = list(sess.get_providers())
         self.in_name = sess.get_inputs()[0].name
+        #: a graph traced at batch size 1 (a gradient-free detection graph) runs image by image
+        self.one_by_one = sess.get_inputs()[0].shape[0] == 1
         self.fetch = [plan.meta.output_names[0], plan.cam_output]
         self.task = plan.meta.task
         self.reference = self._reference()
@@ -581,6 +649,14 @@ class BatchExplainer:
             feed["reference"] = np.tile(np.asarray(self.reference, np.float32), (len(x), 1))
         return feed
 
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """The task's output and the chosen map of the images ``x``: one session run, or one per
+        image for a graph of batch size 1."""
+        if not self.one_by_one:
+            return self.sess.run(self.fetch, self.feed(x))
+        parts = [self.sess.run(self.fetch, self.feed(x[i:i + 1])) for i in range(len(x))]
+        return [np.concatenate(p) for p in zip(*parts)]
+
     def explain(self, batch: Sequence[Decoded], submit: Submit) -> ExplainedBatch:
         """Explain ``batch`` (at least one image): one session run, the results lines, each
         image's :meth:`artefacts` started with ``submit`` and, with ``--metrics``, the audit.
@@ -588,8 +664,10 @@ class BatchExplainer:
         plan = self.plan
         x = np.stack([d.tensor.numpy() for d in batch])
         t0 = time.perf_counter()
-        logits, cams = self.sess.run(self.fetch, self.feed(x))
+        logits, cams = self.run(x)
         out = ExplainedBatch([], session_seconds=time.perf_counter() - t0)
+        if self.task.graph_per_target:
+            return self._explain_boxes(batch, logits, cams, out, submit)
         if logits.ndim < 2 or logits.shape[0] != len(batch) \
                 or logits.shape[1] != len(plan.meta.labels):
             raise UsageError(f"invalid value for --model: the graph returned {self.fetch[0]} of "
@@ -618,6 +696,40 @@ class BatchExplainer:
                 e.metrics = row
             out.metrics_seconds = time.perf_counter() - t1
         return out
+
+    def _explain_boxes(self, batch: Sequence[Decoded], dets: np.ndarray, cams: np.ndarray,
+                       out: ExplainedBatch, submit: Submit) -> ExplainedBatch:
+        """A detection graph's batch: :func:`detection_lines`, then each image's per-box files
+        (:func:`camserve.onnx.outputs.finish_boxes`; renormalised inside each box for a
+        gradient-free method or the graph's ``box_normalize``). ``--metrics`` is refused for
+        detection graphs by :func:`plan_job`."""
+        plan = self.plan
+        if dets.ndim != 3 or dets.shape[0] != len(batch) or dets.shape[2] != 6 \
+                or cams.ndim != 4 or cams.shape[0] != len(batch):
+            raise UsageError(f"invalid value for --model: the graph returned {self.fetch[0]} of "
+                             f"shape {list(dets.shape)} and maps of shape {list(cams.shape)} for "
+                             f"{len(batch)} images (expected (N, M, 6) and (N, K, h, w))")
+        lines = detection_lines([d.item for d in batch], [d.size for d in batch], dets, cams,
+                                plan.meta, plan.method, plan.explain_top)
+        from ..methods import get_method
+        from ..tasks.detection import DetectionOptions
+
+        inside = self.task.box_normalized(DetectionOptions(box_normalize=self.task.box_normalize),
+                                          get_method(plan.method).gradients)
+        for j, (d, line) in enumerate(zip(batch, lines)):
+            if isinstance(line, Failed):
+                out.rows.append(line)
+                continue
+            boxes = [det["box"] for det in line["detections"] if "explanation" in det]
+            fn = functools.partial(self.box_artefacts, boxes=boxes, inside=inside)
+            out.rows.append(Explained(line, submit(fn, d, cams[j, :len(boxes)])))
+        return out
+
+    def box_artefacts(self, d: Decoded, cams: np.ndarray, *, boxes: Sequence[Sequence[float]],
+                      inside: bool) -> Union[list[Files], Failed]:
+        """One detection image's per-box heatmaps, bboxes and files
+        (:func:`camserve.onnx.outputs.finish_boxes`), or its :class:`Failed` record."""
+        return finish_boxes(Path(self.plan.out), d, cams, boxes, self.plan.save, inside)
 
     def _model_for(self, intact: torch.Tensor) -> Optional[Callable[[slice], Any]]:
         """The ``--metrics`` model of a task other than classification, per slice of the batch:

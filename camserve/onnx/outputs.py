@@ -139,10 +139,17 @@ def _finish_image(out_dir: Path, d: Decoded, cam: np.ndarray, save: Sequence[str
 def _make_files(out_dir: Path, d: Decoded, cam: np.ndarray,
                 save: Sequence[str]) -> tuple[dict[str, str], Optional[list[int]]]:
     heatmap = heatmaps_at_sizes(torch.from_numpy(cam[None]), [d.size])[0]
-    bbox = bbox_from_heatmap(heatmap)
+    return _write_artefacts(out_dir, d, d.item.name, heatmap, cam, save), bbox_from_heatmap(heatmap)
+
+
+def _write_artefacts(out_dir: Path, d: Decoded, stem: str, heatmap: np.ndarray, cam: np.ndarray,
+                     save: Sequence[str], box: Optional[Sequence[float]] = None) -> dict[str, str]:
+    """Write the chosen files of one map (``heatmap`` uint8 at the original size, ``cam`` raw)
+    as ``stem`` + their suffix; the overlay draws ``box`` (original pixels) when given. Returns
+    ``{kind: path under out_dir}``."""
     written: dict[str, str] = {}
     for kind in save:
-        rel = d.item.name + SAVE_SUFFIXES[kind]
+        rel = stem + SAVE_SUFFIXES[kind]
         if kind == "heatmap":
             data = heatmap_png(heatmap)
         elif kind == "overlay":
@@ -153,14 +160,52 @@ def _make_files(out_dir: Path, d: Decoded, cam: np.ndarray,
             if d.image.size != (heatmap.shape[1], heatmap.shape[0]):
                 small = np.asarray(Image.fromarray(heatmap, "L").resize(d.image.size,
                                                                         Image.BILINEAR))
-            data = overlay_png(d.image, small)
+            sx, sy = d.image.size[0] / heatmap.shape[1], d.image.size[1] / heatmap.shape[0]
+            data = overlay_png(d.image, small, box=None if box is None else
+                               [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy])
         else:
             buf = io.BytesIO()
             np.save(buf, cam.astype(np.float32, copy=False))
             data = buf.getvalue()
         write_file(out_dir, rel, data)
         written[kind] = rel
-    return written, bbox
+    return written
+
+
+#: what each explained detection's files are named after: the item's name + ``.det<k>``
+BOX_STEM = ".det{k}"
+
+
+def _make_box_files(out_dir: Path, d: Decoded, cams: np.ndarray, boxes: Sequence[Sequence[float]],
+                    save: Sequence[str], inside: bool) -> list[tuple[dict[str, str], Optional[list[int]]]]:
+    """Per explained detection ``k`` (``cams[k]`` its raw map, ``boxes[k]`` its box in original
+    pixels): the heatmap at the original size — min-max normalised inside the box and zero
+    outside with ``inside`` (:func:`camserve.explain.box_heatmap`, as the servers do for
+    ``box_normalize`` and gradient-free methods) — its bbox, and the chosen files
+    (``<name>.det<k>.heatmap.png`` ...); the overlay draws the box."""
+    from ..explain import box_heatmap
+
+    h, w = d.size
+    out = []
+    for k, box in enumerate(boxes):
+        cam = torch.from_numpy(np.ascontiguousarray(cams[k]))
+        heatmap = box_heatmap(cam, (w, h), box) if inside else heatmaps_at_sizes(cam[None], [d.size])[0]
+        written = _write_artefacts(out_dir, d, d.item.name + BOX_STEM.format(k=k), heatmap,
+                                   cams[k], save, box)
+        out.append((written, bbox_from_heatmap(heatmap)))
+    return out
+
+
+def finish_boxes(out_dir: Path, d: Decoded, cams: np.ndarray, boxes: Sequence[Sequence[float]],
+                 save: Sequence[str], inside: bool
+                 ) -> Union[list[tuple[dict[str, str], Optional[list[int]]]], Failed]:
+    """:func:`_make_box_files` of a detection image (its maps wait for each other as in
+    :func:`finish_image`), with a failure returned as the item's :class:`Failed` record."""
+    def make() -> list[tuple[dict[str, str], Optional[list[int]]]]:
+        with _MAP_GATE.hold(d.size[0] * d.size[1]):
+            return _make_box_files(out_dir, d, cams, boxes, save, inside)
+
+    return _or_failed(d, make)
 
 
 def finish_image(out_dir: Path, d: Decoded, cam: np.ndarray, save: Sequence[str],
@@ -169,8 +214,14 @@ def finish_image(out_dir: Path, d: Decoded, cam: np.ndarray, save: Sequence[str]
     """:func:`_finish_image`, with a failure (a name the filesystem refuses, a symlinked output
     folder, a full disk, ...) returned as this item's :class:`Failed` record. ``extra``: a task's
     own artefacts, ``{suffix: make the bytes}`` (written as the item's name + suffix)."""
+    return _or_failed(d, lambda: _finish_image(out_dir, d, cam, save, extra))
+
+
+def _or_failed(d: Decoded, make: Callable[[], Any]) -> Any:
+    """``make()``, or the item's :class:`Failed` record when its files could not be made (a
+    name the filesystem refuses, a symlinked output folder, a full disk, ...)."""
     try:
-        return _finish_image(out_dir, d, cam, save, extra)
+        return make()
     except OSError as exc:
         what = "name too long for the filesystem" if exc.errno == errno.ENAMETOOLONG else (
             "a symlink or non-folder in the output path" if exc.errno in (errno.ELOOP,

@@ -111,11 +111,13 @@ class CamGraph(nn.Module):
                              f"{', '.join(self.input_names[1:]) or 'none'}")
         with _contiguous_outputs(self.model), \
                 capture_layer(self.model, self._layer_name, "track-grad") as cap:
-            out = self.task.output(self.model(x))
+            out = self.task.graph_forward(self.model, x)
         tb = self.task.graph_targets(self.task.detach(out),
                                      {g.name: t for g, t in zip(self.inputs, targets)})
-        step = cam_step(self.task.scores(out, tb)[:, 0], cap.output, self._fns, self._to_nchw)
-        return (self.task.detach(out), step.activations, step.gradients, *step.cams)
+        step = cam_step(self.task.graph_scores(out, tb), cap.output, self._fns, self._to_nchw,
+                        batched=False)
+        return (self.task.graph_value(self.task.detach(out)), step.activations, step.gradients,
+                *step.cams)
 
 
 @contextmanager

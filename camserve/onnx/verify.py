@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..engine import CamEngine
+from ..engine import CamEngine, _per_target
 from ..layers import LayerError, capture_layer, nchw_converter
 from ..layouts import GRIDLESS_LAYOUTS
 from ..methods import get_method
@@ -98,7 +98,7 @@ class _EngineReference:
     def _forward(self, model: torch.nn.Module, xb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """The engine's forward pass (model + the layer recorded) without its backward."""
         with torch.inference_mode(), capture_layer(model, self.layer, "record") as cap:
-            out = self.task.output(model(xb))
+            out = self.task.graph_value(self.task.output(model(xb)))
         to_nchw = nchw_converter(self.layer, self.layout, self.reshape)  # type: ignore[arg-type]
         return out.numpy(), to_nchw(cap.output).numpy()
 
@@ -119,10 +119,17 @@ class _EngineReference:
         except LayerError as exc:
             raise VerificationError(f"graph activations do not fit the model: {exc}") from None
         assert res.gradients is not None  # the first graph method needs gradients (check_methods)
-        out = {"gradients": res.gradients[:, 0].numpy(), "cam": res.cams[:, 0].numpy()}
+        if self.task.graph_per_target:  # every target's gradients and map
+            out = {"gradients": res.gradients.numpy(), "cam": res.cams.numpy()}
+        else:
+            out = {"gradients": res.gradients[:, 0].numpy(), "cam": res.cams[:, 0].numpy()}
         a = pinned.to(dt)
         for m in self.methods[1:]:  # the method's own formula on the graph's activations and gradients
-            out[method_output_name(m)] = get_method(m)(a, g.to(dt)).numpy()
+            if self.task.graph_per_target:
+                cam = _per_target(get_method(m)(a[:, None], g.to(dt)), g.shape[1])
+            else:
+                cam = get_method(m)(a, g.to(dt))
+            out[method_output_name(m)] = cam.numpy()
         return out
 
     def __call__(self, xb: torch.Tensor, targets: TargetBatch, got: dict[str, np.ndarray]
@@ -244,7 +251,8 @@ def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[
             got = dict(zip(names, sess.run(names, feed)))
             targets = reference.targets(xb, feed)
             key = (len(xb), *(t.numpy().tobytes() for t in (targets.index, targets.region,
-                                                              targets.reference) if t is not None))
+                                                              targets.reference, targets.box)
+                              if t is not None))
             if key in refs and all(np.array_equal(refs[key][0][n], got[n]) for n in names):
                 ref, own = refs[key][1]  # same input, same targets, same outputs: same reference
             else:

@@ -233,6 +233,9 @@ class Task:
     binary_options: ClassVar[tuple[str, ...]] = ()
     #: name of a CAM graph's first output, the task's output (:mod:`camserve.onnx.format`)
     graph_output: ClassVar[str] = "logits"
+    #: a CAM graph explains several targets per row (detection: its top detections): its
+    #: gradients are (N, K, C, h, w) and its maps (N, K, h, w) instead of (N, C, h, w), (N, h, w)
+    graph_per_target: ClassVar[bool] = False
 
     def __init__(self, labels: Sequence[str] = (), settings: Optional[Mapping[str, Any]] = None) -> None:
         self.labels = list(labels)
@@ -323,6 +326,20 @@ class Task:
         (N, ...) or broadcastable (1, ...)) and the detached output, with tensor operations only
         (it is traced: the number of rows is symbolic)."""
         raise TaskError(f"the {self.name} task has no CAM graph")
+
+    def graph_forward(self, model: Any, x: torch.Tensor) -> Any:
+        """The task's output of ``model`` on ``x`` inside a CAM graph, with tensor operations only
+        (default: :meth:`output` of the model's output)."""
+        return self.output(model(x))
+
+    def graph_scores(self, out: Any, targets: TargetBatch) -> torch.Tensor:
+        """The differentiable scores a CAM graph explains: (N,) one target per row (default:
+        :meth:`scores`), or (N, K) for a :attr:`graph_per_target` task."""
+        return self.scores(out, targets)[:, 0]
+
+    def graph_value(self, out: Any) -> torch.Tensor:
+        """The detached output as the graph's first output (a tensor; default: itself)."""
+        return out
 
     # -- serving side -------------------------------------------------------------------------
     def parse_options(self, options: Mapping[str, Any], *, max_targets: int) -> Any:

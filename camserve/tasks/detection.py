@@ -51,7 +51,7 @@ import torch
 from ..errors import OptionError
 from ..parsing import parse_int, short_repr
 from ..records import TargetError, parse_target, round_score
-from .base import Geometry, Shown, TargetBatch, Task, TaskError
+from .base import Geometry, GraphInput, Shown, TargetBatch, Task, TaskError
 from .multilabel import parse_threshold
 
 BOX_TARGETS = ("score", "iou+score")
@@ -380,7 +380,9 @@ class Detection(Task):
     def to_host(self, out: Detections) -> Detections:
         return Detections(d.cpu() for d in out)
 
-    def detach(self, out: Detections) -> Detections:
+    def detach(self, out: Any) -> Any:
+        if isinstance(out, torch.Tensor):  # a CAM graph's packed detections
+            return out.detach()
         return Detections(d.detach() for d in out)
 
     def scores(self, out: Detections, targets: TargetBatch) -> torch.Tensor:
@@ -421,6 +423,79 @@ class Detection(Task):
             raise TaskError("the detector finds nothing on the probe image (lower "
                             "handler.score_threshold, or name handler.target_layer)")
         return dets[0].scores[0]
+
+    # -- the CAM graph (camserve.onnx) ---------------------------------------------------------
+    graph_output = "detections"
+    graph_per_target = True
+
+    @property
+    def graph_top(self) -> int:
+        """How many of each image's top detections a CAM graph explains: ``explain_top`` (at
+        least 1), at most ``max_detections``."""
+        return max(1, min(self.explain_top, self.max_detections))
+
+    def graph_inputs(self, input_size: tuple[int, int]) -> tuple[GraphInput, ...]:
+        """None: a detection graph explains its own top detections (:attr:`graph_top`)."""
+        return ()
+
+    def graph_forward(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+        """The detections as one (N, ``max_detections``, 6) tensor (:func:`pack_detections`)
+        from the model's family's tensor-only decoding
+        (:meth:`camserve.tasks.detectors.DetectorFamily.fixed_detections`), the threshold and
+        count of :meth:`output` applied; the score column keeps its autograd history."""
+        from .detectors import family_of
+
+        d = family_of(model).fixed_detections(model, x)
+        boxes, scores, labels = d["boxes"], d["scores"], d["labels"].long()
+        m = self.max_detections
+        if boxes.shape[1] < m:  # pad to max_detections: every detection graph is that wide
+            pad = m - int(boxes.shape[1])
+            boxes = torch.nn.functional.pad(boxes, (0, 0, 0, pad))
+            scores = torch.nn.functional.pad(scores, (0, pad))
+            labels = torch.nn.functional.pad(labels, (0, pad), value=-1)
+        boxes, scores, labels = boxes[:, :m], scores[:, :m], labels[:, :m]
+        valid = (labels >= 0) & (scores.detach() >= self.score_threshold)
+        return pack_detections(boxes, scores, labels, valid)
+
+    def graph_value(self, out: Any) -> torch.Tensor:
+        """Packed detections (N, ``max_detections``, 6): the graph's own, or :class:`Detections`
+        packed the same way (valid rows first, then padding)."""
+        if isinstance(out, torch.Tensor):
+            return out
+        m = self.max_detections
+        rows = []
+        for d in out:  # padded by concatenation and a fixed slice: traceable whatever len(d)
+            d = d.detach()
+            boxes = torch.cat([d.boxes, d.boxes.new_zeros(m, 4)])[:m]
+            scores = torch.cat([d.scores.to(d.boxes.dtype), d.boxes.new_zeros(m)])[:m]
+            labels = torch.cat([d.labels, d.labels.new_full((m,), -1)])[:m]
+            rows.append(pack_detections(boxes, scores, labels, labels >= 0))
+        if not rows:
+            return torch.zeros(0, m, 6)
+        return torch.stack(rows)
+
+    def graph_targets(self, out: Any, inputs: Mapping[str, torch.Tensor]) -> TargetBatch:
+        """The top :attr:`graph_top` detections of each row, by ``score`` (padding: label 0 and a
+        zero box, which match nothing: a zero map)."""
+        packed = self.graph_value(out)
+        top = packed[:, :self.graph_top]
+        return TargetBatch(top[..., 5].clamp(min=0).long(), None, box=top[..., :4])
+
+    def graph_scores(self, out: torch.Tensor, targets: TargetBatch) -> torch.Tensor:
+        """(N, :attr:`graph_top`): the explained detections' own scores (padding 0)."""
+        return out[:, :self.graph_top, 4]
+
+    def unpack(self, row: torch.Tensor) -> ImageDetections:
+        """One image's packed detections (M, 6) -> its :class:`ImageDetections` (valid rows)."""
+        row = row.detach()
+        keep = row[:, 5] >= 0
+        return ImageDetections(row[keep, :4], row[keep, 4], row[keep, 5].long())
+
+    def detections_json(self, row: torch.Tensor, geometry: Geometry) -> list[dict[str, Any]]:
+        """One image's packed detections as an answer's ``detections`` (boxes in original
+        pixels), without explanations."""
+        dets = self.unpack(row).cpu()
+        return [self._det_json(dets, j, geometry) for j in range(len(dets))]
 
     # -- serving side --------------------------------------------------------------------------
     def parse_options(self, options: Mapping[str, Any], *, max_targets: int) -> DetectionOptions:
@@ -519,6 +594,24 @@ class Detection(Task):
         return {"task": self.name, "options": list(self.option_keys),
                 "score_threshold": self.score_threshold, "max_detections": self.max_detections,
                 "explain_top": self.explain_top, "box_target": self.box_target}
+
+
+def pack_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                    valid: torch.Tensor) -> torch.Tensor:
+    """(N, M, 6) ``x0, y0, x1, y1, score, label`` of a detection graph's ``detections`` output:
+    entries outside ``valid`` (N, M) get a zero box, score 0 and label -1. Tensor operations only.
+
+    Example::
+
+        >>> p = pack_detections(torch.ones(1, 2, 4), torch.tensor([[0.9, 0.1]]),
+        ...                     torch.tensor([[3, 1]]), torch.tensor([[True, False]]))
+        >>> p[0].tolist()
+        [[1.0, 1.0, 1.0, 1.0, 0.8999999761581421, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0, -1.0]]
+    """
+    scores = torch.where(valid, scores, torch.zeros_like(scores))
+    boxes = torch.where(valid[..., None], boxes.to(scores.dtype), torch.zeros_like(boxes, dtype=scores.dtype))
+    labels = torch.where(valid, labels, torch.full_like(labels, -1)).to(scores.dtype)
+    return torch.cat([boxes, scores[..., None], labels[..., None]], dim=-1)
 
 
 def _device(out: Detections) -> torch.device:

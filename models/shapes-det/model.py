@@ -3,16 +3,17 @@
 A plain CNN backbone brings a 96×96 image to a 12×12 grid (stride 8); the head predicts per cell
 one logit per class (its sigmoid is the detection score at that cell) and the box as distances
 ``l, t, r, b`` from the cell centre (log-space, in strides). Decoding keeps the cells that are the
-maximum of their 3×3 neighbourhood, above ``score_thresh``, then class-wise NMS
-(``nms_thresh``) and the best ``detections_per_img``. ``forward`` returns torchvision-style
-``[{"boxes", "scores", "labels"}]`` in input pixels; the scores keep their autograd history, so a
-detection's score is differentiable back to the backbone (the target layer, ``backbone``).
-Self-contained: torch and torchvision only.
+maximum of their 3×3 neighbourhood, above ``score_thresh``, then class-wise greedy NMS
+(``nms_thresh``) and the best ``detections_per_img``. ``fixed_detections`` does it with tensor
+operations only (a fixed number of detections per image, padded), so that the whole decoding,
+NMS included, can be traced into an ONNX graph with exact per-box gradients; ``forward`` returns
+its valid rows as torchvision-style ``[{"boxes", "scores", "labels"}]`` in input pixels. The
+scores keep their autograd history, so a detection's score is differentiable back to the
+backbone (the target layer, ``head``). Self-contained: torch only.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
 
 
 def _block(cin, cout, stride):
@@ -59,21 +60,55 @@ class ShapesDet(nn.Module):
         hi = torch.tensor([size[1], size[0], size[1], size[0]], dtype=reg.dtype, device=reg.device)
         return torch.minimum(out.clamp(min=0), hi)
 
-    def forward(self, x):
+    def fixed_detections(self, x):
+        """``{"boxes": (B, M, 4), "scores": (B, M), "labels": (B, M)}``, M = ``detections_per_img``,
+        best first; entries past an image's detections have score 0, label -1 and a zero box.
+
+        Greedy NMS as M picks: the best remaining peak above ``score_thresh``, then every peak of
+        its class whose box overlaps it by IoU > ``nms_thresh`` is removed (what
+        ``torchvision.ops.batched_nms`` keeps, in its order)."""
         logits, reg = self.raw(x)
         scores = torch.sigmoid(logits)
+        b, c, h, w = scores.shape
+        n = c * h * w
         with torch.no_grad():
             peak = scores == F.max_pool2d(scores, 3, 1, 1)
-        boxes = self.boxes(reg, x.shape[-2:])
-        b, c, h, w = scores.shape
+        cells = self.boxes(reg, x.shape[-2:]).reshape(b, 1, h * w, 4)
+        boxes = cells.expand(b, c, h * w, 4).reshape(b, n, 4)
+        flat = scores.reshape(b, n)
+        label_of = torch.arange(n, device=x.device) // (h * w)
+        position = torch.arange(n, device=x.device)
+        with torch.no_grad():
+            live = peak.reshape(b, n) & (flat > self.score_thresh)
+            bx = boxes.detach()
+            area = (bx[..., 2] - bx[..., 0]) * (bx[..., 3] - bx[..., 1])
+            picks, oks = [], []
+            for _ in range(int(self.detections_per_img)):
+                idx = torch.where(live, flat, torch.full_like(flat, -1.0)).argmax(dim=1)
+                ok = live.gather(1, idx[:, None])[:, 0]
+                top = bx.gather(1, idx[:, None, None].expand(b, 1, 4))  # (B, 1, 4)
+                lt = torch.maximum(top[..., :2], bx[..., :2])
+                rb = torch.minimum(top[..., 2:], bx[..., 2:])
+                wh = (rb - lt).clamp(min=0)
+                inter = wh[..., 0] * wh[..., 1]
+                iou = inter / (area.gather(1, idx[:, None]) + area - inter)
+                same = label_of[None, :] == label_of[idx][:, None]
+                live = live & ~((iou > self.nms_thresh) & same) & (position[None, :] != idx[:, None])
+                picks.append(idx)
+                oks.append(ok)
+            idx = torch.stack(picks, dim=1)  # (B, M)
+            ok = torch.stack(oks, dim=1)
+        score = torch.where(ok, flat.gather(1, idx), torch.zeros_like(flat[:, :1]))
+        box = torch.where(ok[..., None], boxes.gather(1, idx[..., None].expand(*idx.shape, 4)),
+                          torch.zeros_like(boxes[:, :1]))
+        label = torch.where(ok, label_of[idx], torch.full_like(idx, -1))
+        return {"boxes": box, "scores": score, "labels": label}
+
+    def forward(self, x):
+        d = self.fixed_detections(x)
         out = []
-        for i in range(b):
-            flat = scores[i].reshape(-1)
-            keep = (peak[i].reshape(-1) & (flat.detach() > self.score_thresh)).nonzero()[:, 0]
-            keep = keep[flat.detach()[keep].argsort(descending=True)][:1000]
-            labels = keep // (h * w)
-            bx = boxes[i].reshape(-1, 4)[keep % (h * w)]
-            kept = batched_nms(bx.detach().float(), flat.detach()[keep].float(), labels,
-                               self.nms_thresh)[:self.detections_per_img]
-            out.append({"boxes": bx[kept], "scores": flat[keep[kept]], "labels": labels[kept]})
+        for i in range(x.shape[0]):
+            keep = d["labels"][i] >= 0
+            out.append({"boxes": d["boxes"][i][keep], "scores": d["scores"][i][keep],
+                        "labels": d["labels"][i][keep]})
         return out

@@ -51,6 +51,10 @@ if TYPE_CHECKING:
     from ..detection import Detection
 
 
+class GraphError(TaskError):
+    """A detector whose detections cannot be computed inside a CAM graph the way asked."""
+
+
 class DetectorFamily:
     """One kind of detector (see the module docstring). Subclasses override what differs."""
 
@@ -76,6 +80,23 @@ class DetectorFamily:
     def layer(self, model: nn.Module) -> Optional[str]:
         """The default target layer's dotted name (None: the config must name one)."""
         return None
+
+    def fixed_detections(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"boxes": (B, M, 4), "scores": (B, M), "labels": (B, M)}`` of ``model`` on ``x`` with
+        tensor operations only (a CAM graph traces it, gradients included): M detections per
+        image, best first, padded with label -1 and score 0. A model provides it as its own
+        ``fixed_detections(x)`` method (the shapes detector does); :class:`GraphError` when it
+        has none."""
+        fn = getattr(model, "fixed_detections", None)
+        if not callable(fn):
+            raise GraphError(f"{self.name} {type(model).__name__}: no fixed_detections(x) method, "
+                             f"so its decoding (NMS) cannot be traced with gradients; export it "
+                             f"with a gradient-free method (eigencam) instead")
+        out = fn(x)
+        if not isinstance(out, dict) or any(k not in out for k in ("boxes", "scores", "labels")):
+            raise GraphError(f"{type(model).__name__}.fixed_detections must return a dict with "
+                             f"'boxes', 'scores' and 'labels'")
+        return out
 
 
 def set_knobs(obj: Any, task: "Detection", score: str, count: str, nms: str) -> None:
