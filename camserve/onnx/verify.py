@@ -34,7 +34,7 @@ from ..layouts import GRIDLESS_LAYOUTS
 from ..methods import get_method
 from ..models import LoadedModel
 from ..tasks import GraphInput, TargetBatch, Task, make_task
-from .format import check_methods, method_output_name, output_names
+from .format import cam_outputs, check_methods, output_names
 from .session import ort_session
 from .translate import ExportError
 
@@ -109,20 +109,36 @@ class _EngineReference:
                   else g.fill(1) for g in self.task.graph_inputs(tuple(xb.shape[-2:]))}
         return self.task.graph_targets(self.engine.predict(xb), inputs)
 
-    def _backward(self, model: torch.nn.Module, engine: CamEngine, xb: torch.Tensor,
-                  targets: TargetBatch, pinned: torch.Tensor, g: torch.Tensor) -> dict[str, np.ndarray]:
+    def _maps(self, model: torch.nn.Module, engine: CamEngine, xb: torch.Tensor,
+              targets: TargetBatch, pinned: torch.Tensor, g: Optional[torch.Tensor]) -> dict[str, np.ndarray]:
+        """The gradients (the engine's, at the graph's activations) and every method's map: the
+        first gradient method's by the engine at the graph's activations, the other pure ones by
+        their formula on the graph's activations and gradients, the ones that run more forwards
+        (ReciproCAM) by the engine on the input."""
         dt = next(model.parameters()).dtype
-        try:
-            with capture_layer(model, self.layer, "replace", activations=pinned.to(dt),
-                               layout=self.layout, reshape=self.reshape):  # type: ignore[arg-type]
-                res = engine(xb.to(dt), targets=_targets_as(targets, dt), method=self.methods[0])
-        except LayerError as exc:
-            raise VerificationError(f"graph activations do not fit the model: {exc}") from None
-        assert res.gradients is not None  # the first graph method needs gradients (check_methods)
-        out = {"gradients": res.gradients[:, 0].numpy(), "cam": res.cams[:, 0].numpy()}
+        tb = _targets_as(targets, dt)
+        out: dict[str, np.ndarray] = {}
+        names = cam_outputs(self.methods)
+        first = next((m for m in self.methods if get_method(m).gradients), None)
+        if first is not None:
+            try:
+                with capture_layer(model, self.layer, "replace", activations=pinned.to(dt),
+                                   layout=self.layout, reshape=self.reshape):  # type: ignore[arg-type]
+                    res = engine(xb.to(dt), targets=tb, method=first)
+            except LayerError as exc:
+                raise VerificationError(f"graph activations do not fit the model: {exc}") from None
+            assert res.gradients is not None  # a gradient method
+            out["gradients"] = res.gradients[:, 0].numpy()
+            out[names[first]] = res.cams[:, 0].numpy()
         a = pinned.to(dt)
-        for m in self.methods[1:]:  # the method's own formula on the graph's activations and gradients
-            out[method_output_name(m)] = get_method(m)(a, g.to(dt)).numpy()
+        for m in self.methods:
+            fn = get_method(m)
+            if names[m] in out:
+                continue
+            if fn.pure:  # the method's own formula on the graph's activations and gradients
+                out[names[m]] = fn(a, None if g is None else g.to(dt)).numpy()
+            else:
+                out[names[m]] = engine(xb.to(dt), targets=tb, method=m).cams[:, 0].numpy()
         return out
 
     def __call__(self, xb: torch.Tensor, targets: TargetBatch, got: dict[str, np.ndarray]
@@ -133,11 +149,11 @@ class _EngineReference:
         out, activations = self._forward(self.model, xb)
         out64, activations64 = self._forward(self.model64, xb.double())
         pinned = torch.from_numpy(got["activations"])
-        g = torch.from_numpy(got["gradients"])
+        g = torch.from_numpy(got["gradients"]) if "gradients" in got else None
         ref = {self.output: out64, "activations": activations64,
-               **self._backward(self.model64, self.engine64, xb, targets, pinned, g)}
+               **self._maps(self.model64, self.engine64, xb, targets, pinned, g)}
         own = {self.output: out, "activations": activations,
-               **self._backward(self.model, self.engine, xb, targets, pinned, g)}
+               **self._maps(self.model, self.engine, xb, targets, pinned, g)}
         return ref, own
 
 
@@ -203,7 +219,9 @@ def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[
     (:func:`camserve.layers.capture_layer` in ``"replace"`` mode); each extra ``cam_<method>``
     with that method's function (:func:`camserve.methods.get_method`) applied to the graph's
     activations and gradients (the Grad-CAM++ weights divide by sums that can be near zero, which
-    magnifies float32 rounding in the gradients beyond any fixed tolerance). The backward pass of a ReLU or max-pool network is
+    magnifies float32 rounding in the gradients beyond any fixed tolerance); a method that runs
+    more forwards (ReciproCAM) with the engine on the same input. A gradient-free graph has no
+    ``gradients`` to compare. The backward pass of a ReLU or max-pool network is
     discontinuous: a ReLU mask flips when a pre-activation crosses 0, a max-pool picks another
     element when two are within rounding. A float32 rounding difference of 1e-6 — onnxruntime's
     kernels against PyTorch's — flips one such switch in one image of a few for deep random-weight
