@@ -185,7 +185,7 @@ def cam_step(scores: torch.Tensor, activation: torch.Tensor,
             :func:`camserve.layers.capture_layer` in ``"track-grad"`` mode), B >= R rows.
         methods: pure methods (names or :class:`camserve.methods.Method`) — functions
             ``f(A, G)``; one map per method in the result. The backward runs only when one of them
-            needs gradients.
+            needs gradients (otherwise ``scores`` need not be differentiable).
         to_nchw: the layer's layout function (:func:`camserve.layers.nchw_converter`).
         rows: (R,) indices of the explained rows in ``activation`` (None: all of them, R == B).
         batched: (R, K) scores get one batched backward; False: K backwards
@@ -203,12 +203,13 @@ def cam_step(scores: torch.Tensor, activation: torch.Tensor,
         >>> tuple(G.shape), tuple(cam.shape)
         ((2, 4, 6, 6), (2, 6, 6))
     """
-    check_scores(scores, None)
     fns = [get_method(m) for m in methods]
     impure = [m.name for m in fns if not m.pure]
     if impure:
         raise ValueError(f"invalid value for methods: {impure[0]!r} is not a function of "
                          f"(activations, gradients); run it through CamEngine")
+    if any(m.gradients for m in fns):  # gradient-free methods take no backward: any scores do
+        check_scores(scores, None)
     a_sel = activation.detach() if rows is None else activation.detach().index_select(0, rows)
     A = to_nchw(a_sel)
     G = None
@@ -371,6 +372,35 @@ class PrefixCache:
                     del m.forward
                 else:
                     m.forward = prev  # type: ignore[method-assign]
+
+
+def replay_matches(model: nn.Module, layer: nn.Module, x: torch.Tensor, task: "Task") -> bool:
+    """Whether replaying the layers before ``layer`` (:class:`PrefixCache`) reproduces the whole
+    ``model`` on ``x`` when the layer's output is perturbed (halved): what a traced graph checks
+    once, on real values, before it replays them (the engine checks its first replay itself).
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)).eval()
+        >>> from camserve.tasks import Classification
+        >>> replay_matches(net, net[1], torch.rand(2, 3, 6, 6), Classification())
+        True
+    """
+    cache = PrefixCache(model, layer, int(x.shape[0]))
+    with torch.no_grad():
+        with capture_layer(model, layer, "record") as cap, cache.recording():
+            model(x)
+        raw = cap.output * 0.5
+        try:
+            with cache.replay(torch.arange(int(x.shape[0]), device=x.device), raw):
+                replayed = task.output(model(x))
+        except Exception as exc:  # a forward the replay cannot follow: say so, run it whole
+            log.info("camserve: replaying the layers before the target layer failed (%s: %s)",
+                     type(exc).__name__, short_repr(str(exc), 200))
+            return False
+        with capture_layer(model, layer, "replace", activations=raw, raw=True):
+            whole = task.output(model(x))
+    return _same(replayed, whole, task, int(x.shape[0]))
 
 
 def _ancestors(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
@@ -557,6 +587,18 @@ class CamContext:
         """Slices of at most :attr:`chunk` over ``n`` copies."""
         for i in range(0, n, self.chunk):
             yield slice(i, min(n, i + self.chunk))
+
+    def row_chunks(self, n: int) -> Iterator[slice]:
+        """Slices over ``n`` perturbations of every row, each slice giving every row its copies:
+        at most :attr:`chunk` copies in all (at least one perturbation per slice)."""
+        step = max(1, self.chunk // max(1, int(self.activations.shape[0])))
+        for i in range(0, n, step):
+            yield slice(i, min(n, i + step))
+
+    def write_layer(self, raw: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """``raw`` (layer outputs in the layer's own layout, changed in place) with NCHW
+        ``activations`` written through its NCHW view (:func:`camserve.layers.write_nchw`)."""
+        return write_nchw(raw, activations, self.nchw, self.engine.layer_name)
 
     def forward_scores(self, x: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         """(N, K) target scores of the model on inputs ``x`` (N, 3, H, W); row ``n`` is scored for

@@ -253,33 +253,31 @@ RECIPRO_OPTIONS = (Option("kernel", "point", one_of("point", "gaussian"), "mask 
 
 
 @register_method("reciprocam", needs=("activations", "suffix"), cost=_positions, cheap=False,
-                 options=RECIPRO_OPTIONS)
+                 exportable=True, options=RECIPRO_OPTIONS)
 def reciprocam(ctx: "CamContext") -> torch.Tensor:
     """ReciproCAM: the target score of the layer output kept at each position alone (the rest
-    zero), one forward of the layers after it per position (Byun & Lee, 2022)."""
+    zero), one forward of the layers after it per position (Byun & Lee, 2022). Positions run in
+    slices that give every row its copies (:meth:`~camserve.engine.CamContext.row_chunks`), with
+    tensor operations only, so the ONNX graph traces the same function."""
     A = ctx.activations
     R, C, h, w = A.shape
     masks = mosaic_masks(h, w, ctx.options["kernel"], A.device, A.dtype)  # (P, h, w)
-    P = h * w
-    keep_extra = bool(ctx.options["cls_token"])
     template = ctx.raw.contiguous()
-    if not keep_extra:
+    if not bool(ctx.options["cls_token"]):
         template = torch.zeros_like(template)
-    from ..layers import write_nchw
-
     out = []
-    for sl in ctx.chunks(R * P):
-        ii = torch.arange(sl.start, sl.stop, device=A.device)
-        r, p = ii // P, ii % P
-        nchw = A.index_select(0, r) * masks.index_select(0, p)[:, None]
-        raw = write_nchw(template.index_select(0, r).clone(), nchw, ctx.nchw, ctx.engine.layer_name)
-        out.append(ctx.suffix_scores(raw, r, raw=True))
-    S = torch.cat(out).reshape(R, P, -1)  # (R, P, K)
+    for sl in ctx.row_chunks(h * w):
+        q = sl.stop - sl.start
+        nchw = (A[:, None] * masks[sl][None, :, None]).flatten(0, 1)  # (R*q, C, h, w), rows first
+        raw = ctx.write_layer(template.repeat_interleave(q, dim=0), nchw)
+        owner = torch.arange(R, device=A.device).repeat_interleave(q)
+        out.append(ctx.suffix_scores(raw, owner, raw=True).reshape(R, q, -1))
+    S = torch.cat(out, dim=1)  # (R, P, K)
     return S.permute(0, 2, 1).reshape(R, -1, h, w).to(A.dtype)
 
 
 @register_method("vitreciprocam", needs=("activations", "suffix"), cost=_positions, cheap=False,
-                 options=(Option("kernel", "gaussian", one_of("point", "gaussian"),
+                 exportable=True, options=(Option("kernel", "gaussian", one_of("point", "gaussian"),
                                  "mask around each position"),
                           Option("cls_token", True, parse_bool, "keep the tokens outside the grid")))
 def vitreciprocam(ctx: "CamContext") -> torch.Tensor:

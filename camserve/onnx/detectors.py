@@ -33,7 +33,7 @@ from ..methods import available_methods, get_method
 from ..methods.projection import exportable_form
 from ..models import LoadedModel
 from ..tasks.detection import Detection, Detections, ImageDetections, as_detections
-from .format import GraphMeta, check_methods, output_names
+from .format import ExportInfo, GraphMeta, check_methods, output_names
 from .session import ort_session
 from .translate import ExportError, check_model
 from .verify import DEFAULT_TOLERANCE, VerificationError, relative_error
@@ -99,16 +99,15 @@ def _check_gradient_free(methods: Sequence[str], family: str) -> tuple[str, ...]
 
 def export_detector_onnx(loaded: LoadedModel, out: str | Path, *, methods: Sequence[str],
                          verify: bool = True, tolerance: float = DEFAULT_TOLERANCE,
-                         seed: int = 0, threads: Optional[int] = None) -> Any:
+                         seed: int = 0, threads: Optional[int] = None) -> ExportInfo:
     """Export ``loaded`` (a detector without tensor-only decoding) as a gradient-free detection
     graph at batch size 1 (the module docstring), with its :class:`GraphMeta`; with ``verify``
     compare it with the PyTorch detector on a random image: ``activations`` and every map within
     ``tolerance`` (relative), the detections reported (NMS and top-k ties may order nearly equal
-    boxes differently). Returns :class:`camserve.onnx.export.ExportInfo`."""
+    boxes differently). Returns :class:`camserve.onnx.format.ExportInfo`."""
     import onnx
 
     from ..tasks.detectors import family_of
-    from .export import ExportInfo
 
     family = family_of(loaded.model).name
     methods = _check_gradient_free(methods, family)

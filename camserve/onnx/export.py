@@ -27,8 +27,8 @@ import argparse
 import dataclasses
 import logging
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .. import available_methods
+from ..methods import get_method
 from ..layouts import LAYOUTS
 from ..models import (
     ConfigError,
@@ -46,13 +47,15 @@ from ..models import (
     load_model_dir,
 )
 from ..tasks import GraphInput
-from .format import GraphMeta, check_methods
-from .trace import frozen_parameters, trace_cam_graph, trace_model_graph
+from .format import QUANTIZE, ExportInfo, GraphMeta, check_methods, needs_gradients
+from .quantize import INT8_TOLERANCE, QuantizationError, QuantTolerance, compare_quantized, quantize_graph
+from .trace import GRAPH_CHUNK, frozen_parameters, trace_cam_graph, trace_model_graph
 from .translate import (
     BASE_OPSET,
     EXPORTERS,
     OPTIMIZE_LEVELS,
     ExportError,
+    _translate_fast,
     check_model,
     graph_to_onnx,
     onnx_decompositions,
@@ -63,8 +66,34 @@ from .verify import DEFAULT_FACTOR, DEFAULT_TOLERANCE, TRACE_BATCH, Verification
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportInfo", "VerificationError", "export_cam_onnx", "export_plain_onnx",
-           "load_arch", "main"]
+#: Images the int8 graph is compared with the float graph on.
+QUANT_BATCH = 8
+
+__all__ = ["BackwardExportError", "ExportError", "ExportInfo", "QuantizationError", "VerificationError",
+           "export_cam_onnx", "export_plain_onnx", "gradient_free_methods", "load_arch", "main"]
+
+
+class BackwardExportError(ExportError):
+    """The model's forward exports but the backward of its CAM graph does not: ``methods`` are
+    the gradient-free methods whose graph (no backward) it can have instead
+    (``camserve-export ... --gradient-free``)."""
+
+    def __init__(self, message: str, methods: Sequence[str]) -> None:
+        self.methods = tuple(methods)
+        super().__init__(message)
+
+
+def gradient_free_methods(loaded: LoadedModel) -> tuple[str, ...]:
+    """The methods of a gradient-free graph when none are named (``--gradient-free``): the
+    folder's method when it is gradient-free, else EigenCAM (class-agnostic, one projection) and
+    ReciproCAM (class-specific, one suffix forward per position; ViT-ReciproCAM for a token
+    layer)."""
+    own = str(loaded.spec.method).lower()
+    if own in available_methods(exportable=True, gradients=False):
+        return (own,)
+    tokens = loaded.spec.layout == "tokens" or getattr(loaded, "layout", None) == "tokens" or \
+        getattr(getattr(loaded, "reshape", None), "prefix", None) is not None
+    return ("eigencam", "vitreciprocam" if tokens else "reciprocam")
 
 
 def load_arch(arch: str, *, weights: Optional[str | Path] = None, num_classes: Optional[int] = None,
@@ -118,35 +147,75 @@ def _set_defaults(model: Any, inputs: Sequence[GraphInput]) -> None:
                           dtype=np.int64 if g.dtype == torch.int64 else np.float32)
         value.const_value = ir.tensor(default, name=g.name)
         model.graph.register_initializer(value)
+    _forget_shapes_after(model, [g.name for g in inputs if g.optional])
 
 
-@dataclass
-class ExportInfo:
-    """What :func:`export_cam_onnx` did."""
+def _forget_shapes_after(model: Any, names: Sequence[str]) -> None:
+    """Drop the recorded shapes of the intermediate values computed from the inputs ``names``:
+    the trace gave them the images' batch dimension, which a (1, ...) input does not have
+    (onnxruntime would reuse a buffer of the wrong size); onnxruntime infers them again."""
+    import onnx_ir as ir
 
-    path: Path
-    layer: str
-    methods: tuple[str, ...]
-    outputs: list[str]
-    exporter: str
-    seconds: float
-    errors: dict[str, dict[str, float]] = field(default_factory=dict)
-    redrawn: int = 0
-    baseline: dict[str, dict[str, float]] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    outputs = {id(v) for v in model.graph.outputs}
+    seen = {id(v) for v in model.graph.inputs if v.name in names}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if any(v is not None and id(v) in seen for v in node.inputs):
+            for v in node.outputs:
+                seen.add(id(v))
+                if id(v) not in outputs:
+                    v.shape = None
 
 
 def export_cam_onnx(loaded: LoadedModel, out: str | Path, *, methods: Sequence[str] = ("gradcam",),
                     opset: int = BASE_OPSET, exporter: str = "auto", optimize: str = "basic",
                     verify: bool = True, tolerance: float = DEFAULT_TOLERANCE,
-                    factor: float = DEFAULT_FACTOR, seed: int = 0, threads: Optional[int] = None) -> ExportInfo:
+                    factor: float = DEFAULT_FACTOR, seed: int = 0, threads: Optional[int] = None,
+                    chunk: int = GRAPH_CHUNK, quantize: Optional[str] = None,
+                    quant_tolerance: QuantTolerance = INT8_TOLERANCE) -> ExportInfo:
     """Trace, translate, check and save the CAM graph of ``loaded`` (at ``loaded.layer``) to
     ``out``, with its :class:`~camserve.onnx.format.GraphMeta` as metadata; with ``verify`` also
     compare it with :class:`camserve.CamEngine` (:func:`~camserve.onnx.verify.verify_cam_onnx`,
-    raising VerificationError; ``threads``: onnxruntime intra-op threads for it)."""
+    raising VerificationError; ``threads``: onnxruntime intra-op threads for it).
+
+    Gradient-free ``methods`` only give a graph without a backward. ``chunk``: positions per
+    suffix run of a ReciproCAM. ``quantize="int8"`` (gradient-free graphs): the verified float
+    graph is quantised (:func:`camserve.onnx.quantize.quantize_graph`) and, with ``verify``,
+    compared with it within ``quant_tolerance`` (QuantizationError otherwise). A gradient graph
+    whose backward does not export while the forward does raises :class:`BackwardExportError`
+    naming the gradient-free methods to export instead."""
     if opset < BASE_OPSET:
         raise ValueError(f"invalid value for opset: {opset} (allowed: {BASE_OPSET} or newer)")
     methods = check_methods(methods)
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"invalid value for quantize: {str(quantize)[:40]!r} (allowed: "
+                         f"{', '.join(QUANTIZE)})")
+    if quantize is not None and needs_gradients(methods):
+        raise ValueError(f"invalid value for quantize: {quantize} graphs are gradient-free, and "
+                         f"{', '.join(m for m in methods if get_method(m).gradients)} need gradients "
+                         f"(graph methods without: {', '.join(available_methods(exportable=True, gradients=False))})")
+    if quantize is not None:
+        final = Path(out)
+        with tempfile.TemporaryDirectory(prefix="camserve-export-") as tmp:
+            info = export_cam_onnx(loaded, Path(tmp) / final.name, methods=methods, opset=opset,
+                                   exporter=exporter, optimize=optimize, verify=verify,
+                                   tolerance=tolerance, factor=factor, seed=seed, threads=threads,
+                                   chunk=chunk)
+            t0 = time.perf_counter()
+            with timed(info.timings, "quantize"):
+                final.parent.mkdir(parents=True, exist_ok=True)
+                quantize_graph(info.path, final)
+            if verify:
+                with timed(info.timings, "verify_int8"):
+                    gen = torch.Generator().manual_seed(seed + 2)
+                    x = torch.randn(QUANT_BATCH, 3, *loaded.spec.input_size, generator=gen).numpy()
+                    info.quantized = compare_quantized(info.path, final, x, threads=threads)
+                bad = info.quantized.failures(quant_tolerance)
+                if bad:
+                    raise QuantizationError(f"{final}: the int8 graph differs from the float graph "
+                                            f"beyond the tolerance: {'; '.join(bad)}")
+        info.path, info.quantize = final, quantize
+        info.seconds += time.perf_counter() - t0
+        return info
     meta = GraphMeta.from_loaded(loaded, methods)
     if meta.task.graph_per_target:
         from .detectors import export_detector_onnx, traceable_with_gradients
@@ -164,12 +233,21 @@ def export_cam_onnx(loaded: LoadedModel, out: str | Path, *, methods: Sequence[s
     def trace(onnx_ready: bool) -> torch.fx.GraphModule:
         return trace_cam_graph(loaded.model, layer, example, methods, layout=spec.layout,  # type: ignore[arg-type]
                                reshape=reshape, decompositions=onnx_decompositions() if onnx_ready else None,
-                               functional=onnx_ready, task=task)
+                               functional=onnx_ready, task=task, chunk=chunk)
 
     timings: dict[str, float] = {}
-    model, used = graph_to_onnx(trace, (example, *(g.fill(TRACE_BATCH) for g in inputs)),
-                                meta.input_names, outputs, exporter=exporter, optimize=optimize,
-                                opset=opset, timings=timings)
+    try:
+        model, used = graph_to_onnx(trace, (example, *(g.fill(TRACE_BATCH) for g in inputs)),
+                                    meta.input_names, outputs, exporter=exporter, optimize=optimize,
+                                    opset=opset, timings=timings)
+    except ExportError as exc:
+        if meta.gradients and _forward_exports(loaded.model, example, task):
+            free = gradient_free_methods(loaded)
+            raise BackwardExportError(
+                f"the backward of the CAM graph does not export ({exc}); the forward does, so a "
+                f"gradient-free graph (no backward; methods {', '.join(free)}) can be exported "
+                f"instead (--gradient-free, or gradient-free --methods)", free) from exc
+        raise
     _set_defaults(model, inputs)
     model.metadata_props.update(meta.to_props())
     model.doc_string = (f"camserve CAM graph ({spec.task}): {spec.arch}, layer {layer}, methods "
@@ -181,7 +259,7 @@ def export_cam_onnx(loaded: LoadedModel, out: str | Path, *, methods: Sequence[s
     with timed(timings, "check"):
         check_model(out)
     info = ExportInfo(path=out, layer=layer, methods=methods, outputs=outputs, exporter=used,
-                      seconds=time.perf_counter() - t0, timings=timings)
+                      seconds=time.perf_counter() - t0, timings=timings, gradients=meta.gradients)
     log.info("exported %s (layer %s, %s exporter) in %.1fs", out, layer, used, info.seconds)
     if verify:
         with timed(timings, "verify"):
@@ -190,6 +268,20 @@ def export_cam_onnx(loaded: LoadedModel, out: str | Path, *, methods: Sequence[s
                                       threads=threads)
         info.errors, info.redrawn, info.baseline = checked.errors, checked.redrawn, checked.baseline
     return info
+
+
+def _forward_exports(model: nn.Module, example: torch.Tensor, task: Any) -> bool:
+    """Whether the plain forward of ``model`` traces and translates (the fast path, no
+    optimisation): tells a failing backward from a failing forward."""
+    try:
+        with frozen_parameters(model):
+            gm = trace_model_graph(model, example, decompositions=onnx_decompositions(), task=task)
+        _translate_fast(gm, ("input",), (task.graph_output,))
+    except Exception as exc:  # any failure means: the forward does not export either
+        log.info("the forward does not export either: %s: %s", type(exc).__name__,
+                 str(exc).splitlines()[0] if str(exc) else "")
+        return False
+    return True
 
 
 def export_plain_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], *,
@@ -236,6 +328,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None,
                    help=f"comma-separated CAM methods, the first one is output 'cam' (default: the "
                         f"config's method; known: {', '.join(available_methods())})")
+    p.add_argument("--gradient-free", action="store_true",
+                   help="a graph without backward (no gradients output), for models whose backward "
+                        "does not export and for int8: gradient-free methods only (default: the "
+                        "config's method if gradient-free, else eigencam and reciprocam; "
+                        f"known: {', '.join(available_methods(exportable=True, gradients=False))})")
+    p.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="int8: onnxruntime dynamic quantisation of a gradient-free graph, checked "
+                        "against the float graph (docs/export.md)")
+    p.add_argument("--chunk", type=int, default=GRAPH_CHUNK,
+                   help=f"positions per suffix run of ReciproCAM in the graph (each run holds "
+                        f"batch x chunk copies of the layer output; default {GRAPH_CHUNK})")
     p.add_argument("--opset", type=int, default=BASE_OPSET, help=f"ONNX opset (>= {BASE_OPSET})")
     p.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="fast (one trace), torch (torch.onnx.export) or auto (fast, then torch)")
@@ -283,8 +386,10 @@ def _load(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LoadedMo
 def _report(info: ExportInfo, arch: str, tolerance: float, factor: float = DEFAULT_FACTOR) -> None:
     """What was written, and the verification table."""
     size_mb = info.path.stat().st_size / 1e6
+    kind = ("gradient" if info.gradients else "gradient-free") + \
+        (f", {info.quantize}" if info.quantize else "")
     print(f"wrote {info.path} ({size_mb:.1f} MB) in {info.seconds:.1f}s: {arch}, layer "
-          f"{info.layer}, outputs {', '.join(info.outputs)} ({info.exporter} exporter)")
+          f"{info.layer}, {kind} graph, outputs {', '.join(info.outputs)} ({info.exporter} exporter)")
     if info.errors:
         print(f"verified against the PyTorch engine in float64 (relative error of the graph / of "
               f"PyTorch float32; allowed: {tolerance:g} or {factor:g} x PyTorch float32's):")
@@ -297,6 +402,34 @@ def _report(info: ExportInfo, arch: str, tolerance: float, factor: float = DEFAU
         if info.redrawn:
             print(f"  ({info.redrawn} input rows were drawn again: their gradients sat on a "
                   f"ReLU/max-pool switch where float32 rounding decides)")
+    if info.quantized is not None:
+        q = info.quantized
+        print(f"{info.quantize} graph against the float graph: top-1 agreement {q.top1:.3f}; "
+              + "; ".join(f"{n}: correlation {q.correlation[n]:.4f}, normalised abs error "
+                          f"{q.abs_error[n]:.3f}" for n in q.correlation))
+
+
+def gradient_free_command(argv: Sequence[str]) -> str:
+    """The command line ``argv`` with its ``--methods`` replaced by ``--gradient-free``: what the
+    exporter proposes when the backward does not export.
+
+    Example::
+
+        >>> gradient_free_command(["m", "--out", "a b.onnx", "--methods=gradcam", "--methods", "x"])
+        "camserve-export m --out 'a b.onnx' --gradient-free"
+    """
+    import shlex
+
+    kept: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--methods":
+            skip = True
+        elif not a.startswith("--methods=") and a != "--gradient-free":
+            kept.append(a)
+    return shlex.join(["camserve-export", *kept, "--gradient-free"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -309,9 +442,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("give either MODEL_DIR or --arch (not both)")
     if args.opset < BASE_OPSET:
         parser.error(f"invalid value for --opset: {args.opset} (allowed: {BASE_OPSET} or newer)")
+    if not 1 <= args.chunk <= 1 << 16:
+        parser.error(f"invalid value for --chunk: {args.chunk} (allowed: 1..{1 << 16})")
     try:
         loaded = _load(args, parser)
-        methods = check_methods(args.methods.split(",") if args.methods else [loaded.spec.method])
+        if args.methods:
+            methods = check_methods(args.methods.split(","))
+        elif args.gradient_free or args.quantize:
+            methods = gradient_free_methods(loaded)
+        else:
+            methods = check_methods([loaded.spec.method])
+        if args.gradient_free and needs_gradients(methods):
+            raise ValueError(f"invalid value for --methods: --gradient-free takes gradient-free "
+                             f"methods, and {', '.join(m for m in methods if get_method(m).gradients)} "
+                             f"need gradients (allowed: "
+                             f"{', '.join(available_methods(exportable=True, gradients=False))})")
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -319,7 +464,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         info = export_cam_onnx(loaded, args.out, methods=methods, opset=args.opset,
                                exporter=args.exporter, optimize=args.optimize,
                                verify=not args.no_verify, tolerance=args.tolerance,
-                               factor=args.factor)
+                               factor=args.factor, chunk=args.chunk, quantize=args.quantize)
+    except BackwardExportError as exc:
+        print(f"error: export failed: {exc}\n  export the gradient-free graph with:\n  "
+              f"{gradient_free_command(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        return 1
     except VerificationError as exc:
         print(f"error: verification failed: {exc}", file=sys.stderr)
         return 1

@@ -5,12 +5,14 @@ Inputs: ``input`` float32 (N, 3, H, W), then the task's target inputs
 (N,) or (1,), optional (default ``[-1]``: each row's top-1 class or label); segmentation adds
 ``region`` float32 (N, H, W), optional (default ``-1``: the predicted mask of the target class);
 an embedding graph takes ``reference`` float32 (N, D), required. Outputs: the task's output
-(``logits``; ``embedding`` for embeddings), ``activations``, ``gradients``, ``cam`` (the first
-method's map), then ``cam_<method>`` per extra method (:func:`output_names`).
+(``logits``; ``embedding`` for embeddings), ``activations``, ``gradients`` (only in a graph with a
+method that needs them: a *gradient-free* graph has no backward), ``cam`` (the first method's
+map), then ``cam_<method>`` per extra method (:func:`output_names`).
 
 The ``metadata_props`` are written from and read back into one description, :class:`GraphMeta`: the
 model's :class:`~camserve.models.ModelSpec` (what a consumer needs: arch, input size, mean, std,
-topk, ... the target layer, the task and its settings), the class labels, the methods, the
+topk, ... the target layer, the task and its settings), the class labels, the methods, whether
+the graph carries ``gradients`` (a backward), its ``quantize`` form (``null`` or ``"int8"``), the
 task's target inputs (``inputs``: name -> what it holds) and the camserve version. Each key
 is spelled once, in :data:`SPEC_KEYS` / :data:`KEYS`; values are strings (lists and maps as JSON).
 
@@ -31,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -43,8 +45,11 @@ from ..tasks import GraphInput, Task, TaskError, make_task
 #: Graph input names of a classifier, in order (other tasks: :attr:`GraphMeta.input_names`).
 INPUT_NAMES: tuple[str, str] = ("input", "target")
 #: Names of the fixed outputs of a classifier's CAM graph, in order (the first one is the task's
-#: output: :attr:`camserve.tasks.Task.graph_output`); ``cam_<method>`` outputs follow.
+#: output: :attr:`camserve.tasks.Task.graph_output`; a gradient-free graph has no ``gradients``);
+#: ``cam_<method>`` outputs follow.
 BASE_OUTPUTS: tuple[str, ...] = ("logits", "activations", "gradients", "cam")
+#: The forms a graph may be quantised to (``camserve-export --quantize``).
+QUANTIZE: tuple[str, ...] = ("int8",)
 #: The symbolic batch dimension's name.
 BATCH_DIM = "batch"
 
@@ -70,9 +75,12 @@ NOT_WRITTEN: tuple[str, ...] = ("weights", "labels", "formats", "max_response_si
 #: not a token layer).
 #: ``target``: what the ``target`` input holds (graphs with one); ``inputs``: every target input,
 #: name -> what it holds (JSON).
+#: ``gradients``: whether the graph has a backward (JSON bool; graphs written before it was
+#: recorded have one); ``quantize``: ``null`` or one of :data:`QUANTIZE`.
 KEYS: dict[str, str] = {"labels": "labels", "methods": "methods", "cam_outputs": "cam_outputs",
                         "version": "camserve_version", "target": "target", "grid": "grid",
-                        "prefix_tokens": "prefix_tokens", "inputs": "inputs"}
+                        "prefix_tokens": "prefix_tokens", "inputs": "inputs",
+                        "gradients": "gradients", "quantize": "quantize"}
 #: Keys a graph must have to be a camserve CAM graph.
 REQUIRED: tuple[str, ...] = ("arch", "layer", "input_size", "mean", "std", "labels", "methods",
                              "cam_outputs")
@@ -90,17 +98,26 @@ def method_output_name(method: str) -> str:
     return "cam_" + re.sub(r"[^a-z0-9_]", "", name)
 
 
+def needs_gradients(methods: Sequence[str]) -> bool:
+    """Whether a graph with ``methods`` computes gradients (one of them needs them); a graph
+    without is *gradient-free*: no backward, no ``gradients`` output."""
+    return any(get_method(m).gradients for m in methods)
+
+
 def output_names(methods: Sequence[str], task: Optional[Task] = None) -> list[str]:
     """Output names of a CAM graph of ``task`` (default: classification) for ``methods`` (the
-    first one is ``cam``).
+    first one is ``cam``); ``gradients`` only when a method needs them.
 
     Example::
 
         >>> output_names(["hirescam", "gradcam++"])
         ['logits', 'activations', 'gradients', 'cam', 'cam_gradcampp']
+        >>> output_names(["eigencam", "reciprocam"])
+        ['logits', 'activations', 'cam', 'cam_reciprocam']
     """
     first = BASE_OUTPUTS[0] if task is None else task.graph_output
-    return [first, *BASE_OUTPUTS[1:]] + [method_output_name(m) for m in methods[1:]]
+    base = [n for n in BASE_OUTPUTS[1:] if n != "gradients" or needs_gradients(methods)]
+    return [first, *base] + [method_output_name(m) for m in methods[1:]]
 
 
 def input_names(inputs: Sequence[GraphInput]) -> list[str]:
@@ -153,8 +170,12 @@ class GraphMeta:
     version: str = __version__
     grid: Optional[tuple[int, int]] = None
     prefix_tokens: Optional[int] = None
+    quantize: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"invalid value for quantize: {str(self.quantize)[:40]!r} (allowed: "
+                             f"{', '.join(QUANTIZE)} or none)")
         object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
         if self.grid is not None:
             object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
@@ -220,6 +241,11 @@ class GraphMeta:
         return cam_outputs(self.methods)
 
     @property
+    def gradients(self) -> bool:
+        """Whether the graph computes gradients (False: a gradient-free graph, no backward)."""
+        return needs_gradients(self.methods)
+
+    @property
     def task(self) -> Task:
         """The model's task (:mod:`camserve.tasks`), with its labels and settings."""
         return make_task(self.spec.task, self.labels, self.spec.task_settings)
@@ -258,6 +284,8 @@ class GraphMeta:
         props[KEYS["labels"]] = json.dumps(list(self.labels))
         props[KEYS["methods"]] = json.dumps(list(self.methods))
         props[KEYS["cam_outputs"]] = json.dumps(self.cam_outputs)
+        props[KEYS["gradients"]] = json.dumps(self.gradients)
+        props[KEYS["quantize"]] = json.dumps(self.quantize)
         inputs = self.inputs
         for g in inputs:
             if g.name == "target":
@@ -310,16 +338,22 @@ class GraphMeta:
             prefix = json.loads(props.get(key, "null"))
             if prefix is not None and (not isinstance(prefix, int) or prefix < 0):
                 raise ValueError("prefix_tokens must be a count or null")
+            key = KEYS["quantize"]
+            quantize = json.loads(props.get(key, "null"))
             key = KEYS["methods"]
             meta = cls(spec, tuple(str(v) for v in labels), tuple(str(m) for m in methods),
                        props.get(KEYS["version"], ""), grid=None if grid is None else tuple(grid),
-                       prefix_tokens=prefix)
+                       prefix_tokens=prefix, quantize=quantize)
         except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
             raise GraphFormatError(f"not a camserve CAM graph: invalid metadata {key!r}: "
                                    f"{str(exc)[:200]}") from None
         if {str(k): str(v) for k, v in outs.items()} != meta.cam_outputs:
             raise GraphFormatError("not a camserve CAM graph: invalid metadata 'cam_outputs' (does "
                                    "not fit 'methods')")
+        if props.get(KEYS["gradients"], json.dumps(meta.gradients)) != json.dumps(meta.gradients):
+            raise GraphFormatError(f"not a camserve CAM graph: invalid metadata 'gradients' (the "
+                                   f"methods {', '.join(meta.methods)} make it "
+                                   f"{json.dumps(meta.gradients)})")
         try:
             names = [g.name for g in meta.inputs]
         except TaskError as exc:
@@ -342,3 +376,24 @@ class GraphMeta:
 
         proto = onnx.load(str(path), load_external_data=False)
         return cls.from_props({p.key: p.value for p in proto.metadata_props})
+
+
+@dataclass
+class ExportInfo:
+    """What :func:`camserve.onnx.export.export_cam_onnx` did."""
+
+    path: Path
+    layer: str
+    methods: tuple[str, ...]
+    outputs: list[str]
+    exporter: str
+    seconds: float
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    redrawn: int = 0
+    baseline: dict[str, dict[str, float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    #: whether the graph has a backward (False: gradient-free)
+    gradients: bool = True
+    #: ``"int8"`` for a quantised graph, and what int8 changed against the float graph
+    quantize: Optional[str] = None
+    quantized: Optional[Any] = None  #: a :class:`camserve.onnx.quantize.QuantCheck`

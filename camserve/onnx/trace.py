@@ -36,22 +36,82 @@ Example::
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..engine import cam_step
+from ..engine import PrefixCache, cam_step, replay_matches
 from ..layers import LayerSpec, capture_layer, nchw_converter, resolve_layer
 from ..layouts import GRIDLESS_LAYOUTS, Layout, Reshape
 from ..methods import get_method
 from ..tasks import Classification, Task
 from .decompositions import backward_decompositions
-from .format import check_methods, input_names, output_names
+from .format import check_methods, input_names, needs_gradients, output_names
 from .passes import functionalize_inplace
 
 log = logging.getLogger(__name__)
+
+#: Positions per suffix run of a ReciproCAM in the graph (each run holds N x this many copies of
+#: the layer output): the graph's bound on its working memory, fixed at export.
+GRAPH_CHUNK = 16
+
+
+class GraphContext:
+    """What a method that runs suffix forwards (ReciproCAM) sees inside the traced graph: the part
+    of :class:`camserve.engine.CamContext` it uses, with tensor operations only (the number of
+    rows is symbolic).
+
+    ``row_chunks`` slices the perturbations of every row by ``chunk`` (a bound fixed at export:
+    each suffix run holds N x ``chunk`` copies); ``write_layer`` writes NCHW activations into
+    layer outputs out of place (a scatter through the NCHW view's element indices, so token and
+    channels-last layers keep their other entries); ``suffix_scores`` runs the layers after the
+    target layer, replaying the ones before it (:class:`camserve.engine.PrefixCache`) when
+    ``cache`` is given, else the whole model with the layer's output replaced.
+    """
+
+    def __init__(self, graph: "CamGraph", x: torch.Tensor, raw: torch.Tensor, targets: Any,
+                 options: Mapping[str, Any], cache: Optional[PrefixCache]) -> None:
+        self._graph = graph
+        self.x = x
+        self.raw = raw.detach()
+        self.activations = graph._to_nchw(self.raw)
+        self.targets = targets
+        self.options = dict(options)
+        self.chunk = max(1, int(graph.chunk))
+        self._cache = cache
+
+    def nchw(self, raw: torch.Tensor) -> torch.Tensor:
+        return self._graph._to_nchw(raw)
+
+    def row_chunks(self, n: int) -> Iterator[slice]:
+        for i in range(0, n, self.chunk):
+            yield slice(i, min(n, i + self.chunk))
+
+    def write_layer(self, raw: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        one = raw[:1]
+        index = torch.arange(one.numel(), device=raw.device).reshape(one.shape)
+        where = self.nchw(index).flatten(1)  # (1, C*h*w): each NCHW entry's place in a raw row
+        flat = raw.flatten(1)
+        return flat.scatter(1, where.expand(flat.shape[0], -1),
+                            activations.flatten(1).to(flat.dtype)).reshape(raw.shape)
+
+    def suffix_scores(self, activations: torch.Tensor, owner: torch.Tensor, *,
+                      raw: bool = False) -> torch.Tensor:
+        if not raw:
+            activations = self.write_layer(self.raw.index_select(0, owner), activations)
+        g = self._graph
+        xs = self.x.index_select(0, owner)
+        with torch.no_grad(), _contiguous_outputs(g.model):
+            if self._cache is not None:
+                with self._cache.replay(owner, activations):
+                    out = g.task.output(g.model(xs))
+            else:
+                with capture_layer(g.model, g.layer_name, "replace", activations=activations,
+                                   raw=True):
+                    out = g.task.output(g.model(xs))
+        return g.task.scores(out, self.targets.select(owner))
 
 
 class CamGraph(nn.Module):
@@ -69,13 +129,21 @@ class CamGraph(nn.Module):
     (d score / d activations) are NCHW; ``cam`` is ``methods[0]``'s map (N, h, w), raw (post-ReLU,
     not normalised), and one more map follows per extra method.
 
+    When no method needs gradients the graph is *gradient-free*: the forward runs without
+    autograd, there is no backward and no ``gradients`` output — a model whose backward cannot
+    be exported still gets a CAM graph. Methods that run the layers after the target layer
+    (ReciproCAM) run their own function (:mod:`camserve.methods.perturbation`) over a
+    :class:`GraphContext`, ``chunk`` positions per suffix run; ``replay``: the layers before the
+    target layer are replayed from the first forward (else the whole model runs again).
+
     The engine's capture and CAM step run here (see the module docstring); the module holds the
     model as a submodule and never changes it.
     """
 
     def __init__(self, model: nn.Module, target_layer: LayerSpec, methods: Sequence[str] = ("gradcam",),
                  *, layout: Optional[Layout] = None, reshape: Optional[Reshape] = None,
-                 task: Optional[Task] = None, input_size: Optional[tuple[int, int]] = None) -> None:
+                 task: Optional[Task] = None, input_size: Optional[tuple[int, int]] = None,
+                 chunk: int = GRAPH_CHUNK, replay: bool = True) -> None:
         """``task``: default classification; ``input_size`` (H, W): the shapes of the task's
         inputs that follow the image (a segmentation region)."""
         super().__init__()
@@ -87,7 +155,16 @@ class CamGraph(nn.Module):
         self._to_nchw = nchw_converter(self._layer_name, layout, reshape)
         self.methods = check_methods(methods)
         self._fns = [get_method(m) for m in self.methods]
+        self._specs = [fn.spec() for fn in self._fns]  # a graph runs its methods' defaults
+        self.gradients = needs_gradients(self.methods)
+        self.chunk = int(chunk)
+        self.replay = bool(replay)
         self.task = task if task is not None else Classification()
+        if self.task.graph_per_target and not all(fn.pure for fn in self._fns):
+            raise ValueError(f"invalid value for methods: the {self.task.name} graph explains every "
+                             f"target with one map per method of (activations, gradients); "
+                             f"{', '.join(fn.name for fn in self._fns if not fn.pure)} run more "
+                             f"forwards")
         self.inputs = self.task.graph_inputs(tuple(input_size) if input_size else (0, 0))  # type: ignore[arg-type]
 
     @property
@@ -109,15 +186,34 @@ class CamGraph(nn.Module):
         if len(targets) != len(self.inputs):
             raise ValueError(f"invalid value for targets: {len(targets)} tensors for the inputs "
                              f"{', '.join(self.input_names[1:]) or 'none'}")
-        with _contiguous_outputs(self.model), \
-                capture_layer(self.model, self._layer_name, "track-grad") as cap:
+        suffix = any(not fn.pure for fn in self._fns)
+        layer = self.model.get_submodule(self._layer_name)
+        cache = PrefixCache(self.model, layer, x.shape[0]) if suffix and self.replay else None
+        with ExitStack() as stack:
+            if not self.gradients:
+                stack.enter_context(torch.no_grad())
+            stack.enter_context(_contiguous_outputs(self.model))
+            cap = stack.enter_context(capture_layer(self.model, self._layer_name,
+                                                    "track-grad" if self.gradients else "record"))
+            if cache is not None:
+                stack.enter_context(cache.recording())
             out = self.task.graph_forward(self.model, x)
         tb = self.task.graph_targets(self.task.detach(out),
                                      {g.name: t for g, t in zip(self.inputs, targets)})
-        step = cam_step(self.task.graph_scores(out, tb), cap.output, self._fns, self._to_nchw,
+        with nullcontext() if self.gradients else torch.no_grad():
+            scores = self.task.graph_scores(out, tb)
+        step = cam_step(scores, cap.output, [fn for fn in self._fns if fn.pure], self._to_nchw,
                         batched=False)
-        return (self.task.graph_value(self.task.detach(out)), step.activations, step.gradients,
-                *step.cams)
+        pure = iter(step.cams)
+        cams = []
+        for fn, spec in zip(self._fns, self._specs):
+            if fn.pure:
+                cams.append(next(pure))
+            else:
+                ctx = GraphContext(self, x, cap.output, tb, spec.as_dict(), cache)
+                cams.append(fn.fn(ctx)[:, 0])
+        grads = (step.gradients,) if self.gradients else ()
+        return (self.task.graph_value(self.task.detach(out)), step.activations, *grads, *cams)
 
 
 @contextmanager
@@ -255,9 +351,12 @@ def trace_cam_graph(model: nn.Module, target_layer: LayerSpec, example: torch.Te
                     methods: Sequence[str] = ("gradcam",), *, layout: Optional[Layout] = None,
                     reshape: Optional[Reshape] = None,
                     decompositions: Optional[Mapping[Any, Callable[..., Any]]] = None,
-                    functional: bool = True, task: Optional[Task] = None) -> torch.fx.GraphModule:
+                    functional: bool = True, task: Optional[Task] = None,
+                    chunk: int = GRAPH_CHUNK) -> torch.fx.GraphModule:
     """Trace :class:`CamGraph` of ``task`` (default: classification) into an FX graph of ATen
     operations with a symbolic batch size, shared by the images and the task's target inputs.
+    Gradient-free ``methods`` only: no backward is traced (see :class:`CamGraph`); ``chunk``:
+    positions per suffix run of a ReciproCAM.
 
     ``model`` must be in eval mode (rows of a batch independent). Parameters and buffers become
     constants of the graph (``get_attr`` nodes); see :func:`lift_constants`. ``target_layer=None``
@@ -285,8 +384,14 @@ def trace_cam_graph(model: nn.Module, target_layer: LayerSpec, example: torch.Te
         name = None if target_layer is None else resolve_layer(model, target_layer)[0]
         choice = choose_layer(model, size, name, layout, score=task.probe_score)
         target_layer, reshape = choice.name, choice.reshape
+    replay = True
+    if any(not get_method(m).pure for m in methods):
+        replay = replay_matches(model, resolve_layer(model, target_layer)[1], example, task)
+        if not replay:
+            log.warning("camserve: replaying the layers before %r does not reproduce the model; "
+                        "the graph's suffix forwards run the whole model", target_layer)
     cg = CamGraph(model, target_layer, methods, layout=layout, reshape=reshape, task=task,
-                  input_size=size)
+                  input_size=size, chunk=chunk, replay=replay)
     targets = {g.name: g.fill(int(example.shape[0])) for g in cg.inputs}
     table: dict[Any, Callable[..., Any]] = dict(decompositions or {})
     table.update(backward_decompositions())
@@ -302,7 +407,8 @@ def trace_cam_graph(model: nn.Module, target_layer: LayerSpec, example: torch.Te
     if functional:
         functionalize_inplace(gm)
     gm.meta["camserve"] = {"layer": cg.layer_name, "methods": list(cg.methods),
-                           "input_names": cg.input_names, "output_names": cg.output_names}
+                           "input_names": cg.input_names, "output_names": cg.output_names,
+                           "gradients": cg.gradients}
     log.debug("camserve: traced CAM graph for layer %r: %d nodes", cg.layer_name,
               len(gm.graph.nodes))
     return gm

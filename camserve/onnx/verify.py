@@ -34,7 +34,7 @@ from ..layouts import GRIDLESS_LAYOUTS
 from ..methods import get_method
 from ..models import LoadedModel
 from ..tasks import GraphInput, TargetBatch, Task, make_task
-from .format import check_methods, method_output_name, output_names
+from .format import cam_outputs, check_methods, output_names
 from .session import ort_session
 from .translate import ExportError
 
@@ -109,27 +109,41 @@ class _EngineReference:
                   else g.fill(1) for g in self.task.graph_inputs(tuple(xb.shape[-2:]))}
         return self.task.graph_targets(self.engine.predict(xb), inputs)
 
-    def _backward(self, model: torch.nn.Module, engine: CamEngine, xb: torch.Tensor,
-                  targets: TargetBatch, pinned: torch.Tensor, g: torch.Tensor) -> dict[str, np.ndarray]:
+    def _maps(self, model: torch.nn.Module, engine: CamEngine, xb: torch.Tensor,
+              targets: TargetBatch, pinned: torch.Tensor, g: Optional[torch.Tensor],
+              k: int = 1) -> dict[str, np.ndarray]:
+        """The gradients (the engine's, at the graph's activations) and every method's map: the
+        first gradient method's by the engine at the graph's activations, the other pure ones by
+        their formula on the graph's activations and gradients, the ones that run more forwards
+        (ReciproCAM) by the engine on the input."""
         dt = next(model.parameters()).dtype
-        try:
-            with capture_layer(model, self.layer, "replace", activations=pinned.to(dt),
-                               layout=self.layout, reshape=self.reshape):  # type: ignore[arg-type]
-                res = engine(xb.to(dt), targets=_targets_as(targets, dt), method=self.methods[0])
-        except LayerError as exc:
-            raise VerificationError(f"graph activations do not fit the model: {exc}") from None
-        assert res.gradients is not None  # the first graph method needs gradients (check_methods)
-        if self.task.graph_per_target:  # every target's gradients and map
-            out = {"gradients": res.gradients.numpy(), "cam": res.cams.numpy()}
-        else:
-            out = {"gradients": res.gradients[:, 0].numpy(), "cam": res.cams[:, 0].numpy()}
+        tb = _targets_as(targets, dt)
+        per_target = self.task.graph_per_target  # (N, K, ...) outputs: every target's
+        out: dict[str, np.ndarray] = {}
+        names = cam_outputs(self.methods)
+        first = next((m for m in self.methods if get_method(m).gradients), None)
+        if first is not None:
+            try:
+                with capture_layer(model, self.layer, "replace", activations=pinned.to(dt),
+                                   layout=self.layout, reshape=self.reshape):  # type: ignore[arg-type]
+                    res = engine(xb.to(dt), targets=tb, method=first)
+            except LayerError as exc:
+                raise VerificationError(f"graph activations do not fit the model: {exc}") from None
+            assert res.gradients is not None  # a gradient method
+            out["gradients"] = (res.gradients if per_target else res.gradients[:, 0]).numpy()
+            out[names[first]] = (res.cams if per_target else res.cams[:, 0]).numpy()
         a = pinned.to(dt)
-        for m in self.methods[1:]:  # the method's own formula on the graph's activations and gradients
-            if self.task.graph_per_target:
-                cam = _per_target(get_method(m)(a[:, None], g.to(dt)), g.shape[1])
+        for m in self.methods:
+            fn = get_method(m)
+            if names[m] in out:
+                continue
+            gd = None if g is None else g.to(dt)
+            if fn.pure and per_target:  # one map per target (a gradient-free map serves them all)
+                out[names[m]] = _per_target(fn(a[:, None], gd), k).numpy()
+            elif fn.pure:  # the method's own formula on the graph's activations and gradients
+                out[names[m]] = fn(a, gd).numpy()
             else:
-                cam = get_method(m)(a, g.to(dt))
-            out[method_output_name(m)] = cam.numpy()
+                out[names[m]] = engine(xb.to(dt), targets=tb, method=m).cams[:, 0].numpy()
         return out
 
     def __call__(self, xb: torch.Tensor, targets: TargetBatch, got: dict[str, np.ndarray]
@@ -140,11 +154,12 @@ class _EngineReference:
         out, activations = self._forward(self.model, xb)
         out64, activations64 = self._forward(self.model64, xb.double())
         pinned = torch.from_numpy(got["activations"])
-        g = torch.from_numpy(got["gradients"])
+        g = torch.from_numpy(got["gradients"]) if "gradients" in got else None
+        k = got["cam"].shape[1] if self.task.graph_per_target else 1
         ref = {self.output: out64, "activations": activations64,
-               **self._backward(self.model64, self.engine64, xb, targets, pinned, g)}
+               **self._maps(self.model64, self.engine64, xb, targets, pinned, g, k)}
         own = {self.output: out, "activations": activations,
-               **self._backward(self.model, self.engine, xb, targets, pinned, g)}
+               **self._maps(self.model, self.engine, xb, targets, pinned, g, k)}
         return ref, own
 
 
@@ -210,7 +225,9 @@ def verify_cam_onnx(path: str | Path, loaded: LoadedModel, *, methods: Sequence[
     (:func:`camserve.layers.capture_layer` in ``"replace"`` mode); each extra ``cam_<method>``
     with that method's function (:func:`camserve.methods.get_method`) applied to the graph's
     activations and gradients (the Grad-CAM++ weights divide by sums that can be near zero, which
-    magnifies float32 rounding in the gradients beyond any fixed tolerance). The backward pass of a ReLU or max-pool network is
+    magnifies float32 rounding in the gradients beyond any fixed tolerance); a method that runs
+    more forwards (ReciproCAM) with the engine on the same input. A gradient-free graph has no
+    ``gradients`` to compare. The backward pass of a ReLU or max-pool network is
     discontinuous: a ReLU mask flips when a pre-activation crosses 0, a max-pool picks another
     element when two are within rounding. A float32 rounding difference of 1e-6 — onnxruntime's
     kernels against PyTorch's — flips one such switch in one image of a few for deep random-weight

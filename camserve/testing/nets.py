@@ -6,6 +6,8 @@
 * :class:`TinyBNNet`: with BatchNorm and in-place ReLU; target ``features.3``; its source is
   self-contained (``import torch`` / ``from torch import nn``), so it can be written to a model
   folder's ``model.py`` (:func:`model_source`).
+* :class:`WarpNet`: a fixed spatial transformer (``grid_sample``) after its target layer
+  ``features``: its forward exports to ONNX, its backward (``grid_sampler_2d_backward``) does not.
 * :func:`tiny_spec`: the ModelSpec that serves a six-class TinyNet (labels :data:`TINY_LABELS`).
 * :func:`calibrate_bn`: running statistics of random input for freshly initialised BatchNorm layers,
   so deep random nets (MobileNetV3, EfficientNet) give logits of a sane magnitude.
@@ -128,6 +130,26 @@ class TinyEmbedNet(nn.Module):
         f = torch.relu(self.features(x))
         v = self.proj(f.mean(dim=(-2, -1)))
         return {"tokens": f.flatten(2), "embedding": v} if self.named else v
+
+
+class WarpNet(nn.Module):
+    """conv (the target ``features``, H×W) -> a fixed affine warp (``grid_sample``) -> conv ->
+    pool -> fc: a model whose CAM graph's backward has no ONNX form."""
+
+    def __init__(self, num_classes: int = 4, seed: Optional[int] = 0) -> None:
+        super().__init__()
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(8, num_classes))
+        self.register_buffer("theta", torch.tensor([[[0.9, 0.1, 0.05], [-0.1, 0.9, 0.0]]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.features(x)
+        grid = nn.functional.affine_grid(self.theta.expand(a.shape[0], 2, 3), list(a.shape),
+                                         align_corners=False)
+        return self.head(nn.functional.grid_sample(a, grid, align_corners=False))
 
 
 def small_sequential(num_classes: int = 5, seed: Optional[int] = 0) -> nn.Sequential:

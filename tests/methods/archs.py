@@ -1,6 +1,12 @@
 """The architectures the method contract tests run over: a tiny CNN and resnet18 (fast tier),
 torchvision CNNs and transformers, a timm CNN and ViT, Hugging Face ResNet and ViT (zoo tier);
-random weights (BatchNorm calibrated), float64, non-square inputs for the CNNs."""
+random weights (BatchNorm calibrated), float64, non-square inputs for the CNNs.
+
+Cost: a method that runs a forward per channel or per augmentation (Score-CAM, Ablation-CAM,
+SS-CAM, IS-CAM, ``aug_smooth``) is the same code on every architecture of a layout, so it runs on
+the small cases, which cover every layout (NCHW: tinybn, resnet18, hf_resnet; tokens:
+timm_vit_tiny, hf_vit; NHWC: swin_small), and not on the full-size torchvision/timm networks
+(``large``), where one case costs minutes of CPU in float64."""
 from __future__ import annotations
 
 import functools
@@ -48,6 +54,15 @@ def _timm(name: str, **kw) -> Callable[[], nn.Module]:
     return build
 
 
+def _swin_small() -> nn.Module:
+    """A torchvision Swin of one block per stage (NHWC stages, shifted windows, patch merging)."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
+                           window_size=[4, 4], num_classes=10).eval()
+
+
 def _hf_resnet() -> nn.Module:
     from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -78,6 +93,7 @@ class Case:
     size: tuple[int, int]
     layout: Optional[str] = None
     zoo: bool = True
+    large: bool = False  #: a full-size network: no per-channel / per-augmentation methods
 
     @property
     def reshape_ref(self):
@@ -100,12 +116,14 @@ def model_of(case: Case) -> nn.Module:
 CASES: list[Case] = [
     Case("tinybn", _tiny, "features.3", (40, 56), zoo=False),
     Case("resnet18", _tv("resnet18"), "layer4", (48, 64), zoo=False),
-    Case("resnet50", _tv("resnet50"), "layer3", (48, 80)),
-    Case("densenet121", _tv("densenet121"), "features.denseblock4", (64, 48)),
-    Case("convnext_tiny", _tv("convnext_tiny"), "features.5", (64, 96)),
-    Case("vit_b_16", _tv("vit_b_16"), "encoder.layers.encoder_layer_10.ln_1", (64, 64), "tokens"),
-    Case("swin_t", _tv("swin_t"), "features.5", (64, 64), "nhwc"),
-    Case("timm_resnet26d", _timm("resnet26d"), "layer4", (64, 96)),
+    Case("resnet50", _tv("resnet50"), "layer3", (48, 80), large=True),
+    Case("densenet121", _tv("densenet121"), "features.denseblock4", (64, 48), large=True),
+    Case("convnext_tiny", _tv("convnext_tiny"), "features.5", (64, 96), large=True),
+    Case("vit_b_16", _tv("vit_b_16"), "encoder.layers.encoder_layer_10.ln_1", (64, 64), "tokens",
+         large=True),
+    Case("swin_t", _tv("swin_t"), "features.5", (64, 64), "nhwc", large=True),
+    Case("swin_small", _swin_small, "features.5", (64, 64), "nhwc"),
+    Case("timm_resnet26d", _timm("resnet26d"), "layer4", (64, 96), large=True),
     Case("timm_vit_tiny", _timm("vit_tiny_patch16_224", img_size=64), "blocks.10.norm1", (64, 64), "tokens"),
     Case("hf_resnet", _hf_resnet, "model.resnet.encoder.stages.3", (48, 64)),
     Case("hf_vit", _hf_vit, "model.vit.layers.2.layernorm_before", (32, 32), "tokens"),
@@ -115,10 +133,13 @@ CASE_BY_NAME = {c.name: c for c in CASES}
 
 def params(cases, methods, *, fast_cases=("tinybn", "resnet18"), slow_methods=()):
     """pytest params (case, method); zoo marks for zoo cases, and for ``slow_methods`` on any case
-    but the first fast one."""
+    but the first fast one. ``slow_methods`` (a forward per channel or augmentation) are left out
+    on ``large`` cases (see the module's docstring)."""
     out = []
     for c in cases:
         for m in methods:
+            if m in slow_methods and c.large:
+                continue
             zoo = c.zoo or (m in slow_methods and c.name != fast_cases[0])
             out.append(pytest.param(c, m, id=f"{c.name}-{m}", marks=[pytest.mark.zoo] if zoo else []))
     return out

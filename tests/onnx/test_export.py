@@ -177,7 +177,7 @@ def test_graph_inputs_outputs_and_metadata(all_methods_graph: tuple[Path, object
     outs = [o.name for o in proto.graph.output]
     assert outs == ["logits", "activations", "gradients", "cam", "cam_gradcampp", "cam_hirescam",
                     "cam_xgradcam", "cam_layercam", "cam_gradcamelementwise", "cam_eigencam",
-                    "cam_kpcacam"]
+                    "cam_kpcacam", "cam_reciprocam", "cam_vitreciprocam"]
     assert outs == output_names(available_methods(exportable=True))
     for o in proto.graph.output:
         assert o.type.tensor_type.shape.dim[0].dim_param == "batch"
