@@ -363,14 +363,16 @@ class _Tricky(nn.Module):
 
 
 def test_a_replay_that_differs_falls_back_to_the_whole_model(caplog):
+    """chunk 4 over 2 rows: ReciproCAM's suffix batches hold two copies of each row, so the
+    replayed batch-free output (recorded for rows 0, 1) is indexed as 0, 0, 1, 1 and differs."""
     torch.manual_seed(0)
     model = _Tricky().eval()
     x = torch.rand(2, 3, 8, 8)
-    eng = CamEngine(model, "conv", layout="nchw", chunk=3)
+    eng = CamEngine(model, "conv", layout="nchw", chunk=4)
     with caplog.at_level("WARNING", logger="camserve.engine"):
         res = eng(x, targets=[0, 1], method="reciprocam")
     assert "running the whole model" in caplog.text
-    ref = CamEngine(model, "conv", layout="nchw", chunk=3)
+    ref = CamEngine(model, "conv", layout="nchw", chunk=4)
     ref._replay_ok[(2, 3, 8, 8)] = False
     torch.testing.assert_close(res.cams, ref(x, targets=[0, 1], method="reciprocam").cams)
     assert not any("forward" in m.__dict__ for m in model.modules())
