@@ -291,8 +291,8 @@ def test_all_methods_in_one_batch(every_method_service, png, decode_png):
     row's map is its method's map alone."""
     svc = every_method_service
     data = png(seed=21)
-    methods = list(service.backend.methods)
-    assert methods == available_methods(exportable=True if service.backend.name ==
+    methods = list(svc.backend.methods)
+    assert methods == available_methods(exportable=True if svc.backend.name ==
                                         "onnxruntime" else None)
     rows = [{"data": data, "method": m, "target": 2} for m in methods]
     rows.append({"data": data, "method": "gradcam", "aug_smooth": "true", "target": 2})
@@ -300,7 +300,7 @@ def test_all_methods_in_one_batch(every_method_service, png, decode_png):
     for m, res in zip(methods, out):
         e = body_of(res)["explanations"][0]
         assert e["method"] == m
-        assert_maps_close(decode_png(e["heatmap"]), direct_heatmap(svc, data, 2, m))
+        assert_maps_close(decode_png(e["heatmap"]), direct_heatmap(svc.backend.engine, data, 2, m))
     assert out[-1].status == 200
 
 
