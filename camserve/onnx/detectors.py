@@ -143,7 +143,7 @@ def export_detector_onnx(loaded: LoadedModel, out: str | Path, *, methods: Seque
     onnx.save(model, str(out))
     check_model(out)
     info = ExportInfo(path=out, layer=meta.layer, methods=methods, outputs=names,
-                      exporter="torchscript", seconds=time.perf_counter() - t0)
+                      exporter="torchscript", seconds=time.perf_counter() - t0, gradients=False)
     if verify:
         info.errors = {"random": _verify(out, graph, meta, names, tolerance, seed + 1, threads)}
     return info

@@ -87,10 +87,14 @@ def gradient_free_methods(loaded: LoadedModel) -> tuple[str, ...]:
     """The methods of a gradient-free graph when none are named (``--gradient-free``): the
     folder's method when it is gradient-free, else EigenCAM (class-agnostic, one projection) and
     ReciproCAM (class-specific, one suffix forward per position; ViT-ReciproCAM for a token
-    layer)."""
+    layer); a detector's graph takes functions of the activations only (EigenCAM, KPCA-CAM)."""
     own = str(loaded.spec.method).lower()
-    if own in available_methods(exportable=True, gradients=False):
+    detection = str(loaded.spec.task) == "detection"
+    if own in available_methods(exportable=True, gradients=False) and \
+            not (detection and not get_method(own).pure):
         return (own,)
+    if detection:
+        return ("eigencam",)
     tokens = loaded.spec.layout == "tokens" or getattr(loaded, "layout", None) == "tokens" or \
         getattr(getattr(loaded, "reshape", None), "prefix", None) is not None
     return ("eigencam", "vitreciprocam" if tokens else "reciprocam")

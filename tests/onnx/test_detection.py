@@ -298,11 +298,14 @@ def test_torchvision_detectors_export_gradient_free(arch: str, untied: bool, tmp
     size 1, no gradients output); activations and maps match PyTorch, and so do the detections
     where scores are not tied. A method that needs gradients is refused, naming the usable
     ones."""
+    from camserve.onnx.export import gradient_free_methods
     from camserve.onnx.translate import ExportError
 
     lm = _tv_detector(arch)
     info = export_cam_onnx(lm, tmp_path / "g.onnx", methods=("eigencam",), threads=1)
     assert info.exporter == "torchscript" and info.outputs == ["detections", "activations", "cam"]
+    assert info.gradients is False
+    assert gradient_free_methods(lm) == ("eigencam",)  # what --gradient-free picks for a detector
     errors = info.errors["random"]
     assert errors["activations"] <= 1e-4 and errors["cam"] <= 1e-4
     if untied:
