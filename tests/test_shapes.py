@@ -291,7 +291,7 @@ def test_pointing_hits_counts_the_peak_with_tolerance() -> None:
 @pytest.mark.slow
 def test_evaluate_cli_meets_the_thresholds(capsys) -> None:
     assert shapes.main(["evaluate", "--model", str(MODEL_DIR), "--seed", "2026", "--n", "200",
-                        "--metrics-n", "16", "--road-n", "2", "--steps", "10"]) == 0
+                        "--metrics-n", "4", "--road-n", "1", "--steps", "10"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     metrics = json.loads(out[-1])
     assert set(metrics) == set(THRESHOLDS) | {"metrics", "method_cost"}
@@ -310,7 +310,7 @@ def test_evaluate_cli_meets_the_thresholds(capsys) -> None:
     assert "deletion ↓" in out[head] and "insertion ↑" in out[head]
     assert "randomization_rank_corr ↓" in out[head] and "road_lerf ↑" in out[head]
     assert [line.split()[0] for line in out[head + 1:-1]] == list(rows)
-    assert "first 16 single-object images, ROAD on the first 2" in out[head - 1]
+    assert "first 4 single-object images, ROAD on the first 1" in out[head - 1]
 
 
 def test_evaluate_fails_for_an_untrained_model(shapes_folder) -> None:
