@@ -345,3 +345,51 @@ def test_job_over_a_gradient_free_graph(tmp_path: Path, json_lines: JsonLines) -
             b = d["box"]
             inside = hm[int(b[1]):int(round(b[3])), int(b[0]):int(round(b[2]))]
             assert hm.sum() == inside.sum()
+
+
+def _hf_detector(tmp_path: Path, kind: str):
+    from tests.tasks.test_detection_hf import _detr, _folder, _rtdetr
+
+    return _folder(tmp_path, {"detr": _detr, "rt_detr": _rtdetr}[kind])
+
+
+def _yolo_detector(tmp_path: Path, kind: str):
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("ultralytics")
+    if spec is None:
+        pytest.skip("ultralytics (camserve[yolo]) is missing")
+    cfg = Path(list(spec.submodule_search_locations)[0]) / "cfg" / "models" / "v8" / "yolov8.yaml"
+    shutil.copy(cfg, tmp_path / "yolov8n.yaml")
+    (tmp_path / "model-config.yaml").write_text(
+        "handler:\n  arch: yolo:yolov8n.yaml\n  task: detection\n  num_classes: 3\n"
+        "  score_threshold: 0.0\n  input_size: [64, 96]\n")
+    torch.manual_seed(0)
+    return load_model_dir(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kind,build", [("detr", _hf_detector), ("rt_detr", _hf_detector),
+                                        ("yolov8", _yolo_detector)])
+def test_hf_and_yolo_detectors_export_gradient_free_and_run_in_the_job(kind, build, tmp_path: Path,
+                                                                       json_lines: JsonLines) -> None:
+    """Hugging Face DETR / RT-DETR (their image processor's post-processing) and Ultralytics YOLO
+    (its NMS) export as gradient-free detection graphs like the torchvision families: activations
+    and EigenCAM within 1e-4 of PyTorch, and the batch job writes a detections line per image."""
+    lm = build(tmp_path / "folder" if kind != "yolov8" else tmp_path, kind)
+    info = export_cam_onnx(lm, tmp_path / "g.onnx", methods=("eigencam",), threads=1)
+    assert info.exporter == "torchscript" and info.gradients is False
+    assert info.outputs == ["detections", "activations", "cam"]
+    errors = info.errors["random"]
+    assert errors["activations"] <= 1e-4 and errors["cam"] <= 1e-4
+    src = tmp_path / "in"
+    write_samples(src, 2, 3)
+    (src / "boxes.json").unlink()
+    out = tmp_path / "out"
+    assert main(["--model", str(info.path), str(src), "--out", str(out), "--threads", "1",
+                 "--save", "heatmap"]) == 0
+    lines = json_lines(out / "results.jsonl")
+    assert len(lines) == 3 and all(line["method"] == "eigencam" for line in lines)
+    assert all(len(line["detections"]) > 0 for line in lines)
