@@ -778,8 +778,11 @@ class CamEngine:
                          specs=tuple(specs))
 
     def predict(self, x: torch.Tensor) -> Any:
-        """The task's output only, under ``torch.inference_mode()`` (no hook, no graph)."""
-        with torch.inference_mode():
+        """The task's output only, under ``torch.no_grad()`` (no hook, no graph). Not inference
+        mode: a model that caches tensors between calls (Ultralytics YOLO's anchors, rotary
+        tables) would keep inference tensors that a later explaining forward cannot save for
+        backward."""
+        with torch.no_grad():
             return self.task.output(self.model(x))
 
     def cost(self, method: Union[str, MethodSpec], options: Optional[Mapping[str, Any]] = None,

@@ -431,7 +431,7 @@ def count_classes(model: nn.Module, spec: ModelSpec, device: torch.device | str 
     from .sources import ensure_logits, logits_of
 
     task = make_task(spec.task, (), spec.task_settings)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference mode: see CamEngine.predict
         out = model(torch.zeros(1, 3, *spec.input_size, device=device))
     if not task.logits_output:
         try:

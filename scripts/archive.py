@@ -17,7 +17,8 @@ For ``torch`` the archive holds exactly what the folder's ``handler.arch`` needs
 ``model-config.yaml``; the weights (``handler.weights``, as the serialized file); the labels
 (``handler.labels``, else ``index_to_name.json`` when present); for ``FILE:Class`` the model file
 ``FILE.py``; for ``hf:SUB`` the Hugging Face files of ``SUB/`` (``config.json``, ``*.safetensors``
-and its index, ``preprocessor_config.json``) under the same relative path. Relative paths inside
+and its index, ``preprocessor_config.json``) under the same relative path; for ``yolo:FILE`` the
+model ``.yaml`` or ``.pt``. Relative paths inside
 the folder are kept (TorchServe extracts the archive into one folder, the handler loads it with
 ``camserve.models.load_model_dir``). Exit status: 0 built, 2 usage or folder problem, 1 the
 archiver failed.
@@ -152,6 +153,13 @@ def _torch_plan(folder: Path, cfg_path: Path, handler: dict[str, Any]) -> Archiv
         prefix = f"{sub}/" if sub else ""
         for f in [hf / n for n in HF_FILES if (hf / n).is_file()] + weights_files:
             plan.extra.append((f, prefix + f.name))
+    elif arch.startswith("yolo:"):
+        rel = arch[5:].strip()
+        src = _inside(folder, rel, "arch")
+        if not src.is_file():
+            raise ArchiveError(f"handler.arch {arch[:100]!r}: {rel[:100]!r} not found in {folder} "
+                               f"(a model .yaml or an Ultralytics .pt inside the folder)")
+        plan.extra.append((src, rel))
     elif ":" in arch:
         mod = arch.partition(":")[0]
         file = folder / (mod.replace(".", "/") + ".py")

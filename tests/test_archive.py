@@ -50,6 +50,16 @@ def test_plan_timm_and_package_class(tmp_path: Path) -> None:
     assert plan_archive(folder3).members() == ["model-config.yaml"]
 
 
+def test_plan_yolo_packs_its_model_file(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, {"arch": "yolo:yolov8n.yaml", "task": "detection"},
+                     {"yolov8n.yaml": "nc: 3", "index_to_name.json": "{}", "best.pt": "junk"})
+    assert plan_archive(folder).members() == ["model-config.yaml", "index_to_name.json", "yolov8n.yaml"]
+    with pytest.raises(ArchiveError, match="'missing.pt' not found"):
+        plan_archive(_folder(tmp_path / "2", {"arch": "yolo:missing.pt"}, {}))
+    with pytest.raises(ArchiveError, match="outside"):
+        plan_archive(_folder(tmp_path / "3", {"arch": "yolo:../../x.pt"}, {}))
+
+
 def test_plan_errors(tmp_path: Path) -> None:
     with pytest.raises(ArchiveError, match="model-config.yaml"):
         plan_archive(tmp_path)

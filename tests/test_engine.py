@@ -212,6 +212,31 @@ def test_inference_mode_is_refused():
             engine(torch.rand(1, 3, 8, 8))
 
 
+class _CachingNet(nn.Module):
+    """Caches a tensor on its first call and reuses it (as YOLO's head caches its anchors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+        self.cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            self.cache = torch.linspace(0.5, 1.5, 4)
+        a = self.conv(x)
+        return self.fc(a.mean(dim=(2, 3)) * self.cache)
+
+
+def test_predict_first_then_explain_on_a_model_that_caches_tensors():
+    """predict runs without autograd but not in inference mode: a tensor the model caches during
+    a predict-only call is still usable by an explaining call."""
+    engine = CamEngine(_CachingNet().eval(), "conv")
+    x = torch.rand(2, 3, 10, 10)
+    engine.predict(x)
+    assert engine(x, targets=[0, 2]).cams.shape == (2, 8, 8)
+
+
 def test_inference_tensor_input_is_accepted():
     engine = CamEngine(_small_net().eval(), "3")
     with torch.inference_mode():

@@ -13,7 +13,8 @@ the README's serving benchmark):
   pairs holding the target layer are left alone.
 * **channels-last weights** on the CPU: oneDNN's convolutions run in NHWC without reordering
   every activation (from NCHW inputs too).
-* predict-only batches run under ``torch.inference_mode()`` (the engine's ``predict``), and the
+* predict-only batches run under ``torch.no_grad()`` (the engine's ``predict``; inference mode
+  measured no faster and breaks models that cache tensors between calls), and the
   worker's intra-op threads are its share of the cores (:mod:`camserve.backends.threads`; the
   adapters set them), never every core for each of several workers.
 
@@ -207,7 +208,7 @@ def _differs(model: nn.Module, fast: nn.Module, layer: str, x: torch.Tensor,
     """Why ``fast`` does not answer like ``model`` on ``x`` (None when it does)."""
     outs = []
     for m in (model, fast):
-        with torch.inference_mode(), capture_layer(m, layer, "record") as cap:
+        with torch.no_grad(), capture_layer(m, layer, "record") as cap:
             out = task.output(m(x))
         outs.append((list(_tensors(out)), cap.output))
     (ref, ref_a), (got, got_a) = outs

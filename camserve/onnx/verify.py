@@ -97,7 +97,7 @@ class _EngineReference:
 
     def _forward(self, model: torch.nn.Module, xb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """The engine's forward pass (model + the layer recorded) without its backward."""
-        with torch.inference_mode(), capture_layer(model, self.layer, "record") as cap:
+        with torch.no_grad(), capture_layer(model, self.layer, "record") as cap:
             out = self.task.graph_value(self.task.output(model(xb)))
         to_nchw = nchw_converter(self.layer, self.layout, self.reshape)  # type: ignore[arg-type]
         return out.numpy(), to_nchw(cap.output).numpy()

@@ -86,3 +86,151 @@ def test_shapes_detector_through_kserve(tmp_path, det_dir, open_image):
     assert bad["code"] == 422 and "boxes" in bad["message"]
     want = CamService.from_model_dir(det_dir).handle_batch([{"data": img}], [True]).results[0].body
     assert [d["box"] for d in first["detections"]] == [d["box"] for d in want["detections"]]
+
+
+# -- every detector family: scaffold -> archive -> real TorchServe, KServe, the batch job ---------
+
+def _run(*args: str) -> str:
+    """A console script or ``python -m ...`` with this checkout first on the path; the test fails
+    with its output when the exit status is not 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    cmd = ([str(Path(sys.executable).parent / args[0]), *args[1:]] if args[0].startswith("camserve-")
+           else [sys.executable, *args])
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        pytest.fail(f"{' '.join(args[:3])} ... exit {res.returncode}:\n{res.stdout[-3000:]}\n"
+                    f"{res.stderr[-3000:]}", pytrace=False)
+    return res.stdout
+
+
+def _torchvision_source(tmp):
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, num_classes=4).eval()
+    torch.save(model.state_dict(), tmp / "frcnn.pth")
+    (tmp / "labels.txt").write_text("background\ncat\ndog\nbird\n")
+    return ["--arch", "torchvision.models.fasterrcnn_mobilenet_v3_large_fpn", "--weights",
+            str(tmp / "frcnn.pth"), "--labels", str(tmp / "labels.txt"), "--input-size", "128,160"]
+
+
+def _hf_source(tmp):
+    pytest.importorskip("transformers")
+    import torch
+
+    from tests.tasks.test_detection_hf import _detr
+
+    torch.manual_seed(0)
+    model, proc = _detr()
+    model.eval().save_pretrained(tmp / "detr")
+    proc.save_pretrained(tmp / "detr")
+    return ["--arch", f"hf:{tmp / 'detr'}", "--input-size", "64,96"]
+
+
+def _yolo_source(tmp):
+    import importlib.util
+
+    spec = importlib.util.find_spec("ultralytics")
+    if spec is None:
+        pytest.skip("ultralytics (camserve[yolo]) is missing")
+    yaml_file = tmp / "yolov8n.yaml"
+    shutil.copy(os.path.join(list(spec.submodule_search_locations)[0], "cfg", "models", "v8",
+                             "yolov8.yaml"), yaml_file)
+    return ["--arch", f"yolo:{yaml_file}", "--num-classes", "3", "--input-size", "64,96"]
+
+
+FAMILY_SOURCES = {"frcnn": _torchvision_source, "detr": _hf_source, "yolo": _yolo_source}
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory):
+    """A scaffolded detector folder per family (random weights, score threshold 0)."""
+    tmp = tmp_path_factory.mktemp("detfamilies")
+    out = {}
+    for name, source in FAMILY_SOURCES.items():
+        (tmp / name).mkdir()
+        folder = tmp / "models" / name
+        report = _run("camserve-scaffold", str(folder), "--task", "detection",
+                      "--score-threshold", "0", *source(tmp / name))
+        assert "layer:" in report
+        out[name] = folder
+    return out
+
+
+def _scene_png():
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 255, (90, 150, 3), dtype=np.uint8)
+    arr[20:60, 30:90] = (250, 40, 40)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _check_family(body, open_image, size=(150, 90)):
+    dets = body["detections"]
+    explained = [d for d in dets if "explanation" in d]
+    assert dets and explained, body
+    for d in explained:
+        assert len(d["box"]) == 4 and d["label"] in ("cat", "dog", "bird", "0", "1", "2", "3",
+                                                      "background")
+        assert open_image(d["explanation"]["heatmap"]).size == size
+
+
+@pytest.mark.torchserve
+@pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("JAVA_HOME"),
+                    reason="Java is not installed: TorchServe's frontend needs Java 17+")
+def test_every_family_scaffold_archive_torchserve(family_folders, tmp_path, start_torchserve,
+                                                  open_image):
+    """torchvision Faster R-CNN, Hugging Face DETR and YOLOv8 folders, each scaffolded and
+    archived as a user would, served by one real TorchServe (token auth): /explanations answers
+    per-box maps at the image's size; a bad box is that request's 422."""
+    from camserve.testing.torchserve import LocalTorchServe
+
+    for name, folder in family_folders.items():
+        _run("-m", "scripts.archive", str(folder), "--name", name, "--out", str(tmp_path / "store"))
+    img = _scene_png()
+    with start_torchserve(LocalTorchServe(tmp_path, list(family_folders), ready_timeout=300)) as ts:
+        auth = {"Authorization": f"Bearer {ts.token}"}
+        for name in family_folders:
+            r = requests.post(f"{ts.url}/explanations/{name}", data=img, timeout=120,
+                              headers={**auth, "Content-Type": "application/octet-stream"})
+            assert r.status_code == 200, (name, r.text[:500])
+            _check_family(r.json(), open_image)
+            bad = requests.post(f"{ts.url}/predictions/{name}", timeout=120, headers=auth,
+                                files={"data": img}, data={"boxes": '[{"label": 1, "box": [5, 5, 1, 1]}]'})
+            assert bad.status_code == 422, (name, bad.text[:300])
+
+
+@pytest.mark.slow
+def test_every_family_through_kserve_and_the_batch_job(family_folders, tmp_path, open_image):
+    """The same folders through a real KServe predictor (:explain) and camserve-export ->
+    camserve-batch (a gradient-free detection graph; detections lines with per-box files)."""
+    img = _scene_png()
+    b64 = base64.b64encode(img).decode()
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "scene.png").write_bytes(img)
+    for name, folder in family_folders.items():
+        with LocalPredictor(folder, name, log_path=tmp_path / f"{name}.log") as srv:
+            r = requests.post(f"{srv.url}/v1/models/{name}:explain", timeout=120,
+                              json={"instances": [{"data": b64}, {"data": b64, "boxes": "[{]"}]})
+            assert r.status_code == 200, r.text[:500]
+            good, bad = r.json()["predictions"]
+        _check_family(good, open_image)
+        assert bad["code"] == 422 and "boxes" in bad["message"]
+        graph = tmp_path / f"{name}.cam.onnx"
+        _run("camserve-export", str(folder), "--out", str(graph), "--gradient-free")
+        _run("camserve-batch", "--model", str(graph), str(tmp_path / "imgs"), "--out",
+             str(tmp_path / f"out_{name}"), "--save", "heatmap")
+        [line] = [json.loads(x) for x in (tmp_path / f"out_{name}" / "results.jsonl").read_text().splitlines()]
+        assert line["detections"] and line["method"] == "eigencam"
