@@ -115,6 +115,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.timeout(FAST_TIMEOUT))
 
 
+# -- commands ---------------------------------------------------------------------------------------
+
+def run_command(*args: str, timeout: float = 900) -> str:
+    """A console script (``camserve-...``, from this interpreter's folder) or ``python -m ...`` in a
+    subprocess from the checkout's root, the checkout first on the path; the test fails with its
+    output when the exit status is not 0. Returns its stdout."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = ([str(Path(sys.executable).parent / args[0]), *args[1:]] if args[0].startswith("camserve-")
+           else [sys.executable, *args])
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        pytest.fail(f"{' '.join(args[:3])} ... exit {res.returncode}:\n{res.stdout[-3000:]}\n"
+                    f"{res.stderr[-3000:]}", pytrace=False)
+    return res.stdout
+
+
 # -- paths ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

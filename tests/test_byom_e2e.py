@@ -13,9 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +22,8 @@ import requests
 import torch
 from PIL import Image
 
+from .conftest import run_command as run
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_LABELS = ["apple", "banana", "cherry", "date", "elder"]
@@ -32,20 +31,6 @@ HF_LABELS = {0: "cat", 1: "dog", 2: "fox"}
 IMAGE_SIZES = [(50, 40), (33, 61), (64, 64)]  # (W, H)
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
-
-
-def run(*args: str, cwd: Path = ROOT, timeout: float = 900) -> str:
-    """A console script (``camserve-...``, from this interpreter's folder) or ``python -m ...`` in
-    a subprocess with this checkout first on the path; fails the test with its output when the
-    exit status is not 0."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = ([str(Path(sys.executable).parent / args[0]), *args[1:]] if args[0].startswith("camserve-")
-           else [sys.executable, *args])
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        pytest.fail(f"{' '.join(args[:3])} ... exit {res.returncode}:\n{res.stdout[-3000:]}\n"
-                    f"{res.stderr[-3000:]}", pytrace=False)
-    return res.stdout
 
 
 def timm_checkpoint(tmp: Path) -> tuple[Path, Path]:

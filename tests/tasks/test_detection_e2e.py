@@ -17,6 +17,8 @@ from camserve.serving import CamService
 from camserve.testing.kserve import LocalPredictor
 from camserve.testing.torchserve import LocalTorchServe, archive
 
+from ..conftest import run_command
+
 TOLERANCE = 3
 
 
@@ -90,24 +92,6 @@ def test_shapes_detector_through_kserve(tmp_path, det_dir, open_image):
 
 # -- every detector family: scaffold -> archive -> real TorchServe, KServe, the batch job ---------
 
-def _run(*args: str) -> str:
-    """A console script or ``python -m ...`` with this checkout first on the path; the test fails
-    with its output when the exit status is not 0."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    cmd = ([str(Path(sys.executable).parent / args[0]), *args[1:]] if args[0].startswith("camserve-")
-           else [sys.executable, *args])
-    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    if res.returncode != 0:
-        pytest.fail(f"{' '.join(args[:3])} ... exit {res.returncode}:\n{res.stdout[-3000:]}\n"
-                    f"{res.stderr[-3000:]}", pytrace=False)
-    return res.stdout
-
-
 def _torchvision_source(tmp):
     import torch
     import torchvision
@@ -157,7 +141,7 @@ def family_folders(tmp_path_factory):
     for name, source in FAMILY_SOURCES.items():
         (tmp / name).mkdir()
         folder = tmp / "models" / name
-        report = _run("camserve-scaffold", str(folder), "--task", "detection",
+        report = run_command("camserve-scaffold", str(folder), "--task", "detection",
                       "--score-threshold", "0", *source(tmp / name))
         assert "layer:" in report
         out[name] = folder
@@ -198,7 +182,7 @@ def test_every_family_scaffold_archive_torchserve(family_folders, tmp_path, star
     from camserve.testing.torchserve import LocalTorchServe
 
     for name, folder in family_folders.items():
-        _run("-m", "scripts.archive", str(folder), "--name", name, "--out", str(tmp_path / "store"))
+        run_command("-m", "scripts.archive", str(folder), "--name", name, "--out", str(tmp_path / "store"))
     img = _scene_png()
     with start_torchserve(LocalTorchServe(tmp_path, list(family_folders), ready_timeout=300)) as ts:
         auth = {"Authorization": f"Bearer {ts.token}"}
@@ -229,8 +213,8 @@ def test_every_family_through_kserve_and_the_batch_job(family_folders, tmp_path,
         _check_family(good, open_image)
         assert bad["code"] == 422 and "boxes" in bad["message"]
         graph = tmp_path / f"{name}.cam.onnx"
-        _run("camserve-export", str(folder), "--out", str(graph), "--gradient-free")
-        _run("camserve-batch", "--model", str(graph), str(tmp_path / "imgs"), "--out",
+        run_command("camserve-export", str(folder), "--out", str(graph), "--gradient-free")
+        run_command("camserve-batch", "--model", str(graph), str(tmp_path / "imgs"), "--out",
              str(tmp_path / f"out_{name}"), "--save", "heatmap")
         [line] = [json.loads(x) for x in (tmp_path / f"out_{name}" / "results.jsonl").read_text().splitlines()]
         assert line["detections"] and line["method"] == "eigencam"
