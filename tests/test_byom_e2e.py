@@ -25,7 +25,6 @@ from PIL import Image
 from .conftest import run_command as run
 
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMM_LABELS = ["apple", "banana", "cherry", "date", "elder"]
 HF_LABELS = {0: "cat", 1: "dog", 2: "fox"}
 IMAGE_SIZES = [(50, 40), (33, 61), (64, 64)]  # (W, H)
