@@ -46,7 +46,7 @@ from ..models import (
     load_model,
     load_model_dir,
 )
-from ..tasks import GraphInput
+from ..tasks import GraphInput, get_task
 from .format import QUANTIZE, ExportInfo, GraphMeta, check_methods, needs_gradients
 from .quantize import INT8_TOLERANCE, QuantizationError, QuantTolerance, compare_quantized, quantize_graph
 from .trace import GRAPH_CHUNK, frozen_parameters, trace_cam_graph, trace_model_graph
@@ -87,13 +87,14 @@ def gradient_free_methods(loaded: LoadedModel) -> tuple[str, ...]:
     """The methods of a gradient-free graph when none are named (``--gradient-free``): the
     folder's method when it is gradient-free, else EigenCAM (class-agnostic, one projection) and
     ReciproCAM (class-specific, one suffix forward per position; ViT-ReciproCAM for a token
-    layer); a detector's graph takes functions of the activations only (EigenCAM, KPCA-CAM)."""
+    layer); a per-target graph (a detector's) takes functions of the activations only (EigenCAM,
+    KPCA-CAM), as :class:`camserve.onnx.trace.CamGraph` requires."""
     own = str(loaded.spec.method).lower()
-    detection = str(loaded.spec.task) == "detection"
+    per_target = get_task(loaded.spec.task).graph_per_target
     if own in available_methods(exportable=True, gradients=False) and \
-            not (detection and not get_method(own).pure):
+            not (per_target and not get_method(own).pure):
         return (own,)
-    if detection:
+    if per_target:
         return ("eigencam",)
     tokens = loaded.spec.layout == "tokens" or getattr(loaded, "layout", None) == "tokens" or \
         getattr(getattr(loaded, "reshape", None), "prefix", None) is not None
